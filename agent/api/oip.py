@@ -1,0 +1,148 @@
+"""Open Inference Protocol (KServe v2 / Triton) REST: infer with JSON tensors and with the
+binary tensor data extension, model metadata and readiness."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.api.codec import as_contiguous, dumps, loads, to_array
+from agent.errors import RequestError
+from agent.models.registry import ServedModel
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(t) for name, t in {
+        "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+        "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+        "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    }.items()
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+HEADER = "Inference-Header-Content-Length"
+
+
+def datatype(dtype: np.dtype[Any]) -> str:
+    return _NAMES.get(dtype, "BYTES")
+
+
+@dataclass
+class InferRequest:
+    feeds: dict[str, np.ndarray]
+    request_id: str | None = None
+    outputs: dict[str, bool] = field(default_factory=dict)  # requested output -> binary
+    binary_default: bool = False
+    raw_output: bool = False
+
+
+def parse_infer(body: bytes, header_length: str | None, model: ServedModel) -> InferRequest:
+    """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it."""
+    if header_length is None:
+        header, binary = loads(body), memoryview(b"")
+    else:
+        try:
+            hlen = int(header_length)
+        except ValueError:
+            raise RequestError(f"{HEADER} must be an integer, got {header_length!r}") from None
+        if not 0 < hlen <= len(body):
+            raise RequestError(f"{HEADER} is {hlen} but the body has {len(body)} bytes")
+        view = memoryview(body)
+        header, binary = loads(view[:hlen]), view[hlen:]
+    if not isinstance(header, dict):
+        raise RequestError("request body must be a JSON object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("'inputs' must be a non-empty list")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError("'parameters' must be an object")
+    request = InferRequest({}, request_id=header.get("id"), binary_default=bool(params.get("binary_data_output")),
+                           raw_output=bool(params.get("raw_output")))
+    offset = 0
+    for entry in inputs:
+        name, array, used = _input(entry, binary, offset)
+        if name in request.feeds:
+            raise RequestError(f"input '{name}' given twice")
+        request.feeds[name] = array
+        offset += used
+    if offset != len(binary):
+        raise RequestError(f"binary data has {len(binary) - offset} bytes not claimed by any input")
+    known = {s.name for s in model.outputs}
+    for out in header.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise RequestError("each requested output must be an object with a 'name'")
+        if out["name"] not in known:
+            raise RequestError(f"unknown output '{out['name']}' (model outputs: {', '.join(sorted(known))})")
+        oparams = out.get("parameters") or {}
+        request.outputs[out["name"]] = bool(oparams.get("binary_data", request.binary_default))
+    return request
+
+
+def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise RequestError("each input must be an object with a 'name'")
+    name = entry["name"]
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RequestError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    dt_name = entry.get("datatype")
+    if dt_name not in DATATYPES:
+        raise RequestError(f"input '{name}': unsupported datatype {dt_name!r} (supported: {', '.join(DATATYPES)})")
+    dtype = DATATYPES[dt_name]
+    count = math.prod(shape)
+    params = entry.get("parameters") or {}
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise RequestError(f"input '{name}': binary_data_size {size!r} does not match shape {shape} of "
+                               f"{dt_name} ({count * dtype.itemsize} bytes)")
+        if offset + size > len(binary):
+            raise RequestError(f"input '{name}': binary data is truncated ({len(binary) - offset} of {size} bytes)")
+        array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return name, array, size
+    if "data" not in entry:
+        raise RequestError(f"input '{name}': needs 'data' or parameters.binary_data_size")
+    array = to_array(name, entry["data"], dtype)
+    if array.size != count:
+        raise RequestError(f"input '{name}': 'data' has {array.size} elements but shape {shape} needs {count}")
+    return name, array.reshape(shape), 0
+
+
+def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """Returns (body, header length or None when no output is binary)."""
+    wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
+    entries, chunks = [], []
+    for name, binary in wanted.items():
+        value = as_contiguous(outputs[name])
+        entry: dict[str, Any] = {"name": name, "datatype": datatype(value.dtype), "shape": list(value.shape)}
+        if binary:
+            data = value.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = value.reshape(-1)
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": entries}
+    if request.request_id is not None:
+        response["id"] = request.request_id
+    header = dumps(response)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def metadata(model: ServedModel, versions: list[int]) -> dict[str, Any]:
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        out = []
+        for s in specs:
+            entry: dict[str, Any] = {"name": s.name, "datatype": datatype(s.dtype), "shape": s.shape_list()}
+            if s.quantization is not None:
+                entry["parameters"] = {"scale": s.quantization.scale, "zero_point": s.quantization.zero_point}
+            out.append(entry)
+        return out
+
+    return {"name": model.name, "versions": [str(v) for v in versions], "platform": PLATFORMS[model.runtime],
+            "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}

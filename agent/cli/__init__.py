@@ -1,0 +1,196 @@
+"""``edge-agent``: the daemon and the local tools that talk to it.
+
+Exit codes (DESIGN.md section 3): 0 ok, 1 operation failed, 2 usage or config error.
+Errors are one line on stderr; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.errors import AgentError
+
+EPILOG = "Docs: docs/cli.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="Edge ML agent daemon and local tools.", epilog=EPILOG)
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (systemd ExecStart)")
+    run.add_argument("--config", help="TOML config file (default: $EDGE_AGENT_CONFIG or built-in defaults)")
+    run.add_argument("--models-dir", help="models directory DIR/NAME/VERSION/model.{onnx,tflite}")
+    run.add_argument("--socket", help="Unix socket path for the local API")
+    run.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback recommended)")
+    run.add_argument("--profile", help="device profile name (default: detect)")
+    run.add_argument("--log-format", choices=["auto", "json", "console"])
+
+    def client_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--socket", help="agent socket (default: from --config / environment / defaults)")
+        cmd.add_argument("--tcp", metavar="HOST:PORT", help="talk to the TCP listener instead")
+        cmd.add_argument("--config", help="config file used to find the socket")
+        cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
+
+    client_args(sub.add_parser("status", help="agent, profile and model status"))
+    client_args(sub.add_parser("models", help="loaded models with runtime, delegate and tensors"))
+    pred = sub.add_parser("predict", help="run a model on files (image, WAV, .npy, JSON)")
+    client_args(pred)
+    pred.add_argument("model", help="model name, or NAME@VERSION")
+    pred.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="FILE for a single-input model, or NAME=FILE per input")
+    pred.add_argument("--normalize", choices=["unit", "signed", "none"], default="unit",
+                      help="image pixel scaling: [0,1], [-1,1] or raw 0..255 (default: unit)")
+    pred.add_argument("--raw-output", action="store_true", help="return quantized outputs without dequantizing")
+
+    det = sub.add_parser("detect", help="show detected hardware and the delegate/EP each runtime would use")
+    det.add_argument("--config", help="config file (for agent.profile and agent.hardware_root)")
+    det.add_argument("--root", help="read hardware facts below this directory instead of /")
+    det.add_argument("--profile", help="force a device profile")
+    det.add_argument("--profiles-dir", help="load profiles from this directory")
+    det.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = sub.add_parser("demo", help="the end-to-end demo on this machine (see README)")
+    demo.add_argument("--workdir", default=".demo", help="where the demo keeps its files (default: .demo)")
+    return p
+
+
+def _load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Any:
+    from agent.config import load_config
+
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from agent.client import AgentClient
+
+    if args.tcp:
+        return AgentClient(tcp=args.tcp, timeout=args.timeout)
+    path = args.socket or _load_config(args).socket_path
+    return AgentClient(path, timeout=args.timeout)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run
+    from agent.logs import configure_logging
+
+    config = _load_config(args, {"models.dir": args.models_dir, "api.socket": args.socket, "api.tcp": args.tcp,
+                                 "agent.profile": args.profile, "logging.format": args.log_format})
+    configure_logging(config.logging.level, config.logging.format)
+    return run(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.cli.tables import models_table, status_tables
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        _print_json(status)
+    elif args.command == "models":
+        models_table(status, detail=True)
+    else:
+        status_tables(status)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from agent.cli.inputs import load_input
+
+    name, _, ver = args.model.partition("@")
+    version = int(ver) if ver.isdigit() else None
+    if ver and version is None:
+        raise AgentError(f"bad model reference {args.model!r}: expected NAME or NAME@VERSION")
+    with _client(args) as client:
+        meta = client.model_metadata(name, version)
+        specs = {m["name"]: m for m in meta["inputs"]}
+        feeds = {}
+        for item in args.inputs:
+            key, sep, path = item.partition("=")
+            if not sep:
+                if len(specs) != 1:
+                    raise AgentError(f"model '{name}' has inputs {', '.join(specs)}: give NAME=FILE for each")
+                key, path = next(iter(specs)), item
+            if key not in specs:
+                raise AgentError(f"model '{name}' has no input '{key}' (inputs: {', '.join(specs)})")
+            feeds[key] = load_input(Path(path), specs[key], args.normalize)
+        outputs = client.infer(name, feeds, version=version, raw_output=args.raw_output)
+    if args.json:
+        _print_json(dict(outputs))
+        return 0
+    for out_name, value in outputs.items():
+        flat = value.reshape(-1)
+        preview = ", ".join(f"{x:.6g}" for x in flat[:8]) + (", ..." if flat.size > 8 else "")
+        stats = f" min={flat.min():.6g} max={flat.max():.6g}" if flat.size > 8 else ""
+        print(f"{out_name} {value.dtype}{list(value.shape)}: [{preview}]{stats}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from agent.cli.tables import detect_tables
+    from agent.hardware import detect, load_profiles, select_profile
+    from agent.runtimes import BACKENDS
+
+    config = _load_config(args)
+    hw = detect(args.root or config.agent.hardware_root)
+    choice = select_profile(hw, load_profiles(args.profiles_dir), args.profile or config.agent.profile)
+    runtimes = []
+    for name, cls in BACKENDS.items():
+        backend = cls()
+        try:
+            version = backend.version()
+            spec, skipped = backend.choose(choice.profile.runtimes.get(name, ()))
+            why = "first usable in profile" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            runtimes.append({"runtime": name, "version": version, "delegate": spec.name, "why": why})
+        except AgentError as exc:
+            runtimes.append({"runtime": name, "version": "-", "delegate": "unavailable", "why": str(exc)})
+    report = {"hardware": hw.to_dict(), "profile": choice.profile.name, "reason": choice.reason,
+              "runtimes": runtimes}
+    if args.json:
+        _print_json(report)
+    else:
+        detect_tables(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.cli.demo import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict,
+            "detect": cmd_detect, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "run":  # local tools: only warnings, on stderr, never mixed into stdout
+        from agent.logs import configure_logging
+
+        configure_logging("debug" if args.verbose else "warning", "console")
+    try:
+        return COMMANDS[args.command](args)
+    except AgentError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

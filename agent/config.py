@@ -1,0 +1,238 @@
+"""Typed agent configuration: a TOML file, environment overrides, command-line flags.
+
+Validated once at start-up. Every error names where the bad value came from (file or
+environment variable), the dotted key, and the reason; nothing here touches the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Jetson JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):
+        # systemd may pass several colon-separated directories; the first is ours.
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edge-agent"
+
+
+def _default_runtime_dir() -> Path:
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "edge-agent"
+    return Path("/tmp") / f"edge-agent-{os.getuid()}"
+
+
+class AgentSection(_Section):
+    device_id: str = Field(default_factory=socket.gethostname)
+    profile: str = "auto"
+    hardware_root: Path = Path("/")
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    runtime_dir: Path = Field(default_factory=_default_runtime_dir)
+    shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600)
+
+
+class ApiSection(_Section):
+    socket: Path | None = None  # default: <runtime_dir>/agent.sock
+    socket_mode: int = Field(default=0o660, ge=0, le=0o777)
+    tcp: str | None = None  # "HOST:PORT"; off by default
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parse_hostport(value)
+        return value
+
+
+class BatchingSection(_Section):
+    enabled: bool = False
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_queue_delay_us: int = Field(default=500, ge=0, le=1_000_000)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Batch axis of an output when the model's metadata leaves it ambiguous (all dims dynamic).
+    output_batch_axes: dict[str, int] = Field(default_factory=dict)
+
+
+class WarmupSection(_Section):
+    enabled: bool = True
+    shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    values: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelSection(_Section):
+    default_version: int | None = Field(default=None, ge=1)
+    versions: Literal["latest", "all"] | tuple[int, ...] = "latest"
+    threads: int | None = Field(default=None, ge=1, le=256)
+    batching: BatchingSection = Field(default_factory=BatchingSection)
+    warmup: WarmupSection = Field(default_factory=WarmupSection)
+
+
+class ModelsSection(_Section):
+    dir: Path | None = None  # default: <state_dir>/models
+    versions: Literal["latest", "all"] = "latest"
+
+
+class RuntimeSection(_Section):
+    threads: int | None = Field(default=None, ge=1, le=256)  # overrides the profile
+    inter_op_threads: int = Field(default=1, ge=1, le=64)
+    # ONNX Runtime busy-waits between ops by default; off keeps an idle daemon near 0 % CPU.
+    allow_spinning: bool = False
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    agent: AgentSection = Field(default_factory=AgentSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    model: dict[str, ModelSection] = Field(default_factory=dict)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    source: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSection]) -> dict[str, ModelSection]:
+        for name in value:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"invalid model name {name!r}")
+        return value
+
+    @property
+    def socket_path(self) -> Path:
+        return self.api.socket or self.agent.runtime_dir / "agent.sock"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models.dir or self.agent.state_dir / "models"
+
+    def model_options(self, name: str) -> ModelSection:
+        return self.model.get(name) or ModelSection()
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8500`` for IPv6)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Interpret an environment value as a TOML literal when it is one, else as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """``EDGE_AGENT_API__SOCKET=/x`` -> {"api.socket": ("EDGE_AGENT_API__SOCKET", "/x")}."""
+    found: dict[str, tuple[str, Any]] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG_FILE or "__" not in var:
+            continue
+        key = ".".join(part.lower() for part in var[len(ENV_PREFIX) :].split("__"))
+        found[key] = (var, _parse_env_value(raw))
+    return found
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{part}' is not a table", key=key)
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to that file, not to the cwd."""
+    for section, key in (("agent", "state_dir"), ("agent", "runtime_dir"), ("agent", "hardware_root"),
+                         ("api", "socket"), ("models", "dir")):
+        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            tree[section][key] = str(base / value)
+        elif isinstance(value, str) and value.startswith("~"):
+            tree[section][key] = str(Path(value).expanduser())
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config from file, then environment, then ``overrides`` (CLI flags).
+
+    Raises:
+        ConfigError: unreadable or malformed file, or a value that fails validation; the
+            message names the file (or environment variable), the key and the reason.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_CONFIG_FILE):
+        path = environ[ENV_CONFIG_FILE]
+    tree: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            with Path(path).open("rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("file not found", file=source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", file=source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", file=source) from None
+        _resolve_paths(tree, Path(path).resolve().parent)
+    origin: dict[str, str] = {}
+    for key, (var, value) in _env_overrides(environ).items():
+        _set_dotted(tree, key, value)
+        origin[key] = f"environment {var}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+            origin[key] = "command line"
+    tree["source"] = source
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        where = next((o for k, o in origin.items() if key == k or key.startswith(k + ".")), source)
+        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(reason, key=key, file=where) from None

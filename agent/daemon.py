@@ -1,0 +1,117 @@
+"""The daemon: wires config, hardware profile, model registry and the API, and owns the
+start/stop sequence. SIGTERM and SIGINT take the same graceful path: stop accepting,
+let in-flight requests finish, unload, remove the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from agent.api.server import bind_unix_socket, build_app, remove_socket
+from agent.config import Config, parse_hostport
+from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
+from agent.health.metrics import Metrics
+from agent.models.registry import ModelRegistry
+from agent.version import __version__
+
+log = structlog.get_logger(__name__)
+
+
+class Agent:
+    """Everything one running agent holds; the API reads its state from here."""
+
+    def __init__(self, config: Config, hardware: HardwareInfo | None = None,
+                 profile: ProfileChoice | None = None) -> None:
+        self.config = config
+        self.version = __version__
+        self.metrics = Metrics()
+        self.hardware = hardware or detect(config.agent.hardware_root)
+        self.profile = profile or select_profile(self.hardware, load_profiles(), config.agent.profile)
+        self.threads = config.runtime.threads or self.profile.profile.threads
+        self.registry = ModelRegistry(config, self.profile.profile.runtimes, self.threads, self.metrics)
+        self.started_at = time.time()
+        self.stopping = False
+        self._runner: web.AppRunner | None = None
+        self.listeners: list[str] = []
+        self._bound = False
+
+    async def start(self) -> None:
+        """Load models, then listen. Raises AgentError if the socket cannot be bound."""
+        log.info("agent.starting", version=self.version, device_id=self.config.agent.device_id,
+                 profile=self.profile.profile.name, profile_reason=self.profile.reason,
+                 models_dir=str(self.config.models_dir))
+        await self.registry.load_all()
+        if not self.registry.ready:
+            log.warning("agent.no_models", models_dir=str(self.config.models_dir))
+        self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None,
+                                     shutdown_timeout=self.config.agent.shutdown_timeout_s)
+        await self._runner.setup()
+        sock = bind_unix_socket(self.config.socket_path, self.config.api.socket_mode)
+        self._bound = True
+        await web.SockSite(self._runner, sock).start()
+        self.listeners.append(f"unix:{self.config.socket_path}")
+        if self.config.api.tcp:
+            host, port = parse_hostport(self.config.api.tcp)
+            await web.TCPSite(self._runner, host, port).start()
+            self.listeners.append(f"tcp:{self.config.api.tcp}")
+        log.info("agent.ready", listeners=self.listeners,
+                 models=[f"{m.name}@{m.version}" for m in self.registry.served()],
+                 seconds=round(time.time() - self.started_at, 3))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        log.info("agent.stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()  # closes listeners, waits for in-flight handlers
+        await asyncio.to_thread(self.registry.close)
+        if self._bound:  # never remove a socket another agent is serving on
+            remove_socket(self.config.socket_path)
+        log.info("agent.stopped")
+
+    def status(self) -> dict[str, Any]:
+        models = [m.describe() for m in self.registry.served()]
+        models += [f.describe() for f in self.registry.failures.values()]
+        for m in models:
+            if m["state"] == "AVAILABLE":
+                m["default"] = self.registry.default_version(m["name"]) == m["version"]
+        return {
+            "agent": {"version": self.version, "device_id": self.config.agent.device_id,
+                      "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 3),
+                      "listeners": self.listeners, "models_dir": str(self.config.models_dir),
+                      "config": self.config.source},
+            "profile": {"name": self.profile.profile.name, "reason": self.profile.reason, "threads": self.threads},
+            "hardware": self.hardware.to_dict(),
+            "models": sorted(models, key=lambda m: (m["name"], -m["version"])),
+        }
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.stop()
+    return 0
+
+
+def run(config: Config) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

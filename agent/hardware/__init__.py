@@ -1,0 +1,24 @@
+"""Hardware detection and device profiles: what this board has and which delegates to try on it."""
+
+from agent.hardware.detect import ACCELERATOR_KINDS, Accelerator, HardwareInfo, detect
+from agent.hardware.profiles import (
+    DelegateSpec,
+    DeviceProfile,
+    MatchRules,
+    ProfileChoice,
+    load_profiles,
+    select_profile,
+)
+
+__all__ = [
+    "ACCELERATOR_KINDS",
+    "Accelerator",
+    "DelegateSpec",
+    "DeviceProfile",
+    "HardwareInfo",
+    "MatchRules",
+    "ProfileChoice",
+    "detect",
+    "load_profiles",
+    "select_profile",
+]

@@ -1,0 +1,1 @@
+"""Metrics and health of the agent (system, models, streams, link)."""

@@ -1,0 +1,1 @@
+"""Local models: the on-disk store, loaded versions, and their inference workers."""

@@ -1,0 +1,208 @@
+"""Loaded models by name and version: what is served, what failed to load and why.
+
+Loading walks the device profile's delegate list (see ``agent.runtimes``); a model that
+fails is recorded with its path and reason while the others keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent.config import Config
+from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
+from agent.hardware import DelegateSpec
+from agent.health.metrics import Metrics
+from agent.models.store import ModelVersion, scan
+from agent.models.tensors import check_feeds
+from agent.models.worker import Outputs, Worker
+from agent.runtimes import Session, get_backend
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One model version that is loaded and answering requests."""
+
+    name: str
+    version: int
+    runtime: str
+    source: ModelVersion
+    session: Session
+    worker: Worker
+    loaded_at: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+
+    @property
+    def inputs(self) -> Sequence[Any]:
+        return self.session.inputs
+
+    @property
+    def outputs(self) -> Sequence[Any]:
+        return self.session.outputs
+
+    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False) -> Outputs:
+        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
+        check_feeds(self.session.inputs, feeds)
+        self.requests += 1
+        try:
+            return await self.worker.submit(feeds, raw_outputs)
+        except AgentError:
+            self.errors += 1
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "state": "AVAILABLE", "runtime": self.runtime,
+            "delegate": self.session.delegate, "fallbacks": list(self.session.report.fallbacks),
+            "path": str(self.source.file), "batching": self.worker.batching_active,
+            "inputs": [s.to_dict() for s in self.session.inputs],
+            "outputs": [s.to_dict() for s in self.session.outputs],
+            "requests": self.requests, "errors": self.errors,
+        }
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    name: str
+    version: int
+    path: str
+    reason: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "state": "FAILED", "path": self.path,
+                "error": self.reason}
+
+
+class ModelRegistry:
+    def __init__(self, config: Config, delegates: Mapping[str, Sequence[DelegateSpec]],
+                 threads: int | None, metrics: Metrics) -> None:
+        self.config = config
+        self.delegates = delegates
+        self.threads = threads
+        self.metrics = metrics
+        self.models: dict[str, dict[int, ServedModel]] = {}
+        self.failures: dict[tuple[str, int], LoadFailure] = {}
+
+    # -- lookup --------------------------------------------------------------------------
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        """Raises ModelNotFoundError (404) or ModelNotReadyError (503, failed to load)."""
+        versions = self.models.get(name)
+        if version is None:
+            if versions:
+                return versions[self.default_version(name)]
+            if any(f.name == name for f in self.failures.values()):
+                raise ModelNotReadyError(f"model '{name}' failed to load")
+            raise ModelNotFoundError(f"model '{name}' not found")
+        if versions and version in versions:
+            return versions[version]
+        if (name, version) in self.failures:
+            raise ModelNotReadyError(f"model '{name}' version {version} failed to load")
+        raise ModelNotFoundError(f"model '{name}' version {version} not found")
+
+    def default_version(self, name: str) -> int:
+        versions = self.models[name]
+        wanted = self.config.model_options(name).default_version
+        return wanted if wanted in versions else max(versions)
+
+    def known(self, name: str) -> bool:
+        return name in self.models or any(f.name == name for f in self.failures.values())
+
+    def version_states(self, name: str) -> list[dict[str, Any]]:
+        states = [m.describe() for m in self.models.get(name, {}).values()]
+        states += [f.describe() for f in self.failures.values() if f.name == name]
+        return sorted(states, key=lambda s: -int(s["version"]))
+
+    def served(self) -> Iterable[ServedModel]:
+        for versions in self.models.values():
+            yield from versions.values()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models)
+
+    # -- loading -------------------------------------------------------------------------
+    def _wanted(self, versions: list[ModelVersion]) -> list[ModelVersion]:
+        opts = self.config.model.get(versions[0].name)
+        policy = opts.versions if opts is not None else self.config.models.versions
+        if policy == "all":
+            return versions
+        if policy == "latest":
+            default = opts.default_version if opts else None
+            keep = {versions[-1].version} | ({default} if default else set())
+            return [v for v in versions if v.version in keep]
+        return [v for v in versions if v.version in set(policy)]
+
+    async def load_all(self) -> None:
+        """Load every wanted version under the models directory, one at a time (bounded memory)."""
+        for versions in scan(self.config.models_dir).values():
+            for entry in self._wanted(versions):
+                await asyncio.to_thread(self.load, entry)
+
+    def load(self, entry: ModelVersion) -> ServedModel | None:
+        """Load, warm up and register one version; a failure is recorded, never raised."""
+        opts = self.config.model_options(entry.name)
+        started = time.perf_counter()
+        try:
+            backend = get_backend(entry.runtime)
+            session = backend.load(entry.file, self.delegates.get(entry.runtime, ()),
+                                   threads=opts.threads or self.threads,
+                                   options={"inter_op_threads": self.config.runtime.inter_op_threads,
+                                            "allow_spinning": self.config.runtime.allow_spinning})
+        except AgentError as exc:
+            self.failures[(entry.name, entry.version)] = LoadFailure(entry.name, entry.version, str(entry.file),
+                                                                      str(exc))
+            self.metrics.model_load_failures.labels(entry.name).inc()
+            log.error("model.load_failed", model=entry.name, version=entry.version, path=str(entry.file),
+                      reason=str(exc))
+            return None
+        labels = (entry.name, str(entry.version))
+        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
+                        on_batch=self.metrics.batch_size.labels(*labels).observe)
+        served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
+        self._warm_up(served)
+        self.failures.pop((entry.name, entry.version), None)
+        self.models.setdefault(entry.name, {})[entry.version] = served
+        self.metrics.models_loaded.set(sum(len(v) for v in self.models.values()))
+        self.metrics.info.labels(*labels, entry.runtime, session.delegate).set(1)
+        if session.report.fallbacks:
+            self.metrics.delegate_fallbacks.labels(entry.name, entry.runtime).inc(len(session.report.fallbacks))
+        log.info("model.loaded", model=entry.name, version=entry.version, runtime=entry.runtime,
+                 delegate=session.delegate, fallbacks=session.report.fallbacks, batching=worker.batching_active,
+                 seconds=round(time.perf_counter() - started, 3))
+        return served
+
+    def _warm_up(self, served: ServedModel) -> None:
+        """One call on zeros so the first client does not pay for lazy allocation."""
+        opts = self.config.model_options(served.name).warmup
+        if not opts.enabled:
+            return
+        feeds: dict[str, np.ndarray] = {}
+        for spec in served.session.inputs:
+            # An unknown batch dimension warms up with one row; other unknown dims need config.
+            guess = tuple(1 if d is None and i == 0 else d for i, d in enumerate(spec.shape))
+            shape: tuple[int | None, ...] = opts.shapes.get(spec.name) or guess
+            if any(d is None for d in shape):
+                log.info("model.warmup_skipped", model=served.name, version=served.version,
+                         reason=f"input '{spec.name}' has dynamic dimensions; set model.{served.name}.warmup.shapes")
+                return
+            fill = opts.values.get(spec.name, 0)
+            feeds[spec.name] = np.full([int(d or 0) for d in shape], fill, dtype=spec.dtype)
+        try:
+            served.worker.run_sync(feeds)
+        except AgentError as exc:
+            log.warning("model.warmup_failed", model=served.name, version=served.version, reason=str(exc))
+
+    def close(self) -> None:
+        for served in list(self.served()):
+            served.worker.stop()
+            served.session.close()
+        self.models.clear()

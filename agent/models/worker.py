@@ -1,0 +1,183 @@
+"""One inference thread per loaded model version, with optional dynamic batching.
+
+ONNX Runtime and LiteRT release the GIL while they compute, so a thread per model lets
+the event loop keep parsing requests. Results are handed back with
+``call_soon_threadsafe``; a job whose client went away is skipped, never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent.config import BatchingSection
+from agent.models.batching import BatchLayout
+from agent.runtimes import Session
+
+log = structlog.get_logger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class Job:
+    feeds: Mapping[str, np.ndarray]
+    raw_outputs: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outputs]
+    enqueued: float = field(default_factory=time.perf_counter)
+    size: int | None = None
+    key: tuple[object, ...] | None = None
+
+
+_STOP = object()
+
+
+class Worker:
+    """Runs ``session`` jobs on a dedicated thread; ``batching`` coalesces compatible jobs."""
+
+    def __init__(self, name: str, session: Session, batching: BatchingSection | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.name = name
+        self.session = session
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._held: collections.deque[Any] = collections.deque()
+        self._on_batch = on_batch or (lambda _n: None)
+        self.layout: BatchLayout | None = None
+        self.batching = batching if batching is not None and batching.enabled else None
+        if self.batching is not None:
+            self.layout = BatchLayout.for_model(session.inputs, session.outputs, self.batching.output_batch_axes)
+            if self.layout is None:
+                log.warning("model.batching_disabled", model=name, reason="batch dimension is fixed")
+                self.batching = None
+        self.busy_since: float | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def batching_active(self) -> bool:
+        return self.batching is not None
+
+    def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False) -> asyncio.Future[Outputs]:
+        loop = asyncio.get_running_loop()
+        job = Job(feeds, raw_outputs, loop, loop.create_future())
+        if self.layout is not None:
+            job.size = self.layout.request_size(feeds)
+            job.key = self.layout.key(feeds) if job.size is not None else None
+        self._queue.put(job)
+        return job.future
+
+    def run_sync(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
+        """Direct call for warm-up, before the worker serves traffic."""
+        return self.session.run(feeds)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- worker thread -------------------------------------------------------------------
+    def _next(self, timeout: float | None) -> Any:
+        if self._held:
+            return self._held.popleft()
+        if timeout is None:
+            return self._queue.get()
+        try:
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            job = self._next(None)
+            if job is _STOP:
+                return
+            if job.future.cancelled():
+                continue
+            if self.batching is None or job.key is None:
+                self._run([job])
+                continue
+            self._run(self._gather(job))
+
+    def _gather(self, first: Job) -> list[Job]:
+        assert self.batching is not None and first.size is not None
+        cfg = self.batching
+        batch, total = [first], first.size
+        deadline = first.enqueued + cfg.max_queue_delay_us / 1e6
+        deferred: list[Any] = []
+        while total < cfg.max_batch_size and total not in cfg.preferred_batch_sizes:
+            job = self._next(max(0.0, deadline - time.perf_counter()))
+            if job is None:
+                break
+            if job is _STOP:
+                deferred.append(job)  # handled after this batch
+                break
+            if job.future.cancelled():
+                continue
+            if job.key != first.key or job.size is None or total + job.size > cfg.max_batch_size:
+                deferred.append(job)
+                if len(deferred) > cfg.max_batch_size:
+                    break
+                continue
+            batch.append(job)
+            total += job.size
+        self._held.extendleft(reversed(deferred))
+        return batch
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            if len(jobs) == 1:
+                self._on_batch(jobs[0].size or 1)
+                self._finish(jobs[0], self._call(jobs[0].feeds, jobs[0].raw_outputs))
+                return
+            layout = self.layout
+            assert layout is not None
+            if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
+                for job in jobs:
+                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                return
+            sizes = [j.size or 0 for j in jobs]
+            merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs)
+            if isinstance(merged, BaseException):
+                for job in jobs:  # one bad request must not fail the others: retry alone
+                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                return
+            if not layout.learn(merged, sum(sizes)):
+                if layout.unusable:
+                    log.warning("model.batching_disabled", model=self.name,
+                                reason="outputs have no batch axis that matches the inputs")
+                for job in jobs:
+                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                return
+            self._on_batch(sum(sizes))
+            for job, part in zip(jobs, layout.split(merged, sizes), strict=True):
+                self._finish(job, part)
+        finally:
+            self.busy_since = None
+
+    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool) -> Outputs | BaseException:
+        try:
+            return self.session.run(feeds, raw_outputs=raw)
+        except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
+            return exc
+
+    @staticmethod
+    def _finish(job: Job, result: Outputs | BaseException) -> None:
+        def deliver() -> None:
+            if job.future.done():
+                return
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+        job.loop.call_soon_threadsafe(deliver)

@@ -1,0 +1,1 @@
+"""Fleet side of the device-cloud link: keys, bundles, repository, deploy and commands."""

@@ -1,0 +1,104 @@
+"""Shared fixtures: real sample models from PyPI wheels, and a real agent daemon process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient
+from agent.errors import ClientError
+from agent.samples import fetch
+
+MODEL_FILES = {"silero_vad": "model.onnx", "face_detection": "model.tflite", "okay_nabu": "model.tflite"}
+
+
+@pytest.fixture(scope="session")
+def samples() -> dict[str, Path]:
+    """Real models and photos, fetched once per machine (cached under ~/.cache/edge-agent)."""
+    return {name: fetch(name) for name in (*MODEL_FILES, "astronaut", "coffee")}
+
+
+def install(models_dir: Path, samples: dict[str, Path], name: str, version: int = 1,
+            as_name: str | None = None) -> Path:
+    dest = models_dir / (as_name or name) / str(version) / MODEL_FILES[name]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(samples[name], dest)
+    return dest
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, samples: dict[str, Path]) -> Path:
+    root = tmp_path / "models"
+    for name in MODEL_FILES:
+        install(root, samples, name)
+    return root
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    log: Path
+    client: AgentClient
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_daemon(workdir: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
+                 timeout: float = 60) -> Daemon:
+    """Start ``edge-agent run`` as a real process; wait until its socket answers /v2/health/live."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = workdir / "agent.sock"
+    log = workdir / "agent.log"
+    full_env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(workdir / "state"),
+                    EDGE_AGENT_AGENT__RUNTIME_DIR=str(workdir / "run"), **(env or {}))
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--socket", str(sock), "--log-format", "json", *args]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    daemon = Daemon(proc, sock, log, AgentClient(sock, timeout=30))
+    if wait:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited with {proc.returncode}:\n{daemon.log_text()}")
+            try:
+                if daemon.client.request("GET", "/v2/health/live")[0] == 200:
+                    break
+            except ClientError:
+                pass
+            if time.monotonic() > deadline:
+                daemon.stop(signal.SIGKILL)
+                raise AssertionError(f"agent not live after {timeout}s:\n{daemon.log_text()}")
+            time.sleep(0.05)
+    return daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[Daemon] = []
+
+    def factory(*args: str, workdir: Path | None = None, **kw: object) -> Daemon:
+        d = start_daemon(workdir or tmp_path / f"agent{len(started)}", *args, **kw)  # type: ignore[arg-type]
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)

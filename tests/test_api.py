@@ -1,0 +1,373 @@
+"""The local predict API of a real daemon process on a real Unix socket, with real models.
+
+Predictions through the socket must equal direct runtime calls on the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+from PIL import Image
+
+from agent.client import AgentClient
+from agent.errors import ClientError
+from tests.conftest import Daemon, install
+
+
+def silero_feeds(batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(576, dtype=np.float32) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal((batch, 576))).astype(np.float32)
+    state = (0.1 * rng.standard_normal((2, batch, 128))).astype(np.float32)
+    return {"input": x, "state": state, "sr": np.array(16000, np.int64)}
+
+
+def face_input(photo: Path) -> np.ndarray:
+    img = Image.open(photo).convert("RGB").resize((128, 128))
+    return (np.asarray(img, np.float32) / 127.5 - 1.0)[None]
+
+
+@pytest.fixture(scope="module")
+def direct(samples):
+    silero = ort.InferenceSession(str(samples["silero_vad"]), providers=["CPUExecutionProvider"])
+    face = Interpreter(model_path=str(samples["face_detection"]))
+    face.allocate_tensors()
+    nabu = Interpreter(model_path=str(samples["okay_nabu"]))
+    nabu.allocate_tensors()
+    return {"silero_vad": silero, "face_detection": face, "okay_nabu": nabu}
+
+
+def run_tflite(interp: Interpreter, value: np.ndarray) -> dict[str, np.ndarray]:
+    interp.set_tensor(interp.get_input_details()[0]["index"], value)
+    interp.invoke()
+    return {d["name"]: interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()}
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory, samples) -> Daemon:
+    from tests.conftest import start_daemon
+
+    work = tmp_path_factory.mktemp("api")
+    models = work / "models"
+    for name in ("silero_vad", "face_detection", "okay_nabu"):
+        install(models, samples, name)
+    install(models, samples, "silero_vad", version=2)
+    (models / "broken" / "1").mkdir(parents=True)
+    (models / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    config = work / "agent.toml"
+    config.write_text("[api]\nmax_body_bytes = 2000000\n[model.silero_vad]\nversions = \"all\"\n"
+                      "[model.silero_vad.batching]\nenabled = true\nmax_queue_delay_us = 2000\n")
+    daemon = start_daemon(work, "--config", str(config), "--models-dir", str(models))
+    yield daemon
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists(), "socket must be removed at stop"
+
+
+def curl(sock: Path, path: str, *args: str, data: str | None = None) -> tuple[int, str]:
+    extra = ["--data-binary", "@-"] if data is not None else []
+    out = subprocess.run(["curl", "-s", "--unix-socket", str(sock), "-w", "\n%{http_code}", *args, *extra,
+                          f"http://localhost{path}"], input=data, capture_output=True, text=True, timeout=30,
+                         check=True)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), body
+
+
+# -- predictions equal direct runtime calls -------------------------------------------------------
+def test_v2_binary_equals_direct_onnx(agent, direct):
+    feeds = silero_feeds(batch=3, seed=1)
+    got = agent.client.infer("silero_vad", feeds)
+    want = dict(zip(["output", "stateN"], direct["silero_vad"].run(None, feeds), strict=True))
+    assert set(got) == {"output", "stateN"}
+    np.testing.assert_allclose(got["output"], want["output"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["stateN"], want["stateN"], rtol=1e-5, atol=1e-6)
+
+
+def test_v2_json_equals_direct_tflite(agent, direct, samples):
+    x = face_input(samples["astronaut"])
+    got = agent.client.infer("face_detection", {"input": x}, binary=False)
+    want = run_tflite(direct["face_detection"], x)
+    np.testing.assert_allclose(got["classificators"], want["classificators"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["regressors"], want["regressors"], rtol=1e-5, atol=1e-4)
+    # the astronaut photo has a face: at least one anchor is confident
+    assert got["classificators"].max() > 0.0  # sigmoid(score) > 0.5: a confident anchor
+
+
+def test_v1_columnar_and_rows_equal_direct(agent, direct, samples):
+    x = face_input(samples["coffee"])
+    want = run_tflite(direct["face_detection"], x)
+    cols = agent.client.predict("face_detection", x.tolist())
+    np.testing.assert_allclose(np.asarray(cols["classificators"]), want["classificators"], rtol=1e-5, atol=1e-5)
+    rows = agent.client.predict("face_detection", x.tolist(), rows=True)
+    assert len(rows) == 1
+    np.testing.assert_allclose(np.asarray(rows[0]["regressors"]), want["regressors"][0], rtol=1e-5, atol=1e-4)
+
+
+def test_v1_columnar_multi_input(agent, direct):
+    feeds = silero_feeds(batch=2, seed=2)
+    out = agent.client.predict("silero_vad", {k: v.tolist() for k, v in feeds.items()})
+    want = direct["silero_vad"].run(None, feeds)
+    np.testing.assert_allclose(np.asarray(out["output"], np.float32), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_model_float_and_raw(agent, direct):
+    interp = direct["okay_nabu"]
+    (d_in,), (d_out,) = interp.get_input_details(), interp.get_output_details()
+    scale, zp = d_in["quantization"]
+    features = np.linspace(0, 20, 120, dtype=np.float32).reshape(1, 3, 40)
+    q = np.clip(np.round(features / scale) + zp, -128, 127).astype(np.int8)
+    raw_want = run_tflite(interp, q)[d_out["name"]]
+    o_scale, o_zp = d_out["quantization"]
+    name_in, name_out = d_in["name"], d_out["name"]
+    got = agent.client.infer("okay_nabu", {name_in: features})
+    assert got[name_out].dtype == np.float32
+    np.testing.assert_allclose(got[name_out], (raw_want.astype(np.float32) - o_zp) * o_scale, rtol=1e-6)
+    raw = agent.client.infer("okay_nabu", {name_in: q}, raw_output=True)
+    assert raw[name_out].dtype == np.uint8
+    np.testing.assert_array_equal(raw[name_out], raw_want)
+
+
+def test_tritonclient_over_tcp(daemon_factory, models_dir):
+    import socket as socketlib
+
+    import tritonclient.http as httpclient
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = daemon_factory("--models-dir", str(models_dir), "--tcp", f"127.0.0.1:{port}")
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("silero_vad")
+    meta = client.get_model_metadata("silero_vad")
+    assert [i["name"] for i in meta["inputs"]] == ["input", "state", "sr"]
+    feeds = silero_feeds(batch=2, seed=5)
+    inputs = []
+    for name, value in feeds.items():
+        item = httpclient.InferInput(name, list(value.shape), {"float32": "FP32", "int64": "INT64"}[value.dtype.name])
+        item.set_data_from_numpy(value, binary_data=True)
+        inputs.append(item)
+    result = client.infer("silero_vad", inputs, outputs=[httpclient.InferRequestedOutput("output", binary_data=True)])
+    want = ort.InferenceSession(str(daemon_factory and models_dir / "silero_vad/1/model.onnx"),
+                                providers=["CPUExecutionProvider"]).run(["output"], feeds)[0]
+    np.testing.assert_allclose(result.as_numpy("output"), want, rtol=1e-5, atol=1e-6)
+    client.close()
+    assert daemon.stop() == 0
+
+
+# -- versions, metadata, status --------------------------------------------------------------
+def test_versions_and_default(agent):
+    meta = agent.client.model_metadata("silero_vad")
+    assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx"
+    assert agent.client.model_metadata("silero_vad", 1)["name"] == "silero_vad"
+    code, body = curl(agent.socket, "/v1/models/silero_vad")
+    states = json.loads(body)["model_version_status"]
+    assert code == 200 and [s["version"] for s in states] == ["2", "1"]
+    assert all(s["state"] == "AVAILABLE" for s in states)
+    status = agent.client.status()
+    defaults = {(m["name"], m["version"]): m.get("default") for m in status["models"]}
+    assert defaults[("silero_vad", 2)] is True and defaults[("silero_vad", 1)] is False
+
+
+def test_v1_metadata_and_v2_ready(agent):
+    code, body = curl(agent.socket, "/v1/models/okay_nabu/metadata")
+    sig = json.loads(body)["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert code == 200 and next(iter(sig["inputs"].values()))["dtype"] == "DT_INT8"
+    assert curl(agent.socket, "/v2/health/live")[0] == 200
+    assert curl(agent.socket, "/v2/health/ready")[0] == 200
+    code, body = curl(agent.socket, "/v2/models/face_detection/versions/1/ready")
+    assert code == 200 and json.loads(body)["ready"] is True
+
+
+def test_broken_model_reported_others_serve(agent):
+    status = agent.client.status()
+    broken = next(m for m in status["models"] if m["name"] == "broken")
+    assert broken["state"] == "FAILED"
+    assert "broken/1/model.onnx" in broken["path"] and broken["error"]
+    assert "model.load_failed" in agent.log_text()
+    code, body = curl(agent.socket, "/v1/models/broken")
+    assert code == 200 and json.loads(body)["model_version_status"][0]["state"] == "END"
+    code, body = curl(agent.socket, "/v2/models/broken/ready")
+    assert code == 503 and "failed to load" in json.loads(body)["error"]
+    assert agent.client.infer("face_detection", {"input": np.zeros((1, 128, 128, 3), np.float32)})
+
+
+def test_metrics_and_status(agent):
+    agent.client.infer("face_detection", {"input": np.zeros((1, 128, 128, 3), np.float32)})
+    text = agent.client.metrics()
+    assert 'edge_agent_requests_total{code="200",model="face_detection",protocol="v2",version="1"}' in text
+    assert "edge_agent_request_latency_seconds_bucket" in text
+    status = agent.client.status()
+    assert status["profile"]["name"] == "x86-cpu"
+    face = next(m for m in status["models"] if m["name"] == "face_detection")
+    assert face["delegate"] == "xnnpack" and face["runtime"] == "tflite" and face["requests"] >= 1
+
+
+def test_curl_predict(agent):
+    body = json.dumps({"instances": [np.zeros((128, 128, 3)).tolist()]})
+    code, out = curl(agent.socket, "/v1/models/face_detection:predict", data=body)
+    assert code == 200
+    assert np.asarray(json.loads(out)["predictions"][0]["classificators"]).shape == (896, 1)
+
+
+def test_socket_mode(agent):
+    assert stat.S_IMODE(os.stat(agent.socket).st_mode) == 0o660
+
+
+def test_dynamic_batching_coalesces_concurrent_clients(agent, direct):
+    results: dict[int, dict[str, np.ndarray]] = {}
+
+    def call(i: int) -> None:
+        with AgentClient(agent.socket) as c:
+            for j in range(5):
+                results[i * 10 + j] = c.infer("silero_vad", silero_feeds(seed=i * 10 + j))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 40
+    for key, got in results.items():
+        want = direct["silero_vad"].run(None, silero_feeds(seed=key))
+        np.testing.assert_allclose(got["output"], want[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["stateN"], want[1], rtol=1e-4, atol=1e-5)
+    text = agent.client.metrics()
+    batched = [line for line in text.splitlines() if line.startswith("edge_agent_batch_size_bucket")
+               and 'model="silero_vad"' in line and 'le="1.0"' in line]
+    count = [line for line in text.splitlines() if line.startswith("edge_agent_batch_size_count")
+             and 'model="silero_vad",version="2"' in line]
+    assert batched and count
+    rows_at_1 = float(next(b for b in batched if 'version="2"' in b).rsplit(" ", 1)[1])
+    calls = float(count[0].rsplit(" ", 1)[1])
+    assert rows_at_1 < calls, "some runtime calls must have carried more than one request"
+
+
+# -- bad input: clear 4xx, nothing else affected ----------------------------------------------
+def binary_request(size: int, payload: bytes, header_length: int | None = None) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    length = len(header) if header_length is None else header_length
+    return header + payload, {"Inference-Header-Content-Length": str(length)}
+
+
+BAD_REQUESTS = [
+    ("GET", "/v1/models/nope", None, {}, 404, "model 'nope' not found"),
+    ("GET", "/v2/models/nope", None, {}, 404, "model 'nope' not found"),
+    ("GET", "/v2/models/silero_vad/versions/9", None, {}, 404, "version 9 not found"),
+    ("POST", "/v1/models/nope:predict", b"{}", {}, 404, "not found"),
+    ("POST", "/v1/models/face_detection:predict", b"{not json", {}, 400, "malformed JSON"),
+    ("POST", "/v1/models/face_detection:predict", b"[1, 2]", {}, 400, "JSON object"),
+    ("POST", "/v1/models/face_detection:predict", b'{"foo": 1}', {}, 400, "exactly one of 'instances' or 'inputs'"),
+    ("POST", "/v1/models/face_detection:predict", b'{"inputs": [[1, 2], [3]]}', {}, 400, "input 'input'"),
+    ("POST", "/v1/models/face_detection:predict", b'{"inputs": {"image": [1]}}', {}, 400, "unknown input 'image'"),
+    ("POST", "/v1/models/face_detection:predict", b'{"instances": [[1, 2, 3]]}', {}, 400, "dimensions"),
+    ("POST", "/v2/models/face_detection/infer", b'{"inputs": [{"name": "input", "shape": [1, 64, 64, 3], '
+     b'"datatype": "FP32", "data": []}]}', {}, 400, "needs 12288"),
+    ("POST", "/v2/models/face_detection/infer", json.dumps({"inputs": [{"name": "input", "shape": [1, 64, 64, 3],
+     "datatype": "FP32", "data": [0.0] * 12288}]}).encode(), {}, 400, "dimension 1 must be 128"),
+    ("POST", "/v2/models/silero_vad/infer", json.dumps({"inputs": [
+        {"name": "input", "shape": [1, 576], "datatype": "FP64", "data": [0.0] * 576},
+        {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": [0.0] * 256},
+        {"name": "sr", "shape": [], "datatype": "INT64", "data": 16000}]}).encode(), {}, 400,
+     "input 'input': expected dtype float32, got float64"),
+    ("POST", "/v2/models/silero_vad/infer", json.dumps({"inputs": [
+        {"name": "input", "shape": [1, 576], "datatype": "FP32", "data": [0.0] * 576}]}).encode(), {}, 400,
+     "missing input 'state'"),
+    ("POST", "/v2/models/face_detection/infer", b'{"inputs": [{"name": "input", "shape": [1], "datatype": "STR", '
+     b'"data": [1]}]}', {}, 400, "unsupported datatype 'STR'"),
+    ("POST", "/v2/models/face_detection/infer", b'{"inputs": []}', {}, 400, "non-empty list"),
+    ("POST", "/v2/models/face_detection/infer", *binary_request(196608, b"", header_length=500), 400,
+     "Inference-Header-Content-Length is 500"),
+    ("POST", "/v2/models/face_detection/infer", *binary_request(196608, b"\0" * 100), 400, "truncated"),
+    ("POST", "/v2/models/face_detection/infer", *binary_request(12, b"\0" * 12), 400,
+     "binary_data_size 12 does not match"),
+    ("POST", "/v2/models/face_detection/infer", *binary_request(196608, b"\0" * 196612), 400,
+     "4 bytes not claimed"),
+    ("POST", "/v2/models/face_detection/infer", b"{}", {"Inference-Header-Content-Length": "abc"}, 400,
+     "must be an integer"),
+    ("POST", "/v2/models/face_detection/infer", json.dumps({"inputs": [{"name": "input", "shape": [1, 128, 128, 3],
+     "datatype": "FP32", "data": [0.0] * 49152}], "outputs": [{"name": "boxes"}]}).encode(), {}, 400,
+     "unknown output 'boxes'"),
+    ("POST", "/v1/models/face_detection/versions/abc:predict", b"{}", {}, 400, "positive integer"),
+    ("GET", "/v3/whatever", None, {}, 404, "no such endpoint"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers", "status", "message"), BAD_REQUESTS,
+                         ids=[f"{i}-{r[5][:30]}" for i, r in enumerate(BAD_REQUESTS)])
+def test_bad_requests(agent, method, path, body, headers, status, message):
+    with AgentClient(agent.socket) as client:
+        code, _, data = client.request(method, path, body, headers)
+    assert code == status, data
+    assert message in json.loads(data)["error"]
+    # the agent keeps serving everyone else
+    assert agent.client.infer("okay_nabu", {"serving_default_input_audio:0": np.zeros((1, 3, 40), np.float32)})
+
+
+def test_body_over_limit_is_413(agent):
+    big = b'{"inputs": [' + b"0," * 1_100_000 + b"0]}"
+    with AgentClient(agent.socket) as client:
+        code, _, data = client.request("POST", "/v1/models/face_detection:predict", big)
+    assert code == 413 and "exceeds the limit" in json.loads(data)["error"]
+
+
+def test_client_reports_unreachable_agent(tmp_path):
+    with pytest.raises(ClientError, match="cannot reach the agent"):
+        AgentClient(tmp_path / "none.sock").status()
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+def test_stale_socket_removed_and_live_socket_refused(daemon_factory, models_dir, tmp_path):
+    import socket as socketlib
+
+    work = tmp_path / "stale"
+    work.mkdir()
+    stale = socketlib.socket(socketlib.AF_UNIX)
+    stale.bind(str(work / "agent.sock"))
+    stale.close()  # leaves a socket file nobody listens on
+    first = daemon_factory("--models-dir", str(models_dir), workdir=work)
+    assert first.client.status()["models"]
+    second = daemon_factory("--models-dir", str(models_dir), workdir=work, wait=False)
+    assert second.proc.wait(30) == 1
+    assert "already listening" in second.log_text()
+    assert first.client.status()["models"], "the first agent's socket must survive"
+    assert first.stop(signal.SIGINT) == 0
+    assert not (work / "agent.sock").exists()
+
+
+def test_graceful_stop_finishes_in_flight(daemon_factory, models_dir):
+    daemon = daemon_factory("--models-dir", str(models_dir))
+    errors: list[Exception] = []
+    done: list[int] = []
+
+    def hammer() -> None:
+        with AgentClient(daemon.socket) as c:
+            for _ in range(200):
+                try:
+                    c.infer("face_detection", {"input": np.zeros((1, 128, 128, 3), np.float32)})
+                    done.append(1)
+                except ClientError as exc:
+                    if "cannot reach" not in str(exc):
+                        errors.append(exc)
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(done) < 20:
+        threading.Event().wait(0.01)
+    assert daemon.stop() == 0
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert "agent.stopped" in daemon.log_text()
