@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import structlog
-from aiohttp import web
 
-from agent.api.server import bind_unix_socket, build_app, remove_socket
+from agent.api.http import HTTPServer
+from agent.api.server import bind_unix_socket, build_server, remove_socket
 from agent.config import Config, parse_hostport
 from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.metrics import Metrics
@@ -37,7 +37,7 @@ class Agent:
         self.registry = ModelRegistry(config, self.profile.profile.runtimes, self.threads, self.metrics)
         self.started_at = time.time()
         self.stopping = False
-        self._runner: web.AppRunner | None = None
+        self._server: HTTPServer | None = None
         self.listeners: list[str] = []
         self._bound = False
 
@@ -49,16 +49,14 @@ class Agent:
         await self.registry.load_all()
         if not self.registry.ready:
             log.warning("agent.no_models", models_dir=str(self.config.models_dir))
-        self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None,
-                                     shutdown_timeout=self.config.agent.shutdown_timeout_s)
-        await self._runner.setup()
+        self._server = build_server(self)
         sock = bind_unix_socket(self.config.socket_path, self.config.api.socket_mode)
         self._bound = True
-        await web.SockSite(self._runner, sock).start()
+        await self._server.listen_unix(sock)
         self.listeners.append(f"unix:{self.config.socket_path}")
         if self.config.api.tcp:
             host, port = parse_hostport(self.config.api.tcp)
-            await web.TCPSite(self._runner, host, port).start()
+            await self._server.listen_tcp(host, port)
             self.listeners.append(f"tcp:{self.config.api.tcp}")
         log.info("agent.ready", listeners=self.listeners,
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
@@ -67,8 +65,8 @@ class Agent:
     async def stop(self) -> None:
         self.stopping = True
         log.info("agent.stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()  # closes listeners, waits for in-flight handlers
+        if self._server is not None:
+            await self._server.stop(self.config.agent.shutdown_timeout_s)
         await asyncio.to_thread(self.registry.close)
         if self._bound:  # never remove a socket another agent is serving on
             remove_socket(self.config.socket_path)

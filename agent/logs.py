@@ -31,7 +31,7 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")
-    for noisy in ("aiohttp.access", "asyncio"):
+    for noisy in ("asyncio",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # TensorFlow Lite's C++ banner ("Created TensorFlow Lite XNNPACK delegate") honours this.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

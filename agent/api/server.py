@@ -1,7 +1,7 @@
-"""The HTTP server: routes, error mapping, and the Unix-socket / TCP listeners.
+"""The API's routes, error mapping, and the Unix-socket binding.
 
 Errors are mapped to status codes here and only here (``AgentError.http_status``); a
-handler never lets an exception reach aiohttp, so one bad request cannot disturb others.
+handler never lets an exception reach the HTTP layer, so one bad request cannot disturb others.
 """
 
 from __future__ import annotations
@@ -11,36 +11,28 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 
 from agent.api import oip, tfserving
 from agent.api.codec import dumps
-from agent.errors import AgentError, PayloadTooLargeError, RequestError
+from agent.api.http import Handler, HTTPServer, Request, Response, Router
+from agent.errors import AgentError, RequestError
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
 log = structlog.get_logger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_JSON = "application/json"
-_AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 
 
-def _json(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps(value), status=status, content_type=_JSON)
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, dumps(value))
 
 
-def _error(exc: AgentError) -> web.Response:
-    return _json({"error": str(exc)}, exc.http_status)
-
-
-def _version(request: web.Request) -> int | None:
-    raw = request.match_info.get("version")
+def _version(request: Request) -> int | None:
+    raw = request.params.get("version")
     if raw is None:
         return None
     if not raw.isdigit() or int(raw) < 1:
@@ -48,22 +40,12 @@ def _version(request: web.Request) -> int | None:
     return int(raw)
 
 
-async def _body(request: web.Request) -> bytes:
-    limit = request.app[_AGENT_KEY].config.api.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes") from None
-
-
 def _guard(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
+    async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
         except AgentError as exc:
-            return _error(exc)
+            return _json({"error": str(exc)}, exc.http_status)
         except Exception as exc:
             log.exception("api.unhandled", path=request.path)
             return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
@@ -77,24 +59,24 @@ class Routes:
         self.metrics = agent.metrics
 
     # -- TF Serving v1 --------------------------------------------------------------------
-    async def v1_status(self, request: web.Request) -> web.Response:
-        name, version = request.match_info["name"], _version(request)
+    async def v1_status(self, request: Request) -> Response:
+        name, version = request.params["name"], _version(request)
         reg = self.agent.registry
         if not reg.known(name) or (version is not None and (name, version) not in reg.failures):
             reg.get(name, version)  # raises the 404 for an unknown name or version
         states = [s for s in reg.version_states(name) if version is None or s["version"] == version]
         return _json(tfserving.version_status(states))
 
-    async def v1_metadata(self, request: web.Request) -> web.Response:
-        model = self.agent.registry.get(request.match_info["name"], _version(request))
+    async def v1_metadata(self, request: Request) -> Response:
+        model = self.agent.registry.get(request.params["name"], _version(request))
         return _json(tfserving.metadata(model))
 
-    async def v1_predict(self, request: web.Request) -> web.Response:
+    async def v1_predict(self, request: Request) -> Response:
         started = time.perf_counter()
-        model = self.agent.registry.get(request.match_info["name"], _version(request))
+        model = self.agent.registry.get(request.params["name"], _version(request))
         code = "400"
         try:
-            feeds, fmt, raw = tfserving.parse_predict(await _body(request), model)
+            feeds, fmt, raw = tfserving.parse_predict(request.body, model)
             outputs = await model.infer(feeds, raw_outputs=raw)
             response = _json(tfserving.format_predict(outputs, fmt))
             code = "200"
@@ -106,33 +88,33 @@ class Routes:
             self._observe(model, "v1", code, started)
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
-    async def v2_server(self, _request: web.Request) -> web.Response:
+    async def v2_server(self, _request: Request) -> Response:
         return _json({"name": "edge-agent", "version": self.agent.version,
                       "extensions": ["binary_tensor_data", "model_repository"]})
 
-    async def v2_live(self, _request: web.Request) -> web.Response:
+    async def v2_live(self, _request: Request) -> Response:
         return _json({"live": True})
 
-    async def v2_ready(self, _request: web.Request) -> web.Response:
+    async def v2_ready(self, _request: Request) -> Response:
         ready = self.agent.registry.ready and not self.agent.stopping
         return _json({"ready": ready}, 200 if ready else 503)
 
-    async def v2_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def v2_model(self, request: Request) -> Response:
+        name = request.params["name"]
         model = self.agent.registry.get(name, _version(request))
         versions = sorted(self.agent.registry.models.get(name, {}))
         return _json(oip.metadata(model, versions))
 
-    async def v2_model_ready(self, request: web.Request) -> web.Response:
-        model = self.agent.registry.get(request.match_info["name"], _version(request))
+    async def v2_model_ready(self, request: Request) -> Response:
+        model = self.agent.registry.get(request.params["name"], _version(request))
         return _json({"name": model.name, "version": str(model.version), "ready": True})
 
-    async def v2_infer(self, request: web.Request) -> web.Response:
+    async def v2_infer(self, request: Request) -> Response:
         started = time.perf_counter()
-        model = self.agent.registry.get(request.match_info["name"], _version(request))
+        model = self.agent.registry.get(request.params["name"], _version(request))
         code = "400"
         try:
-            parsed = oip.parse_infer(await _body(request), request.headers.get(oip.HEADER), model)
+            parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model)
             outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output)
             body, header_length = oip.format_infer(model, parsed, outputs)
             code = "200"
@@ -142,15 +124,14 @@ class Routes:
         finally:
             self._observe(model, "v2", code, started)
         if header_length is None:
-            return web.Response(body=body, content_type=_JSON)
-        return web.Response(body=body, content_type="application/octet-stream",
-                            headers={oip.HEADER: str(header_length)})
+            return Response(200, body)
+        return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)})
 
     # -- agent ------------------------------------------------------------------------------
-    async def metrics_text(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+    async def metrics_text(self, _request: Request) -> Response:
+        return Response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-    async def agent_status(self, _request: web.Request) -> web.Response:
+    async def agent_status(self, _request: Request) -> Response:
         return _json(self.agent.status())
 
     def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
@@ -160,10 +141,13 @@ class Routes:
             self.metrics.request_latency.labels(model.name, version).observe(time.perf_counter() - started)
 
 
-def build_app(agent: Agent) -> web.Application:
-    app = web.Application(client_max_size=agent.config.api.max_body_bytes + 1)
-    app[_AGENT_KEY] = agent
+async def _not_found(request: Request) -> Response:
+    return _json({"error": f"no such endpoint: {request.method} {request.path}"}, 404)
+
+
+def build_server(agent: Agent) -> HTTPServer:
     r = Routes(agent)
+    router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
     routes = [
@@ -186,13 +170,8 @@ def build_app(agent: Agent) -> web.Application:
         ("GET", "/v1/agent/status", r.agent_status),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _guard(handler))
-    app.router.add_route("*", "/{tail:.*}", _not_found)
-    return app
-
-
-async def _not_found(request: web.Request) -> web.Response:
-    return _json({"error": f"no such endpoint: {request.method} {request.path}"}, 404)
+        router.add(method, path, _guard(handler))
+    return HTTPServer(router, agent.config.api.max_body_bytes)
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:

@@ -142,27 +142,30 @@ class Worker:
             layout = self.layout
             assert layout is not None
             if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
-                for job in jobs:
-                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                self._run_each(jobs)
                 return
             sizes = [j.size or 0 for j in jobs]
             merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs)
             if isinstance(merged, BaseException):
-                for job in jobs:  # one bad request must not fail the others: retry alone
-                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                self._run_each(jobs)  # one bad request must not fail the others: retry alone
                 return
             if not layout.learn(merged, sum(sizes)):
                 if layout.unusable:
                     log.warning("model.batching_disabled", model=self.name,
                                 reason="outputs have no batch axis that matches the inputs")
-                for job in jobs:
-                    self._finish(job, self._call(job.feeds, job.raw_outputs))
+                    self.batching = None  # stop holding requests back for batches that never come
+                self._run_each(jobs)
                 return
             self._on_batch(sum(sizes))
             for job, part in zip(jobs, layout.split(merged, sizes), strict=True):
                 self._finish(job, part)
         finally:
             self.busy_since = None
+
+    def _run_each(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._on_batch(job.size or 1)
+            self._finish(job, self._call(job.feeds, job.raw_outputs))
 
     def _call(self, feeds: Mapping[str, np.ndarray], raw: bool) -> Outputs | BaseException:
         try:

@@ -1,0 +1,361 @@
+"""Dynamic batching: ``BatchLayout`` on tensor specs, and ``Worker`` coalescing real Silero VAD
+requests on its inference thread. Every batched answer is checked against the same request
+run alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.config import BatchingSection
+from agent.errors import InferenceError
+from agent.models.batching import BatchLayout, batch_axis
+from agent.models.worker import Outputs, Worker
+from agent.runtimes import Session, TensorSpec
+from agent.runtimes.litert import LiteRTBackend
+from agent.runtimes.onnx import OnnxBackend
+
+F32 = np.dtype(np.float32)
+I64 = np.dtype(np.int64)
+MakeWorker = Callable[..., Worker]
+SAMPLES_PER_ROW = {16000: 576, 8000: 288}  # 64/32 context samples + 512/256 new ones
+
+
+def vad_feeds(rows: int, seed: int, sr: int = 16000, length: int | None = None) -> dict[str, np.ndarray]:
+    """A noisy tone per row and a random LSTM state, as a streaming client would send them."""
+    rng = np.random.default_rng(seed)
+    n = length or SAMPLES_PER_ROW[sr]
+    t = np.arange(n) / sr
+    audio = 0.4 * np.sin(2 * np.pi * rng.uniform(150, 900, (rows, 1)) * t) + 0.05 * rng.standard_normal((rows, n))
+    return {
+        "input": audio.astype(np.float32),
+        "state": (0.1 * rng.standard_normal((2, rows, 128))).astype(np.float32),
+        "sr": np.array(sr, np.int64),
+    }
+
+
+def assert_same(got: Outputs, want: Outputs) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape, name
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+
+def photo(path: Path) -> np.ndarray:
+    img = Image.open(path).convert("RGB").resize((128, 128), Image.Resampling.BILINEAR)
+    return (np.asarray(img, np.float32) / 127.5 - 1.0)[None]
+
+
+@pytest.fixture(scope="module")
+def alone(samples: dict[str, Path]) -> Session:
+    """A separate Silero session for the reference answers (sessions are one-thread-only)."""
+    return OnnxBackend().load(samples["silero_vad"], [])
+
+
+@pytest.fixture
+def silero(samples: dict[str, Path]) -> Session:
+    return OnnxBackend().load(samples["silero_vad"], [])
+
+
+@pytest.fixture
+def make_worker() -> Iterator[MakeWorker]:
+    workers: list[Worker] = []
+
+    def make(
+        session: Session, batching: BatchingSection | None = None, sizes: list[int] | None = None, name: str = "vad"
+    ) -> Worker:
+        worker = Worker(name, session, batching, on_batch=None if sizes is None else sizes.append)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop()
+
+
+def batching(**kw: object) -> BatchingSection:
+    return BatchingSection(enabled=True, **kw)  # type: ignore[arg-type]
+
+
+def infer_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("infer-")}
+
+
+# -- BatchLayout on specs --------------------------------------------------------------------
+def test_batch_axis_from_specs() -> None:
+    assert batch_axis(TensorSpec("x", F32, (3, None, 8))) == 1  # the only dynamic axis
+    assert batch_axis(TensorSpec("x", F32, (None, None))) == 0  # several: axis 0
+    assert batch_axis(TensorSpec("x", F32, (4, None, None))) is None  # several, not 0: unknown
+    assert batch_axis(TensorSpec("x", F32, (1, 128, 128, 3))) is None
+    assert batch_axis(TensorSpec("sr", I64, ())) is None
+
+
+def test_fixed_batch_models_get_no_layout(samples: dict[str, Path]) -> None:
+    faces = LiteRTBackend().load(samples["face_detection"], [])
+    assert BatchLayout.for_model(faces.inputs, faces.outputs) is None
+    scalar_only = [TensorSpec("sr", I64, ()), TensorSpec("x", F32, (1, 4))]
+    assert BatchLayout.for_model(scalar_only, [TensorSpec("y", F32, (1, 4))]) is None
+
+
+def test_silero_layout_from_metadata(silero: Session) -> None:
+    layout = BatchLayout.for_model(silero.inputs, silero.outputs)
+    assert layout is not None
+    assert layout.input_axes == {"input": 0, "state": 1, "sr": None}
+    assert layout.output_candidates == {"output": {0}, "stateN": {0, 1, 2}}
+    assert not layout.unusable
+
+
+def test_request_size_and_key(silero: Session) -> None:
+    layout = BatchLayout.for_model(silero.inputs, silero.outputs)
+    assert layout is not None
+    a, b = vad_feeds(1, seed=1), vad_feeds(3, seed=2)
+    assert layout.request_size(a) == 1
+    assert layout.request_size(b) == 3
+    assert layout.key(a) == layout.key(b)  # same sr, same trailing shapes, any row count
+
+    mismatched = {**b, "state": a["state"]}  # 3 rows of audio, 1 row of state
+    assert layout.request_size(mismatched) is None
+
+    other_sr = vad_feeds(1, seed=1, sr=8000, length=576)
+    assert layout.key(other_sr) != layout.key(a)  # unbatched scalars must be equal to coalesce
+    shorter = vad_feeds(1, seed=1, length=288)
+    assert layout.key(shorter) != layout.key(a)  # different trailing shape
+    as_int32 = {**a, "sr": a["sr"].astype(np.int32)}
+    assert layout.key(as_int32) != layout.key(a)
+    big_unbatched = {**a, "sr": np.full(65, 16000, np.int64)}
+    assert layout.key(big_unbatched) is None
+
+
+def test_merge_and_split_round_trip(silero: Session) -> None:
+    layout = BatchLayout.for_model(silero.inputs, silero.outputs)
+    assert layout is not None
+    parts = [vad_feeds(rows, seed=rows) for rows in (1, 2, 3)]
+
+    merged = layout.merge(parts)
+
+    assert merged["input"].shape == (6, 576)
+    assert merged["state"].shape == (2, 6, 128)
+    assert merged["sr"] == 16000
+    np.testing.assert_array_equal(merged["input"][1:3], parts[1]["input"])
+    np.testing.assert_array_equal(merged["state"][:, 3:], parts[2]["state"])
+
+    by_axis = BatchLayout({}, {"input": {0}, "state": {1}})
+    split = by_axis.split({"input": merged["input"], "state": merged["state"]}, [1, 2, 3])
+    for part, original in zip(split, parts, strict=True):
+        np.testing.assert_array_equal(part["input"], original["input"])
+        np.testing.assert_array_equal(part["state"], original["state"])
+
+
+def test_learn_narrows_ambiguous_outputs_from_real_runs(silero: Session, alone: Session) -> None:
+    layout = BatchLayout.for_model(silero.inputs, silero.outputs)
+    assert layout is not None
+    two, three = vad_feeds(2, seed=5), vad_feeds(3, seed=6)
+
+    # stateN is [2, N, 128]: with N == 2 axes 0 and 1 both fit.
+    assert layout.learn(silero.run(two), 2) is False
+    assert layout.output_candidates["stateN"] == {0, 1}
+    assert layout.learn(silero.run(three), 3) is True
+    assert layout.output_candidates == {"output": {0}, "stateN": {1}}
+
+    merged = silero.run(layout.merge([two, three]))
+    assert layout.learn(merged, 5) is True
+    for part, feeds in zip(layout.split(merged, [2, 3]), [two, three], strict=True):
+        assert_same(part, alone.run(feeds))
+
+
+def test_output_batch_axes_override(silero: Session) -> None:
+    layout = BatchLayout.for_model(silero.inputs, silero.outputs, {"stateN": 1})
+    assert layout is not None
+    assert layout.output_candidates == {"output": {0}, "stateN": {1}}
+    assert layout.learn(silero.run(vad_feeds(2, seed=1)), 2) is True  # no ambiguity left at N == 2
+
+    wrong = BatchLayout.for_model(silero.inputs, silero.outputs, {"stateN": 2})
+    assert wrong is not None
+    assert wrong.learn(silero.run(vad_feeds(2, seed=1)), 2) is False
+    assert wrong.unusable  # 128 is never the batch size: batching must stop, not guess
+
+
+# -- Worker with real Silero -----------------------------------------------------------------
+async def test_concurrent_requests_are_batched_and_correct(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=20_000), sizes)
+    assert worker.batching_active
+    requests = [vad_feeds(1, seed=i) for i in range(16)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests)), 20)
+
+    for feeds, got in zip(requests, results, strict=True):
+        assert_same(got, alone.run(feeds))
+    assert max(sizes) > 1
+    assert max(sizes) <= 8
+    assert worker.layout is not None and worker.layout.output_candidates["stateN"] == {1}
+
+
+async def test_mixed_sizes_and_sample_rates_in_flight(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=20_000), sizes)
+    requests = [vad_feeds(1 + i % 3, seed=100 + i, sr=(16000, 8000)[i % 2]) for i in range(18)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests)), 20)
+
+    for feeds, got in zip(requests, results, strict=True):
+        assert_same(got, alone.run(feeds))
+    assert max(sizes) > 1
+    assert max(sizes) <= 8
+
+
+async def test_preferred_batch_size_dispatches_early(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    delay_s = 0.5
+    sizes: list[int] = []
+    eager = make_worker(
+        silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6), preferred_batch_sizes=(4,)), sizes
+    )
+    requests = [vad_feeds(1, seed=200 + i) for i in range(4)]
+
+    start = time.perf_counter()
+    results = await asyncio.wait_for(asyncio.gather(*(eager.submit(f) for f in requests)), 10)
+    elapsed = time.perf_counter() - start
+
+    assert elapsed < delay_s / 2
+    assert sizes == [4]
+    for feeds, got in zip(requests, results, strict=True):
+        assert_same(got, alone.run(feeds))
+
+    # Without a preferred size the same four requests wait out the queue delay.
+    patient_sizes: list[int] = []
+    patient = make_worker(
+        OnnxBackend().load(silero.path, []),
+        batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)),
+        patient_sizes,
+        name="vad-patient",
+    )
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(patient.submit(f) for f in requests)), 10)
+    assert time.perf_counter() - start >= delay_s * 0.9
+    assert patient_sizes == [4]
+
+
+async def test_outputs_without_a_batch_axis_turn_batching_off(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    """A wrong ``output_batch_axes`` leaves an output no usable axis: answers stay right and
+    later requests stop waiting out the queue delay for batches that will never be formed."""
+    delay_s = 0.3
+    sizes: list[int] = []
+    config = batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6), output_batch_axes={"stateN": 2})
+    worker = make_worker(silero, config, sizes)
+    requests = [vad_feeds(1, seed=600 + i) for i in range(4)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests)), 10)
+
+    for feeds, got in zip(requests, results, strict=True):
+        assert_same(got, alone.run(feeds))
+    assert worker.layout is not None and worker.layout.unusable
+    assert worker.batching_active is False
+    start = time.perf_counter()
+    lone = await asyncio.wait_for(worker.submit(vad_feeds(1, seed=610)), 10)
+    assert time.perf_counter() - start < delay_s / 2
+    assert_same(lone, alone.run(vad_feeds(1, seed=610)))
+    assert sizes == [1, 1, 1, 1, 1]  # every run is counted, each alone
+
+
+async def test_fixed_batch_model_is_never_batched(samples: dict[str, Path], make_worker: MakeWorker) -> None:
+    reference = LiteRTBackend().load(samples["face_detection"], [])
+    sizes: list[int] = []
+    worker = make_worker(
+        LiteRTBackend().load(samples["face_detection"], []),
+        batching(max_batch_size=8, max_queue_delay_us=20_000),
+        sizes,
+        name="faces",
+    )
+    assert worker.batching_active is False
+    assert worker.layout is None
+    images = [photo(samples[name]) for name in ("astronaut", "coffee", "astronaut", "coffee")]
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit({"input": x}) for x in images)), 20)
+
+    assert sizes == [1, 1, 1, 1]
+    for image, got in zip(images, results, strict=True):
+        assert got["classificators"].shape == (1, 896, 1)
+        assert_same(got, reference.run({"input": image}))
+    assert results[0]["classificators"].max() > 0 > results[1]["classificators"].max()  # face, no face
+
+
+async def test_a_failing_request_does_not_fail_the_others(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    """Silero's 8 kHz branch fails at runtime on 576-sample rows (its LSTM gets a 5-D input).
+
+    Such a request has a different key (``sr``) from the 16 kHz ones, so it is queued among them
+    but never merged with them: no real model fails on content alone, which is what a bad row
+    inside one merged batch would need.
+    """
+    bad = vad_feeds(1, seed=300, sr=8000, length=576)
+    with pytest.raises(InferenceError, match="onnx inference failed"):
+        alone.run(bad)
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=20_000), sizes)
+    good = [vad_feeds(1 + i % 2, seed=310 + i) for i in range(6)]
+    requests = [*good[:3], bad, *good[3:]]
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests), return_exceptions=True), 20)
+
+    assert isinstance(results[3], InferenceError)
+    for feeds, got in zip(good, [*results[:3], *results[4:]], strict=True):
+        assert not isinstance(got, BaseException), got
+        assert_same(got, alone.run(feeds))
+    assert max(sizes) > 1
+
+
+async def test_cancelled_requests_are_skipped(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=0), sizes)
+    busy = worker.submit(vad_feeds(2000, seed=400))  # ~0.1 s of real work keeps the thread busy
+
+    async def running() -> None:
+        while worker.busy_since is None:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(running(), 10)
+    assert not busy.done()
+    # Queued while the thread is busy: one cancelled job comes off the queue first, the other
+    # while the worker gathers a batch behind ``first``.
+    gone = worker.submit(vad_feeds(3, seed=402))
+    first = worker.submit(vad_feeds(2, seed=401))
+    gone_too = worker.submit(vad_feeds(3, seed=404))
+    second = worker.submit(vad_feeds(2, seed=403))
+    gone.cancel()
+    gone_too.cancel()
+
+    await asyncio.wait_for(asyncio.gather(busy, first, second), 20)
+
+    assert gone.cancelled() and gone_too.cancelled()
+    assert sizes == [2000, 4]  # the 3-row requests never reached the runtime
+    assert_same(first.result(), alone.run(vad_feeds(2, seed=401)))
+    assert_same(second.result(), alone.run(vad_feeds(2, seed=403)))
+
+
+async def test_stop_answers_queued_requests_and_ends_the_thread(silero: Session, alone: Session) -> None:
+    delay_s = 1.0
+    worker = Worker("vad-stop", silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)))
+    assert "infer-vad-stop" in infer_threads()
+    requests = [vad_feeds(1, seed=500 + i) for i in range(3)]
+    futures = [worker.submit(f) for f in requests]
+
+    start = time.perf_counter()
+    worker.stop(timeout=10)
+
+    assert time.perf_counter() - start < delay_s / 2  # stop cuts the batching wait short
+    assert "infer-vad-stop" not in infer_threads()
+    results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    for feeds, got in zip(requests, results, strict=True):
+        assert_same(got, alone.run(feeds))
