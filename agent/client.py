@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,11 @@ class AgentClient:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.address)
+            # Kernel timeouts on a blocking socket: Python's own timeout mode polls before every call.
+            sock.settimeout(None)
+            timeval = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except FileNotFoundError as exc:
             sock.close()
             raise ClientError(f"cannot reach the agent at {self.target}: socket not found") from exc
@@ -112,6 +118,9 @@ class AgentClient:
                 self._sock = self._connect()
             try:
                 status, resp_headers, data, keep_alive = self._exchange(self._sock, message)
+            except BlockingIOError as exc:
+                self.close()
+                raise ClientError(f"the agent at {self.target} did not answer within {self.timeout:g} s") from exc
             except (ConnectionError, _ClosedError) as exc:
                 self.close()
                 if attempt or fresh:

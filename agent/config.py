@@ -138,7 +138,10 @@ class Config(_Section):
         return self.models.dir or self.agent.state_dir / "models"
 
     def model_options(self, name: str) -> ModelSection:
-        return self.model.get(name) or ModelSection()
+        return self.model.get(name) or _DEFAULT_MODEL
+
+
+_DEFAULT_MODEL = ModelSection()  # frozen: shared; validating a new one per request costs ~10 µs
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -8,6 +8,10 @@ modes alike:
   * throughput of Silero VAD at 1, 8 and 32 concurrent client processes, with and without
     dynamic batching (two names for the same model file, one with batching on).
 
+Both sides run the runtimes with one intra-op thread (the agent via ``[runtime] threads = 1``):
+on a 2-core machine shared by client, agent and runtime, extra runtime threads only add
+wake-ups, and the comparison stays like for like.
+
 Usage: python bench/predict_overhead.py [--rounds 20] [--per-round 100] [--seconds 4]
 """
 
@@ -47,7 +51,8 @@ def start_agent(work: Path) -> subprocess.Popen[bytes]:
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
     config = work / "agent.toml"
-    config.write_text("[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
+    config.write_text("[runtime]\nthreads = 1\n"
+                      "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
                       "max_queue_delay_us = 0\n")
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
@@ -70,8 +75,9 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
     client = AgentClient(sock)
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
     silero = ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
-    face = Interpreter(model_path=str(fetch("face_detection")))
+    face = Interpreter(model_path=str(fetch("face_detection")), num_threads=1)
     face.allocate_tensors()
     face_in = face.get_input_details()[0]["index"]
     face_outs = [d["index"] for d in face.get_output_details()]
@@ -146,6 +152,34 @@ def throughput(sock: Path, model: str, clients: int, seconds: float) -> float:
     return total / seconds
 
 
+def worker_throughput(clients: int, batching: bool, seconds: float) -> float:
+    """Requests/s through the model worker alone (no HTTP): isolates what batching buys."""
+    import asyncio
+
+    from agent.config import BatchingSection
+    from agent.models.worker import Worker
+    from agent.runtimes import get_backend
+
+    session = get_backend("onnx").load(fetch("silero_vad"), [], threads=1)
+    worker = Worker("bench", session, BatchingSection(enabled=batching, max_batch_size=32, max_queue_delay_us=0))
+    feeds = silero_feeds()
+
+    async def client(stop_at: float) -> int:
+        done = 0
+        while time.perf_counter() < stop_at:
+            await worker.submit(feeds)
+            done += 1
+        return done
+
+    async def run() -> int:
+        stop_at = time.perf_counter() + seconds
+        return sum(await asyncio.gather(*(client(stop_at) for _ in range(clients))))
+
+    total = asyncio.run(run())
+    worker.stop()
+    return total / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
@@ -170,6 +204,13 @@ def main() -> None:
             for clients in (1, 8, 32):
                 plain = throughput(sock, "silero_vad", clients, args.seconds)
                 batched = throughput(sock, "silero_vad_batched", clients, args.seconds)
+                print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}")
+            print(f"\nThroughput, Silero VAD, model worker alone (no HTTP, one process), requests/s over "
+                  f"{args.seconds:.0f} s")
+            print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
+            for clients in (1, 8, 32):
+                plain = worker_throughput(clients, False, args.seconds)
+                batched = worker_throughput(clients, True, args.seconds)
                 print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}")
         finally:
             proc.send_signal(signal.SIGTERM)

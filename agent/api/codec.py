@@ -39,5 +39,5 @@ def to_array(name: str, value: Any, dtype: np.dtype[Any]) -> np.ndarray:
 def as_contiguous(value: np.ndarray) -> np.ndarray:
     """orjson serialises only C-contiguous arrays of native dtypes."""
     if value.dtype == np.float16:
-        value = value.astype(np.float32)
-    return np.require(value, requirements="C")
+        return value.astype(np.float32)
+    return value if value.flags.c_contiguous else np.ascontiguousarray(value)

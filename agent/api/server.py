@@ -57,6 +57,7 @@ class Routes:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.metrics = agent.metrics
+        self._children: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -135,10 +136,15 @@ class Routes:
         return _json(self.agent.status())
 
     def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
-        version = str(model.version)
-        self.metrics.requests.labels(model.name, version, protocol, code).inc()
+        key = (model.name, model.version, protocol, code)
+        children = self._children.get(key)
+        if children is None:  # labels() hashes and locks: bind each label set once
+            version = str(model.version)
+            children = self._children[key] = (self.metrics.requests.labels(model.name, version, protocol, code),
+                                               self.metrics.request_latency.labels(model.name, version))
+        children[0].inc()
         if code == "200":
-            self.metrics.request_latency.labels(model.name, version).observe(time.perf_counter() - started)
+            children[1].observe(time.perf_counter() - started)
 
 
 async def _not_found(request: Request) -> Response:
@@ -150,13 +156,15 @@ def build_server(agent: Agent) -> HTTPServer:
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
-    routes = [
+    routes = [  # the predict paths first: the router tries patterns in order
+        ("POST", f"/v2/models/{name}/infer", r.v2_infer),
+        ("POST", f"/v2/models/{name}{ver}/infer", r.v2_infer),
+        ("POST", f"/v1/models/{name}:predict", r.v1_predict),
+        ("POST", f"/v1/models/{name}{ver}:predict", r.v1_predict),
         ("GET", f"/v1/models/{name}", r.v1_status),
         ("GET", f"/v1/models/{name}{ver}", r.v1_status),
         ("GET", f"/v1/models/{name}/metadata", r.v1_metadata),
         ("GET", f"/v1/models/{name}{ver}/metadata", r.v1_metadata),
-        ("POST", f"/v1/models/{name}:predict", r.v1_predict),
-        ("POST", f"/v1/models/{name}{ver}:predict", r.v1_predict),
         ("GET", "/v2", r.v2_server),
         ("GET", "/v2/health/live", r.v2_live),
         ("GET", "/v2/health/ready", r.v2_ready),
@@ -164,8 +172,6 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", f"/v2/models/{name}{ver}", r.v2_model),
         ("GET", f"/v2/models/{name}/ready", r.v2_model_ready),
         ("GET", f"/v2/models/{name}{ver}/ready", r.v2_model_ready),
-        ("POST", f"/v2/models/{name}/infer", r.v2_infer),
-        ("POST", f"/v2/models/{name}{ver}/infer", r.v2_infer),
         ("GET", "/metrics", r.metrics_text),
         ("GET", "/v1/agent/status", r.agent_status),
     ]
