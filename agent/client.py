@@ -17,15 +17,10 @@ import httptools
 import numpy as np
 import orjson
 
+from agent.api.datatypes import DATATYPES, datatype
 from agent.errors import ClientError
 
 _BINARY_HEADER = "Inference-Header-Content-Length"
-_DATATYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-    "FP32": np.float32, "FP64": np.float64,
-}
-_NAMES = {np.dtype(t): n for n, t in _DATATYPES.items()}
 
 
 class _ClosedError(ConnectionError):
@@ -195,7 +190,7 @@ class AgentClient:
         for input_name, value in inputs.items():
             array = np.require(value, requirements="C")
             entry: dict[str, Any] = {"name": input_name, "shape": list(array.shape),
-                                     "datatype": _NAMES[array.dtype]}
+                                     "datatype": datatype(array.dtype)}
             if binary:
                 raw = array.tobytes()
                 entry["parameters"] = {"binary_data_size": len(raw)}
@@ -227,7 +222,7 @@ def _decode_outputs(entries: list[dict[str, Any]], blob: bytes) -> dict[str, np.
     out: dict[str, np.ndarray] = {}
     offset = 0
     for entry in entries:
-        dtype = np.dtype(_DATATYPES[entry["datatype"]])
+        dtype = DATATYPES[entry["datatype"]]
         size = (entry.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             out[entry["name"]] = np.frombuffer(blob, dtype, count=size // dtype.itemsize,

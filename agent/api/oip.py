@@ -10,23 +10,12 @@ from typing import Any
 import numpy as np
 
 from agent.api.codec import as_contiguous, dumps, loads, to_array
+from agent.api.datatypes import DATATYPES, datatype
 from agent.errors import RequestError
 from agent.models.registry import ServedModel
 
-DATATYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(t) for name, t in {
-        "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-        "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-        "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-    }.items()
-}
-_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 HEADER = "Inference-Header-Content-Length"
-
-
-def datatype(dtype: np.dtype[Any]) -> str:
-    return _NAMES.get(dtype, "BYTES")
 
 
 @dataclass

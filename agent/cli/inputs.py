@@ -9,18 +9,17 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.api.datatypes import DATATYPES
 from agent.errors import RequestError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-_V2 = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "UINT8": np.uint8,
-       "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
 
 
 def _dtype(meta: dict[str, Any]) -> np.dtype[Any]:
     # Quantized inputs take float values: the agent quantizes them.
     if meta.get("parameters", {}).get("scale"):
         return np.dtype(np.float32)
-    return np.dtype(_V2.get(meta["datatype"], np.float32))
+    return DATATYPES.get(meta["datatype"], np.dtype(np.float32))
 
 
 def load_image(path: Path, meta: dict[str, Any], normalize: str) -> np.ndarray:
