@@ -107,6 +107,50 @@ class RuntimeSection(_Section):
     allow_spinning: bool = False
 
 
+class MqttSection(_Section):
+    """The cloud link; off unless ``url`` is set."""
+
+    url: str | None = None  # mqtt://HOST:PORT or mqtts://HOST:PORT
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None  # default: agent.device_id
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    prefix: str = "edge/v1"
+    groups: tuple[str, ...] = ()
+    backoff_min_s: float = Field(default=0.5, gt=0, le=60)
+    backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    max_command_bytes: int = Field(default=256 * 1024, ge=1024)
+    telemetry_interval_s: float = Field(default=60.0, ge=1, le=86400)
+    publish_window: int = Field(default=100, ge=1, le=10000)
+    outbox_max_messages: int = Field(default=100_000, ge=100)
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    # NORMAL survives a crash or SIGKILL; FULL also survives power loss, at an fsync per message.
+    outbox_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {value!r}")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#"):
+            raise ValueError("must be a topic path without leading/trailing '/' or wildcards")
+        return value
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -118,6 +162,7 @@ class Config(_Section):
     models: ModelsSection = Field(default_factory=ModelsSection)
     model: dict[str, ModelSection] = Field(default_factory=dict)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    mqtt: MqttSection = Field(default_factory=MqttSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None
 
@@ -185,7 +230,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to that file, not to the cwd."""
     for section, key in (("agent", "state_dir"), ("agent", "runtime_dir"), ("agent", "hardware_root"),
-                         ("api", "socket"), ("models", "dir")):
+                         ("api", "socket"), ("models", "dir"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
+                         ("mqtt", "key_file")):
         value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             tree[section][key] = str(base / value)

@@ -14,6 +14,7 @@ import structlog
 
 from agent.api.http import HTTPServer
 from agent.api.server import bind_unix_socket, build_server, remove_socket
+from agent.cloud import CloudLink
 from agent.config import Config, parse_hostport
 from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.metrics import Metrics
@@ -39,6 +40,7 @@ class Agent:
         self.stopping = False
         self._server: HTTPServer | None = None
         self.listeners: list[str] = []
+        self.link: CloudLink | None = None
         self._bound = False
 
     async def start(self) -> None:
@@ -49,6 +51,10 @@ class Agent:
         await self.registry.load_all()
         if not self.registry.ready:
             log.warning("agent.no_models", models_dir=str(self.config.models_dir))
+        if self.config.mqtt.url:
+            # The link starts before the API and never blocks: a broker that is down only delays sync.
+            self.link = CloudLink(self)
+            await self.link.start()
         self._server = build_server(self)
         sock = bind_unix_socket(self.config.socket_path, self.config.api.socket_mode)
         self._bound = True
@@ -67,6 +73,8 @@ class Agent:
         log.info("agent.stopping")
         if self._server is not None:
             await self._server.stop(self.config.agent.shutdown_timeout_s)
+        if self.link is not None:
+            await self.link.stop()
         await asyncio.to_thread(self.registry.close)
         if self._bound:  # never remove a socket another agent is serving on
             remove_socket(self.config.socket_path)
@@ -86,6 +94,7 @@ class Agent:
             "profile": {"name": self.profile.profile.name, "reason": self.profile.reason, "threads": self.threads},
             "hardware": self.hardware.to_dict(),
             "models": sorted(models, key=lambda m: (m["name"], -m["version"])),
+            "link": self.link.session.stats() if self.link is not None else None,
         }
 
 

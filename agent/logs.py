@@ -1,13 +1,31 @@
-"""Structured logging: structlog everywhere, JSON when stderr is not a terminal."""
+"""Structured logging: structlog everywhere, JSON when stderr is not a terminal.
+
+The last lines are also kept in memory (``recent``) so the fleet can fetch them with the
+``logs`` command without shell access to the device.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
-from typing import Literal
+from collections.abc import MutableMapping
+from typing import Any, Literal
 
+import orjson
 import structlog
+
+RECENT: collections.deque[str] = collections.deque(maxlen=1000)
+
+
+def _remember(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    RECENT.append(orjson.dumps(event_dict, default=str).decode())
+    return event_dict
+
+
+def recent(lines: int) -> list[str]:
+    return list(RECENT)[-lines:]
 
 
 def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
@@ -24,14 +42,14 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            _remember,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")
-    for noisy in ("asyncio",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
     # TensorFlow Lite's C++ banner ("Created TensorFlow Lite XNNPACK delegate") honours this.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

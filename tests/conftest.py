@@ -102,3 +102,33 @@ def daemon_factory(tmp_path: Path) -> Iterator[object]:
     for d in started:
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
+
+
+# --- real mosquitto brokers (tests/mqtt_broker.py) ---------------------------------------------------------------
+
+from tests.mqtt_broker import DEVICE_ACL, Broker, make_broker  # noqa: E402
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A started plain mosquitto (anonymous, no ACL) on a free loopback port; ``broker.url`` is mqtt://..."""
+    b = make_broker(tmp_path / "mosquitto")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A started TLS mosquitto: client certificates required (CN = username), DEVICE_ACL enforced.
+
+    ``tls_broker.tls.client("dev-a")`` gives (cert, key) for a client; ``tls_broker.tls.ca`` is the CA.
+    """
+    b = make_broker(tmp_path / "mosquitto-tls", tls=True, acl=DEVICE_ACL)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

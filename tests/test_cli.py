@@ -114,7 +114,9 @@ def test_detect_shows_profile_and_delegates(tmp_path):
     assert table.returncode == 0 and "jetson-orin" in table.stdout and "would use" in table.stdout
 
 
-def test_edge_fleet_reports_not_implemented():
+def test_edge_fleet_without_broker_fails_cleanly():
     proc = subprocess.run([sys.executable, "-c", "import sys; from cloud_sync.fleet.cli import main; "
-                           "sys.exit(main(['devices']))"], check=False, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1 and "not implemented yet" in proc.stderr
+                           "sys.exit(main(['devices', '--broker', 'mqtt://127.0.0.1:1']))"],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "cannot connect to the broker" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

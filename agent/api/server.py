@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.api import oip, tfserving
-from agent.api.codec import dumps
+from agent.api.codec import dumps, loads
 from agent.api.http import Handler, HTTPServer, Request, Response, Router
 from agent.errors import AgentError, RequestError
 
@@ -135,6 +135,19 @@ class Routes:
     async def agent_status(self, _request: Request) -> Response:
         return _json(self.agent.status())
 
+    async def agent_result(self, request: Request) -> Response:
+        """Local applications push their own results upstream through the outbox."""
+        link = self.agent.link
+        if link is None:
+            return _json({"error": "the cloud link is not configured (set [mqtt] url)"}, 503)
+        body = loads(request.body)
+        if not isinstance(body, dict):
+            raise RequestError("result must be a JSON object")
+        seq = link.result(request.params["stream"], body)
+        if seq < 0:
+            return _json({"error": "the outbox is full and could not make room"}, 507)
+        return _json({"seq": seq}, 202)
+
     def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
         key = (model.name, model.version, protocol, code)
         children = self._children.get(key)
@@ -174,6 +187,7 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", f"/v2/models/{name}{ver}/ready", r.v2_model_ready),
         ("GET", "/metrics", r.metrics_text),
         ("GET", "/v1/agent/status", r.agent_status),
+        ("POST", "/v1/agent/results/{stream:[A-Za-z0-9][A-Za-z0-9_.-]*}", r.agent_result),
     ]
     for method, path, handler in routes:
         router.add(method, path, _guard(handler))

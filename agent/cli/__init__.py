@@ -83,11 +83,16 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.cloud import load_overrides
     from agent.daemon import run
     from agent.logs import configure_logging
 
-    config = _load_config(args, {"models.dir": args.models_dir, "api.socket": args.socket, "api.tcp": args.tcp,
-                                 "agent.profile": args.profile, "logging.format": args.log_format})
+    flags = {"models.dir": args.models_dir, "api.socket": args.socket, "api.tcp": args.tcp,
+             "agent.profile": args.profile, "logging.format": args.log_format}
+    config = _load_config(args, flags)
+    remote = load_overrides(config.agent.state_dir)  # set by the fleet with set-config
+    if remote:
+        config = _load_config(args, {**remote, **{k: v for k, v in flags.items() if v is not None}})
     configure_logging(config.logging.level, config.logging.format)
     return run(config)
 

@@ -201,6 +201,38 @@ class ModelRegistry:
         except AgentError as exc:
             log.warning("model.warmup_failed", model=served.name, version=served.version, reason=str(exc))
 
+    def unload(self, name: str, version: int) -> None:
+        """Stop serving one version; requests already queued on it still finish."""
+        served = self.models.get(name, {}).pop(version, None)
+        if not self.models.get(name):
+            self.models.pop(name, None)
+        if served is not None:
+            served.worker.stop()
+            served.session.close()
+            self.metrics.info.remove(name, str(version), served.runtime, served.session.delegate)
+            self.metrics.models_loaded.set(sum(len(v) for v in self.models.values()))
+            log.info("model.unloaded", model=name, version=version)
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read the models directory: load what is new, unload what is gone or no longer wanted."""
+        wanted = {(e.name, e.version): e for versions in scan(self.config.models_dir).values()
+                  for e in self._wanted(versions)}
+        loaded = {(m.name, m.version) for m in self.served()}
+        added: list[str] = []
+        removed: list[str] = []
+        failed: list[str] = []
+        for key in sorted(set(wanted) - loaded):
+            served = await asyncio.to_thread(self.load, wanted[key])
+            (added if served is not None else failed).append(f"{key[0]}@{key[1]}")
+        for name, version in sorted(loaded - set(wanted)):
+            await asyncio.to_thread(self.unload, name, version)
+            removed.append(f"{name}@{version}")
+        for key in list(self.failures):
+            if key not in wanted:
+                del self.failures[key]
+        log.info("models.reloaded", added=added, removed=removed, failed=failed)
+        return {"added": added, "removed": removed, "failed": failed}
+
     def close(self) -> None:
         for served in list(self.served()):
             served.worker.stop()

@@ -1,37 +1,259 @@
 """``edge-fleet``: the fleet console.
 
-The commands are declared here so ``--help`` documents the whole contract; the ones whose
-issue has not landed yet exit 1 with a message that says so instead of pretending.
+Exit codes: 0 ok, 1 operation failed (including a command answered with an error or a
+rollout that did not complete), 2 usage or config error. Errors are one line on stderr.
+Broker settings come from ``--config FILE`` ([broker] table), then ``EDGE_FLEET_*``
+environment variables, then flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-PLANNED = {
-    "keys": "TUF key management (init, rotate)",
-    "bundle": "build a signed model bundle",
-    "publish": "add a bundle to the TUF repository",
-    "serve": "serve the repository over HTTP with Range support",
-    "deploy": "staged deployment over MQTT",
-    "command": "send a command to a device or group",
-    "devices": "list devices from retained MQTT state",
-    "watch": "follow a device's results, telemetry or events",
-}
+import orjson
+
+from cloud_sync.fleet.console import FleetClient, FleetError, rollout
+from cloud_sync.mqtt.settings import BrokerSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+EPILOG = "Docs: docs/fleet.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
+_BROKER_KEYS = ("url", "protocol", "username", "password", "ca_file", "cert_file", "key_file", "client_id")
+
+
+class UsageError(Exception):
+    """Bad flags or config: exit code 2."""
+
+
+def broker_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[BrokerSettings, str]:
+    """Merge config file, environment and flags; returns (broker, topic prefix)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    prefix = "edge/v1"
+    if args.config:
+        try:
+            data = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{args.config}: {exc}") from None
+        broker = data.get("broker", {})
+        unknown = sorted(set(broker) - set(_BROKER_KEYS))
+        if unknown:
+            raise UsageError(f"{args.config}: key 'broker.{unknown[0]}': unknown key")
+        values.update(broker)
+        prefix = data.get("fleet", {}).get("prefix", prefix)
+    for key in _BROKER_KEYS:
+        if env.get(f"EDGE_FLEET_{key.upper()}"):
+            values[key] = env[f"EDGE_FLEET_{key.upper()}"]
+    prefix = env.get("EDGE_FLEET_PREFIX", prefix)
+    for key in _BROKER_KEYS:
+        flag = getattr(args, key, None)
+        if flag:
+            values[key] = flag
+    prefix = args.prefix or prefix
+    settings = BrokerSettings(**{k: str(v) for k, v in values.items()})  # type: ignore[arg-type]
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise UsageError(f"broker.{exc}") from None
+    return settings, prefix
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    delta = max(0.0, time.time() - ts)
+    return f"{delta:.0f} s ago" if delta < 120 else f"{delta / 60:.0f} min ago"
+
+
+def cmd_devices(client: FleetClient, args: argparse.Namespace) -> int:
+    devices = client.devices(args.wait)
+    if args.json:
+        _print_json([{"id": d.id, "online": d.online, "state": d.state} for d in devices])
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"devices ({len(devices)})", title_justify="left")
+    for col in ("device", "online", "state since", "agent", "profile", "models"):
+        table.add_column(col)
+    for d in devices:
+        models = ", ".join(f"{m['name']}@{m['version']} ({m.get('runtime')}/{m.get('delegate')})" for m in d.models)
+        table.add_row(d.id, "[green]yes[/green]" if d.online else "[red]no[/red]", _ago(d.seen),
+                      str(d.state.get("agent_version", "-")), str(d.state.get("profile", "-")), models or "-")
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
+def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"argument {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_command(client: FleetClient, args: argparse.Namespace) -> int:
+    cargs = _parse_args(args.args)
+    if args.group:
+        members = [d.id for d in client.members(args.group)]
+        cid = client.send(None, args.name, cargs, group=args.group)
+        finals = client.responses(cid, args.timeout, expect=max(len(members), 1))
+        _print_json(finals)
+        missing = sorted(set(members) - {f.get("device_id") for f in finals})
+        if missing:
+            print(f"edge-fleet: no answer from {', '.join(missing)} within {args.timeout:g} s", file=sys.stderr)
+        return 0 if finals and all(f.get("ok") for f in finals) and not missing else 1
+    response = client.command(args.device, args.name, cargs, args.timeout)
+    _print_json(response)
+    return 0 if response.get("ok") else 1
+
+
+def cmd_deploy(client: FleetClient, args: argparse.Namespace) -> int:
+    model, sep, version = args.target.partition("@")
+    if not sep or not version.isdigit():
+        raise UsageError(f"{args.target!r}: expected MODEL@VERSION")
+    if args.to:
+        targets = [args.to]
+    else:
+        targets = [d.id for d in client.members(args.group) if d.online]
+        if not targets:
+            raise FleetError(f"no online device in group '{args.group}'")
+
+    def progress(kind: str, info: dict[str, Any]) -> None:
+        if kind == "wave":
+            print(f"wave {info['index'] + 1}: deploying {model}@{version} to {', '.join(info['devices'])}", flush=True)
+        elif kind == "response":
+            state = info.get("status") if info.get("ok") else f"failed ({(info.get('error') or {}).get('message')})"
+            print(f"  {info['device']}: {state}", flush=True)
+        elif kind == "aborted":
+            print(f"rollout aborted: {len(info['failed'])} failed; not contacted: {', '.join(info['skipped'])}",
+                  flush=True)
+
+    report = rollout(client, targets, "deploy", {"model": model, "version": int(version)}, canary=args.canary,
+                     wave_size=args.wave_size, abort_after=args.abort_after, timeout=args.timeout, progress=progress)
+    print(f"succeeded: {len(report.succeeded)}, failed: {len(report.failed)}, skipped: {len(report.skipped)}")
+    return 0 if report.ok else 1
+
+
+def cmd_watch(client: FleetClient, args: argparse.Namespace) -> int:
+    base = f"{client.prefix}/devices/{args.device}"
+    kinds = [k for k in ("results", "telemetry", "events", "state") if getattr(args, k)] or ["results", "telemetry",
+                                                                                            "events"]
+    topics = [f"{base}/results/#" if k == "results" else f"{base}/{k}" for k in kinds]
+    client.subscribe(topics)
+    for seen, msg in enumerate(client.messages(args.timeout if args.timeout else 10**9), start=1):
+        leaf = msg.topic[len(base) + 1:]
+        sys.stdout.write(f"{leaf} {msg.payload.decode(errors='replace')}\n")
+        sys.stdout.flush()
+        if args.count and seen >= args.count:
+            break
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-fleet", description="Fleet console for edge-agent devices.", epilog=EPILOG)
+    p.add_argument("--verbose", "-v", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def broker_args(cmd: argparse.ArgumentParser) -> None:
+        g = cmd.add_argument_group("broker")
+        g.add_argument("--config", help="TOML file with a [broker] table (url, ca_file, cert_file, key_file, ...)")
+        g.add_argument("--broker", dest="url", help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGE_FLEET_URL)")
+        g.add_argument("--protocol", choices=["5", "3.1.1"])
+        g.add_argument("--ca-file", dest="ca_file")
+        g.add_argument("--cert-file", dest="cert_file")
+        g.add_argument("--key-file", dest="key_file")
+        g.add_argument("--username")
+        g.add_argument("--password")
+        g.add_argument("--prefix", help="topic prefix (default edge/v1)")
+
+    dev = sub.add_parser("devices", help="devices from retained state: online, last seen, models")
+    broker_args(dev)
+    dev.add_argument("--wait", type=float, default=1.0, help="seconds to collect state messages (default 1)")
+    dev.add_argument("--json", action="store_true")
+
+    com = sub.add_parser("command", help="send a command and print the response")
+    broker_args(com)
+    com.add_argument("--group", help="send to every member of this group instead of one DEVICE")
+    com.add_argument("words", nargs="+", metavar="[DEVICE] NAME [KEY=VALUE ...]",
+                     help="device id (unless --group), command name (ping, status, deploy, rollback, reload, "
+                          "set-config, stream-start, stream-stop, logs) and its arguments (JSON values allowed)")
+    com.add_argument("--timeout", type=float, default=30.0)
+
+    dep = sub.add_parser("deploy", help="staged rollout of MODEL@VERSION to a device or group")
+    broker_args(dep)
+    dep.add_argument("target", metavar="MODEL@VERSION")
+    to = dep.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", help="one device")
+    to.add_argument("--group", help="every online member of a group")
+    dep.add_argument("--canary", default="1", help="first wave: a count or a percentage like 10%% (default 1)")
+    dep.add_argument("--wave-size", type=int, help="devices per later wave (default: all the rest)")
+    dep.add_argument("--abort-after", type=int, default=1, help="stop after this many failures (default 1)")
+    dep.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each wave")
+
+    wat = sub.add_parser("watch", help="print a device's results, telemetry and events as they arrive")
+    broker_args(wat)
+    wat.add_argument("device")
+    for kind in ("results", "telemetry", "events", "state"):
+        wat.add_argument(f"--{kind}", action="store_true", help=f"show {kind}")
+    wat.add_argument("--count", type=int, help="stop after this many messages")
+    wat.add_argument("--timeout", type=float, help="stop after this many seconds")
+
+    try:  # keys, bundle, publish, serve
+        bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
+    except ImportError:
+        bundles_cli = None
+    if bundles_cli is not None:
+        bundles_cli.add_commands(sub)
+    return p
+
+
+MQTT_COMMANDS = {"devices": cmd_devices, "command": cmd_command, "deploy": cmd_deploy, "watch": cmd_watch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-fleet", description="Fleet console for edge-agent devices.",
-                                     epilog="Exit codes: 0 ok, 1 operation failed, 2 usage/config error.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in PLANNED.items():
-        cmd = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        cmd.add_argument("args", nargs=argparse.REMAINDER)
+    parser = _parser()
     args = parser.parse_args(argv)
-    print(f"edge-fleet: error: '{args.command}' is not implemented yet in this version", file=sys.stderr)
-    return 1
+    if args.command == "command":
+        words = list(args.words)
+        if not args.group and len(words) < 2:
+            parser.error("command: give DEVICE NAME, or --group GROUP NAME")
+        args.device = None if args.group else words.pop(0)
+        args.name, args.args = words[0], words[1:]
+    try:
+        if args.command not in MQTT_COMMANDS:
+            return int(args.handler(args))
+        settings, prefix = broker_settings(args)
+        with FleetClient(settings, prefix) as client:
+            return MQTT_COMMANDS[args.command](client, args)
+    except UsageError as exc:
+        print(f"edge-fleet: error: {exc}", file=sys.stderr)
+        return 2
+    except FleetError as exc:
+        print(f"edge-fleet: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,216 @@
+"""Commands from the fleet: parse and validate, run each id at most once, answer exactly once.
+
+Parsing is pure; the dispatcher owns idempotency (a bounded, persisted log of answered ids)
+and the reply address (MQTT 5 response topic + correlation data, else ``.../responses``).
+Long-running handlers answer ``accepted`` at once and a final response when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from cloud_sync.mqtt.errors import CommandError
+from cloud_sync.mqtt.session import IncomingMessage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    name: str
+    args: dict[str, Any]
+    topic: str
+    reply_topic: str | None
+    correlation: bytes | None
+
+
+Handler = Callable[[Command], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    handler: Handler
+    args: type[BaseModel] | None = None  # validates ``args``; None: no arguments allowed
+    long_running: bool = False
+
+
+def parse(message: IncomingMessage, max_bytes: int) -> Command:
+    """Raises CommandError (code bad_request / too_large) for anything that is not a command."""
+    if len(message.payload) > max_bytes:
+        raise CommandError("too_large", f"command payload of {len(message.payload)} bytes exceeds {max_bytes}")
+    try:
+        body = orjson.loads(message.payload)
+    except orjson.JSONDecodeError as exc:
+        raise CommandError("bad_request", f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise CommandError("bad_request", "command must be a JSON object")
+    cid, name, args = body.get("id"), body.get("name"), body.get("args", {})
+    if not isinstance(cid, str) or not cid or len(cid) > 128:
+        raise CommandError("bad_request", "'id' must be a non-empty string of at most 128 characters")
+    if not isinstance(name, str) or not name:
+        raise CommandError("bad_request", "'name' must be a non-empty string")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise CommandError("bad_args", "'args' must be an object")
+    return Command(cid, name, args, message.topic, message.response_topic, message.correlation)
+
+
+def peek_id(payload: bytes) -> str | None:
+    """Best-effort id of a command that failed to parse, so the error can still name it."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    cid = body.get("id") if isinstance(body, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def validate_args(spec: Spec, command: Command) -> BaseModel | None:
+    if spec.args is None:
+        if command.args:
+            raise CommandError("bad_args", f"'{command.name}' takes no arguments")
+        return None
+    try:
+        return spec.args.model_validate(command.args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "args"
+        reason = "unknown argument" if err["type"] == "extra_forbidden" else err["msg"]
+        raise CommandError("bad_args", f"args.{where}: {reason}") from None
+
+
+class CommandLog:
+    """Answered command ids with their final response: bounded, persisted in SQLite."""
+
+    def __init__(self, path: Path, keep: int = 1000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, response BLOB, at REAL)")
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def get(self, cid: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT response FROM answered WHERE id = ?", (cid,)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def put(self, cid: str, response: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?, ?)",
+                             (cid, orjson.dumps(response), time.time()))
+            self._db.execute("DELETE FROM answered WHERE id NOT IN "
+                             "(SELECT id FROM answered ORDER BY at DESC LIMIT ?)", (self.keep,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+Reply = Callable[[str, Mapping[str, Any], bytes | None], None]
+Event = Callable[[Mapping[str, Any]], object]
+
+
+class Dispatcher:
+    """Runs commands on the event loop. ``reply(topic, payload, correlation)`` publishes a response."""
+
+    def __init__(self, specs: Mapping[str, Spec], log_store: CommandLog, reply: Reply, event: Event, *,
+                 default_reply_topic: str, own_topics: set[str], max_bytes: int, device_id: str = "") -> None:
+        self.device_id = device_id
+        self.specs = dict(specs)
+        self.log = log_store
+        self.reply = reply
+        self.event = event
+        self.default_reply_topic = default_reply_topic
+        self.own_topics = own_topics
+        self.max_bytes = max_bytes
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.handled = 0
+
+    def _answer(self, command: Command | None, topic: str | None, correlation: bytes | None,
+                response: dict[str, Any]) -> None:
+        target = topic or self.default_reply_topic
+        self.reply(target, {**response, "device_id": self.device_id}, correlation)
+
+    async def handle(self, message: IncomingMessage) -> None:
+        """Never raises: every problem becomes an error response (or a logged drop)."""
+        if message.topic not in self.own_topics:
+            log.warning("command.dropped", topic=message.topic, reason="not one of this device's command topics")
+            return
+        try:
+            command = parse(message, self.max_bytes)
+        except CommandError as exc:
+            cid = peek_id(message.payload) if len(message.payload) <= self.max_bytes else None
+            log.warning("command.rejected", topic=message.topic, id=cid, code=exc.code, reason=exc.message)
+            self._answer(None, message.response_topic, message.correlation,
+                         {"id": cid, "ok": False, "error": exc.to_dict(), "status": "done"})
+            return
+        await self._dispatch(command)
+
+    async def _dispatch(self, command: Command) -> None:
+        self.handled += 1
+        if command.id in self.running:
+            self._answer(command, command.reply_topic, command.correlation,
+                         {"id": command.id, "ok": True, "status": "accepted", "result": {"running": True}})
+            return
+        previous = self.log.get(command.id)
+        if previous is not None:
+            log.info("command.repeated", id=command.id, name=command.name)
+            self._answer(command, command.reply_topic, command.correlation, previous)
+            return
+        spec = self.specs.get(command.name)
+        try:
+            if spec is None:
+                raise CommandError("unknown_command",
+                                   f"unknown command '{command.name}' (known: {', '.join(sorted(self.specs))})")
+            validate_args(spec, command)
+        except CommandError as exc:
+            self._finish(command, {"id": command.id, "ok": False, "error": exc.to_dict(), "status": "done"})
+            return
+        log.info("command.received", id=command.id, name=command.name)
+        if spec.long_running:
+            self._answer(command, command.reply_topic, command.correlation,
+                         {"id": command.id, "ok": True, "status": "accepted"})
+            task = asyncio.get_running_loop().create_task(self._run(spec, command), name=f"command-{command.id}")
+            self.running[command.id] = task
+            task.add_done_callback(lambda _t: self.running.pop(command.id, None))
+        else:
+            await self._run(spec, command)
+
+    async def _run(self, spec: Spec, command: Command) -> None:
+        try:
+            result = await spec.handler(command)
+            response = {"id": command.id, "ok": True, "result": result, "status": "done"}
+        except CommandError as exc:
+            response = {"id": command.id, "ok": False, "error": exc.to_dict(), "status": "done"}
+        except asyncio.CancelledError:
+            response = {"id": command.id, "ok": False, "status": "done",
+                        "error": {"code": "cancelled", "message": "the agent is stopping"}}
+            self._finish(command, response)
+            raise
+        except Exception as exc:
+            log.exception("command.failed", id=command.id, name=command.name)
+            response = {"id": command.id, "ok": False, "status": "done",
+                        "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        self._finish(command, response)
+        if spec.long_running:
+            self.event({"type": "command.completed", "id": command.id, "name": command.name,
+                        "ok": response["ok"], "error": response.get("error")})
+
+    def _finish(self, command: Command, response: dict[str, Any]) -> None:
+        self.log.put(command.id, response)
+        self._answer(command, command.reply_topic, command.correlation, response)
+        log.info("command.answered", id=command.id, name=command.name, ok=response["ok"])
