@@ -4,7 +4,6 @@ TLS with client certificates, staged rollouts, and the edge-fleet console."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -134,7 +133,7 @@ COMMAND_CASES = [
 @pytest.mark.parametrize(("name", "args", "ok", "code", "check"), COMMAND_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(COMMAND_CASES)])
 def test_commands(linked, name, args, ok, code, check):
-    agent, fleet = linked
+    _agent, fleet = linked
     response = fleet.command("dev-1", name, args, timeout=10)
     assert response["ok"] is ok, response
     assert response["device_id"] == "dev-1" and response["status"] == "done"
@@ -161,7 +160,7 @@ def test_malformed_commands_get_error_responses(linked, payload, code, fragment)
 
 
 def test_long_running_command_answers_accepted_then_final_and_an_event(linked):
-    agent, fleet = linked
+    _agent, fleet = linked
     fleet.subscribe(["edge/v1/devices/dev-1/events"])
     seen: list[dict] = []
     final = fleet.command("dev-1", "reload", timeout=10, on_response=seen.append)
@@ -207,7 +206,7 @@ def test_set_config_applies_and_persists(tmp_path, small_models, broker):
 
 
 def test_reload_publishes_new_inventory(linked, small_models, samples):
-    agent, fleet = linked
+    _agent, fleet = linked
     install(small_models, samples, "okay_nabu", version=2)
     response = fleet.command("dev-1", "reload")
     assert response["result"]["added"] == ["okay_nabu@2"] and response["result"]["removed"] == ["okay_nabu@1"]
