@@ -17,6 +17,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.deploy.installer import DeployError
 from agent.errors import AgentError, ConfigError
 from agent.logs import recent
 from cloud_sync.mqtt.commands import Command, CommandLog, Dispatcher, Spec
@@ -209,10 +210,20 @@ class CloudLink:
         return changes
 
     async def _deploy(self, command: Command) -> dict[str, Any]:
-        raise CommandError("not_available", "signed bundle deployment is not available in this agent version yet")
+        args = ModelArgs.model_validate(command.args)
+        try:
+            _record, task = self.agent.start_deploy(args.model, args.version)
+            record = await task
+        except DeployError as exc:
+            raise CommandError(exc.code, exc.message) from None
+        return dict(record.to_dict())
 
     async def _rollback(self, command: Command) -> dict[str, Any]:
-        raise CommandError("not_available", "rollback needs signed bundle deployment, not available yet")
+        args = RollbackArgs.model_validate(command.args)
+        try:
+            return await self.agent.deployer.rollback(args.model)
+        except DeployError as exc:
+            raise CommandError(exc.code, exc.message) from None
 
     async def _stream(self, command: Command) -> dict[str, Any]:
         raise CommandError("not_available", f"'{command.name}': streaming pipelines are not available yet")

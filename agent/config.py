@@ -151,6 +151,25 @@ class MqttSection(_Section):
         return value
 
 
+class UpdatesSection(_Section):
+    """Signed bundle installation (TUF); off unless ``repo_url`` and ``trusted_root`` are set."""
+
+    repo_url: str | None = None  # base URL holding metadata/ and targets/
+    trusted_root: Path | None = None  # root.json pinned at provisioning
+    metadata_dir: Path | None = None  # default <state_dir>/tuf
+    cache_dir: Path | None = None  # default $CACHE_DIRECTORY or <state_dir>/cache
+    max_bundle_bytes: int = Field(default=1 << 30, ge=1024)
+    max_member_bytes: int = Field(default=1 << 30, ge=1024)
+    max_members: int = Field(default=256, ge=1)
+    bandwidth_bytes_s: int | None = Field(default=None, ge=1024)
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # kept free on top of the bundle
+    keep_versions: int = Field(default=2, ge=2, le=100)  # on disk per model, current and previous included
+    health_window_s: float = Field(default=30.0, ge=0, le=86400)
+    health_min_requests: int = Field(default=20, ge=1)
+    health_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    health_max_latency_ratio: float = Field(default=2.0, ge=1)
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -163,6 +182,7 @@ class Config(_Section):
     model: dict[str, ModelSection] = Field(default_factory=dict)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     mqtt: MqttSection = Field(default_factory=MqttSection)
+    updates: UpdatesSection = Field(default_factory=UpdatesSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None
 
@@ -231,7 +251,8 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to that file, not to the cwd."""
     for section, key in (("agent", "state_dir"), ("agent", "runtime_dir"), ("agent", "hardware_root"),
                          ("api", "socket"), ("models", "dir"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
-                         ("mqtt", "key_file")):
+                         ("mqtt", "key_file"), ("updates", "trusted_root"), ("updates", "metadata_dir"),
+                         ("updates", "cache_dir")):
         value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             tree[section][key] = str(base / value)

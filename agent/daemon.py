@@ -16,6 +16,8 @@ from agent.api.http import HTTPServer
 from agent.api.server import bind_unix_socket, build_server, remove_socket
 from agent.cloud import CloudLink
 from agent.config import Config, parse_hostport
+from agent.deploy.installer import Deployer
+from agent.deploy.state import Deployment
 from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.metrics import Metrics
 from agent.models.registry import ModelRegistry
@@ -41,6 +43,8 @@ class Agent:
         self._server: HTTPServer | None = None
         self.listeners: list[str] = []
         self.link: CloudLink | None = None
+        self.deployer = Deployer(self, emit=self._emit)
+        self.deploy_tasks: dict[str, asyncio.Task[Any]] = {}
         self._bound = False
 
     async def start(self) -> None:
@@ -48,6 +52,7 @@ class Agent:
         log.info("agent.starting", version=self.version, device_id=self.config.agent.device_id,
                  profile=self.profile.profile.name, profile_reason=self.profile.reason,
                  models_dir=str(self.config.models_dir))
+        recovered = await asyncio.to_thread(self.deployer.recover)  # undo what a crash interrupted
         await self.registry.load_all()
         if not self.registry.ready:
             log.warning("agent.no_models", models_dir=str(self.config.models_dir))
@@ -55,6 +60,9 @@ class Agent:
             # The link starts before the API and never blocks: a broker that is down only delays sync.
             self.link = CloudLink(self)
             await self.link.start()
+        for record in recovered:
+            self._emit({"type": f"deploy.{record.state}", "model": record.model, "version": record.version,
+                        "previous": record.previous, "error": record.error})
         self._server = build_server(self)
         sock = bind_unix_socket(self.config.socket_path, self.config.api.socket_mode)
         self._bound = True
@@ -68,9 +76,30 @@ class Agent:
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
 
+    def _emit(self, payload: Any) -> None:
+        if self.link is not None:
+            self.link.event(payload)
+
+    def start_deploy(self, name: str, version: int | None) -> tuple[Deployment, asyncio.Task[Deployment]]:
+        """Run a deployment in the background (API and commands share this).
+
+        Raises:
+            DeployError: one is already running for this model.
+        """
+        record = self.deployer.begin(name, version)
+        task = asyncio.get_running_loop().create_task(self.deployer.run(record), name=f"deploy-{name}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures live in the record
+        self.deploy_tasks[name] = task
+        return record, task
+
     async def stop(self) -> None:
         self.stopping = True
         log.info("agent.stopping")
+        for task in self.deploy_tasks.values():
+            task.cancel()
+        for task in self.deploy_tasks.values():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10)
         if self._server is not None:
             await self._server.stop(self.config.agent.shutdown_timeout_s)
         if self.link is not None:
@@ -95,6 +124,7 @@ class Agent:
             "hardware": self.hardware.to_dict(),
             "models": sorted(models, key=lambda m: (m["name"], -m["version"])),
             "link": self.link.session.stats() if self.link is not None else None,
+            "deployments": [r.to_dict() for r in self.deployer.store.all()],
         }
 
 

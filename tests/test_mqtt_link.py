@@ -117,9 +117,12 @@ COMMAND_CASES = [
     ("ping", {"x": 1}, False, "bad_args", lambda r: "takes no arguments" in r["error"]["message"]),
     ("self-destruct", {}, False, "unknown_command", lambda r: "unknown command 'self-destruct'"
      in r["error"]["message"]),
-    ("deploy", {"model": "okay_nabu", "version": 2}, False, "not_available", lambda r: True),
+    ("deploy", {"model": "okay_nabu", "version": 2}, False, "not_configured", lambda r: "[updates]"
+     in r["error"]["message"]),
     ("deploy", {"version": 2}, False, "bad_args", lambda r: "args.model" in r["error"]["message"]),
-    ("rollback", {"model": "okay_nabu"}, False, "not_available", lambda r: True),
+    ("rollback", {"model": "okay_nabu"}, False, "no_previous", lambda r: "no version older than 1"
+     in r["error"]["message"]),
+    ("rollback", {"model": "ghost"}, False, "not_found", lambda r: "'ghost'" in r["error"]["message"]),
     ("stream-start", {"stream": "cam"}, False, "not_available", lambda r: "streaming" in r["error"]["message"]),
     ("stream-stop", {"stream": "cam"}, False, "not_available", lambda r: True),
     ("set-config", {"values": {"agent.device_id": "x"}}, False, "bad_args", lambda r: "not settable"
@@ -375,7 +378,7 @@ def test_staged_rollout_stops_on_failing_canary(tmp_path, small_models, broker):
             report = rollout(fleet, members, "deploy", {"model": "okay_nabu", "version": 2}, canary="1",
                              abort_after=1, timeout=15)
             assert report.aborted and list(report.failed) == ["dev-0"] and report.skipped == ["dev-1", "dev-2"]
-            assert "not_available" in report.failed["dev-0"]
+            assert "not_configured" in report.failed["dev-0"]
             ok = rollout(fleet, members, "reload", {}, canary="34%", wave_size=1, timeout=15)
             assert ok.ok and ok.waves == [["dev-0"], ["dev-1"], ["dev-2"]] and ok.succeeded == members
         for a in agents[1:]:
@@ -402,7 +405,7 @@ def test_edge_fleet_cli(tmp_path, small_models, broker):
         out = fleet_cli("command", "--broker", broker.url, "dev-1", "logs", "lines=3")
         assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True
         out = fleet_cli("command", "--broker", broker.url, "dev-1", "deploy", "model=x")
-        assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "not_available"
+        assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "not_configured"
         out = fleet_cli("watch", "--broker", broker.url, "dev-1", "--telemetry", "--count", "2", "--timeout", "10")
         assert out.returncode == 0 and out.stdout.count("telemetry {") == 2
         out = fleet_cli("deploy", "--broker", broker.url, "okay_nabu@2", "--to", "dev-1", "--timeout", "10")

@@ -135,6 +135,25 @@ class Routes:
     async def agent_status(self, _request: Request) -> Response:
         return _json(self.agent.status())
 
+    async def deploy(self, request: Request) -> Response:
+        """Start installing a signed bundle; poll ``GET /v1/agent/deployments/{name}`` for progress."""
+        body = loads(request.body) if request.body else {}
+        version = body.get("version") if isinstance(body, dict) else None
+        if version is not None and (not isinstance(version, int) or version < 1):
+            raise RequestError("'version' must be a positive integer or null")
+        record, _task = self.agent.start_deploy(request.params["name"], version)
+        return _json(record.to_dict(), 202)
+
+    async def deployment(self, request: Request) -> Response:
+        record = self.agent.deployer.store.load(request.params["name"])
+        if record is None:
+            return _json({"error": f"no deployment of '{request.params['name']}'"}, 404)
+        task = self.agent.deploy_tasks.get(record.model)
+        return _json({**record.to_dict(), "running": task is not None and not task.done()})
+
+    async def rollback(self, request: Request) -> Response:
+        return _json(await self.agent.deployer.rollback(request.params["name"]))
+
     async def agent_result(self, request: Request) -> Response:
         """Local applications push their own results upstream through the outbox."""
         link = self.agent.link
@@ -188,6 +207,9 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", "/metrics", r.metrics_text),
         ("GET", "/v1/agent/status", r.agent_status),
         ("POST", "/v1/agent/results/{stream:[A-Za-z0-9][A-Za-z0-9_.-]*}", r.agent_result),
+        ("POST", f"/v1/agent/models/{name}:deploy", r.deploy),
+        ("POST", f"/v1/agent/models/{name}:rollback", r.rollback),
+        ("GET", f"/v1/agent/deployments/{name}", r.deployment),
     ]
     for method, path, handler in routes:
         router.add(method, path, _guard(handler))

@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="image pixel scaling: [0,1], [-1,1] or raw 0..255 (default: unit)")
     pred.add_argument("--raw-output", action="store_true", help="return quantized outputs without dequantizing")
 
+    dep = sub.add_parser("deploy", help="install a signed bundle from the configured TUF repository")
+    client_args(dep)
+    dep.add_argument("model", help="model name")
+    dep.add_argument("--version", type=int, help="bundle version (default: the latest)")
+    dep.add_argument("--no-wait", action="store_true", help="return once the deployment has started")
+    dep.add_argument("--wait-timeout", type=float, default=900.0, help="seconds to follow it (default 900)")
+    rb = sub.add_parser("rollback", help="serve the previous version of a model again")
+    client_args(rb)
+    rb.add_argument("model", help="model name")
+
     det = sub.add_parser("detect", help="show detected hardware and the delegate/EP each runtime would use")
     det.add_argument("--config", help="config file (for agent.profile and agent.hardware_root)")
     det.add_argument("--root", help="read hardware facts below this directory instead of /")
@@ -143,6 +153,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import time
+
+    with _client(args) as client:
+        body = orjson.dumps({"version": args.version})
+        status, _, data = client.request("POST", f"/v1/agent/models/{args.model}:deploy", body)
+        started = client._decode(status, data)
+        if args.no_wait:
+            print(f"deployment {started['id']} of {args.model} started")
+            return 0
+        seen, deadline = 0, time.monotonic() + args.wait_timeout
+        while time.monotonic() < deadline:
+            status, _, data = client.request("GET", f"/v1/agent/deployments/{args.model}")
+            record = client._decode(status, data)
+            if record.get("id") != started["id"]:
+                raise AgentError(f"another deployment of {args.model} replaced this one: {record.get('id')}")
+            for state, _ts in record["history"][seen:]:
+                print(f"{args.model}@{record.get('version') or '?'}: {state}", flush=True)
+            seen = len(record["history"])
+            if record["state"] in ("committed", "rolled_back", "failed") and not record.get("running"):
+                if record.get("error"):
+                    raise AgentError(f"{record['state']}: {record['error']['code']}: {record['error']['message']}")
+                return 0
+            time.sleep(0.25)
+    raise AgentError(f"the deployment did not finish within {args.wait_timeout:g} s (it goes on in the agent)")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status, _, data = client.request("POST", f"/v1/agent/models/{args.model}:rollback", b"")
+        result = client._decode(status, data)
+    print(f"{result['model']}: now serving version {result['to']} (version {result['from']} set aside)")
+    return 0
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from agent.cli.tables import detect_tables
     from agent.hardware import detect, load_profiles, select_profile
@@ -177,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict,
-            "detect": cmd_detect, "demo": cmd_demo}
+            "detect": cmd_detect, "demo": cmd_demo, "deploy": cmd_deploy, "rollback": cmd_rollback}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

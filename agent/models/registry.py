@@ -7,6 +7,7 @@ fails is recorded with its path and reason while the others keep serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from agent.config import Config
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.hardware import DelegateSpec
 from agent.health.metrics import Metrics
-from agent.models.store import ModelVersion, scan
+from agent.models.store import ModelVersion, active_version, scan
 from agent.models.tensors import check_feeds
 from agent.models.worker import Outputs, Worker
 from agent.runtimes import Session, get_backend
@@ -40,6 +41,8 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
+    # Recent successful latencies (s), for the installer's health window against the previous version.
+    latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1024))
 
     @property
     def inputs(self) -> Sequence[Any]:
@@ -53,11 +56,18 @@ class ServedModel:
         """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
         check_feeds(self.session.inputs, feeds)
         self.requests += 1
+        started = time.perf_counter()
         try:
-            return await self.worker.submit(feeds, raw_outputs)
+            outputs = await self.worker.submit(feeds, raw_outputs)
         except AgentError:
             self.errors += 1
             raise
+        self.latencies.append(time.perf_counter() - started)
+        return outputs
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.session.close()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -91,6 +101,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.models: dict[str, dict[int, ServedModel]] = {}
         self.failures: dict[tuple[str, int], LoadFailure] = {}
+        self.active: dict[str, int] = {}
 
     # -- lookup --------------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ServedModel:
@@ -109,9 +120,20 @@ class ModelRegistry:
         raise ModelNotFoundError(f"model '{name}' version {version} not found")
 
     def default_version(self, name: str) -> int:
+        """Configured default, else the installer's active version, else the highest loaded."""
         versions = self.models[name]
         wanted = self.config.model_options(name).default_version
-        return wanted if wanted in versions else max(versions)
+        if wanted in versions:
+            return wanted
+        active = self.active.get(name)
+        return active if active in versions else max(versions)
+
+    def set_active(self, name: str, version: int | None) -> None:
+        """Switch the default version; one dict assignment, so each request sees old or new."""
+        if version is None:
+            self.active.pop(name, None)
+        else:
+            self.active[name] = version
 
     def known(self, name: str) -> bool:
         return name in self.models or any(f.name == name for f in self.failures.values())
@@ -131,13 +153,18 @@ class ModelRegistry:
 
     # -- loading -------------------------------------------------------------------------
     def _wanted(self, versions: list[ModelVersion]) -> list[ModelVersion]:
-        opts = self.config.model.get(versions[0].name)
+        name = versions[0].name
+        opts = self.config.model.get(name)
         policy = opts.versions if opts is not None else self.config.models.versions
+        active = active_version(self.config.models_dir / name)
+        if active is not None and any(v.version == active for v in versions):
+            self.active[name] = active
         if policy == "all":
             return versions
         if policy == "latest":
             default = opts.default_version if opts else None
-            keep = {versions[-1].version} | ({default} if default else set())
+            newest = active if active is not None and name in self.active else versions[-1].version
+            keep = {newest} | ({default} if default else set())
             return [v for v in versions if v.version in keep]
         return [v for v in versions if v.version in set(policy)]
 
@@ -147,16 +174,31 @@ class ModelRegistry:
             for entry in self._wanted(versions):
                 await asyncio.to_thread(self.load, entry)
 
+    def prepare(self, entry: ModelVersion, warm_up: bool = True) -> ServedModel:
+        """Load one version and start its worker, without serving it yet.
+
+        Raises:
+            AgentError: the runtime is missing or the model failed on every delegate.
+        """
+        opts = self.config.model_options(entry.name)
+        backend = get_backend(entry.runtime)
+        session = backend.load(entry.file, self.delegates.get(entry.runtime, ()),
+                               threads=opts.threads or self.threads,
+                               options={"inter_op_threads": self.config.runtime.inter_op_threads,
+                                        "allow_spinning": self.config.runtime.allow_spinning})
+        labels = (entry.name, str(entry.version))
+        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
+                        on_batch=self.metrics.batch_size.labels(*labels).observe)
+        served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
+        if warm_up:
+            self._warm_up(served)
+        return served
+
     def load(self, entry: ModelVersion) -> ServedModel | None:
         """Load, warm up and register one version; a failure is recorded, never raised."""
-        opts = self.config.model_options(entry.name)
         started = time.perf_counter()
         try:
-            backend = get_backend(entry.runtime)
-            session = backend.load(entry.file, self.delegates.get(entry.runtime, ()),
-                                   threads=opts.threads or self.threads,
-                                   options={"inter_op_threads": self.config.runtime.inter_op_threads,
-                                            "allow_spinning": self.config.runtime.allow_spinning})
+            served = self.prepare(entry)
         except AgentError as exc:
             self.failures[(entry.name, entry.version)] = LoadFailure(entry.name, entry.version, str(entry.file),
                                                                       str(exc))
@@ -164,21 +206,23 @@ class ModelRegistry:
             log.error("model.load_failed", model=entry.name, version=entry.version, path=str(entry.file),
                       reason=str(exc))
             return None
+        self.register(served)
+        session, worker = served.session, served.worker
+        log.info("model.loaded", model=entry.name, version=entry.version, runtime=entry.runtime,
+                 delegate=session.delegate, fallbacks=session.report.fallbacks, batching=worker.batching_active,
+                 seconds=round(time.perf_counter() - started, 3))
+        return served
+
+    def register(self, served: ServedModel) -> None:
+        """Start serving a prepared version (the default version does not change here)."""
+        entry, session = served.source, served.session
         labels = (entry.name, str(entry.version))
-        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
-                        on_batch=self.metrics.batch_size.labels(*labels).observe)
-        served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
-        self._warm_up(served)
         self.failures.pop((entry.name, entry.version), None)
         self.models.setdefault(entry.name, {})[entry.version] = served
         self.metrics.models_loaded.set(sum(len(v) for v in self.models.values()))
         self.metrics.info.labels(*labels, entry.runtime, session.delegate).set(1)
         if session.report.fallbacks:
             self.metrics.delegate_fallbacks.labels(entry.name, entry.runtime).inc(len(session.report.fallbacks))
-        log.info("model.loaded", model=entry.name, version=entry.version, runtime=entry.runtime,
-                 delegate=session.delegate, fallbacks=session.report.fallbacks, batching=worker.batching_active,
-                 seconds=round(time.perf_counter() - started, 3))
-        return served
 
     def _warm_up(self, served: ServedModel) -> None:
         """One call on zeros so the first client does not pay for lazy allocation."""
@@ -207,8 +251,7 @@ class ModelRegistry:
         if not self.models.get(name):
             self.models.pop(name, None)
         if served is not None:
-            served.worker.stop()
-            served.session.close()
+            served.close()
             self.metrics.info.remove(name, str(version), served.runtime, served.session.delegate)
             self.metrics.models_loaded.set(sum(len(v) for v in self.models.values()))
             log.info("model.unloaded", model=name, version=version)
@@ -235,6 +278,5 @@ class ModelRegistry:
 
     def close(self) -> None:
         for served in list(self.served()):
-            served.worker.stop()
-            served.session.close()
+            served.close()
         self.models.clear()

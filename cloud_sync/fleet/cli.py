@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.name, args.args = words[0], words[1:]
     try:
         if args.command not in MQTT_COMMANDS:
-            return int(args.handler(args))
+            bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
+            return int(bundles_cli.run(args))
         settings, prefix = broker_settings(args)
         with FleetClient(settings, prefix) as client:
             return MQTT_COMMANDS[args.command](client, args)

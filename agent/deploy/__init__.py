@@ -1,0 +1,1 @@
+"""Installing signed model bundles: the persisted state machine, atomic swap and rollback."""

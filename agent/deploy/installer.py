@@ -1,0 +1,395 @@
+"""The install state machine: download → verify → stage → load → test → swap → health → commit.
+
+Every step is persisted (``DeploymentStore``) before the next begins, so a crash at any
+point is undone by :meth:`Deployer.recover` at the next start: an unfinished install leaves
+no trace, and a version that was swapped in but never committed is rolled back. The
+previous version stays loaded during and after the swap: requests in flight finish on it,
+and a rollback is a pointer switch, not a load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from agent.deploy.health import HealthPolicy, verdict
+from agent.deploy.state import Deployment, DeploymentStore, fsync_dir, write_atomic
+from agent.errors import AgentError
+from agent.models.store import ACTIVE, ModelVersion
+from agent.runtimes import get_backend
+from cloud_sync.bundles.archive import ExtractLimits, extract_bundle
+from cloud_sync.bundles.build import tensor_array
+from cloud_sync.bundles.manifest import Manifest
+from cloud_sync.errors import CloudSyncError
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+    from agent.models.registry import ServedModel
+    from cloud_sync.updater.client import BundleUpdater
+
+log = structlog.get_logger(__name__)
+PAUSE_ENV = "EDGE_AGENT_DEPLOY_PAUSE_AT"  # "STATE:SECONDS": fault-injection point for crash tests
+
+
+class DeployError(AgentError):
+    """A deployment that failed or was rolled back; ``code`` says why (also in the event)."""
+
+    http_status = 409
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+", maxsplit=1)[0].split(".") if p.isdigit())
+
+
+class Deployer:
+    def __init__(self, agent: Agent, emit: Callable[[Mapping[str, Any]], object] | None = None) -> None:
+        self.agent = agent
+        self.cfg = agent.config.updates
+        self.models_dir = agent.config.models_dir
+        self.store = DeploymentStore(agent.config.agent.state_dir / "deployments")
+        self.emit = emit or (lambda _payload: None)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._begun: set[str] = set()
+        self._updater: BundleUpdater | None = None
+        pause = os.environ.get(PAUSE_ENV, "")
+        state, _, seconds = pause.partition(":")
+        self._pause = (state, float(seconds or 0)) if state else None
+
+    # -- wiring ------------------------------------------------------------------------------------------
+    def updater(self) -> BundleUpdater:
+        if self._updater is None:
+            if not self.cfg.repo_url or not self.cfg.trusted_root:
+                raise DeployError("not_configured", "signed updates need [updates] repo_url and trusted_root")
+            from cloud_sync.updater.client import BundleUpdater
+
+            state_dir = self.agent.config.agent.state_dir
+            cache = self.cfg.cache_dir or (Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+                                           if os.environ.get("CACHE_DIRECTORY") else state_dir / "cache")
+            self._updater = BundleUpdater(self.cfg.metadata_dir or state_dir / "tuf", self.cfg.repo_url,
+                                          trusted_root=self.cfg.trusted_root, cache_dir=cache,
+                                          max_bundle_bytes=self.cfg.max_bundle_bytes,
+                                          bandwidth=self.cfg.bandwidth_bytes_s, progress=self._progress)
+        return self._updater
+
+    def _progress(self, url: str, received: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_last_progress", 0.0) >= 1.0 or (total and received >= total):
+            self._last_progress = now
+            log.info("deploy.download_progress", url=url, received=received, total=total)
+
+    def _event(self, record: Deployment, **extra: Any) -> None:
+        payload = {"type": f"deploy.{record.state}", "model": record.model, "version": record.version,
+                   "previous": record.previous, **extra}
+        if record.error:
+            payload["error"] = record.error
+        self.emit(payload)
+
+    async def _step(self, record: Deployment, state: str, **extra: Any) -> None:
+        record.state = state
+        await asyncio.to_thread(self.store.save, record)
+        log.info("deploy.step", model=record.model, version=record.version, state=state, **extra)
+        self._event(record, **extra)
+        if self._pause and self._pause[0] == state:
+            log.warning("deploy.paused", state=state, seconds=self._pause[1])
+            await asyncio.sleep(self._pause[1])
+
+    # -- deploy ---------------------------------------------------------------------------------------------
+    async def deploy(self, name: str, version: int | None = None) -> Deployment:
+        """Install ``name`` (``version`` or the latest) from the TUF repository.
+
+        Raises:
+            DeployError: it failed (nothing changed) or was rolled back; ``code`` says why.
+        """
+        return await self.run(self.begin(name, version))
+
+    def begin(self, name: str, version: int | None) -> Deployment:
+        """Persist a new deployment record (state ``started``) so callers can follow it at once.
+
+        Raises:
+            DeployError: a deployment of this model is already running.
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        if lock.locked() or name in self._begun:
+            raise DeployError("busy", f"a deployment of '{name}' is already running")
+        registry = self.agent.registry
+        previous = registry.default_version(name) if name in registry.models else None
+        record = Deployment(name, version, previous)
+        self.store.save(record)
+        self._begun.add(name)
+        return record
+
+    async def run(self, record: Deployment) -> Deployment:
+        async with self._locks.setdefault(record.model, asyncio.Lock()):
+            self._begun.discard(record.model)
+            return await self._deploy(record)
+
+    async def _deploy(self, record: Deployment) -> Deployment:
+        registry = self.agent.registry
+        name, version, previous = record.model, record.version, record.previous
+        staging: Path | None = None
+        candidate: ServedModel | None = None
+        swapped = False
+        try:
+            self._event(record)
+            updater = self.updater()
+            info = await asyncio.to_thread(updater.find, name, version)
+            record.version = info.version
+            if info.version == previous:
+                raise DeployError("already_active", f"'{name}' version {info.version} is already serving")
+            self._check_disk(info.length)
+            await self._step(record, "downloading", bytes=info.length)
+            bundle = await asyncio.to_thread(updater.download, name, info.version)
+            await self._step(record, "verified")  # TUF checked signatures, length and hashes
+            staging = self.models_dir / name / f".staging-{info.version}"
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            limits = ExtractLimits(max_member_bytes=self.cfg.max_member_bytes,
+                                   max_total_bytes=self.cfg.max_bundle_bytes * 4, max_members=self.cfg.max_members)
+            manifest = await asyncio.to_thread(extract_bundle, bundle, staging, limits)
+            self._check_manifest(manifest, name, info.version)
+            await self._step(record, "staged")
+            entry = ModelVersion(name, info.version, staging, staging / manifest.model, manifest.runtime)
+            candidate = await asyncio.to_thread(registry.prepare, entry, False)
+            await self._step(record, "loaded", delegate=candidate.session.delegate)
+            await asyncio.to_thread(self._run_test_vectors, candidate, manifest, staging)
+            await self._step(record, "tested", vectors=len(manifest.test_vectors))
+            final = await asyncio.to_thread(self._promote, staging, name, info.version)
+            staging = None
+            candidate.source = ModelVersion(name, info.version, final, final / manifest.model, manifest.runtime)
+            registry.register(candidate)
+            await asyncio.to_thread(self._write_active, name, info.version)
+            registry.set_active(name, info.version)  # the swap: new requests go to the new version
+            swapped = True
+            await self._step(record, "swapped")
+            self._inventory_changed()
+            await self._step(record, "health", window_s=self.cfg.health_window_s)
+            reason = await self._health_window(candidate, previous)
+            if reason:
+                raise DeployError("health_regression", reason)
+            record.state = "committed"
+            await asyncio.to_thread(self.store.save, record)
+            self._event(record)
+            log.info("deploy.committed", model=name, version=info.version, previous=previous)
+            await asyncio.to_thread(self._gc, name, info.version, previous)
+            return record
+        except (AgentError, CloudSyncError, OSError) as exc:
+            code = getattr(exc, "code", "io_error") if not isinstance(exc, OSError) else "io_error"
+            await self._undo(record, candidate, staging, swapped, code, str(exc))
+            raise DeployError(code, f"deploy of {name}@{record.version or 'latest'} "
+                                    f"{'rolled back' if swapped else 'failed'}: {exc}") from exc
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo(record, candidate, staging, swapped, "cancelled", "the agent stopped"))
+            raise
+
+    def _check_disk(self, length: int) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.models_dir).free
+        need = 3 * length + self.cfg.min_free_bytes  # archive, extracted copy, margin
+        if free < need:
+            raise DeployError("disk_full", f"{free} bytes free under {self.models_dir}, need {need}")
+
+    def _check_manifest(self, manifest: Manifest, name: str, version: int) -> None:
+        if manifest.name != name or manifest.version != version:
+            raise DeployError("bad_manifest", f"bundle says {manifest.name}@{manifest.version}, "
+                                              f"the signed target is {name}@{version}")
+        c = manifest.constraints
+        if c.min_agent_version and _version_tuple(self.agent.version) < _version_tuple(c.min_agent_version):
+            raise DeployError("incompatible", f"needs agent {c.min_agent_version}, this is {self.agent.version}")
+        for runtime in {manifest.runtime, *c.runtimes}:
+            try:
+                get_backend(runtime).version()
+            except AgentError as exc:
+                raise DeployError("runtime_unavailable", f"runtime '{runtime}' is not available here: {exc}") from exc
+        have = {a.kind for a in self.agent.hardware.accelerators}
+        missing = [a for a in c.accelerators if a not in have]
+        if missing:
+            raise DeployError("runtime_unavailable", f"needs accelerator {', '.join(missing)}; this device has "
+                                                     f"{', '.join(sorted(have)) or 'none'}")
+
+    def _run_test_vectors(self, served: ServedModel, manifest: Manifest, root: Path) -> None:
+        """Each vector must reproduce its expected outputs; doubles as the warm-up."""
+        if not manifest.test_vectors:
+            self.agent.registry._warm_up(served)
+            return
+        for i, vector in enumerate(manifest.test_vectors):
+            feeds = {n: tensor_array(v.model_dump(), root) for n, v in vector.inputs.items()}
+            try:
+                outputs = served.worker.run_sync(feeds)
+            except AgentError as exc:
+                raise DeployError("test_vectors_failed", f"test_vectors[{i}]: the model failed: {exc}") from exc
+            for out_name, value in vector.expected.items():
+                want = tensor_array(value.model_dump(), root)
+                got = outputs.get(out_name)
+                if got is None or got.shape != want.shape or not np.allclose(got, want, rtol=vector.rtol,
+                                                                             atol=vector.atol):
+                    worst = float(np.max(np.abs(got - want))) if got is not None and got.shape == want.shape \
+                        else float("nan")
+                    raise DeployError("test_vectors_failed",
+                                      f"test_vectors[{i}].expected.{out_name}: output differs (max abs error "
+                                      f"{worst:.3g}, rtol {vector.rtol:g}, atol {vector.atol:g})")
+
+    def _promote(self, staging: Path, name: str, version: int) -> Path:
+        final = self.models_dir / name / str(version)
+        if final.exists():  # a reinstall of a version that is on disk but not serving
+            final.rename(self.models_dir / name / f".replaced-{version}-{int(time.time())}")
+        staging.rename(final)
+        fsync_dir(final.parent)
+        return final
+
+    def _write_active(self, name: str, version: int | None) -> None:
+        path = self.models_dir / name / ACTIVE
+        if version is None:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        else:
+            write_atomic(path, f"{version}\n".encode())
+
+    async def _health_window(self, served: ServedModel, previous: int | None) -> str | None:
+        policy = HealthPolicy(self.cfg.health_min_requests, self.cfg.health_max_error_rate,
+                              self.cfg.health_max_latency_ratio)
+        old = self.agent.registry.models.get(served.name, {}).get(previous) if previous else None
+        baseline = list(old.latencies) if old is not None else []
+        start_requests, start_errors = served.requests, served.errors
+        start_latencies = len(served.latencies)
+        deadline = time.monotonic() + self.cfg.health_window_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+            requests = served.requests - start_requests
+            errors = served.errors - start_errors
+            latencies = list(served.latencies)[start_latencies:] if start_latencies < 1024 else list(served.latencies)
+            reason = verdict(policy, requests, errors, latencies, baseline)
+            if reason and errors:  # errors are decisive at once; latency is judged at the end
+                return reason
+        requests, errors = served.requests - start_requests, served.errors - start_errors
+        return verdict(policy, requests, errors, list(served.latencies), baseline)
+
+    async def _undo(self, record: Deployment, candidate: ServedModel | None, staging: Path | None,  # noqa: PLR0917
+                    swapped: bool, code: str, message: str) -> None:
+        name, version = record.model, record.version
+        registry = self.agent.registry
+        try:
+            if swapped and version is not None:
+                registry.set_active(name, record.previous)  # back to the old version first: no gap
+                await asyncio.to_thread(self._write_active, name, record.previous)
+                await asyncio.to_thread(registry.unload, name, version)
+                await asyncio.to_thread(self._reject, name, version)
+                self._inventory_changed()
+            elif candidate is not None:
+                await asyncio.to_thread(candidate.close)
+            if staging is not None:
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+        finally:
+            record.state = "rolled_back" if swapped else "failed"
+            record.error = {"code": code, "message": message}
+            await asyncio.to_thread(self.store.save, record)
+            self._event(record)
+            log.warning("deploy.undone", model=name, version=version, state=record.state, code=code,
+                        reason=message)
+
+    def _reject(self, name: str, version: int) -> None:
+        """Move a bad version aside so a restart does not bring it back."""
+        path = self.models_dir / name / str(version)
+        if path.exists():
+            path.rename(self.models_dir / name / f".rejected-{version}-{int(time.time())}")
+            fsync_dir(path.parent)
+
+    def _gc(self, name: str, current: int, previous: int | None) -> None:
+        """Keep ``keep_versions`` newest versions on disk and current + previous in memory."""
+        model_dir = self.models_dir / name
+        versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), reverse=True)
+        keep = {current, *( [previous] if previous else [])}
+        for v in versions:
+            if len(keep) >= self.cfg.keep_versions:
+                break
+            keep.add(v)
+        for v in versions:
+            if v not in keep:
+                shutil.rmtree(model_dir / str(v), ignore_errors=True)
+                log.info("deploy.gc_removed", model=name, version=v)
+        for p in model_dir.iterdir():
+            if p.name.startswith((".rejected-", ".replaced-")):
+                shutil.rmtree(p, ignore_errors=True)
+        for v in list(self.agent.registry.models.get(name, {})):
+            if v not in (current, previous):
+                self.agent.registry.unload(name, v)
+
+    def _inventory_changed(self) -> None:
+        link = self.agent.link
+        if link is not None:
+            link.inventory_changed()
+
+    # -- rollback and recovery -------------------------------------------------------------------------------
+    async def rollback(self, name: str) -> dict[str, Any]:
+        """Serve the previous version again and set the current one aside.
+
+        Raises:
+            DeployError: no other version to go back to.
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            registry = self.agent.registry
+            if name not in registry.models:
+                raise DeployError("not_found", f"model '{name}' is not loaded")
+            current = registry.default_version(name)
+            on_disk = sorted((int(p.name) for p in (self.models_dir / name).iterdir() if p.name.isdigit()),
+                             reverse=True)
+            older = [v for v in on_disk if v < current]
+            if not older:
+                raise DeployError("no_previous", f"'{name}' has no version older than {current} to go back to")
+            target = older[0]
+            if target not in registry.models[name]:
+                entry = next(e for e in await asyncio.to_thread(self._entries, name) if e.version == target)
+                served = await asyncio.to_thread(registry.prepare, entry)
+                registry.register(served)
+            registry.set_active(name, target)
+            await asyncio.to_thread(self._write_active, name, target)
+            await asyncio.to_thread(registry.unload, name, current)
+            await asyncio.to_thread(self._reject, name, current)
+            self._inventory_changed()
+            self.emit({"type": "deploy.rolled_back", "model": name, "version": current, "previous": target,
+                       "error": {"code": "manual", "message": "rollback requested"}})
+            log.info("deploy.manual_rollback", model=name, version=current, to=target)
+            return {"model": name, "from": current, "to": target}
+
+    def _entries(self, name: str) -> list[ModelVersion]:
+        from agent.models.store import scan
+
+        return scan(self.models_dir).get(name, [])
+
+    def recover(self) -> list[Deployment]:
+        """Undo deployments a crash interrupted; call before the models are loaded."""
+        undone = []
+        for record in self.store.all():
+            if record.final:
+                continue
+            name, version = record.model, record.version
+            if version is not None:
+                shutil.rmtree(self.models_dir / name / f".staging-{version}", ignore_errors=True)
+            interrupted = record.state
+            if record.state in ("swapped", "health") or (record.state == "tested" and version is not None):
+                active_now = (self.models_dir / name / ACTIVE)
+                if version is not None and (record.state != "tested" or active_now.exists()
+                                            or (self.models_dir / name / str(version)).exists()):
+                    self._write_active(name, record.previous)
+                    self._reject(name, version)
+                record.state = "rolled_back" if interrupted in ("swapped", "health") else "failed"
+            else:
+                record.state = "failed"
+            record.error = {"code": "interrupted", "message": f"the agent stopped during '{interrupted}'"}
+            self.store.save(record)
+            undone.append(record)
+            log.warning("deploy.recovered", model=name, version=version, interrupted=interrupted,
+                        state=record.state)
+        return undone

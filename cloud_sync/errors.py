@@ -1,0 +1,119 @@
+"""The cloud_sync exception hierarchy.
+
+Every error cloud_sync raises on purpose derives from :class:`CloudSyncError`. Each class
+has a short snake_case ``code`` that command responses (MQTT ``error.code``) and events
+carry unchanged; the CLI maps ``exit_code``. Sub-roots say what the caller should do:
+
+* :class:`BundleError`: the bundle or its metadata is bad or untrusted. Never install it;
+  retrying the same download will not help.
+* :class:`DownloadError`: the transport failed. Retrying (resuming) makes sense.
+* :class:`RepositoryError`: a fleet-side repository or key problem (``edge-fleet``).
+"""
+
+from __future__ import annotations
+
+
+class CloudSyncError(Exception):
+    """Root of all cloud_sync errors."""
+
+    code = "cloud_sync_error"
+    exit_code = 1
+
+
+class BundleError(CloudSyncError):
+    """A bad or untrusted bundle: it is never installed.
+
+    ``reason`` is a one-line human explanation; ``field`` names the manifest field, archive
+    member or metadata item at fault when there is one.
+    """
+
+    code = "bad_bundle"
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        self.reason = reason
+        self.field = field
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+class ManifestError(BundleError):
+    """The manifest is missing, malformed, violates the schema or names a missing file."""
+
+    code = "bad_manifest"
+
+
+class UnsafeArchiveError(BundleError):
+    """An archive member is unsafe (path escape, link, device) or over a size/count cap."""
+
+    code = "unsafe_archive"
+
+
+class TrustError(BundleError):
+    """TUF refused the metadata or the target: nothing it did not verify is installed."""
+
+    code = "untrusted"
+
+
+class SignatureError(TrustError):
+    """Metadata is not signed by a threshold of the keys the trusted root names."""
+
+    code = "bad_signature"
+
+
+class RollbackError(TrustError):
+    """The repository offered metadata older than what this device already trusts."""
+
+    code = "rollback"
+
+
+class ExpiredError(TrustError):
+    """Metadata has expired (a freeze attack, or a repository nobody re-signed)."""
+
+    code = "expired"
+
+
+class VersionMismatchError(TrustError):
+    """Metadata versions disagree with each other (mix-and-match attack)."""
+
+    code = "version_mismatch"
+
+
+class IntegrityError(TrustError):
+    """A downloaded file does not match the signed length or hashes (``field`` says which)."""
+
+    code = "integrity"
+
+
+class MetadataFormatError(TrustError):
+    """Metadata could not be parsed or has the wrong type."""
+
+    code = "bad_metadata"
+
+
+class TargetNotFoundError(CloudSyncError):
+    """The trusted metadata lists no bundle with that name (and version)."""
+
+    code = "not_found"
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        self.name = name
+        self.version = version
+        what = name if version is None else f"{name} version {version}"
+        super().__init__(f"no bundle {what} in the repository")
+
+
+class DownloadError(CloudSyncError):
+    """The transport failed (connection, timeout, HTTP status): retrying makes sense."""
+
+    code = "download_failed"
+
+    def __init__(self, reason: str, *, url: str | None = None, status: int | None = None) -> None:
+        self.reason = reason
+        self.url = url
+        self.status = status
+        super().__init__(f"{reason} ({url})" if url else reason)
+
+
+class RepositoryError(CloudSyncError):
+    """Fleet-side repository problem: not initialised, missing keys, duplicate version."""
+
+    code = "repository_error"
