@@ -21,6 +21,7 @@ from agent.deploy.state import Deployment
 from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.metrics import Metrics
 from agent.models.registry import ModelRegistry
+from agent.systemd import Notifier
 from agent.version import __version__
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,12 @@ class Agent:
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
 
+    def stuck_workers(self, threshold_s: float = 30.0) -> list[str]:
+        """Models whose inference call has been running longer than ``threshold_s``."""
+        now = time.monotonic()
+        return [f"{m.name}@{m.version}" for m in self.registry.served()
+                if m.worker.busy_since is not None and now - m.worker.busy_since > threshold_s]
+
     def _emit(self, payload: Any) -> None:
         if self.link is not None:
             self.link.event(payload)
@@ -128,21 +135,43 @@ class Agent:
         }
 
 
+async def _watchdog(agent: Agent, notifier: Notifier, interval: float) -> None:
+    """Ping systemd at half its timeout, but only while every inference worker is responsive."""
+    while True:
+        stuck = agent.stuck_workers()
+        if stuck:
+            log.error("agent.watchdog_withheld", stuck=stuck)
+        else:
+            notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    notifier = Notifier()
+    notifier.status("loading models")
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pinger: asyncio.Task[None] | None = None
     try:
         await agent.start()
+        served = [f"{m.name}@{m.version}" for m in agent.registry.served()]
+        notifier.ready(f"serving {len(served)} model(s) on {', '.join(agent.listeners)}")
+        if notifier.watchdog_interval:
+            pinger = loop.create_task(_watchdog(agent, notifier, notifier.watchdog_interval), name="watchdog")
         await stop.wait()
     finally:
+        notifier.stopping()
+        if pinger is not None:
+            pinger.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(asyncio.CancelledError):
             await agent.stop()
+        notifier.close()
     return 0
 
 
