@@ -51,6 +51,7 @@ def _default_runtime_dir() -> Path:
 class AgentSection(_Section):
     device_id: str = Field(default_factory=socket.gethostname)
     profile: str = "auto"
+    profiles_dir: Path | None = None  # extra device profiles (override packaged ones by name)
     hardware_root: Path = Path("/")
     state_dir: Path = Field(default_factory=_default_state_dir)
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
@@ -170,6 +171,14 @@ class UpdatesSection(_Section):
     health_max_latency_ratio: float = Field(default=2.0, ge=1)
 
 
+class WatchdogSection(_Section):
+    enabled: bool = True
+    stuck_after_s: float = Field(default=10.0, gt=0, le=3600)  # one inference call longer than this is stuck
+    failures_before_recovery: int = Field(default=3, ge=1)  # runtime failures in a row
+    max_recoveries: int = Field(default=3, ge=1)
+    window_s: float = Field(default=600.0, gt=0)
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -183,6 +192,7 @@ class Config(_Section):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     mqtt: MqttSection = Field(default_factory=MqttSection)
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
+    watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None
 
@@ -250,7 +260,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to that file, not to the cwd."""
     for section, key in (("agent", "state_dir"), ("agent", "runtime_dir"), ("agent", "hardware_root"),
-                         ("api", "socket"), ("models", "dir"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
+                         ("agent", "profiles_dir"), ("api", "socket"), ("models", "dir"), ("mqtt", "ca_file"),
+                         ("mqtt", "cert_file"),
                          ("mqtt", "key_file"), ("updates", "trusted_root"), ("updates", "metadata_dir"),
                          ("updates", "cache_dir")):
         value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None

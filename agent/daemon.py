@@ -18,13 +18,22 @@ from agent.cloud import CloudLink
 from agent.config import Config, parse_hostport
 from agent.deploy.installer import Deployer
 from agent.deploy.state import Deployment
-from agent.hardware import HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
+from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.metrics import Metrics
+from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.models.registry import ModelRegistry
 from agent.systemd import Notifier
 from agent.version import __version__
 
 log = structlog.get_logger(__name__)
+
+
+def all_profiles(config: Config) -> list[DeviceProfile]:
+    """Packaged profiles, overridden by name by those in ``agent.profiles_dir``."""
+    profiles = {p.name: p for p in load_profiles()}
+    if config.agent.profiles_dir is not None:
+        profiles.update({p.name: p for p in load_profiles(config.agent.profiles_dir)})
+    return list(profiles.values())
 
 
 class Agent:
@@ -36,7 +45,7 @@ class Agent:
         self.version = __version__
         self.metrics = Metrics()
         self.hardware = hardware or detect(config.agent.hardware_root)
-        self.profile = profile or select_profile(self.hardware, load_profiles(), config.agent.profile)
+        self.profile = profile or select_profile(self.hardware, all_profiles(config), config.agent.profile)
         self.threads = config.runtime.threads or self.profile.profile.threads
         self.registry = ModelRegistry(config, self.profile.profile.runtimes, self.threads, self.metrics)
         self.started_at = time.time()
@@ -45,6 +54,10 @@ class Agent:
         self.listeners: list[str] = []
         self.link: CloudLink | None = None
         self.deployer = Deployer(self, emit=self._emit)
+        w = config.watchdog
+        self.watchdog = Watchdog(self, WatchdogPolicy(w.stuck_after_s, w.failures_before_recovery, w.max_recoveries,
+                                                      w.window_s), emit=self._emit)
+        self._watchdog_task: asyncio.Task[None] | None = None
         self.deploy_tasks: dict[str, asyncio.Task[Any]] = {}
         self._bound = False
 
@@ -64,6 +77,8 @@ class Agent:
         for record in recovered:
             self._emit({"type": f"deploy.{record.state}", "model": record.model, "version": record.version,
                         "previous": record.previous, "error": record.error})
+        if self.config.watchdog.enabled:
+            self._watchdog_task = asyncio.get_running_loop().create_task(self.watchdog.run(), name="model-watchdog")
         self._server = build_server(self)
         sock = bind_unix_socket(self.config.socket_path, self.config.api.socket_mode)
         self._bound = True
@@ -77,8 +92,10 @@ class Agent:
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
 
-    def stuck_workers(self, threshold_s: float = 30.0) -> list[str]:
-        """Models whose inference call has been running longer than ``threshold_s``."""
+    def stuck_workers(self, threshold_s: float | None = None) -> list[str]:
+        """Models whose inference call has run longer than the in-process watchdog can fix
+        (three times its threshold): then systemd's watchdog should restart the process."""
+        threshold_s = threshold_s if threshold_s is not None else self.config.watchdog.stuck_after_s * 3
         now = time.monotonic()
         return [f"{m.name}@{m.version}" for m in self.registry.served()
                 if m.worker.busy_since is not None and now - m.worker.busy_since > threshold_s]
@@ -102,6 +119,8 @@ class Agent:
     async def stop(self) -> None:
         self.stopping = True
         log.info("agent.stopping")
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
         for task in self.deploy_tasks.values():
             task.cancel()
         for task in self.deploy_tasks.values():

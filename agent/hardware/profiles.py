@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 RUNTIMES = ("onnx", "tflite")
 CPU_FALLBACK = {"onnx": "CPUExecutionProvider", "tflite": "xnnpack"}
-TFLITE_DELEGATES = frozenset({"xnnpack", "gpu", "edgetpu", "hailo", "external"})
+TFLITE_DELEGATES = frozenset({"xnnpack", "gpu", "edgetpu", "hailo", "external", "fault-injection"})
 GENERIC_PROFILE = "generic-cpu"
 PROFILE_PACKAGE = "device_profiles"
 _TOP_KEYS = frozenset({"description", "priority", "threads", "match", "runtimes"})

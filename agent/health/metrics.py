@@ -24,6 +24,8 @@ class Metrics:
                                            ["model"], registry=r)
         self.delegate_fallbacks = Counter("edge_agent_delegate_fallbacks", "Delegates skipped at load",
                                           ["model", "runtime"], registry=r)
+        self.watchdog_recoveries = Counter("edge_agent_watchdog_recoveries", "Models healed by the watchdog",
+                                           ["model", "action"], registry=r)
         self.info = Gauge("edge_agent_model_info", "Loaded model versions with runtime and delegate",
                           ["model", "version", "runtime", "delegate"], registry=r)
 

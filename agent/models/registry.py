@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
+from agent.errors import AgentError, InferenceError, ModelNotFoundError, ModelNotReadyError
 from agent.hardware import DelegateSpec
 from agent.health.metrics import Metrics
 from agent.models.store import ModelVersion, active_version, scan
@@ -41,6 +41,7 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
+    consecutive_failures: int = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
     # Recent successful latencies (s), for the installer's health window against the previous version.
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1024))
 
@@ -59,9 +60,12 @@ class ServedModel:
         started = time.perf_counter()
         try:
             outputs = await self.worker.submit(feeds, raw_outputs)
-        except AgentError:
+        except AgentError as exc:
             self.errors += 1
+            if isinstance(exc, InferenceError):
+                self.consecutive_failures += 1
             raise
+        self.consecutive_failures = 0
         self.latencies.append(time.perf_counter() - started)
         return outputs
 
@@ -174,15 +178,19 @@ class ModelRegistry:
             for entry in self._wanted(versions):
                 await asyncio.to_thread(self.load, entry)
 
-    def prepare(self, entry: ModelVersion, warm_up: bool = True) -> ServedModel:
+    def prepare(self, entry: ModelVersion, warm_up: bool = True,
+                delegates: Sequence[DelegateSpec] | None = None) -> ServedModel:
         """Load one version and start its worker, without serving it yet.
+
+        ``delegates`` overrides the profile's list (the watchdog falls back past a bad one).
 
         Raises:
             AgentError: the runtime is missing or the model failed on every delegate.
         """
         opts = self.config.model_options(entry.name)
         backend = get_backend(entry.runtime)
-        session = backend.load(entry.file, self.delegates.get(entry.runtime, ()),
+        specs = self.delegates.get(entry.runtime, ()) if delegates is None else delegates
+        session = backend.load(entry.file, specs,
                                threads=opts.threads or self.threads,
                                options={"inter_op_threads": self.config.runtime.inter_op_threads,
                                         "allow_spinning": self.config.runtime.allow_spinning})
@@ -244,6 +252,16 @@ class ModelRegistry:
             served.worker.run_sync(feeds)
         except AgentError as exc:
             log.warning("model.warmup_failed", model=served.name, version=served.version, reason=str(exc))
+
+    def replace(self, old: ServedModel, new: ServedModel, *, stuck: bool) -> None:
+        """Serve ``new`` in ``old``'s place (same name and version); ``old`` is stopped or abandoned."""
+        self.models[old.name][old.version] = new
+        if stuck:
+            old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")
+        else:
+            old.close()
+        self.metrics.info.remove(old.name, str(old.version), old.runtime, old.session.delegate)
+        self.metrics.info.labels(new.name, str(new.version), new.runtime, new.session.delegate).set(1)
 
     def unload(self, name: str, version: int) -> None:
         """Stop serving one version; requests already queued on it still finish."""

@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from agent.config import BatchingSection
+from agent.errors import InferenceError
 from agent.models.batching import BatchLayout
 from agent.runtimes import Session
 
@@ -60,6 +61,7 @@ class Worker:
                 log.warning("model.batching_disabled", model=name, reason="batch dimension is fixed")
                 self.batching = None
         self.busy_since: float | None = None
+        self._current: list[Job] = []
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
 
@@ -83,6 +85,24 @@ class Worker:
     def stop(self, timeout: float = 5.0) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout)
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a stuck thread: fail its current and queued jobs, let it end when it can.
+
+        Called on the event loop thread by the watchdog; the thread itself cannot be killed.
+        """
+        error = InferenceError(reason)
+        for job in list(self._current):
+            if not job.future.done():
+                job.future.set_exception(error)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, Job) and not job.future.done():
+                job.future.set_exception(error)
+        self._queue.put(_STOP)
 
     # -- worker thread -------------------------------------------------------------------
     def _next(self, timeout: float | None) -> Any:
@@ -134,6 +154,7 @@ class Worker:
 
     def _run(self, jobs: list[Job]) -> None:
         self.busy_since = time.monotonic()
+        self._current = jobs
         try:
             if len(jobs) == 1:
                 self._on_batch(jobs[0].size or 1)

@@ -154,7 +154,7 @@ class Backend(abc.ABC):
         """The first usable delegate in ``specs`` (CPU last), with reasons for those skipped."""
         skipped: list[str] = []
         for spec in self._with_cpu(specs):
-            reason = self.probe(spec)
+            reason = self._probe(spec)
             if reason is None:
                 return spec, skipped
             skipped.append(f"{spec.name}: {reason}")
@@ -172,10 +172,10 @@ class Backend(abc.ABC):
         skipped: list[str] = []
         last_error = "no delegate tried"
         for spec in self._with_cpu(specs):
-            reason = self.probe(spec)
+            reason = self._probe(spec)
             if reason is None:
                 try:
-                    session = self._load(path, spec, threads, options or {})
+                    session = self._load_on(path, spec, threads, options or {})
                 except Exception as exc:  # noqa: BLE001 - native delegates raise anything; next one
                     reason = f"failed to load: {exc}".strip()
                     last_error = str(exc).strip() or type(exc).__name__
@@ -189,6 +189,21 @@ class Backend(abc.ABC):
             if spec.name == self.cpu_delegate:
                 break
         raise ModelLoadError(str(path), last_error)
+
+    def _probe(self, spec: DelegateSpec) -> str | None:
+        from agent.runtimes import fault
+
+        if spec.name in fault.NAMES:
+            return None if fault.enabled() else f"fault injection is off ({fault.ENV} != 1)"
+        return self.probe(spec)
+
+    def _load_on(self, path: Path, spec: DelegateSpec, threads: int | None, options: Mapping[str, Any]) -> Session:
+        from agent.runtimes import fault
+
+        if spec.name in fault.NAMES:
+            inner = self._load(path, DelegateSpec(name=self.cpu_delegate), threads, options)
+            return fault.FaultySession(inner, spec.name, dict(spec.options))
+        return self._load(path, spec, threads, options)
 
     def _with_cpu(self, specs: Sequence[DelegateSpec]) -> list[DelegateSpec]:
         ordered = [s for s in specs if s.name != self.cpu_delegate]

@@ -1,0 +1,115 @@
+"""In-process watchdog: heals a model whose inference hangs or whose delegate starts failing.
+
+Recovery climbs a ladder per model version: reload on the same delegate, then fall back past
+the failing delegate to the next one in the device profile, then the CPU. At most
+``max_recoveries`` within ``window_s``; past that it gives up (an event says so) and, if a
+call is still stuck, systemd's watchdog takes over because the agent stops pinging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+    from agent.models.registry import ServedModel
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WatchdogPolicy:
+    stuck_after_s: float = 10.0
+    failures_before_recovery: int = 3
+    max_recoveries: int = 3
+    window_s: float = 600.0
+    check_every_s: float = 0.5
+
+
+class Watchdog:
+    def __init__(self, agent: Agent, policy: WatchdogPolicy,
+                 emit: Callable[[Mapping[str, Any]], object] | None = None) -> None:
+        self.agent = agent
+        self.policy = policy
+        self.emit = emit or (lambda _p: None)
+        self._history: dict[tuple[str, int], collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._excluded: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
+        self.gave_up: set[tuple[str, int]] = set()
+        self.recoveries = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.check_every_s)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("watchdog.check_failed")
+
+    def diagnose(self, served: ServedModel, now: float) -> tuple[str, bool] | None:
+        """Why ``served`` needs recovery (reason, stuck), or None when it is healthy."""
+        busy = served.worker.busy_since
+        if busy is not None and now - busy > self.policy.stuck_after_s:
+            return f"inference call stuck for {now - busy:.1f} s", True
+        if served.consecutive_failures >= self.policy.failures_before_recovery:
+            return (f"{served.consecutive_failures} inference failures in a row on {served.session.delegate}",
+                    False)
+        return None
+
+    async def check(self) -> None:
+        now = time.monotonic()
+        for served in list(self.agent.registry.served()):
+            found = self.diagnose(served, now)
+            if found is not None:
+                await self.recover(served, *found)
+
+    async def recover(self, served: ServedModel, reason: str, stuck: bool) -> None:
+        key = (served.name, served.version)
+        history = self._history[key]
+        now = time.monotonic()
+        while history and now - history[0] > self.policy.window_s:
+            history.popleft()
+        if len(history) >= self.policy.max_recoveries:
+            if key not in self.gave_up:
+                self.gave_up.add(key)
+                log.error("watchdog.gave_up", model=served.name, version=served.version, reason=reason,
+                          recoveries=len(history))
+                self.emit({"type": "watchdog.gave_up", "model": served.name, "version": served.version,
+                           "reason": reason, "recoveries": len(history)})
+            return
+        history.append(now)
+        registry = self.agent.registry
+        runtime = served.runtime
+        profile = list(registry.delegates.get(runtime, ()))
+        current = served.session.delegate
+        if len(history) > 1:  # a reload did not help: never use this delegate again for this version
+            self._excluded[key].add(current)
+        delegates = [d for d in profile if d.name not in self._excluded[key]]
+        action = "reload" if len(history) == 1 else "fallback"
+        try:
+            new = await asyncio.to_thread(registry.prepare, served.source, True, delegates)
+        except AgentError as exc:
+            log.error("watchdog.recovery_failed", model=served.name, version=served.version, reason=str(exc))
+            self.emit({"type": "watchdog.recovery_failed", "model": served.name, "version": served.version,
+                       "reason": str(exc)})
+            return
+        registry.replace(served, new, stuck=stuck)
+        self.recoveries += 1
+        self.agent.metrics.watchdog_recoveries.labels(served.name, action).inc()
+        if new.session.delegate != current:
+            self.agent.metrics.delegate_fallbacks.labels(served.name, runtime).inc()
+        event = {"type": "watchdog.recovered", "model": served.name, "version": served.version, "action": action,
+                 "from_delegate": current, "to_delegate": new.session.delegate, "reason": reason}
+        log.warning("watchdog.recovered", **{k: v for k, v in event.items() if k != "type"})
+        self.emit(event)
+        link = self.agent.link
+        if link is not None:
+            link.inventory_changed()
