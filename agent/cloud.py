@@ -115,6 +115,7 @@ class CloudLink:
                                      max_bytes=self.settings.max_command_bytes, device_id=self.settings.device_id)
         self.telemetry_interval = self.settings.telemetry_interval_s
         self._tasks: list[asyncio.Task[None]] = []
+        self.health: dict[str, Any] | None = None
         self._wake_telemetry = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class CloudLink:
     # -- device-originated messages -----------------------------------------------------------------
     def birth(self) -> dict[str, Any]:
         agent = self.agent
-        return {"agent_version": agent.version, "profile": agent.profile.profile.name,
+        return {"agent_version": agent.version, "profile": agent.profile.profile.name, "health": self.health,
                 "started_at": agent.started_at, "groups": list(self.settings.groups),
                 "models": [{"name": m.name, "version": m.version, "runtime": m.runtime, "delegate": m.session.delegate}
                            for m in agent.registry.served()]}
@@ -155,9 +156,9 @@ class CloudLink:
         return self.session.enqueue("result", self.session.topics.results(stream),
                                     {"ts": time.time(), "stream": stream, **data})
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self, system: Mapping[str, Any] | None = None) -> dict[str, Any]:
         agent = self.agent
-        return {"ts": time.time(), "uptime_s": round(time.time() - agent.started_at, 3),
+        return {"ts": time.time(), "uptime_s": round(time.time() - agent.started_at, 3), "system": system,
                 "models": [{"name": m.name, "version": m.version, "requests": m.requests, "errors": m.errors,
                             "delegate": m.session.delegate} for m in agent.registry.served()],
                 "link": self.session.stats(), "outbox": self.outbox.stats().to_dict()}
@@ -168,7 +169,12 @@ class CloudLink:
                 await asyncio.wait_for(self._wake_telemetry.wait(), self.telemetry_interval)
             self._wake_telemetry.clear()
             try:
-                self.session.enqueue("telemetry", self.session.topics.telemetry, self.telemetry())
+                snapshot = await asyncio.to_thread(self.agent.system)
+                self.session.enqueue("telemetry", self.session.topics.telemetry, self.telemetry(snapshot.to_dict()))
+                # The retained state carries the latest health summary, so `edge-fleet devices` shows it.
+                self.health = {**snapshot.summary(), "ts": time.time(),
+                               "stuck": self.agent.stuck_workers(), "outbox_depth": self.outbox.stats().depth}
+                self.session.set_birth(self.birth())
             except Exception:
                 log.exception("cloud.telemetry_failed")
 

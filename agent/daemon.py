@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import structlog
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.api.http import HTTPServer
 from agent.api.server import bind_unix_socket, build_server, remove_socket
@@ -19,7 +20,9 @@ from agent.config import Config, parse_hostport
 from agent.deploy.installer import Deployer
 from agent.deploy.state import Deployment
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
+from agent.health.collector import HealthCollector
 from agent.health.metrics import Metrics
+from agent.health.system import CpuSampler, SystemSnapshot, read_system
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.models.registry import ModelRegistry
 from agent.systemd import Notifier
@@ -44,6 +47,9 @@ class Agent:
         self.config = config
         self.version = __version__
         self.metrics = Metrics()
+        self.health = HealthCollector(root=config.agent.hardware_root, state_dir=config.agent.state_dir,
+                                      extra=self._health_extra).register(self.metrics.registry)
+        self.telemetry_sampler = CpuSampler()  # telemetry's own CPU interval, apart from /metrics scrapes
         self.hardware = hardware or detect(config.agent.hardware_root)
         self.profile = profile or select_profile(self.hardware, all_profiles(config), config.agent.profile)
         self.threads = config.runtime.threads or self.profile.profile.threads
@@ -91,6 +97,27 @@ class Agent:
         log.info("agent.ready", listeners=self.listeners,
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
+
+    def _health_extra(self) -> list[Metric]:
+        """Link and outbox gauges for /metrics, read at scrape time."""
+        if self.link is None:
+            return []
+        s, o = self.link.session.stats(), self.link.outbox.stats().to_dict()
+        up = GaugeMetricFamily("edge_agent_link_connected", "MQTT link up (1) or down (0)")
+        up.add_metric([], float(s["connected"]))
+        reconnects = CounterMetricFamily("edge_agent_link_reconnects", "MQTT reconnects")
+        reconnects.add_metric([], s["reconnects"])
+        depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox")
+        depth.add_metric([], o["depth"])
+        dropped = CounterMetricFamily("edge_agent_outbox_dropped", "Messages dropped by the outbox bound",
+                                      labels=["kind"])
+        for kind, n in o["dropped"].items():
+            dropped.add_metric([kind], n)
+        return [up, reconnects, depth, dropped]
+
+    def system(self) -> SystemSnapshot:
+        return read_system(root=self.config.agent.hardware_root, state_dir=self.config.agent.state_dir,
+                           nvidia_smi=self.health.nvidia_smi, sampler=self.telemetry_sampler)
 
     def stuck_workers(self, threshold_s: float | None = None) -> list[str]:
         """Models whose inference call has run longer than the in-process watchdog can fix
@@ -150,6 +177,8 @@ class Agent:
             "hardware": self.hardware.to_dict(),
             "models": sorted(models, key=lambda m: (m["name"], -m["version"])),
             "link": self.link.session.stats() if self.link is not None else None,
+            "outbox": self.link.outbox.stats().to_dict() if self.link is not None else None,
+            "system": self.system().to_dict(),
             "deployments": [r.to_dict() for r in self.deployer.store.all()],
         }
 

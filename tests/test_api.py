@@ -206,8 +206,10 @@ def test_metrics_and_status(agent):
     text = agent.client.metrics()
     assert 'edge_agent_requests_total{code="200",model="face_detection",protocol="v2",version="1"}' in text
     assert "edge_agent_request_latency_seconds_bucket" in text
+    assert "edge_agent_process_rss_bytes" in text and "edge_agent_system_memory_percent" in text
     status = agent.client.status()
     assert status["profile"]["name"] == "x86-cpu"
+    assert 0 < status["system"]["memory"]["percent"] < 100 and status["system"]["process"]["rss_bytes"] > 10**6
     face = next(m for m in status["models"] if m["name"] == "face_detection")
     assert face["delegate"] == "xnnpack" and face["runtime"] == "tflite" and face["requests"] >= 1
 

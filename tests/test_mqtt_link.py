@@ -400,14 +400,19 @@ def test_edge_fleet_cli(tmp_path, small_models, broker):
     try:
         with console(broker) as fleet:
             wait_for(lambda: device_state(fleet, "dev-1").get("online"), what="birth")
+        with console(broker) as fleet:  # telemetry every second refreshes the retained state with health
+            wait_for(lambda: device_state(fleet, "dev-1").get("health"), what="health in the retained state")
         out = fleet_cli("devices", "--broker", broker.url)
         assert out.returncode == 0 and "dev-1" in out.stdout and "okay_nabu@1" in out.stdout, out.stderr
+        assert "ok cpu" in out.stdout and "mem " in out.stdout and "disk " in out.stdout
         out = fleet_cli("command", "--broker", broker.url, "dev-1", "logs", "lines=3")
         assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True
         out = fleet_cli("command", "--broker", broker.url, "dev-1", "deploy", "model=x")
         assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "not_configured"
         out = fleet_cli("watch", "--broker", broker.url, "dev-1", "--telemetry", "--count", "2", "--timeout", "10")
         assert out.returncode == 0 and out.stdout.count("telemetry {") == 2
+        telemetry = json.loads(out.stdout.splitlines()[0].split(" ", 1)[1])
+        assert telemetry["system"]["memory"]["percent"] > 0 and telemetry["outbox"]["depth"] >= 0
         out = fleet_cli("deploy", "--broker", broker.url, "okay_nabu@2", "--to", "dev-1", "--timeout", "10")
         assert out.returncode == 1 and "failed: 1" in out.stdout
         config = tmp_path / "fleet.toml"

@@ -6,6 +6,7 @@ handler never lets an exception reach the HTTP layer, so one bad request cannot 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -45,7 +46,7 @@ def _guard(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except AgentError as exc:
-            return _json({"error": str(exc)}, exc.http_status)
+            return _json({"error": str(exc), "code": exc.code}, exc.http_status)
         except Exception as exc:
             log.exception("api.unhandled", path=request.path)
             return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
@@ -130,7 +131,8 @@ class Routes:
 
     # -- agent ------------------------------------------------------------------------------
     async def metrics_text(self, _request: Request) -> Response:
-        return Response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        body = await asyncio.to_thread(self.metrics.render)  # may run nvidia-smi: off the event loop
+        return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def agent_status(self, _request: Request) -> Response:
         return _json(self.agent.status())

@@ -47,10 +47,44 @@ def status_tables(status: dict[str, Any]) -> None:
         ("listeners", ", ".join(a["listeners"])), ("models dir", a["models_dir"]),
         ("profile", f"{p['name']} ({p['reason']})"), ("board", hw.get("board") or "-"),
         ("accelerators", ", ".join(x["name"] for x in hw.get("accelerators", [])) or "none"),
+        *_health_rows(status),
     ):
         table.add_row(key, str(value))
     _console().print(table)
     models_table(status)
+
+
+def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    system = status.get("system") or {}
+    if system:
+        cpu = system.get("cpu_percent")
+        mem = (system.get("memory") or {}).get("percent")
+        proc = system.get("process") or {}
+        rows.append(("cpu / memory", f"{cpu if cpu is not None else '-'} % / {mem if mem is not None else '-'} %"))
+        if proc.get("rss_bytes"):
+            rows.append(("agent process", f"{proc['rss_bytes'] / 2**20:.0f} MiB RSS, {proc.get('threads')} threads"))
+        disk = system.get("disk") or {}
+        if disk.get("free_bytes") is not None:
+            free = f"{disk['free_bytes'] / 2**30:.1f} GiB free"
+            rows.append(("disk (state dir)", f"{free}, {disk.get('used_percent')} % used"))
+        temps = system.get("temperatures") or {}
+        if temps:
+            rows.append(("temperatures", ", ".join(f"{k} {v:.0f} °C" for k, v in temps.items())))
+        throttling = system.get("throttling")
+        if throttling:
+            now = [k for k, v in throttling.items() if v is True and not k.endswith("_occurred")]
+            rows.append(("throttling", ", ".join(now) or "no"))
+        for gpu in system.get("gpus") or []:
+            label = f"gpu {gpu.get('index', '')}".strip()
+            rows.append((label, f"{gpu.get('name', '')} {gpu.get('utilization_percent')} %"))
+    link = status.get("link")
+    if link:
+        outbox = status.get("outbox") or {}
+        rows.append(("cloud link", f"{'connected' if link['connected'] else 'DISCONNECTED'} to {link['broker']}, "
+                                   f"{link['reconnects']} reconnects"))
+        rows.append(("outbox", f"{outbox.get('depth', 0)} waiting, dropped {outbox.get('dropped', {})}"))
+    return rows
 
 
 def detect_tables(report: dict[str, Any]) -> None:

@@ -262,18 +262,21 @@ class Deployer:
                               self.cfg.health_max_latency_ratio)
         old = self.agent.registry.models.get(served.name, {}).get(previous) if previous else None
         baseline = list(old.latencies) if old is not None else []
-        start_requests, start_errors = served.requests, served.errors
+        # A request the new version rejects (its inputs changed) failed for the client as much as one that
+        # failed to run: both count as errors here.
+        start_requests, start_errors = served.requests + served.rejected, served.errors + served.rejected
         start_latencies = len(served.latencies)
         deadline = time.monotonic() + self.cfg.health_window_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
-            requests = served.requests - start_requests
-            errors = served.errors - start_errors
+            requests = served.requests + served.rejected - start_requests
+            errors = served.errors + served.rejected - start_errors
             latencies = list(served.latencies)[start_latencies:] if start_latencies < 1024 else list(served.latencies)
             reason = verdict(policy, requests, errors, latencies, baseline)
             if reason and errors:  # errors are decisive at once; latency is judged at the end
                 return reason
-        requests, errors = served.requests - start_requests, served.errors - start_errors
+        requests = served.requests + served.rejected - start_requests
+        errors = served.errors + served.rejected - start_errors
         return verdict(policy, requests, errors, list(served.latencies), baseline)
 
     async def _undo(self, record: Deployment, candidate: ServedModel | None, staging: Path | None,  # noqa: PLR0917

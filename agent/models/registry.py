@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError, InferenceError, ModelNotFoundError, ModelNotReadyError
+from agent.errors import AgentError, InferenceError, ModelNotFoundError, ModelNotReadyError, RequestError
 from agent.hardware import DelegateSpec
 from agent.health.metrics import Metrics
 from agent.models.store import ModelVersion, active_version, scan
@@ -41,6 +41,7 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
+    rejected: int = 0  # requests refused before running: inputs that do not fit this version
     consecutive_failures: int = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
     # Recent successful latencies (s), for the installer's health window against the previous version.
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1024))
@@ -55,7 +56,11 @@ class ServedModel:
 
     async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False) -> Outputs:
         """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
-        check_feeds(self.session.inputs, feeds)
+        try:
+            check_feeds(self.session.inputs, feeds)
+        except RequestError:
+            self.rejected += 1  # the installer's health window counts these: a new version may reject old clients
+            raise
         self.requests += 1
         started = time.perf_counter()
         try:

@@ -88,14 +88,32 @@ def cmd_devices(client: FleetClient, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"devices ({len(devices)})", title_justify="left")
-    for col in ("device", "online", "state since", "agent", "profile", "models"):
+    for col in ("device", "online", "last seen", "agent", "profile", "health", "models"):
         table.add_column(col)
     for d in devices:
         models = ", ".join(f"{m['name']}@{m['version']} ({m.get('runtime')}/{m.get('delegate')})" for m in d.models)
         table.add_row(d.id, "[green]yes[/green]" if d.online else "[red]no[/red]", _ago(d.seen),
-                      str(d.state.get("agent_version", "-")), str(d.state.get("profile", "-")), models or "-")
+                      str(d.state.get("agent_version", "-")), str(d.state.get("profile", "-")),
+                      _health(d.state.get("health")), models or "-")
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
     return 0
+
+
+def _health(summary: Any) -> str:
+    """One cell: cpu, memory, hottest zone, throttling, disk, stuck models (from the retained state)."""
+    if not isinstance(summary, dict):
+        return "-"
+    parts = [f"cpu {summary.get('cpu_percent', '-')}%", f"mem {summary.get('memory_percent', '-')}%"]
+    if summary.get("max_temperature_c") is not None:
+        parts.append(f"{summary['max_temperature_c']:.0f}°C")
+    if summary.get("disk_free_percent") is not None:
+        parts.append(f"disk {summary['disk_free_percent']:.0f}% free")
+    if summary.get("throttled"):
+        parts.append("[red]THROTTLED[/red]")
+    if summary.get("stuck"):
+        parts.append(f"[red]stuck: {', '.join(summary['stuck'])}[/red]")
+    ok = not summary.get("throttled") and not summary.get("stuck")
+    return ("[green]ok[/green] " if ok else "") + " ".join(parts)
 
 
 def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
