@@ -1,0 +1,142 @@
+"""The small interfaces every pipeline part implements, and their registries.
+
+A ``Source`` delivers ``Frame``s or ``AudioChunk``s from a blocking device or file (it runs
+on its own thread); a ``Preprocessor`` turns them into model feeds; a ``Postprocessor``
+turns model outputs into a compact JSON-able result (or nothing). Parts are looked up by
+``type`` strings from the manifest or the agent config.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from agent.errors import AgentError
+
+
+class PipelineError(AgentError):
+    """A pipeline part is misconfigured or cannot work with this model (never installed/started)."""
+
+    code = "bad_pipeline"
+    http_status = 400
+
+
+class SourceError(AgentError):
+    """A source cannot be opened, disappeared, or delivered something unusable; the runner retries."""
+
+    code = "source_failed"
+
+
+class SourceEnded(SourceError):  # noqa: N818 - an end, not a failure
+    """A finite source (file without looping) has no more data."""
+
+    code = "source_ended"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One video frame: HxWx3 uint8 in BGR order (OpenCV's), as captured."""
+
+    image: np.ndarray
+    ts: float  # capture time, time.time()
+    index: int
+    source: str
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Consecutive mono float32 samples in [-1, 1] at ``sample_rate``."""
+
+    samples: np.ndarray
+    sample_rate: int
+    ts: float  # capture time of the first sample
+    offset: int  # index of the first sample since the source started
+    source: str
+
+
+Item = Frame | AudioChunk
+
+
+class Source(abc.ABC):
+    """A blocking producer of frames or audio; one thread per source calls ``read``."""
+
+    kind: ClassVar[str]  # "video" or "audio"
+    type: ClassVar[str]  # registry key
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Raises SourceError if the device/file/URL cannot be opened."""
+
+    @abc.abstractmethod
+    def read(self, timeout: float) -> Item | None:
+        """The next item, or None if none arrived within ``timeout``.
+
+        Raises:
+            SourceEnded: a finite source is done.
+            SourceError: the source failed or disappeared (the runner reopens it with backoff).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release the device or file."""
+
+
+@dataclass
+class Prepared:
+    """Feeds for one inference, plus what post-processing needs to map results back."""
+
+    feeds: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. scale/pad for boxes, window start/end times
+
+
+class Preprocessor(abc.ABC):
+    """Turns source items into zero or more model inputs (audio windows overlap; frames map 1:1)."""
+
+    type: ClassVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, item: Item) -> Iterator[Prepared]:
+        """Raises PipelineError for an item it cannot use (wrong format)."""
+
+    def update(self, outputs: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional
+        """Model state carried to the next window (e.g. Silero VAD's ``stateN`` → ``state``)."""
+
+
+class Postprocessor(abc.ABC):
+    """Turns outputs into a result dict, or None when there is nothing to report."""
+
+    type: ClassVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Raises PipelineError if the outputs do not fit this post-processor."""
+
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, type[T]]):
+    """``type`` string → class; ``register`` is a class decorator."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def register(self, cls: type[T]) -> type[T]:
+        self[cls.type] = cls  # type: ignore[attr-defined]
+        return cls
+
+    def get_class(self, name: str) -> type[T]:
+        try:
+            return self[name]
+        except KeyError:
+            raise PipelineError(f"unknown {self.what} type {name!r} (known: {', '.join(sorted(self))})") from None
+
+
+SOURCES: Registry[Source] = Registry("source")
+PREPROCESSORS: Registry[Preprocessor] = Registry("pre-processing")
+POSTPROCESSORS: Registry[Postprocessor] = Registry("post-processing")
+Factory = Callable[..., Any]
