@@ -161,7 +161,8 @@ class CloudLink:
         return {"ts": time.time(), "uptime_s": round(time.time() - agent.started_at, 3), "system": system,
                 "models": [{"name": m.name, "version": m.version, "requests": m.requests, "errors": m.errors,
                             "delegate": m.session.delegate} for m in agent.registry.served()],
-                "link": self.session.stats(), "outbox": self.outbox.stats().to_dict()}
+                "link": self.session.stats(), "outbox": self.outbox.stats().to_dict(),
+                "streams": agent.streams.status()}
 
     async def _telemetry(self) -> None:
         while True:
@@ -232,7 +233,15 @@ class CloudLink:
             raise CommandError(exc.code, exc.message) from None
 
     async def _stream(self, command: Command) -> dict[str, Any]:
-        raise CommandError("not_available", f"'{command.name}': streaming pipelines are not available yet")
+        from agent.pipelines.base import PipelineError
+
+        args = StreamArgs.model_validate(command.args)
+        try:
+            if command.name == "stream-start":
+                return self.agent.streams.start(args.stream)
+            return await asyncio.to_thread(self.agent.streams.stop, args.stream)
+        except PipelineError as exc:
+            raise CommandError("bad_stream", str(exc)) from None
 
     async def _logs(self, command: Command) -> dict[str, Any]:
         args = LogsArgs.model_validate(command.args)

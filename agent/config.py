@@ -179,6 +179,40 @@ class WatchdogSection(_Section):
     window_s: float = Field(default=600.0, gt=0)
 
 
+class ResultsSection(_Section):
+    mode: Literal["every", "on_change", "over_threshold"] = "every"
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    max_per_s: float | None = Field(default=None, gt=0)
+
+
+class StreamSection(_Section):
+    """A streaming pipeline: source → model (with the bundle's pre/post-processing) → results."""
+
+    source: dict[str, Any]
+    model: str  # NAME or NAME@VERSION
+    pre: dict[str, Any] | None = None  # overrides the manifest's preprocess, key by key
+    post: dict[str, Any] | None = None
+    results: ResultsSection = Field(default_factory=ResultsSection)
+    autostart: bool = True
+    snapshot_dir: Path | None = None  # save the frame of each published result here (JPEG)
+    snapshot_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("type"), str):
+            raise ValueError("needs a 'type' (camera, video, images, wav, pcm, alsa)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        name, _, version = value.partition("@")
+        if not _NAME_RE.match(name) or (version and not version.isdigit()):
+            raise ValueError(f"expected NAME or NAME@VERSION, got {value!r}")
+        return value
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -193,6 +227,7 @@ class Config(_Section):
     mqtt: MqttSection = Field(default_factory=MqttSection)
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
+    stream: dict[str, StreamSection] = Field(default_factory=dict)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None
 

@@ -25,6 +25,7 @@ from agent.health.metrics import Metrics
 from agent.health.system import CpuSampler, SystemSnapshot, read_system
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.models.registry import ModelRegistry
+from agent.pipelines.manager import StreamManager
 from agent.systemd import Notifier
 from agent.version import __version__
 
@@ -64,6 +65,7 @@ class Agent:
         self.watchdog = Watchdog(self, WatchdogPolicy(w.stuck_after_s, w.failures_before_recovery, w.max_recoveries,
                                                       w.window_s), emit=self._emit)
         self._watchdog_task: asyncio.Task[None] | None = None
+        self.streams = StreamManager(self)
         self.deploy_tasks: dict[str, asyncio.Task[Any]] = {}
         self._bound = False
 
@@ -94,6 +96,7 @@ class Agent:
             host, port = parse_hostport(self.config.api.tcp)
             await self._server.listen_tcp(host, port)
             self.listeners.append(f"tcp:{self.config.api.tcp}")
+        await self.streams.start_configured()
         log.info("agent.ready", listeners=self.listeners,
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
@@ -146,6 +149,7 @@ class Agent:
     async def stop(self) -> None:
         self.stopping = True
         log.info("agent.stopping")
+        await self.streams.stop_all()  # before the API and models go: streams infer through them
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
         for task in self.deploy_tasks.values():
@@ -180,6 +184,7 @@ class Agent:
             "outbox": self.link.outbox.stats().to_dict() if self.link is not None else None,
             "system": self.system().to_dict(),
             "deployments": [r.to_dict() for r in self.deployer.store.all()],
+            "streams": self.streams.status(),
         }
 
 

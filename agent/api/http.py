@@ -15,7 +15,7 @@ import collections
 import contextlib
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -40,6 +40,7 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] | None = None
+    stream: AsyncIterator[bytes] | None = None  # a long-lived body (Server-Sent Events); then the connection closes
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -178,6 +179,9 @@ class _Connection(asyncio.Protocol):
                 keep_alive = keep_alive and not self.server.stopping
                 if self.transport is None or self.transport.is_closing():
                     return
+                if response.stream is not None:
+                    await self._stream(response)
+                    return
                 self.transport.write(encode(response, keep_alive))
                 if not keep_alive:
                     self.transport.close()
@@ -187,6 +191,21 @@ class _Connection(asyncio.Protocol):
         finally:
             self.task = None
             self.server.idle.set()
+
+    async def _stream(self, response: Response) -> None:
+        """Head without a length, then chunks until the producer ends or the client goes away."""
+        assert self.transport is not None and response.stream is not None
+        head = (f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}\r\n"
+                f"Content-Type: {response.content_type}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n")
+        self.transport.write(head.encode("latin-1"))
+        try:
+            async for chunk in response.stream:
+                if self.transport.is_closing() or self.server.stopping:
+                    break
+                self.transport.write(chunk)
+        finally:
+            await response.stream.aclose()  # type: ignore[attr-defined]
+            self.transport.close()
 
     def _too_large(self) -> None:
         self.too_large = True

@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +157,36 @@ class Routes:
     async def rollback(self, request: Request) -> Response:
         return _json(await self.agent.deployer.rollback(request.params["name"]))
 
+    async def streams(self, _request: Request) -> Response:
+        return _json({"streams": self.agent.streams.status()})
+
+    async def stream_start(self, request: Request) -> Response:
+        return _json(self.agent.streams.start(request.params["name"]))
+
+    async def stream_stop(self, request: Request) -> Response:
+        return _json(await asyncio.to_thread(self.agent.streams.stop, request.params["name"]))
+
+    async def stream_results(self, request: Request) -> Response:
+        """Live results as Server-Sent Events (``data: {json}``), until the client disconnects."""
+        broadcaster = self.agent.streams.feed(request.params["name"])
+        queue = broadcaster.subscribe()
+        agent = self.agent
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield b": connected\n\n"
+                while not agent.stopping:
+                    try:
+                        result = await asyncio.wait_for(queue.get(), 15)
+                    except asyncio.TimeoutError:
+                        yield b": keepalive\n\n"
+                        continue
+                    yield b"data: " + dumps(result) + b"\n\n"
+            finally:
+                broadcaster.unsubscribe(queue)
+
+        return Response(200, b"", "text/event-stream", stream=events())
+
     async def agent_result(self, request: Request) -> Response:
         """Local applications push their own results upstream through the outbox."""
         link = self.agent.link
@@ -209,6 +240,10 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", "/metrics", r.metrics_text),
         ("GET", "/v1/agent/status", r.agent_status),
         ("POST", "/v1/agent/results/{stream:[A-Za-z0-9][A-Za-z0-9_.-]*}", r.agent_result),
+        ("GET", "/v1/agent/streams", r.streams),
+        ("POST", f"/v1/agent/streams/{name}:start", r.stream_start),
+        ("POST", f"/v1/agent/streams/{name}:stop", r.stream_stop),
+        ("GET", f"/v1/agent/streams/{name}/results", r.stream_results),
         ("POST", f"/v1/agent/models/{name}:deploy", r.deploy),
         ("POST", f"/v1/agent/models/{name}:rollback", r.rollback),
         ("GET", f"/v1/agent/deployments/{name}", r.deployment),

@@ -158,12 +158,16 @@ class Deployer:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             limits = ExtractLimits(max_member_bytes=self.cfg.max_member_bytes,
                                    max_total_bytes=self.cfg.max_bundle_bytes * 4, max_members=self.cfg.max_members)
-            manifest = await asyncio.to_thread(extract_bundle, bundle, staging, limits)
+            try:
+                manifest = await asyncio.to_thread(extract_bundle, bundle, staging, limits)
+            finally:
+                bundle.unlink(missing_ok=True)  # extracted or refused: the archive is not needed again
             self._check_manifest(manifest, name, info.version)
             await self._step(record, "staged")
             entry = ModelVersion(name, info.version, staging, staging / manifest.model, manifest.runtime)
             candidate = await asyncio.to_thread(registry.prepare, entry, False)
             await self._step(record, "loaded", delegate=candidate.session.delegate)
+            self._check_processing(manifest, candidate)
             await asyncio.to_thread(self._run_test_vectors, candidate, manifest, staging)
             await self._step(record, "tested", vectors=len(manifest.test_vectors))
             final = await asyncio.to_thread(self._promote, staging, name, info.version)
@@ -193,6 +197,10 @@ class Deployer:
         except asyncio.CancelledError:
             await asyncio.shield(self._undo(record, candidate, staging, swapped, "cancelled", "the agent stopped"))
             raise
+        except Exception as exc:  # a bug must still leave the device serving and the record final
+            log.exception("deploy.internal_error", model=name, version=record.version)
+            await self._undo(record, candidate, staging, swapped, "internal", f"{type(exc).__name__}: {exc}")
+            raise DeployError("internal", f"deploy of {name} failed: {type(exc).__name__}: {exc}") from exc
 
     def _check_disk(self, length: int) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +226,24 @@ class Deployer:
         if missing:
             raise DeployError("runtime_unavailable", f"needs accelerator {', '.join(missing)}; this device has "
                                                      f"{', '.join(sorted(have)) or 'none'}")
+
+    @staticmethod
+    def _check_processing(manifest: Manifest, served: ServedModel) -> None:
+        """The manifest's pre/post-processing must fit the model's tensors: refused before the swap."""
+        from agent.pipelines.base import PipelineError
+
+        if manifest.preprocess is None and manifest.postprocess is None:
+            return
+        from agent.pipelines.postprocess import make_postprocessor
+        from agent.pipelines.preprocess import make_preprocessor
+
+        try:
+            if manifest.preprocess is not None:
+                make_preprocessor(manifest.preprocess.model_dump(), served.session.inputs)
+            if manifest.postprocess is not None:
+                make_postprocessor(manifest.postprocess.model_dump(), served.session.outputs, None)
+        except PipelineError as exc:
+            raise DeployError("bad_pipeline", f"manifest processing does not fit the model: {exc}") from exc
 
     def _run_test_vectors(self, served: ServedModel, manifest: Manifest, root: Path) -> None:
         """Each vector must reproduce its expected outputs; doubles as the warm-up."""

@@ -1,0 +1,272 @@
+"""One running stream: a capture thread and a processing thread around the model's worker.
+
+Capture and processing overlap. Video keeps only the newest frame (drop-oldest, counted),
+so results are never stale; audio is queued in order and an overflow is counted and
+reported, never silent. The model is looked up for every item, so a deployment's swap
+switches a running stream to the new version without stopping it; pre/post-processing is
+rebuilt only if the new version declares different processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import structlog
+
+from agent.errors import AgentError
+from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, SourceEnded, SourceError
+from agent.pipelines.results import ResultPolicy
+
+if TYPE_CHECKING:
+    from agent.models.registry import ModelRegistry, ServedModel
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class StreamSpec:
+    name: str
+    source: dict[str, Any]
+    model: str
+    version: int | None = None
+    pre: dict[str, Any] | None = None
+    post: dict[str, Any] | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+    snapshot_dir: Path | None = None
+    snapshot_max_bytes: int = 50 * 1024 * 1024
+    audio_queue_s: float = 10.0
+
+
+def processing_specs(served: ServedModel, spec: StreamSpec) -> tuple[dict[str, Any], dict[str, Any], list[str] | None]:
+    """Pre/post specs from the bundle manifest, overridden key by key by the stream config."""
+    manifest: dict[str, Any] = {}
+    path = served.source.directory / "manifest.json"
+    if path.is_file():
+        manifest = orjson.loads(path.read_bytes())
+    pre = {**(manifest.get("preprocess") or {}), **(spec.pre or {})}
+    post = {**(manifest.get("postprocess") or {}), **(spec.post or {})}
+    if "type" not in pre:
+        raise PipelineError(f"stream '{spec.name}': model {served.name}@{served.version} declares no pre-processing "
+                            "and the stream config gives none (pre.type)")
+    if "type" not in post:
+        post = {"type": "raw"}
+    labels = None
+    if manifest.get("labels"):
+        labels_path = served.source.directory / manifest["labels"]
+        labels = labels_path.read_text().splitlines() if labels_path.is_file() else None
+    return pre, post, labels
+
+
+class StreamMetrics:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.captured = 0
+        self.inferred = 0
+        self.dropped_frames = 0
+        self.audio_overflow_samples = 0
+        self.results = 0
+        self.errors = 0
+        self.reconnects = 0
+        self.ages: collections.deque[float] = collections.deque(maxlen=1000)
+        self.audio_seconds = 0.0
+        self.busy_seconds = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        ages = np.asarray(self.ages) * 1e3 if self.ages else None
+        return {
+            "input_fps": round(self.captured / elapsed, 2), "inferred_per_s": round(self.inferred / elapsed, 2),
+            "captured": self.captured, "inferred": self.inferred, "dropped_frames": self.dropped_frames,
+            "audio_overflow_samples": self.audio_overflow_samples, "results": self.results, "errors": self.errors,
+            "reconnects": self.reconnects,
+            "age_ms_p50": round(float(np.percentile(ages, 50)), 2) if ages is not None else None,
+            "age_ms_p99": round(float(np.percentile(ages, 99)), 2) if ages is not None else None,
+            "real_time_factor": round(self.busy_seconds / self.audio_seconds, 4) if self.audio_seconds else None,
+        }
+
+
+class Stream:
+    def __init__(self, spec: StreamSpec, registry: ModelRegistry, loop: asyncio.AbstractEventLoop,
+                 emit: Callable[[Stream, dict[str, Any], Item], None],
+                 event: Callable[[Mapping[str, Any]], object] | None = None) -> None:
+        self.spec = spec
+        self.registry = registry
+        self.loop = loop
+        self.emit = emit
+        self.event = event or (lambda _e: None)
+        self.metrics = StreamMetrics()
+        self.state = "starting"
+        self.error: str | None = None
+        self.policy = ResultPolicy(**spec.policy)
+        self._running = threading.Event()
+        self._stopped = threading.Event()
+        self._lock = threading.Condition()
+        self._frame: Frame | None = None
+        self._audio: collections.deque[AudioChunk] = collections.deque()
+        self._audio_samples = 0
+        self._capture_done = False
+        self._served: ServedModel | None = None
+        self._pre: Any = None
+        self._post: Any = None
+        self._specs: tuple[Any, ...] | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._running.set()
+        self._threads = [threading.Thread(target=self._capture, name=f"capture-{self.spec.name}", daemon=True),
+                         threading.Thread(target=self._process, name=f"stream-{self.spec.name}", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        log.info("stream.started", stream=self.spec.name, model=self.spec.model, source=self.spec.source.get("type"))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._running.clear()
+        self._stopped.set()
+        with self._lock:
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+        self.state = "stopped" if self.state != "ended" else "ended"
+        log.info("stream.stopped", stream=self.spec.name, **self.metrics.to_dict())
+
+    def status(self) -> dict[str, Any]:
+        served = self._served
+        return {"name": self.spec.name, "state": self.state, "error": self.error,
+                "model": f"{served.name}@{served.version}" if served else self.spec.model,
+                "source": self.spec.source, **self.metrics.to_dict()}
+
+    # -- capture thread ----------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        from agent.pipelines.sources import create_source
+
+        backoff = 0.5
+        while self._running.is_set():
+            source = None
+            try:
+                source = create_source(self.spec.source)
+                source.open()
+                self.state, self.error, backoff = "running", None, 0.5
+                while self._running.is_set():
+                    item = source.read(0.5)
+                    if item is not None:
+                        self._put(item)
+            except SourceEnded:
+                self.state = "ended"
+                break
+            except (SourceError, PipelineError) as exc:
+                if isinstance(exc, PipelineError):  # configuration: retrying cannot help
+                    self.state, self.error = "failed", str(exc)
+                    log.error("stream.bad_source", stream=self.spec.name, reason=str(exc))
+                    break
+                self.state, self.error = "reconnecting", str(exc)
+                self.metrics.reconnects += 1
+                log.warning("stream.source_failed", stream=self.spec.name, reason=str(exc), retry_in_s=backoff)
+                self.loop.call_soon_threadsafe(self.event, {"type": "stream.source_failed", "stream": self.spec.name,
+                                                            "reason": str(exc)})
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            finally:
+                if source is not None:
+                    source.close()
+        with self._lock:
+            self._capture_done = True
+            self._lock.notify_all()
+
+    def _put(self, item: Item) -> None:
+        self.metrics.captured += 1
+        with self._lock:
+            if isinstance(item, Frame):
+                if self._frame is not None:
+                    self.metrics.dropped_frames += 1  # never process a stale frame
+                self._frame = item
+            else:
+                self._audio.append(item)
+                self._audio_samples += len(item.samples)
+                limit = int(self.spec.audio_queue_s * item.sample_rate)
+                while self._audio_samples > limit and len(self._audio) > 1:
+                    dropped = self._audio.popleft()  # counted and reported: telemetry and status show it
+                    self._audio_samples -= len(dropped.samples)
+                    self.metrics.audio_overflow_samples += len(dropped.samples)
+            self._lock.notify()
+
+    def _take(self, timeout: float) -> Item | None:
+        with self._lock:
+            if self._frame is None and not self._audio and not self._capture_done:
+                self._lock.wait(timeout)
+            if self._frame is not None:
+                item: Item = self._frame
+                self._frame = None
+                return item
+            if self._audio:
+                chunk = self._audio.popleft()
+                self._audio_samples -= len(chunk.samples)
+                return chunk
+            return None
+
+    # -- processing thread -------------------------------------------------------------------------------
+    def _processors(self, served: ServedModel) -> None:
+        from agent.pipelines.postprocess import make_postprocessor
+        from agent.pipelines.preprocess import make_preprocessor
+
+        pre, post, labels = processing_specs(served, self.spec)
+        if self._specs is None or self._specs[0] != pre or self._pre is None:
+            self._pre = make_preprocessor(pre, served.session.inputs)
+        if self._specs is None or self._specs[1:] != (post, labels) or self._post is None:
+            self._post = make_postprocessor(post, served.session.outputs, labels)
+        self._specs = (pre, post, labels)
+        if self._served is not None and self._served is not served:
+            log.info("stream.model_switched", stream=self.spec.name, to=f"{served.name}@{served.version}")
+        self._served = served
+
+    def _process(self) -> None:
+        last_error = 0.0
+        while self._running.is_set():
+            item = self._take(0.5)
+            if item is None:
+                with self._lock:
+                    if self._capture_done and self._frame is None and not self._audio:
+                        return
+                continue
+            try:
+                served = self.registry.get(self.spec.model, self.spec.version)
+                if served is not self._served:
+                    self._processors(served)
+                self._handle(served, item)
+            except (AgentError, TimeoutError) as exc:
+                self.metrics.errors += 1
+                now = time.monotonic()
+                if now - last_error > 5:
+                    last_error = now
+                    log.warning("stream.item_failed", stream=self.spec.name, reason=str(exc))
+                if isinstance(exc, PipelineError):
+                    self.state, self.error = "failed", str(exc)
+                    self._running.clear()
+                    return
+
+    def _handle(self, served: ServedModel, item: Item) -> None:
+        started = time.perf_counter()
+        for prepared in self._pre(item):
+            future = asyncio.run_coroutine_threadsafe(served.infer(prepared.feeds), self.loop)
+            outputs = future.result(timeout=30)
+            self._pre.update(outputs)
+            self.metrics.inferred += 1
+            result = self._post(outputs, prepared.meta)
+            if result is not None and self.policy.allow(result):
+                self.metrics.results += 1
+                payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}",
+                           "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **result}
+                self.loop.call_soon_threadsafe(self.emit, self, payload, item)
+        self.metrics.ages.append(time.time() - item.ts)
+        if isinstance(item, AudioChunk):
+            self.metrics.audio_seconds += len(item.samples) / item.sample_rate
+            self.metrics.busy_seconds += time.perf_counter() - started
