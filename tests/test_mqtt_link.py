@@ -123,8 +123,8 @@ COMMAND_CASES = [
     ("rollback", {"model": "okay_nabu"}, False, "no_previous", lambda r: "no version older than 1"
      in r["error"]["message"]),
     ("rollback", {"model": "ghost"}, False, "not_found", lambda r: "'ghost'" in r["error"]["message"]),
-    ("stream-start", {"stream": "cam"}, False, "not_available", lambda r: "streaming" in r["error"]["message"]),
-    ("stream-stop", {"stream": "cam"}, False, "not_available", lambda r: True),
+    ("stream-start", {"stream": "cam"}, False, "bad_stream", lambda r: "no stream 'cam'" in r["error"]["message"]),
+    ("stream-stop", {"stream": "cam"}, False, "bad_stream", lambda r: "not running" in r["error"]["message"]),
     ("set-config", {"values": {"agent.device_id": "x"}}, False, "bad_args", lambda r: "not settable"
      in r["error"]["message"]),
     ("set-config", {"values": {"logging.level": "loud"}}, False, "bad_args", lambda r: "logging.level"

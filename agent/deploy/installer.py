@@ -239,7 +239,7 @@ class Deployer:
 
         try:
             if manifest.preprocess is not None:
-                make_preprocessor(manifest.preprocess.model_dump(), served.session.inputs)
+                make_preprocessor(manifest.preprocess.model_dump(), served.session.inputs, served.session.outputs)
             if manifest.postprocess is not None:
                 make_postprocessor(manifest.postprocess.model_dump(), served.session.outputs, None)
         except PipelineError as exc:

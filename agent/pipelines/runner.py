@@ -118,6 +118,7 @@ class Stream:
         self._pre: Any = None
         self._post: Any = None
         self._specs: tuple[Any, ...] | None = None
+        self._reset = False
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class Stream:
             try:
                 source = create_source(self.spec.source)
                 source.open()
+                self._reset = True  # a reopened source starts over: fresh buffers and model state
                 self.state, self.error, backoff = "running", None, 0.5
                 while self._running.is_set():
                     item = source.read(0.5)
@@ -219,11 +221,12 @@ class Stream:
         from agent.pipelines.preprocess import make_preprocessor
 
         pre, post, labels = processing_specs(served, self.spec)
-        if self._specs is None or self._specs[0] != pre or self._pre is None:
-            self._pre = make_preprocessor(pre, served.session.inputs)
-        if self._specs is None or self._specs[1:] != (post, labels) or self._post is None:
+        if self._specs is None or self._specs[0] != pre or self._pre is None or self._reset:
+            self._pre = make_preprocessor(pre, served.session.inputs, served.session.outputs)
+        if self._specs is None or self._specs[1:] != (post, labels) or self._post is None or self._reset:
             self._post = make_postprocessor(post, served.session.outputs, labels)
         self._specs = (pre, post, labels)
+        self._reset = False
         if self._served is not None and self._served is not served:
             log.info("stream.model_switched", stream=self.spec.name, to=f"{served.name}@{served.version}")
         self._served = served
@@ -239,7 +242,7 @@ class Stream:
                 continue
             try:
                 served = self.registry.get(self.spec.model, self.spec.version)
-                if served is not self._served:
+                if served is not self._served or self._reset:
                     self._processors(served)
                 self._handle(served, item)
             except (AgentError, TimeoutError) as exc:

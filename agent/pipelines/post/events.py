@@ -1,0 +1,130 @@
+"""Stateful audio event detectors: voice activity segments (Silero VAD) and wake words (microWakeWord).
+
+Both report only transitions (``None`` otherwise), using the audio pre-processing's ``meta``
+times (``start``/``end`` in seconds since the stream started). One instance per stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from agent.pipelines.base import POSTPROCESSORS, Postprocessor
+from agent.pipelines.post.options import Options, only_tensor
+from agent.pipelines.post.simple import output
+from agent.runtimes.base import TensorSpec
+
+
+def _probability(outputs: Mapping[str, np.ndarray], name: str) -> float:
+    return float(output(outputs, name).reshape(-1)[0])
+
+
+def _times(meta: Mapping[str, Any]) -> tuple[float, float]:
+    end = float(meta.get("end", meta.get("ts", 0.0)))
+    return float(meta.get("start", end)), end
+
+
+def _output(opts: Options, outputs: Sequence[TensorSpec], default: str) -> TensorSpec:
+    """Option ``output``, else ``default`` if the model has it, else its only output."""
+    if not opts.has("output") and any(t.name == default for t in outputs):
+        opts.spec["output"] = default
+    spec = only_tensor(opts, "output", outputs, "output")
+    if all(d is not None for d in spec.shape) and int(np.prod(spec.shape_list())) != 1:
+        raise opts.error("output", f"{spec.name!r} has shape {spec.shape_list()}, expected one probability")
+    return spec
+
+
+@POSTPROCESSORS.register
+class VoiceActivity(Postprocessor):
+    """Speech segments from per-window speech probabilities, with hysteresis (Silero's VADIterator rules).
+
+    Speech starts when the probability reaches ``threshold`` and stays out of silence
+    (``< neg_threshold``) for ``min_speech_ms``; it ends after ``min_silence_ms`` below
+    ``neg_threshold``. Both edges are widened by ``speech_pad_ms``.
+    """
+
+    type = "vad"
+
+    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+        self.spec = _output(opts, outputs, "output")
+        self.threshold = opts.get_float("threshold", 0.5, min=0, max=1)
+        self.neg_threshold = opts.get_float(
+            "neg_threshold", max(self.threshold - 0.15, 0.01), min=0, max=self.threshold
+        )
+        self.min_speech = opts.get_float("min_speech_ms", 250.0, min=0) / 1000
+        self.min_silence = opts.get_float("min_silence_ms", 100.0, min=0) / 1000
+        self.pad = opts.get_float("speech_pad_ms", 30.0, min=0) / 1000
+        self.report = opts.get_bool("report_probability", False)
+        self.candidate: float | None = None  # start of speech not yet long enough
+        self.speaking: float | None = None  # start (padded) of the current segment
+        self.silence_since: float | None = None
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        p = _probability(outputs, self.spec.name)
+        start, end = _times(meta)
+        event = self._step(p, start, end)
+        if self.report:
+            return {"probability": round(p, 4), "t": round(end, 3), **(event or {})}
+        return event
+
+    def _step(self, p: float, start: float, end: float) -> dict[str, Any] | None:
+        if self.speaking is None:
+            if p >= self.threshold and self.candidate is None:
+                self.candidate = start
+            elif p < self.neg_threshold:
+                self.candidate = None
+            if self.candidate is not None and end - self.candidate >= self.min_speech:
+                self.speaking, self.candidate, self.silence_since = max(0.0, self.candidate - self.pad), None, None
+                return {"event": "speech_start", "t": round(self.speaking, 3)}
+            return None
+        if p >= self.threshold:
+            self.silence_since = None
+        elif p < self.neg_threshold:
+            if self.silence_since is None:
+                self.silence_since = start
+            if end - self.silence_since >= self.min_silence:
+                segment = {
+                    "event": "speech_end",
+                    "start": round(self.speaking, 3),
+                    "end": round(self.silence_since + self.pad, 3),
+                }
+                self.speaking = self.silence_since = None
+                return segment
+        return None
+
+
+@POSTPROCESSORS.register
+class WakeWord(Postprocessor):
+    """One ``wake_word`` event when the mean of the last ``window`` probabilities exceeds ``threshold``.
+
+    Mirrors microWakeWord's ``sliding_window_size`` / ``probability_cutoff``; after an event
+    the window restarts and nothing is reported for ``refractory_s`` seconds.
+    """
+
+    type = "wake_word"
+
+    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+        self.spec = _output(opts, outputs, "")
+        self.threshold = opts.get_float("threshold", 0.85, min=0, max=1)
+        self.refractory = opts.get_float("refractory_s", 2.0, min=0)
+        self.label = opts.get_str("label", labels[0] if labels else "wake_word")
+        self.window: deque[float] = deque(maxlen=opts.get_int("window", 5, min=1))
+        self.quiet_until = float("-inf")
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        p = _probability(outputs, self.spec.name)
+        _, t = _times(meta)
+        if t < self.quiet_until:
+            return None
+        self.window.append(p)
+        if len(self.window) < (self.window.maxlen or 1):
+            return None
+        score = sum(self.window) / len(self.window)
+        if score <= self.threshold:
+            return None
+        self.window.clear()
+        self.quiet_until = t + self.refractory
+        return {"event": "wake_word", "label": self.label, "score": round(score, 4), "t": round(t, 3)}

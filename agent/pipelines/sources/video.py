@@ -1,0 +1,276 @@
+"""Video sources through OpenCV's ``VideoCapture``: V4L2 cameras, video files and network streams.
+
+Owns opening, reading, looping and real-time pacing; it does not resize or convert colour beyond
+guaranteeing HxWx3 uint8 BGR (the pre-processor adapts frames to the model).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from pydantic import Field
+
+from agent.pipelines.base import SOURCES, Frame, SourceEnded, SourceError
+from agent.pipelines.sources._common import (
+    ConfiguredSource,
+    Options,
+    Pacer,
+    SourceOptionError,
+    load_cv2,
+    to_bgr,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_FPS = 30.0  # pacing rate for files whose header has no usable frame rate
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def redact(path: str) -> str:
+    """``rtsp://user:secret@cam/x`` → ``rtsp://user:***@cam/x``: camera passwords stay out of logs and errors."""
+    if not is_url(path):
+        return path
+    parts = urlsplit(path)
+    if parts.password is None:
+        return path
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _read(cap: Any, where: str) -> tuple[bool, Any]:
+    try:
+        ok, image = cap.read()
+    except Exception as exc:
+        raise SourceError(f"{where}: read failed: {exc}") from exc
+    return bool(ok), image
+
+
+class VideoOptions(Options):
+    path: str = Field(min_length=1, description="video file, or rtsp:// / http(s):// URL")
+    loop: bool = False
+    realtime: bool = False
+    fps: float | None = Field(default=None, gt=0, description="pacing rate; default: the file's own")
+    open_timeout: float = Field(default=10.0, gt=0, description="seconds, URLs only")
+    read_timeout: float = Field(default=5.0, gt=0, description="seconds, URLs only")
+
+
+@SOURCES.register
+class VideoSource(ConfiguredSource):
+    """A video file (optionally looped and paced to its frame rate) or a network stream.
+
+    At the end of a file: ``SourceEnded``, or back to the first frame with ``loop``. A URL that
+    stops delivering raises ``SourceError`` so the runner reconnects (live streams do not end).
+    ``realtime`` applies to files only; a live stream is paced by its sender.
+    """
+
+    kind = "video"
+    type = "video"
+    Options = VideoOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.opts: VideoOptions = self._options  # type: ignore[assignment]
+        self.url = is_url(self.opts.path)
+        self._cap: Any = None
+        self._pending: Any = None
+        self._pacer: Pacer | None = None
+        self._index = 0
+
+    def describe(self) -> str:
+        return redact(self.opts.path)
+
+    def open(self) -> None:
+        self.close()
+        where = self.describe()
+        if not self.url:
+            path = Path(self.opts.path)
+            if not path.is_file():
+                raise SourceError(f"video file {where} not found" if not path.exists() else f"{where} is not a file")
+        cap = self._capture()
+        ok, image = _read(cap, where)
+        if not ok:
+            cap.release()
+            raise SourceError(f"video {where}: opened, but no frame could be decoded")
+        self._cap, self._pending = cap, image
+        cv2 = load_cv2()
+        file_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        rate = self.opts.fps or (file_fps if 0 < file_fps <= 1000 else DEFAULT_FPS)
+        self._pacer = Pacer(1.0 / rate) if self.opts.realtime and not self.url else None
+        log.info(
+            "source.opened",
+            source=self.type,
+            path=where,
+            fps=file_fps,
+            width=image.shape[1] if hasattr(image, "shape") else None,
+            height=image.shape[0] if hasattr(image, "shape") else None,
+            paced_fps=rate if self._pacer else None,
+            loop=self.opts.loop,
+        )
+
+    def _capture(self) -> Any:
+        cv2 = load_cv2()
+        where = self.describe()
+        try:
+            if self.url:
+                params = [
+                    cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                    int(self.opts.open_timeout * 1000),
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                    int(self.opts.read_timeout * 1000),
+                ]
+                cap = cv2.VideoCapture(self.opts.path, cv2.CAP_FFMPEG, params)
+            else:
+                cap = cv2.VideoCapture(self.opts.path)
+        except Exception as exc:
+            raise SourceError(f"cannot open video {where}: {exc}") from exc
+        if not cap.isOpened():
+            cap.release()
+            what = "unreachable, or not a video stream" if self.url else "not a video, or an unsupported codec"
+            raise SourceError(f"cannot open video {where}: {what}")
+        return cap
+
+    def read(self, timeout: float) -> Frame | None:
+        self._require_open(self._cap)
+        if self._pending is None:
+            self._pending = self._next_image()
+        if self._pacer is not None and not self._pacer.wait(timeout):
+            return None
+        image, self._pending = self._pending, None
+        frame = Frame(to_bgr(image, f"video {self.describe()}"), time.time(), self._index, self.describe())
+        self._index += 1
+        if self._pacer is not None:
+            self._pacer.advance()
+        return frame
+
+    def _next_image(self) -> Any:
+        where = self.describe()
+        ok, image = _read(self._cap, where)
+        if ok:
+            return image
+        if self.url:
+            raise SourceError(f"video stream {where} stopped delivering frames")
+        if not self.opts.loop:
+            raise SourceEnded(f"video file {where} ended after {self._index} frames")
+        # Rewind; some containers cannot seek, so fall back to reopening the file.
+        cv2 = load_cv2()
+        if self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            ok, image = _read(self._cap, where)
+        if not ok:
+            self._cap.release()
+            self._cap = self._capture()
+            ok, image = _read(self._cap, where)
+        if not ok:
+            raise SourceError(f"video file {where}: cannot restart from the beginning")
+        log.debug("source.looped", source=self.type, path=where, frames=self._index)
+        return image
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+        self._cap = self._pending = None
+        if self._pacer is not None:
+            self._pacer.reset()
+
+
+class CameraOptions(Options):
+    device: int | str = Field(default=0, description="V4L2 index (0) or device path (/dev/video0)")
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    fps: float | None = Field(default=None, gt=0)
+    fourcc: str | None = Field(
+        default=None,
+        min_length=4,
+        max_length=4,
+        description="pixel format, e.g. MJPG: USB cameras need it for HD at full rate",
+    )
+
+
+@SOURCES.register
+class CameraSource(ConfiguredSource):
+    """A V4L2 camera. width/height/fps are requests: the driver picks the nearest mode (logged).
+
+    ``read`` blocks until the camera's next frame (at most one frame interval on a working camera);
+    a camera that stops delivering (unplugged) raises ``SourceError``.
+    """
+
+    kind = "video"
+    type = "camera"
+    Options = CameraOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.opts: CameraOptions = self._options  # type: ignore[assignment]
+        device = self.opts.device
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        if isinstance(device, int) and device < 0:
+            raise SourceOptionError(self.type, "device", f"must be >= 0 or a device path (got {device})")
+        self.device: int | str = device
+        self.node = f"/dev/video{device}" if isinstance(device, int) else device
+        self._cap: Any = None
+        self._pending: Any = None
+        self._index = 0
+
+    def describe(self) -> str:
+        return self.node
+
+    def open(self) -> None:
+        self.close()
+        if not Path(self.node).exists():
+            raise SourceError(f"no capture device: camera {self.node} not found")
+        cv2 = load_cv2()
+        try:
+            cap = cv2.VideoCapture(self.device, cv2.CAP_V4L2)
+        except Exception as exc:
+            raise SourceError(f"cannot open camera {self.node}: {exc}") from exc
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(
+                f"cannot open camera {self.node}: busy, no permission (video group?), or not a capture device"
+            )
+        opts = self.opts
+        if opts.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*opts.fourcc))
+        if opts.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, opts.width)
+        if opts.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, opts.height)
+        if opts.fps:
+            cap.set(cv2.CAP_PROP_FPS, opts.fps)
+        ok, image = _read(cap, f"camera {self.node}")
+        if not ok:
+            cap.release()
+            raise SourceError(f"camera {self.node}: opened, but delivered no frame")
+        self._cap, self._pending = cap, image
+        log.info(
+            "source.opened",
+            source=self.type,
+            device=self.node,
+            width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            fps=float(cap.get(cv2.CAP_PROP_FPS)),
+            requested=opts.model_dump(exclude_none=True),
+        )
+
+    def read(self, timeout: float) -> Frame | None:
+        self._require_open(self._cap)
+        image, self._pending = self._pending, None
+        if image is None:
+            ok, image = _read(self._cap, f"camera {self.node}")
+            if not ok:
+                raise SourceError(f"camera {self.node} stopped delivering frames (unplugged?)")
+        frame = Frame(to_bgr(image, f"camera {self.node}"), time.time(), self._index, self.node)
+        self._index += 1
+        return frame
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+        self._cap = self._pending = None
