@@ -154,6 +154,13 @@ class Routes:
         task = self.agent.deploy_tasks.get(record.model)
         return _json({**record.to_dict(), "running": task is not None and not task.done()})
 
+    async def reload(self, _request: Request) -> Response:
+        """Re-read the models directory (models copied in by hand or by other tools)."""
+        changes = await self.agent.registry.reload()
+        if self.agent.link is not None:
+            self.agent.link.inventory_changed()
+        return _json(changes)
+
     async def rollback(self, request: Request) -> Response:
         return _json(await self.agent.deployer.rollback(request.params["name"]))
 
@@ -241,6 +248,7 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", "/v1/agent/status", r.agent_status),
         ("POST", "/v1/agent/results/{stream:[A-Za-z0-9][A-Za-z0-9_.-]*}", r.agent_result),
         ("GET", "/v1/agent/streams", r.streams),
+        ("POST", "/v1/agent/models:reload", r.reload),
         ("POST", f"/v1/agent/streams/{name}:start", r.stream_start),
         ("POST", f"/v1/agent/streams/{name}:stop", r.stream_stop),
         ("GET", f"/v1/agent/streams/{name}/results", r.stream_results),

@@ -266,8 +266,10 @@ class Stream:
             result = self._post(outputs, prepared.meta)
             if result is not None and self.policy.allow(result):
                 self.metrics.results += 1
+                where = {"frame": item.index} if isinstance(item, Frame) else {"sample_offset": item.offset}
                 payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}",
-                           "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **result}
+                           "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **where,
+                           **result}
                 self.loop.call_soon_threadsafe(self.emit, self, payload, item)
         self.metrics.ages.append(time.time() - item.ts)
         if isinstance(item, AudioChunk):
