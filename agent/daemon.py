@@ -102,9 +102,27 @@ class Agent:
                  seconds=round(time.time() - self.started_at, 3))
 
     def _health_extra(self) -> list[Metric]:
-        """Link and outbox gauges for /metrics, read at scrape time."""
+        """Stream, link and outbox gauges for /metrics, read at scrape time."""
+        families: list[Metric] = []
+        streams = self.streams.status()
+        for key, help_text in (("inferred", "Inferences run by a stream"), ("dropped_frames", "Stale frames skipped"),
+                               ("audio_overflow_samples", "Audio samples dropped on overflow"),
+                               ("results", "Results published by a stream"), ("errors", "Stream item failures"),
+                               ("reconnects", "Source reopen attempts")):
+            family = CounterMetricFamily(f"edge_agent_stream_{key}", help_text, labels=["stream"])
+            for s in streams:
+                family.add_metric([s["name"]], float(s.get(key) or 0))
+            families.append(family)
+        for key, help_text in (("input_fps", "Items captured per second"), ("age_ms_p50", "Frame age at result, p50"),
+                               ("age_ms_p99", "Frame age at result, p99"),
+                               ("real_time_factor", "Audio processing time / audio duration")):
+            gauge = GaugeMetricFamily(f"edge_agent_stream_{key}", help_text, labels=["stream"])
+            for s in streams:
+                if s.get(key) is not None:
+                    gauge.add_metric([s["name"]], float(s[key]))
+            families.append(gauge)
         if self.link is None:
-            return []
+            return families
         s, o = self.link.session.stats(), self.link.outbox.stats().to_dict()
         up = GaugeMetricFamily("edge_agent_link_connected", "MQTT link up (1) or down (0)")
         up.add_metric([], float(s["connected"]))
@@ -116,7 +134,7 @@ class Agent:
                                       labels=["kind"])
         for kind, n in o["dropped"].items():
             dropped.add_metric([kind], n)
-        return [up, reconnects, depth, dropped]
+        return [*families, up, reconnects, depth, dropped]
 
     def system(self) -> SystemSnapshot:
         return read_system(root=self.config.agent.hardware_root, state_dir=self.config.agent.state_dir,

@@ -14,6 +14,9 @@ def test_demo_runs_the_whole_loop(tmp_path, samples):
     for step in range(1, 9):
         assert f"[{step}/8]" in out
     assert "demo-device: done ok=True" in out, "the staged deploy over MQTT committed"
-    assert "results/camera" in out and '"faces":' in out, "results reached the console"
-    assert "models=face_detection@1, okay_nabu@1, vad@1" in out
+    assert "stream-start stream=camera -> ok=True" in out
+    assert out.count("edge-fleet watch: results/camera") >= 2, "stream results reached the console"
+    assert "faces=[0." in out, "a face was detected in the camera stream"
+    assert "demo-device: online=True" in out and "models=face_detection@1, okay_nabu@1, vad@1" in out
+    assert "stuck=none" in out and "results: online" not in out
     assert "agent exited with code 0; socket removed: True" in out

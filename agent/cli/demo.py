@@ -92,6 +92,26 @@ def _silero_feeds(seed: int) -> dict[str, np.ndarray]:
             "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
 
 
+def _make_video(path: Path, photos: list[Path], fps: int = 10, seconds: int = 4) -> Path:
+    """A looping 'camera': the photos slide across a 320x240 frame (MJPG in AVI: always writable)."""
+    import cv2
+
+    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (320, 240))
+    try:
+        for i in range(fps * seconds):
+            img = images[(i // (fps * seconds // len(images))) % len(images)]
+            scale = 200 / max(img.shape[:2])
+            small = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)))
+            frame = np.full((240, 320, 3), 96, np.uint8)
+            x = (i * 3) % (320 - small.shape[1])
+            frame[20:20 + small.shape[0], x:x + small.shape[1]] = small
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
+
+
 def _runner(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from agent.runtimes import backend_for_file
 
@@ -144,6 +164,8 @@ def run_demo(workdir: Path) -> int:
     for path in install_models(models_dir, ("face_detection", "okay_nabu")):
         print(f"      {path.relative_to(workdir)}")
     photo = fetch("astronaut")
+    video = _make_video(workdir / "camera.avi", [photo, fetch("coffee")])
+    print(f"      a looping 'camera' video made from two photos (one with a face): {video.relative_to(workdir)}")
 
     _step(2, "starting a local MQTT broker (mosquitto)")
     with local_broker(workdir) as broker_url:
@@ -169,7 +191,12 @@ def _with_agent(demo: Demo, photo: Path) -> int:
     config.write_text(
         f'[agent]\ndevice_id = "demo-device"\nstate_dir = "{workdir / "state"}"\n'
         f'[mqtt]\nurl = "{broker_url}"\ngroups = ["demo"]\ntelemetry_interval_s = 2\n'
-        f'[updates]\nrepo_url = "{demo.repo_url}"\ntrusted_root = "{workdir / "root.json"}"\nhealth_window_s = 2\n')
+        f'[updates]\nrepo_url = "{demo.repo_url}"\ntrusted_root = "{workdir / "root.json"}"\nhealth_window_s = 2\n'
+        f'[stream.camera]\nmodel = "face_detection"\nautostart = false\n'
+        f'source = {{ type = "video", path = "{workdir / "camera.avi"}", loop = true, realtime = true }}\n'
+        'pre = { type = "image", resize = "letterbox", scale = 0.00784313725, offset = -1.0 }\n'
+        'post = { type = "detection", format = "mediapipe_ssd", score_threshold = 0.5 }\n'
+        'results = { mode = "on_change" }\n')
     _step(4, f"starting the agent daemon (socket {sock}, config {config}, log {workdir / 'agent.log'})")
     with (workdir / "agent.log").open("wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
@@ -200,27 +227,43 @@ def _with_agent(demo: Demo, photo: Path) -> int:
             print("      installed: downloaded, verified by TUF, staged, loaded, test vector passed, "
                   "swapped, health window passed, committed")
 
-            _step(6, "predictions over the Unix socket, results pushed upstream and watched by the console")
-            fleet.subscribe(["edge/v1/devices/demo-device/results/#"])
+            _step(6, "a predict over the socket; then stream-start over MQTT: the camera stream's results, "
+                     "watched by the console")
             meta = client.model_metadata("face_detection")
             image = load_image(photo, meta["inputs"][0], "signed")
             out = client.infer("face_detection", {meta["inputs"][0]["name"]: image})
             scores = 0.5 * (1 + np.tanh(out["classificators"].reshape(-1) / 2))
-            faces = int((scores > 0.5).sum())
-            client.request("POST", "/v1/agent/results/camera", f'{{"faces": {faces}, "best": {scores.max():.3f}}}'
-                           .encode())
-            for seed in range(3):
-                vad = client.infer("vad", _silero_feeds(seed))
-                prob = float(vad["output"].reshape(-1)[0])
-                client.request("POST", "/v1/agent/results/audio", f'{{"speech": {prob:.3f}}}'.encode())
-            for msg in fleet.messages(5, quiet=2):
-                print(f"      edge-fleet watch: {msg.topic.split('/', 4)[-1]} {msg.payload.decode()}")
+            vad = client.infer("vad", _silero_feeds(0))
+            print(f"      predict: face score {scores.max():.3f} on the astronaut photo; "
+                  f"vad@1 speech probability {float(vad['output'].reshape(-1)[0]):.3f} on a tone")
+            fleet.subscribe(["edge/v1/devices/demo-device/results/#"])
+            started = fleet.command("demo-device", "stream-start", {"stream": "camera"}, timeout=30)
+            print(f"      edge-fleet command demo-device stream-start stream=camera -> ok={started['ok']}")
+            shown = 0
+            for msg in fleet.messages(12):
+                if "/results/" not in msg.topic:
+                    continue
+                body = msg.json()
+                faces = [round(d["score"], 2) for d in body.get("detections", [])]
+                print(f"      edge-fleet watch: results/camera seq={body['seq']} frame={body.get('frame')} "
+                      f"faces={faces} age={body['age_ms']:.0f} ms")
+                shown += 1
+                if shown >= 4:
+                    break
+            if not shown:
+                raise AgentError("no results from the camera stream")
 
-            _step(7, "edge-fleet devices")
-            for device in fleet.devices(1.0):
+            _step(7, "edge-fleet devices (retained state, refreshed with health by each telemetry)")
+            deadline = time.monotonic() + 10
+            devices = fleet.devices(1.0)
+            while not all(d.state.get("health") for d in devices) and time.monotonic() < deadline:
+                devices = fleet.devices(1.0)
+            for device in devices:
                 models = ", ".join(f"{m['name']}@{m['version']}" for m in device.models)
+                health = device.state.get("health") or {}
                 print(f"      {device.id}: online={device.online} profile={device.state.get('profile')} "
-                      f"models={models}")
+                      f"models={models} cpu={health.get('cpu_percent')}% mem={health.get('memory_percent')}% "
+                      f"stuck={health.get('stuck') or 'none'}")
         code = 0
     finally:
         client.close()

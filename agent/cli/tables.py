@@ -52,6 +52,18 @@ def status_tables(status: dict[str, Any]) -> None:
         table.add_row(key, str(value))
     _console().print(table)
     models_table(status)
+    streams = status.get("streams") or []
+    if streams:
+        st = Table(title="streams", title_justify="left")
+        for col in ("stream", "state", "model", "input fps", "inferred", "dropped", "age p50/p99 ms", "results",
+                    "errors"):
+            st.add_column(col)
+        for s in streams:
+            ages = f"{s.get('age_ms_p50') or '-'} / {s.get('age_ms_p99') or '-'}"
+            st.add_row(s["name"], s["state"] + (f" ({s['error']})" if s.get("error") else ""), str(s.get("model")),
+                       str(s.get("input_fps", "-")), str(s.get("inferred", "-")),
+                       str(s.get("dropped_frames", "-")), ages, str(s.get("results", "-")), str(s.get("errors", "-")))
+        _console().print(st)
 
 
 def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:

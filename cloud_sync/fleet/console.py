@@ -141,12 +141,12 @@ class FleetClient:
         """Devices that have a retained state message, read within ``wait`` seconds."""
         self.subscribe([f"{self.prefix}/devices/+/state"])
         found: dict[str, Device] = {}
+        head = f"{self.prefix}/devices/"
         for msg in self.messages(wait * 5, quiet=wait):
-            parts = msg.topic.split("/")
+            device_id, _, leaf = msg.topic[len(head):].partition("/")
             state = msg.json()
-            if len(parts) < 2 or not isinstance(state, dict):
-                continue
-            device_id = parts[-2]
+            if not msg.topic.startswith(head) or leaf != "state" or not isinstance(state, dict):
+                continue  # other subscriptions of this client (results, events) share the queue
             found[device_id] = Device(device_id, bool(state.get("online")), state, state.get("ts"))
         return sorted(found.values(), key=lambda d: d.id)
 
