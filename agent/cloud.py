@@ -17,6 +17,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.config import OVERRIDES_FILE, SETTABLE, load_overrides
 from agent.deploy.installer import DeployError
 from agent.errors import AgentError, ConfigError
 from agent.logs import recent
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from agent.daemon import Agent
 
 log = structlog.get_logger(__name__)
-OVERRIDES_FILE = "config-overrides.json"
-SETTABLE = {"mqtt.telemetry_interval_s", "logging.level"}
 
 
 class _Args(BaseModel):
@@ -70,19 +69,6 @@ def link_settings(agent: Agent) -> LinkSettings:
     return LinkSettings(device_id=agent.config.agent.device_id, prefix=m.prefix, groups=m.groups,
                         max_command_bytes=m.max_command_bytes, telemetry_interval_s=m.telemetry_interval_s,
                         publish_window=m.publish_window, broker=broker)
-
-
-def load_overrides(state_dir: Path) -> dict[str, Any]:
-    """Settings changed by ``set-config``, persisted across restarts."""
-    path = state_dir / OVERRIDES_FILE
-    try:
-        data = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, orjson.JSONDecodeError) as exc:
-        log.warning("config.overrides_unreadable", path=str(path), reason=str(exc))
-        return {}
-    return {k: v for k, v in data.items() if k in SETTABLE} if isinstance(data, dict) else {}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import ConfigError
@@ -252,6 +253,26 @@ class Config(_Section):
 
 
 _DEFAULT_MODEL = ModelSection()  # frozen: shared; validating a new one per request costs ~10 µs
+
+
+OVERRIDES_FILE = "config-overrides.json"  # under the state dir, written by the set-config command
+SETTABLE = {"mqtt.telemetry_interval_s", "logging.level"}
+
+
+def load_overrides(state_dir: Path) -> dict[str, Any]:
+    """Settings changed by ``set-config``, persisted across restarts."""
+    path = state_dir / OVERRIDES_FILE
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        import structlog
+
+        structlog.get_logger(__name__).warning("config.overrides_unreadable", path=str(path), reason=str(exc))
+        return {}
+    return {k: v for k, v in data.items() if k in SETTABLE} if isinstance(data, dict) else {}
+
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -8,14 +8,13 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.api.http import HTTPServer
 from agent.api.server import bind_unix_socket, build_server, remove_socket
-from agent.cloud import CloudLink
 from agent.config import Config, parse_hostport
 from agent.deploy.installer import Deployer
 from agent.deploy.state import Deployment
@@ -28,6 +27,9 @@ from agent.models.registry import ModelRegistry
 from agent.pipelines.manager import StreamManager
 from agent.systemd import Notifier
 from agent.version import __version__
+
+if TYPE_CHECKING:
+    from agent.cloud import CloudLink
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +82,8 @@ class Agent:
             log.warning("agent.no_models", models_dir=str(self.config.models_dir))
         if self.config.mqtt.url:
             # The link starts before the API and never blocks: a broker that is down only delays sync.
+            from agent.cloud import CloudLink  # paho and the command handlers only when a link is configured
+
             self.link = CloudLink(self)
             await self.link.start()
         for record in recovered:

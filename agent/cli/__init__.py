@@ -93,7 +93,11 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.cloud import load_overrides
+    # The daemon renders no terminal UI: keep rich/pygments (which structlog would pick up for
+    # pretty tracebacks, ~12 MB) out of a long-running process's memory.
+    for module in ("rich", "pygments"):
+        sys.modules.setdefault(module, None)  # type: ignore[arg-type]
+    from agent.config import load_overrides
     from agent.daemon import run
     from agent.logs import configure_logging
 

@@ -96,7 +96,12 @@ def _make_video(path: Path, photos: list[Path], fps: int = 10, seconds: int = 4)
     """A looping 'camera': the photos slide across a 320x240 frame (MJPG in AVI: always writable)."""
     import cv2
 
-    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos]
+    images = []
+    for photo in photos:
+        image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+        if image is None:
+            raise AgentError(f"cannot read {photo}")
+        images.append(image)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (320, 240))
     try:
         for i in range(fps * seconds):
