@@ -24,7 +24,7 @@ MODEL_FILES = {"silero_vad": "model.onnx", "face_detection": "model.tflite", "ok
 @pytest.fixture(scope="session")
 def samples() -> dict[str, Path]:
     """Real models and photos, fetched once per machine (cached under ~/.cache/edge-agent)."""
-    return {name: fetch(name) for name in (*MODEL_FILES, "astronaut", "coffee")}
+    return {name: fetch(name) for name in (*MODEL_FILES, "astronaut", "coffee", "brick", "camera")}
 
 
 def install(models_dir: Path, samples: dict[str, Path], name: str, version: int = 1,
