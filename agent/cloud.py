@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,6 +20,7 @@ from agent.config import OVERRIDES_FILE, SETTABLE, load_overrides
 from agent.deploy.installer import DeployError
 from agent.errors import AgentError, ConfigError
 from agent.logs import recent
+from cloud_sync.fsutil import write_atomic
 from cloud_sync.mqtt.commands import Command, CommandLog, Dispatcher, Spec
 from cloud_sync.mqtt.errors import CommandError
 from cloud_sync.mqtt.session import DeviceSession, IncomingMessage
@@ -69,18 +69,6 @@ def link_settings(agent: Agent) -> LinkSettings:
     return LinkSettings(device_id=agent.config.agent.device_id, prefix=m.prefix, groups=m.groups,
                         max_command_bytes=m.max_command_bytes, telemetry_interval_s=m.telemetry_interval_s,
                         publish_window=m.publish_window, broker=broker)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 class CloudLink:
@@ -250,7 +238,7 @@ class CloudLink:
             raise CommandError("bad_args", f"args.values.{exc.key}: {exc.reason}") from None
         except AgentError as exc:
             raise CommandError("bad_args", str(exc)) from None
-        _write_atomic(state_dir / OVERRIDES_FILE, orjson.dumps(merged))
+        write_atomic(state_dir / OVERRIDES_FILE, orjson.dumps(merged))
         if "mqtt.telemetry_interval_s" in values:
             self.telemetry_interval = checked.mqtt.telemetry_interval_s
             self._wake_telemetry.set()

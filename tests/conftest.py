@@ -43,6 +43,17 @@ def models_dir(tmp_path: Path, samples: dict[str, Path]) -> Path:
     return root
 
 
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 @dataclass
 class Daemon:
     proc: subprocess.Popen[bytes]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import orjson
@@ -20,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from cloud_sync.fleet.console import FleetClient, rollout
 from cloud_sync.mqtt.settings import BrokerSettings
-from tests.conftest import Daemon, install, start_daemon
+from tests.conftest import Daemon, install, start_daemon, wait_for
 from tests.mqtt_broker import Broker, make_broker
 
 
@@ -42,14 +41,6 @@ def start_agent(tmp_path: Path, models: Path, broker: Broker, device: str, **ext
     return start_daemon(tmp_path / device, "--models-dir", str(models), env=agent_env(broker, device, **extra))
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def console(broker: Broker, **kw) -> FleetClient:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import install, start_daemon
+from tests.conftest import install, start_daemon, wait_for
 from tests.media import make_video, photo_frames, silence_wav, speech_wav
 
 FACE_PRE = '{ type = "image", resize = "letterbox", scale = 0.00784313725, offset = -1.0 }'
@@ -49,14 +49,6 @@ def stream_status(daemon, name: str) -> dict:
     return next(s for s in daemon.client.status()["streams"] if s["name"] == name)
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

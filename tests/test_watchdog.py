@@ -15,7 +15,7 @@ import pytest
 
 from agent.client import AgentClient
 from agent.errors import ClientError
-from tests.conftest import install, start_daemon
+from tests.conftest import install, start_daemon, wait_for
 
 PROFILE = """\
 description = "x86 with a delegate that fails on purpose"
@@ -51,13 +51,6 @@ def delegate(daemon) -> str:
     return next(m["delegate"] for m in daemon.client.status()["models"] if m["name"] == "silero_vad")
 
 
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from agent.deploy.health import HealthPolicy, verdict
-from agent.deploy.state import Deployment, DeploymentStore, fsync_dir, write_atomic
+from agent.deploy.state import Deployment, DeploymentStore
 from agent.errors import AgentError
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
@@ -29,6 +29,7 @@ from cloud_sync.bundles.archive import ExtractLimits, extract_bundle
 from cloud_sync.bundles.build import tensor_array
 from cloud_sync.bundles.manifest import Manifest
 from cloud_sync.errors import CloudSyncError
+from cloud_sync.fsutil import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
     from agent.daemon import Agent

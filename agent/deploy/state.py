@@ -4,7 +4,6 @@ which step it was in and can finish or undo it."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from cloud_sync.fsutil import write_atomic
 
 # Steps in order. A record whose state is not final was interrupted (crash, power loss).
 STEPS = ("started", "downloading", "verified", "staged", "loaded", "tested", "swapped", "health")
@@ -40,25 +41,6 @@ class Deployment:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Deployment:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DeploymentStore:

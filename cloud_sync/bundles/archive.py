@@ -22,6 +22,7 @@ import structlog
 
 from cloud_sync.bundles.manifest import MANIFEST_NAME, Manifest, check_relative_path
 from cloud_sync.errors import ManifestError, UnsafeArchiveError
+from cloud_sync.fsutil import fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -185,7 +186,7 @@ def _extract(archive: Path, dest: Path, max_member: int, max_total: int, max_mem
     except EOFError as exc:
         raise UnsafeArchiveError(f"truncated archive: {exc}") from None
     if fsync:
-        _fsync_dir(dest)
+        fsync_dir(dest)
     return names
 
 
@@ -210,14 +211,6 @@ def _write_member(dest: Path, rel: str, src: IO[bytes], size: int, fsync: bool) 
         if fsync:
             out.flush()
             os.fsync(out.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_extracted(root: Path) -> Manifest:

@@ -33,6 +33,7 @@ from tuf.api.serialization.json import JSONSerializer
 from cloud_sync.bundles.archive import read_manifest
 from cloud_sync.bundles.build import bundle_file_name
 from cloud_sync.errors import RepositoryError
+from cloud_sync.fsutil import write_atomic
 from cloud_sync.repo.keys import KeyStore
 
 log = structlog.get_logger(__name__)
@@ -290,13 +291,13 @@ class Repository:
         if not signed:
             self._sign(md, "root", md.signed)
         data = md.to_bytes(JSONSerializer())
-        _atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
-        _atomic_write(self.metadata_dir / "root.json", data)
+        write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        write_atomic(self.metadata_dir / "root.json", data)
 
     def _write(self, role: str, md: Metadata[Any], root: Root) -> None:
         self._sign(md, role, root)
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        _atomic_write(self.metadata_dir / name, md.to_bytes(JSONSerializer()))
+        write_atomic(self.metadata_dir / name, md.to_bytes(JSONSerializer()))
 
     def _bump(self, role: str, md: Metadata[Any], root: Root, expiry: Mapping[str, timedelta] | None) -> None:
         md.signed.version += 1
@@ -319,15 +320,6 @@ def _inside(path: Path, parent: Path) -> bool:
         return path.resolve().is_relative_to(parent.resolve())
     except OSError:
         return False
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
