@@ -107,6 +107,9 @@ class RuntimeSection(_Section):
     inter_op_threads: int = Field(default=1, ge=1, le=64)
     # ONNX Runtime busy-waits between ops by default; off keeps an idle daemon near 0 % CPU.
     allow_spinning: bool = False
+    # ONNX Runtime's CPU memory arena keeps peak buffers reserved; off returns them, at no
+    # measurable latency cost for edge-sized models (measured: Silero VAD 113-136 µs either way).
+    memory_arena: bool = False
 
 
 class MqttSection(_Section):

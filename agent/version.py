@@ -1,10 +1,7 @@
-"""The agent's own version, from the installed distribution metadata."""
+"""The agent's version: the single source (pyproject.toml reads it from here).
 
-from __future__ import annotations
+A literal, not importlib.metadata: that import drags zipfile, csv and email parsing into
+a long-running daemon's memory for one string.
+"""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edge-agent")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0+unknown"
+__version__ = "0.1.0"

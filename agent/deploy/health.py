@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ def verdict(policy: HealthPolicy, requests: int, errors: int, latencies: Sequenc
     if rate > policy.max_error_rate:
         return f"error rate {rate:.1%} over {requests} requests exceeds {policy.max_error_rate:.1%}"
     if len(latencies) >= policy.min_requests and len(baseline) >= policy.min_requests:
-        new, old = statistics.median(latencies), statistics.median(baseline)
+        new, old = float(np.median(latencies)), float(np.median(baseline))
         if old > 0 and new > old * policy.max_latency_ratio:
             return (f"median latency {new * 1e3:.2f} ms is {new / old:.1f}x the previous version's "
                     f"{old * 1e3:.2f} ms (limit {policy.max_latency_ratio:g}x)")

@@ -25,15 +25,13 @@ from agent.deploy.state import Deployment, DeploymentStore
 from agent.errors import AgentError
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
-from cloud_sync.bundles.archive import ExtractLimits, extract_bundle
-from cloud_sync.bundles.build import tensor_array
-from cloud_sync.bundles.manifest import Manifest
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.fsutil import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
     from agent.models.registry import ServedModel
+    from cloud_sync.bundles.manifest import Manifest
     from cloud_sync.updater.client import BundleUpdater
 
 log = structlog.get_logger(__name__)
@@ -155,6 +153,8 @@ class Deployer:
             await self._step(record, "downloading", bytes=info.length)
             bundle = await asyncio.to_thread(updater.download, name, info.version)
             await self._step(record, "verified")  # TUF checked signatures, length and hashes
+            from cloud_sync.bundles.archive import ExtractLimits, extract_bundle  # only when installing
+
             staging = self.models_dir / name / f".staging-{info.version}"
             await asyncio.to_thread(shutil.rmtree, staging, True)
             limits = ExtractLimits(max_member_bytes=self.cfg.max_member_bytes,
@@ -189,6 +189,9 @@ class Deployer:
             self._event(record)
             log.info("deploy.committed", model=name, version=info.version, previous=previous)
             await asyncio.to_thread(self._gc, name, info.version, previous)
+            from agent.daemon import _release_free_heap
+
+            _release_free_heap()  # the old version's memory and the staging churn
             return record
         except (AgentError, CloudSyncError, OSError) as exc:
             code = getattr(exc, "code", "io_error") if not isinstance(exc, OSError) else "io_error"
@@ -248,6 +251,8 @@ class Deployer:
 
     def _run_test_vectors(self, served: ServedModel, manifest: Manifest, root: Path) -> None:
         """Each vector must reproduce its expected outputs; doubles as the warm-up."""
+        from cloud_sync.bundles.build import tensor_array
+
         if not manifest.test_vectors:
             self.agent.registry._warm_up(served)
             return

@@ -198,7 +198,8 @@ class ModelRegistry:
         session = backend.load(entry.file, specs,
                                threads=opts.threads or self.threads,
                                options={"inter_op_threads": self.config.runtime.inter_op_threads,
-                                        "allow_spinning": self.config.runtime.allow_spinning})
+                                        "allow_spinning": self.config.runtime.allow_spinning,
+                                        "memory_arena": self.config.runtime.memory_arena})
         labels = (entry.name, str(entry.version))
         worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
                         on_batch=self.metrics.batch_size.labels(*labels).observe)

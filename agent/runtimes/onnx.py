@@ -75,6 +75,7 @@ class OnnxBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = int(options.get("inter_op_threads", self.inter_op_threads))
+        so.enable_cpu_mem_arena = bool(options.get("memory_arena", False))
         spinning = "1" if options.get("allow_spinning", self.allow_spinning) else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         providers: list[Any] = [(spec.name, dict(spec.options))]
