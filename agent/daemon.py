@@ -253,7 +253,8 @@ async def serve(config: Config) -> int:
     try:
         await agent.start()
         served = [f"{m.name}@{m.version}" for m in agent.registry.served()]
-        notifier.ready(f"serving {len(served)} model(s) on {', '.join(agent.listeners)}")
+        if not stop.is_set():  # a SIGTERM during start-up: never claim readiness while stopping
+            notifier.ready(f"serving {len(served)} model(s) on {', '.join(agent.listeners)}")
         if notifier.watchdog_interval:
             pinger = loop.create_task(_watchdog(agent, notifier, notifier.watchdog_interval), name="watchdog")
         await stop.wait()

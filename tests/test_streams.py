@@ -283,7 +283,12 @@ def test_no_face_clip_yields_no_detections_and_fast_source_drops_frames(tmp_path
     config.write_text(f"""
 [stream.cam]
 model = "face_detection"
-source = {{ type = "video", path = "{video}", loop = true, realtime = false }}
+source = {{ type = "video", path = "{video}", loop = true, realtime = true, fps = 3000 }}
+pre = {FACE_PRE}
+post = {FACE_POST}
+[stream.file]
+model = "face_detection"
+source = {{ type = "video", path = "{video}", loop = false, realtime = false }}
 pre = {FACE_PRE}
 post = {FACE_POST}
 """)
@@ -292,8 +297,10 @@ post = {FACE_POST}
         results = sse(daemon.socket, "cam", 40)
         assert len(results) == 40 and all(r["detections"] == [] for r in results), "no face, no detection"
         status = wait_for(lambda: (s := stream_status(daemon, "cam"))["dropped_frames"] > 0 and s,
-                          what="an unpaced source outruns the model and frames are dropped")
+                          what="a source paced faster than the model drops stale frames")
         assert status["captured"] > status["inferred"]
         assert status["age_ms_p99"] < 250, "only fresh frames are processed"
+        done = wait_for(lambda: (s := stream_status(daemon, "file"))["state"] == "ended" and s, what="file done")
+        assert done["inferred"] == len(frames) and done["dropped_frames"] == 0, "an unpaced file loses nothing"
     finally:
         assert daemon.stop() == 0

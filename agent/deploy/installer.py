@@ -297,19 +297,23 @@ class Deployer:
         # A request the new version rejects (its inputs changed) failed for the client as much as one that
         # failed to run: both count as errors here.
         start_requests, start_errors = served.requests + served.rejected, served.errors + served.rejected
-        start_latencies = len(served.latencies)
+        start_ok = served.succeeded
+
+        def in_window() -> list[float]:  # only latencies of requests answered during the window
+            new = served.succeeded - start_ok
+            return list(served.latencies)[-new:] if new else []
+
         deadline = time.monotonic() + self.cfg.health_window_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
             requests = served.requests + served.rejected - start_requests
             errors = served.errors + served.rejected - start_errors
-            latencies = list(served.latencies)[start_latencies:] if start_latencies < 1024 else list(served.latencies)
-            reason = verdict(policy, requests, errors, latencies, baseline)
+            reason = verdict(policy, requests, errors, in_window(), baseline)
             if reason and errors:  # errors are decisive at once; latency is judged at the end
                 return reason
         requests = served.requests + served.rejected - start_requests
         errors = served.errors + served.rejected - start_errors
-        return verdict(policy, requests, errors, list(served.latencies), baseline)
+        return verdict(policy, requests, errors, in_window(), baseline)
 
     async def _undo(self, record: Deployment, candidate: ServedModel | None, staging: Path | None,  # noqa: PLR0917
                     swapped: bool, code: str, message: str) -> None:

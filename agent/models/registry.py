@@ -41,6 +41,7 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
+    succeeded: int = 0
     rejected: int = 0  # requests refused before running: inputs that do not fit this version
     consecutive_failures: int = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
     # Recent successful latencies (s), for the installer's health window against the previous version.
@@ -71,6 +72,7 @@ class ServedModel:
                 self.consecutive_failures += 1
             raise
         self.consecutive_failures = 0
+        self.succeeded += 1
         self.latencies.append(time.perf_counter() - started)
         return outputs
 

@@ -311,6 +311,9 @@ class AudioPreprocessor(Preprocessor):
     with that window's outputs before asking for the next; feeds are built lazily for this.
     """
 
+    _next_offset: int | None = None  # source offset expected next: a jump means audio was dropped upstream
+    _shift = 0.0  # seconds of source audio dropped so far
+
     type = "audio"
 
     def __init__(self, opts: Options, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()) -> None:
@@ -447,6 +450,10 @@ class AudioPreprocessor(Preprocessor):
         if not isinstance(item, AudioChunk):
             raise PipelineError(f"audio pre-processing got {type(item).__name__}, not an audio chunk")
         samples = to_mono(item)
+        if self._next_offset is not None and item.offset > self._next_offset:
+            # Audio was dropped upstream (overflow): later windows keep the source's timeline.
+            self._shift += (item.offset - self._next_offset) / item.sample_rate
+        self._next_offset = item.offset + len(samples)
         if item.sample_rate != self._rate_in:
             self._rate_in = item.sample_rate
             self._resampler = (
@@ -465,8 +472,8 @@ class AudioPreprocessor(Preprocessor):
             data = x if self.mel is None else self.mel(x)
             tensor = data.reshape(self.shape).astype(self.spec.dtype, copy=False)
             meta = {
-                "start": first / self.sample_rate,
-                "end": end / self.sample_rate,
+                "start": first / self.sample_rate + self._shift,
+                "end": end / self.sample_rate + self._shift,
                 "ts": item.ts + (end - pushed_end + len(samples)) / self.sample_rate,
             }
             yield Prepared(self._feeds(tensor), meta)

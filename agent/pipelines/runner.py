@@ -66,6 +66,10 @@ def processing_specs(served: ServedModel, spec: StreamSpec) -> tuple[dict[str, A
     return pre, post, labels
 
 
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes", "on")
+
+
 class StreamMetrics:
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -107,6 +111,11 @@ class Stream:
         self.state = "starting"
         self.error: str | None = None
         self.policy = ResultPolicy(**spec.policy)
+        # Live sources (cameras, paced files, microphones) drop stale frames / count overflow; a file read
+        # as fast as possible is processed completely instead, at the model's pace.
+        self.backpressure = (spec.source.get("type") in ("video", "images", "wav")
+                             and not _truthy(spec.source.get("realtime", False))
+                             and not str(spec.source.get("path", "")).startswith(("rtsp:", "http:", "https:")))
         self._running = threading.Event()
         self._stopped = threading.Event()
         self._lock = threading.Condition()
@@ -187,6 +196,11 @@ class Stream:
     def _put(self, item: Item) -> None:
         self.metrics.captured += 1
         with self._lock:
+            if self.backpressure:  # a file read as fast as possible: wait for room, lose nothing
+                room = (lambda: self._frame is None) if isinstance(item, Frame) else (
+                    lambda: self._audio_samples < self.spec.audio_queue_s * item.sample_rate)
+                while not room() and self._running.is_set():
+                    self._lock.wait(0.1)
             if isinstance(item, Frame):
                 if self._frame is not None:
                     self.metrics.dropped_frames += 1  # never process a stale frame
@@ -208,10 +222,12 @@ class Stream:
             if self._frame is not None:
                 item: Item = self._frame
                 self._frame = None
+                self._lock.notify_all()  # a capture thread may wait for room
                 return item
             if self._audio:
                 chunk = self._audio.popleft()
                 self._audio_samples -= len(chunk.samples)
+                self._lock.notify_all()
                 return chunk
             return None
 

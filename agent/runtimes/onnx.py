@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -72,8 +73,9 @@ class OnnxBackend(Backend):
         ort = self._ort()
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: ORT's warnings duplicate what we log
-        if threads:
-            so.intra_op_num_threads = threads
+        # An explicit count also stops ONNX Runtime from pinning threads to cores, which fails (and
+        # logs an error per thread) under systemd's sandbox and cgroup CPU limits.
+        so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         so.inter_op_num_threads = int(options.get("inter_op_threads", self.inter_op_threads))
         so.enable_cpu_mem_arena = bool(options.get("memory_arena", False))
         spinning = "1" if options.get("allow_spinning", self.allow_spinning) else "0"
