@@ -198,7 +198,8 @@ class Stream:
         with self._lock:
             if self.backpressure:  # a file read as fast as possible: wait for room, lose nothing
                 room = (lambda: self._frame is None) if isinstance(item, Frame) else (
-                    lambda: self._audio_samples < self.spec.audio_queue_s * item.sample_rate)
+                    lambda: not self._audio or self._audio_samples + len(item.samples)
+                    <= self.spec.audio_queue_s * item.sample_rate)
                 while not room() and self._running.is_set():
                     self._lock.wait(0.1)
             if isinstance(item, Frame):
