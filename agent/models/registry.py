@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,35 @@ class ServedModel:
         self.succeeded += 1
         self.latencies.append(time.perf_counter() - started)
         return outputs
+
+    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
+        """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
+
+        Raises:
+            RequestError: the feeds do not fit (counted as rejected, like ``infer``).
+        """
+        try:
+            check_feeds(self.session.inputs, feeds)
+        except RequestError:
+            self.rejected += 1
+            raise
+        self.requests += 1
+        started = time.perf_counter()
+        future = self.worker.submit_threadsafe(feeds)
+
+        def account(done: concurrent.futures.Future[Outputs]) -> None:
+            error = done.exception() if not done.cancelled() else None
+            if error is None and not done.cancelled():
+                self.consecutive_failures = 0
+                self.succeeded += 1
+                self.latencies.append(time.perf_counter() - started)
+            elif error is not None:
+                self.errors += 1
+                if isinstance(error, InferenceError):
+                    self.consecutive_failures += 1
+
+        future.add_done_callback(account)
+        return future
 
     def close(self) -> None:
         self.worker.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -33,8 +34,8 @@ Outputs = dict[str, np.ndarray]
 class Job:
     feeds: Mapping[str, np.ndarray]
     raw_outputs: bool
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Outputs]
+    loop: asyncio.AbstractEventLoop | None  # None: a caller on another thread waits on a concurrent future
+    future: asyncio.Future[Outputs] | concurrent.futures.Future[Outputs]
     enqueued: float = field(default_factory=time.perf_counter)
     size: int | None = None
     key: tuple[object, ...] | None = None
@@ -71,12 +72,22 @@ class Worker:
 
     def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
-        job = Job(feeds, raw_outputs, loop, loop.create_future())
+        future: asyncio.Future[Outputs] = loop.create_future()
+        self._enqueue(Job(feeds, raw_outputs, loop, future))
+        return future
+
+    def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
+                          raw_outputs: bool = False) -> concurrent.futures.Future[Outputs]:
+        """For callers on their own thread (stream pipelines): no hop through the event loop."""
+        future: concurrent.futures.Future[Outputs] = concurrent.futures.Future()
+        self._enqueue(Job(feeds, raw_outputs, None, future))
+        return future
+
+    def _enqueue(self, job: Job) -> None:
         if self.layout is not None:
-            job.size = self.layout.request_size(feeds)
-            job.key = self.layout.key(feeds) if job.size is not None else None
+            job.size = self.layout.request_size(job.feeds)
+            job.key = self.layout.key(job.feeds) if job.size is not None else None
         self._queue.put(job)
-        return job.future
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
         """Direct call for warm-up, before the worker serves traffic."""
@@ -199,9 +210,15 @@ class Worker:
         def deliver() -> None:
             if job.future.done():
                 return
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+            try:
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+            except concurrent.futures.InvalidStateError:
+                pass  # abandoned by the watchdog meanwhile
 
-        job.loop.call_soon_threadsafe(deliver)
+        if job.loop is None:
+            deliver()
+        else:
+            job.loop.call_soon_threadsafe(deliver)

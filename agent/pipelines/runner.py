@@ -23,7 +23,7 @@ import orjson
 import structlog
 
 from agent.errors import AgentError
-from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, SourceEnded, SourceError
+from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, Prepared, SourceEnded, SourceError
 from agent.pipelines.results import ResultPolicy
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Stream:
         self._pre: Any = None
         self._post: Any = None
         self._specs: tuple[Any, ...] | None = None
+        self._inflight: tuple[Any, Prepared, Frame, ServedModel] | None = None
         self._reset = False
         self._threads: list[threading.Thread] = []
 
@@ -251,18 +252,25 @@ class Stream:
     def _process(self) -> None:
         last_error = 0.0
         while self._running.is_set():
-            item = self._take(0.5)
-            if item is None:
-                with self._lock:
-                    if self._capture_done and self._frame is None and not self._audio:
-                        return
-                continue
+            item = self._take(0.5 if self._inflight is None else 0.0)
             try:
+                if item is None:
+                    self._drain()  # nothing new: finish the frame still in the model
+                    with self._lock:
+                        if self._capture_done and self._frame is None and not self._audio:
+                            return
+                    continue
                 served = self.registry.get(self.spec.model, self.spec.version)
                 if served is not self._served or self._reset:
+                    self._drain()
                     self._processors(served)
-                self._handle(served, item)
+                if isinstance(item, Frame):
+                    self._handle_frame(served, item)
+                else:
+                    self._drain()
+                    self._handle(served, item)
             except (AgentError, TimeoutError) as exc:
+                self._inflight = None
                 self.metrics.errors += 1
                 now = time.monotonic()
                 if now - last_error > 5:
@@ -273,22 +281,44 @@ class Stream:
                     self._running.clear()
                     return
 
+    def _handle_frame(self, served: ServedModel, frame: Frame) -> None:
+        """One frame in the model while the next is pre-processed and the previous post-processed.
+
+        Frames carry no model state from one to the next, so overlapping them is safe; audio
+        windows do (``update``), so they go one at a time through ``_handle``.
+        """
+        prepared = next(iter(self._pre(frame)))  # overlaps the frame in flight
+        previous = self._inflight
+        outputs = previous[0].result(timeout=30) if previous is not None else None
+        future = served.infer_threadsafe(prepared.feeds)
+        self._inflight = (future, prepared, frame, served)
+        if previous is not None and outputs is not None:
+            self._finish(previous[3], previous[2], previous[1], outputs)  # overlaps this frame's inference
+
+    def _drain(self) -> None:
+        if self._inflight is not None:
+            future, prepared, frame, served = self._inflight
+            self._inflight = None
+            self._finish(served, frame, prepared, future.result(timeout=30))
+
+    def _finish(self, served: ServedModel, item: Item, prepared: Prepared, outputs: Mapping[str, np.ndarray]) -> None:
+        self.metrics.inferred += 1
+        result = self._post(outputs, prepared.meta)
+        if result is not None and self.policy.allow(result):
+            self.metrics.results += 1
+            where = {"frame": item.index} if isinstance(item, Frame) else {"sample_offset": item.offset}
+            payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}",
+                       "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **where, **result}
+            self.loop.call_soon_threadsafe(self.emit, self, payload, item)
+        self.metrics.ages.append(time.time() - item.ts)
+
     def _handle(self, served: ServedModel, item: Item) -> None:
         started = time.perf_counter()
         for prepared in self._pre(item):
-            future = asyncio.run_coroutine_threadsafe(served.infer(prepared.feeds), self.loop)
+            future = served.infer_threadsafe(prepared.feeds)
             outputs = future.result(timeout=30)
-            self._pre.update(outputs)
-            self.metrics.inferred += 1
-            result = self._post(outputs, prepared.meta)
-            if result is not None and self.policy.allow(result):
-                self.metrics.results += 1
-                where = {"frame": item.index} if isinstance(item, Frame) else {"sample_offset": item.offset}
-                payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}",
-                           "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **where,
-                           **result}
-                self.loop.call_soon_threadsafe(self.emit, self, payload, item)
-        self.metrics.ages.append(time.time() - item.ts)
+            self._pre.update(outputs)  # state for the next window: never overlap stateful windows
+            self._finish(served, item, prepared, outputs)
         if isinstance(item, AudioChunk):
             self.metrics.audio_seconds += len(item.samples) / item.sample_rate
             self.metrics.busy_seconds += time.perf_counter() - started
