@@ -56,25 +56,35 @@ class ServedModel:
     def outputs(self) -> Sequence[Any]:
         return self.session.outputs
 
-    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False) -> Outputs:
-        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
+    def _admit(self, feeds: Mapping[str, np.ndarray]) -> float:
+        """Check the feeds and count the request; returns its start time."""
         try:
             check_feeds(self.session.inputs, feeds)
         except RequestError:
             self.rejected += 1  # the installer's health window counts these: a new version may reject old clients
             raise
         self.requests += 1
-        started = time.perf_counter()
+        return time.perf_counter()
+
+    def _account(self, started: float, error: BaseException | None) -> None:
+        if error is None:
+            self.consecutive_failures = 0
+            self.succeeded += 1
+            self.latencies.append(time.perf_counter() - started)
+            return
+        self.errors += 1
+        if isinstance(error, InferenceError):
+            self.consecutive_failures += 1
+
+    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False) -> Outputs:
+        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
+        started = self._admit(feeds)
         try:
             outputs = await self.worker.submit(feeds, raw_outputs)
         except AgentError as exc:
-            self.errors += 1
-            if isinstance(exc, InferenceError):
-                self.consecutive_failures += 1
+            self._account(started, exc)
             raise
-        self.consecutive_failures = 0
-        self.succeeded += 1
-        self.latencies.append(time.perf_counter() - started)
+        self._account(started, None)
         return outputs
 
     def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
@@ -83,27 +93,10 @@ class ServedModel:
         Raises:
             RequestError: the feeds do not fit (counted as rejected, like ``infer``).
         """
-        try:
-            check_feeds(self.session.inputs, feeds)
-        except RequestError:
-            self.rejected += 1
-            raise
-        self.requests += 1
-        started = time.perf_counter()
+        started = self._admit(feeds)
         future = self.worker.submit_threadsafe(feeds)
-
-        def account(done: concurrent.futures.Future[Outputs]) -> None:
-            error = done.exception() if not done.cancelled() else None
-            if error is None and not done.cancelled():
-                self.consecutive_failures = 0
-                self.succeeded += 1
-                self.latencies.append(time.perf_counter() - started)
-            elif error is not None:
-                self.errors += 1
-                if isinstance(error, InferenceError):
-                    self.consecutive_failures += 1
-
-        future.add_done_callback(account)
+        future.add_done_callback(
+            lambda done: None if done.cancelled() else self._account(started, done.exception()))
         return future
 
     def close(self) -> None:
