@@ -304,3 +304,50 @@ post = {FACE_POST}
         assert done["inferred"] == len(frames) and done["dropped_frames"] == 0, "an unpaced file loses nothing"
     finally:
         assert daemon.stop() == 0
+
+
+def test_speech_still_going_at_end_of_file_is_closed(tmp_path, samples, broker):
+    import wave
+
+    import numpy as np
+
+    from cloud_sync.fleet.console import FleetClient
+    from cloud_sync.mqtt.settings import BrokerSettings
+    from tests.media import write_wav
+
+    speech = speech_wav(tmp_path / "speech.wav", "one two three four five six seven")
+    with wave.open(str(speech)) as w:
+        voice = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    loud = np.flatnonzero(np.abs(voice) > 0.02)
+    cut = voice[: (loud[0] + loud[-1]) // 2]  # the file ends in the middle of the speech
+    wav = write_wav(tmp_path / "cut.wav", np.concatenate([np.zeros(16000, np.float32), cut]))
+    install(tmp_path / "models", samples, "silero_vad")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "mic-2"
+[mqtt]
+url = "{broker.url}"
+[stream.mic]
+model = "silero_vad"
+source = {{ type = "wav", path = "{wav}" }}
+pre = {VAD_PRE}
+post = {{ type = "vad", threshold = 0.5 }}
+autostart = false
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+    try:
+        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
+            fleet.subscribe(["edge/v1/devices/mic-2/results/#"])
+            assert daemon.client.request("POST", "/v1/agent/streams/mic:start", b"")[0] == 200
+            events = []
+            for msg in fleet.messages(30):
+                events.append(json.loads(msg.payload))
+                if events[-1].get("event") == "speech_end":
+                    break
+        assert [e["event"] for e in events] == ["speech_start", "speech_end"], events
+        end = events[-1]
+        assert end.get("end_of_stream") is True
+        assert abs(end["end"] - (1.0 + len(cut) / 16000)) < 0.1, "the segment ends with the audio"
+    finally:
+        assert daemon.stop() == 0

@@ -143,6 +143,9 @@ class Deployer:
         swapped = False
         try:
             self._event(record)
+            if self._pause and self._pause[0] == "started":  # begin() saved this step itself
+                log.warning("deploy.paused", state="started", seconds=self._pause[1])
+                await asyncio.sleep(self._pause[1])
             updater = self.updater()
             await asyncio.to_thread(updater.refresh)  # new metadata every time: find() alone never refreshes again
             info = await asyncio.to_thread(updater.find, name, version)

@@ -114,6 +114,10 @@ class Postprocessor(abc.ABC):
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
         """Raises PipelineError if the outputs do not fit this post-processor."""
 
+    def flush(self) -> dict[str, Any] | None:
+        """At the end of a finite source: close what is still open (e.g. a speech segment)."""
+        return None
+
 
 T = TypeVar("T")
 

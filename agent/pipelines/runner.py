@@ -128,6 +128,7 @@ class Stream:
         self._post: Any = None
         self._specs: tuple[Any, ...] | None = None
         self._inflight: tuple[Any, Prepared, Frame, ServedModel] | None = None
+        self._last_item: Item | None = None
         self._reset = False
         self._threads: list[threading.Thread] = []
 
@@ -257,8 +258,10 @@ class Stream:
                 if item is None:
                     self._drain()  # nothing new: finish the frame still in the model
                     with self._lock:
-                        if self._capture_done and self._frame is None and not self._audio:
-                            return
+                        ended = self._capture_done and self._frame is None and not self._audio
+                    if ended:
+                        self._flush()
+                        return
                     continue
                 served = self.registry.get(self.spec.model, self.spec.version)
                 if served is not self._served or self._reset:
@@ -295,6 +298,18 @@ class Stream:
         if previous is not None and outputs is not None:
             self._finish(previous[3], previous[2], previous[1], outputs)  # overlaps this frame's inference
 
+    def _flush(self) -> None:
+        """A finite source ended: let the post-processor close what is open (a speech segment)."""
+        served, last = self._served, self._last_item
+        if self._post is None or served is None or last is None:
+            return
+        result = self._post.flush()
+        if result is not None and self.policy.allow(result):
+            self.metrics.results += 1
+            payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}", "captured_at": last.ts,
+                       "age_ms": round((time.time() - last.ts) * 1e3, 2), "end_of_stream": True, **result}
+            self.loop.call_soon_threadsafe(self.emit, self, payload, last)
+
     def _drain(self) -> None:
         if self._inflight is not None:
             future, prepared, frame, served = self._inflight
@@ -303,6 +318,7 @@ class Stream:
 
     def _finish(self, served: ServedModel, item: Item, prepared: Prepared, outputs: Mapping[str, np.ndarray]) -> None:
         self.metrics.inferred += 1
+        self._last_item = item
         result = self._post(outputs, prepared.meta)
         if result is not None and self.policy.allow(result):
             self.metrics.results += 1

@@ -60,15 +60,26 @@ class VoiceActivity(Postprocessor):
         self.report = opts.get_bool("report_probability", False)
         self.candidate: float | None = None  # start of speech not yet long enough
         self.speaking: float | None = None  # start (padded) of the current segment
+        self.last_end = 0.0
         self.silence_since: float | None = None
 
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
         p = _probability(outputs, self.spec.name)
         start, end = _times(meta)
+        self.last_end = end
         event = self._step(p, start, end)
         if self.report:
             return {"probability": round(p, 4), "t": round(end, 3), **(event or {})}
         return event
+
+    def flush(self) -> dict[str, Any] | None:
+        """The stream ended while speech was still going on: the segment ends with the audio."""
+        if self.speaking is None:
+            return None
+        end = self.silence_since + self.pad if self.silence_since is not None else self.last_end
+        segment = {"event": "speech_end", "start": round(self.speaking, 3), "end": round(min(end, self.last_end), 3)}
+        self.speaking = self.silence_since = None
+        return segment
 
     def _step(self, p: float, start: float, end: float) -> dict[str, Any] | None:
         if self.speaking is None:
