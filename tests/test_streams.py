@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import install, start_daemon, wait_for
-from tests.media import make_video, photo_frames, silence_wav, speech_wav
+from tests.media import make_video, photo_frames, speech_wav
 
 FACE_PRE = '{ type = "image", resize = "letterbox", scale = 0.00784313725, offset = -1.0 }'
 FACE_POST = '{ type = "detection", format = "mediapipe_ssd", score_threshold = 0.6 }'
@@ -49,6 +49,51 @@ def stream_status(daemon, name: str) -> dict:
     return next(s for s in daemon.client.status()["streams"] if s["name"] == name)
 
 
+
+
+def load_voice(path: Path):
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+
+
+def vad_events_over_mqtt(tmp_path: Path, samples, broker, wav: Path, device: str, post: str) -> tuple[list, object]:
+    """Run a Silero VAD stream over ``wav`` in a real daemon; the results as the fleet receives them."""
+    from cloud_sync.fleet.console import FleetClient
+    from cloud_sync.mqtt.settings import BrokerSettings
+
+    install(tmp_path / "models", samples, "silero_vad")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "{device}"
+[mqtt]
+url = "{broker.url}"
+[stream.mic]
+model = "silero_vad"
+source = {{ type = "wav", path = "{wav}", realtime = false }}
+pre = {VAD_PRE}
+post = {post}
+autostart = false
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+    events: list = []
+    try:
+        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
+            fleet.subscribe([f"edge/v1/devices/{device}/results/#"])
+            status, _, body = daemon.client.request("POST", "/v1/agent/streams/mic:start", b"")
+            assert status == 200, body
+            for msg in fleet.messages(30):
+                events.append(json.loads(msg.payload))
+                if events[-1].get("event") == "speech_end":
+                    break
+        wait_for(lambda: stream_status(daemon, "mic")["state"] == "ended", what="finite source ends")
+        return events, stream_status(daemon, "mic")
+    finally:
+        assert daemon.stop() == 0
 
 
 @pytest.fixture
@@ -97,56 +142,20 @@ snapshot_max_bytes = 200000
 def test_audio_stream_speech_events_over_mqtt(tmp_path, samples, broker):
     import numpy as np
 
-    from cloud_sync.fleet.console import FleetClient
-    from cloud_sync.mqtt.settings import BrokerSettings
     from tests.media import write_wav
 
-    speech = speech_wav(tmp_path / "speech.wav", "the quick brown fox jumps over the lazy dog")
-    import wave
-
-    with wave.open(str(speech)) as w:
-        voice = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    voice = load_voice(speech_wav(tmp_path / "speech.wav", "the quick brown fox jumps over the lazy dog"))
     pad = np.zeros(16000, np.float32)
     wav = write_wav(tmp_path / "padded.wav", np.concatenate([pad, voice, pad, pad]))
-    install(tmp_path / "models", samples, "silero_vad")
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-device_id = "mic-1"
-[mqtt]
-url = "{broker.url}"
-[stream.mic]
-model = "silero_vad"
-source = {{ type = "wav", path = "{wav}", realtime = false }}
-pre = {VAD_PRE}
-post = {{ type = "vad", threshold = 0.5, speech_pad_ms = 0 }}
-autostart = false
-""")
-    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
-    try:
-        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
-            fleet.subscribe(["edge/v1/devices/mic-1/results/#"])
-            status, _, body = daemon.client.request("POST", "/v1/agent/streams/mic:start", b"")
-            assert status == 200, body
-            events = []
-            for msg in fleet.messages(30):
-                payload = json.loads(msg.payload)
-                events.append(payload)
-                if payload.get("event") == "speech_end":
-                    break
-        kinds = [e["event"] for e in events]
-        assert kinds == ["speech_start", "speech_end"], events
-        end = events[1]
-        loud = np.flatnonzero(np.abs(voice) > 0.02)  # where the voice really starts and ends
-        true_start, true_end = 1.0 + loud[0] / 16000, 1.0 + loud[-1] / 16000
-        assert abs(end["start"] - true_start) <= 0.1 and abs(end["end"] - true_end) <= 0.1, (end, true_start, true_end)
-        assert all(isinstance(e["seq"], int) for e in events) and events[0]["model"] == "silero_vad@1"
-        wait_for(lambda: stream_status(daemon, "mic")["state"] == "ended", what="finite source ends")
-        assert stream_status(daemon, "mic")["real_time_factor"] < 1.0, "faster than real time"
-        silence = silence_wav(tmp_path / "quiet.wav", 2.0)
-        assert silence.exists()
-    finally:
-        assert daemon.stop() == 0
+    events, status = vad_events_over_mqtt(tmp_path, samples, broker, wav, "mic-1",
+                                          "{ type = \"vad\", threshold = 0.5, speech_pad_ms = 0 }")
+    assert [e["event"] for e in events] == ["speech_start", "speech_end"], events
+    end = events[1]
+    loud = np.flatnonzero(np.abs(voice) > 0.02)  # where the voice really starts and ends
+    true_start, true_end = 1.0 + loud[0] / 16000, 1.0 + loud[-1] / 16000
+    assert abs(end["start"] - true_start) <= 0.1 and abs(end["end"] - true_end) <= 0.1, (end, true_start, true_end)
+    assert all(isinstance(e["seq"], int) for e in events) and events[0]["model"] == "silero_vad@1"
+    assert status["real_time_factor"] < 1.0, "faster than real time"
 
 
 def test_bad_source_does_not_stop_other_streams_or_predicts(tmp_path, samples, face_video):
@@ -307,47 +316,15 @@ post = {FACE_POST}
 
 
 def test_speech_still_going_at_end_of_file_is_closed(tmp_path, samples, broker):
-    import wave
-
     import numpy as np
 
-    from cloud_sync.fleet.console import FleetClient
-    from cloud_sync.mqtt.settings import BrokerSettings
     from tests.media import write_wav
 
-    speech = speech_wav(tmp_path / "speech.wav", "one two three four five six seven")
-    with wave.open(str(speech)) as w:
-        voice = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    voice = load_voice(speech_wav(tmp_path / "speech.wav", "one two three four five six seven"))
     loud = np.flatnonzero(np.abs(voice) > 0.02)
     cut = voice[: (loud[0] + loud[-1]) // 2]  # the file ends in the middle of the speech
     wav = write_wav(tmp_path / "cut.wav", np.concatenate([np.zeros(16000, np.float32), cut]))
-    install(tmp_path / "models", samples, "silero_vad")
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-device_id = "mic-2"
-[mqtt]
-url = "{broker.url}"
-[stream.mic]
-model = "silero_vad"
-source = {{ type = "wav", path = "{wav}" }}
-pre = {VAD_PRE}
-post = {{ type = "vad", threshold = 0.5 }}
-autostart = false
-""")
-    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
-    try:
-        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
-            fleet.subscribe(["edge/v1/devices/mic-2/results/#"])
-            assert daemon.client.request("POST", "/v1/agent/streams/mic:start", b"")[0] == 200
-            events = []
-            for msg in fleet.messages(30):
-                events.append(json.loads(msg.payload))
-                if events[-1].get("event") == "speech_end":
-                    break
-        assert [e["event"] for e in events] == ["speech_start", "speech_end"], events
-        end = events[-1]
-        assert end.get("end_of_stream") is True
-        assert abs(end["end"] - (1.0 + len(cut) / 16000)) < 0.1, "the segment ends with the audio"
-    finally:
-        assert daemon.stop() == 0
+    events, _ = vad_events_over_mqtt(tmp_path, samples, broker, wav, "mic-2", "{ type = \"vad\", threshold = 0.5 }")
+    assert [e["event"] for e in events] == ["speech_start", "speech_end"], events
+    assert events[-1].get("end_of_stream") is True
+    assert abs(events[-1]["end"] - (1.0 + len(cut) / 16000)) < 0.1, "the segment ends with the audio"
