@@ -43,7 +43,7 @@ def silero_feeds(batch: int = 1) -> dict[str, np.ndarray]:
             "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(16000, np.int64)}
 
 
-def start_agent(work: Path) -> subprocess.Popen[bytes]:
+def start_agent(work: Path, queue_delay_us: int = 0) -> subprocess.Popen[bytes]:
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
                                ("silero_vad_batched", "silero_vad", "model.onnx"),
@@ -53,7 +53,7 @@ def start_agent(work: Path) -> subprocess.Popen[bytes]:
     config = work / "agent.toml"
     config.write_text("[runtime]\nthreads = 1\n"
                       "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
-                      "max_queue_delay_us = 0\n")
+                      f"max_queue_delay_us = {queue_delay_us}\n")
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
                              str(models), "--socket", str(work / "agent.sock"), "--log-format", "json"],
@@ -185,21 +185,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="batching max_queue_delay_us")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
-        proc = start_agent(work)
+        proc = start_agent(work, args.queue_delay_us)
         try:
             sock = work / "agent.sock"
-            rows = latency_table(sock, args.rounds, args.per_round)
-            raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}
-            print(f"\nLatency (µs), {args.rounds}x{args.per_round} calls per mode, interleaved; one client, batch 1")
-            print(f"{'model':<16}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}")
-            for model, mode, p50, p99 in rows:
-                extra = "" if mode == "raw runtime" else f"{p50 - raw[model]:>14.0f}{p50 / raw[model]:>8.2f}"
-                print(f"{model:<16}{mode:<13}{p50:>9.0f}{p99:>9.0f}{extra}")
-            print(f"\nThroughput, Silero VAD, v2 binary, requests/s over {args.seconds:.0f} s "
-                  f"(raw runtime single-thread: {1e6 / raw['silero_vad']:.0f}/s)")
+            raw = {"silero_vad": 0.0}
+            if not args.throughput_only:
+                rows = latency_table(sock, args.rounds, args.per_round)
+                raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}
+                print(f"\nLatency (µs), {args.rounds}x{args.per_round} calls per mode, interleaved; one client, "
+                      "batch 1")
+                print(f"{'model':<16}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}")
+                for model, mode, p50, p99 in rows:
+                    extra = "" if mode == "raw runtime" else f"{p50 - raw[model]:>14.0f}{p50 / raw[model]:>8.2f}"
+                    print(f"{model:<16}{mode:<13}{p50:>9.0f}{p99:>9.0f}{extra}")
+            raw_rate = f"raw runtime single-thread: {1e6 / raw['silero_vad']:.0f}/s" if raw["silero_vad"] else ""
+            print(f"\nThroughput, Silero VAD, v2 binary, requests/s over {args.seconds:.0f} s; batching "
+                  f"max_queue_delay_us={args.queue_delay_us} ({raw_rate})")
             print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
             for clients in (1, 8, 32):
                 plain = throughput(sock, "silero_vad", clients, args.seconds)
