@@ -21,7 +21,7 @@ from agent.deploy.state import Deployment
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.collector import HealthCollector
 from agent.health.metrics import Metrics
-from agent.health.system import CpuSampler, SystemSnapshot, read_system
+from agent.health.system import CpuSampler, SystemSnapshot, read_system, release_free_heap
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.models.registry import ModelRegistry
 from agent.pipelines.manager import StreamManager
@@ -101,7 +101,7 @@ class Agent:
             await self._server.listen_tcp(host, port)
             self.listeners.append(f"tcp:{self.config.api.tcp}")
         await self.streams.start_configured()
-        _release_free_heap()
+        release_free_heap()
         log.info("agent.ready", listeners=self.listeners,
                  models=[f"{m.name}@{m.version}" for m in self.registry.served()],
                  seconds=round(time.time() - self.started_at, 3))
@@ -209,24 +209,6 @@ class Agent:
             "deployments": [r.to_dict() for r in self.deployer.store.all()],
             "streams": self.streams.status(),
         }
-
-
-def _release_free_heap() -> None:
-    """Give the C heap's free pages back after start-up (model loading churns a lot of memory).
-
-    glibc keeps freed memory in its arenas; for a long-running, mostly idle daemon that is
-    resident memory nobody uses. A no-op where ``malloc_trim`` does not exist (musl, macOS).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
 
 
 async def _watchdog(agent: Agent, notifier: Notifier, interval: float) -> None:

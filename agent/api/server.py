@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,20 +75,11 @@ class Routes:
         return _json(tfserving.metadata(model))
 
     async def v1_predict(self, request: Request) -> Response:
-        started = time.perf_counter()
         model = self.agent.registry.get(request.params["name"], _version(request))
-        code = "400"
-        try:
+        with self._observed(model, "v1"):
             feeds, fmt, raw = tfserving.parse_predict(request.body, model)
             outputs = await model.infer(feeds, raw_outputs=raw)
-            response = _json(tfserving.format_predict(outputs, fmt))
-            code = "200"
-            return response
-        except AgentError as exc:
-            code = str(exc.http_status)
-            raise
-        finally:
-            self._observe(model, "v1", code, started)
+            return _json(tfserving.format_predict(outputs, fmt))
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
@@ -113,19 +104,11 @@ class Routes:
         return _json({"name": model.name, "version": str(model.version), "ready": True})
 
     async def v2_infer(self, request: Request) -> Response:
-        started = time.perf_counter()
         model = self.agent.registry.get(request.params["name"], _version(request))
-        code = "400"
-        try:
+        with self._observed(model, "v2"):
             parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model)
             outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output)
             body, header_length = oip.format_infer(model, parsed, outputs)
-            code = "200"
-        except AgentError as exc:
-            code = str(exc.http_status)
-            raise
-        finally:
-            self._observe(model, "v2", code, started)
         if header_length is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)})
@@ -206,6 +189,20 @@ class Routes:
         if seq < 0:
             return _json({"error": "the outbox is full and could not make room"}, 507)
         return _json({"seq": seq}, 202)
+
+    @contextlib.contextmanager
+    def _observed(self, model: Any, protocol: str) -> Iterator[None]:
+        """Count the request by status code; time it when it succeeds."""
+        started = time.perf_counter()
+        code = "500"
+        try:
+            yield
+            code = "200"
+        except AgentError as exc:
+            code = str(exc.http_status)
+            raise
+        finally:
+            self._observe(model, protocol, code, started)
 
     def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
         key = (model.name, model.version, protocol, code)

@@ -23,6 +23,7 @@ import structlog
 from agent.deploy.health import HealthPolicy, verdict
 from agent.deploy.state import Deployment, DeploymentStore
 from agent.errors import AgentError
+from agent.health.system import release_free_heap
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
 from cloud_sync.errors import CloudSyncError
@@ -62,6 +63,7 @@ class Deployer:
         self.emit = emit or (lambda _payload: None)
         self._locks: dict[str, asyncio.Lock] = {}
         self._begun: set[str] = set()
+        self._last_progress = 0.0  # monotonic time of the last download progress log
         self._updater: BundleUpdater | None = None
         pause = os.environ.get(PAUSE_ENV, "")
         state, _, seconds = pause.partition(":")
@@ -85,7 +87,7 @@ class Deployer:
 
     def _progress(self, url: str, received: int, total: int | None) -> None:
         now = time.monotonic()
-        if now - getattr(self, "_last_progress", 0.0) >= 1.0 or (total and received >= total):
+        if now - self._last_progress >= 1.0 or (total and received >= total):
             self._last_progress = now
             log.info("deploy.download_progress", url=url, received=received, total=total)
 
@@ -192,9 +194,7 @@ class Deployer:
             self._event(record)
             log.info("deploy.committed", model=name, version=info.version, previous=previous)
             await asyncio.to_thread(self._gc, name, info.version, previous)
-            from agent.daemon import _release_free_heap
-
-            _release_free_heap()  # the old version's memory and the staging churn
+            release_free_heap()  # the old version's memory and the staging churn
             return record
         except (AgentError, CloudSyncError, OSError) as exc:
             code = getattr(exc, "code", "io_error") if not isinstance(exc, OSError) else "io_error"

@@ -432,3 +432,21 @@ def _number(cell: str) -> float | None:
         return float(cell)
     except ValueError:
         return None  # "[N/A]", "[Not Supported]"
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back (after start-up and deployments, which churn memory).
+
+    glibc keeps freed memory in its arenas; for a long-running, mostly idle daemon that is
+    resident memory nobody uses. A no-op where ``malloc_trim`` does not exist (musl, macOS).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +47,6 @@ class OnnxBackend(Backend):
     name = "onnx"
     suffixes = (".onnx",)
     cpu_delegate = "CPUExecutionProvider"
-    inter_op_threads: ClassVar[int] = 1
-    allow_spinning: ClassVar[bool] = False
 
     def _ort(self) -> Any:
         try:
@@ -76,9 +74,9 @@ class OnnxBackend(Backend):
         # An explicit count also stops ONNX Runtime from pinning threads to cores, which fails (and
         # logs an error per thread) under systemd's sandbox and cgroup CPU limits.
         so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        so.inter_op_num_threads = int(options.get("inter_op_threads", self.inter_op_threads))
+        so.inter_op_num_threads = int(options.get("inter_op_threads", 1))
         so.enable_cpu_mem_arena = bool(options.get("memory_arena", False))
-        spinning = "1" if options.get("allow_spinning", self.allow_spinning) else "0"
+        spinning = "1" if options.get("allow_spinning", False) else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         providers: list[Any] = [(spec.name, dict(spec.options))]
         if spec.name != self.cpu_delegate:
