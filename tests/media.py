@@ -145,11 +145,11 @@ def tone_wav(
     return write_wav(path, amplitude * np.sin(2 * np.pi * freq * t), rate, sampwidth)
 
 
-def speech_wav(path: Path, text: str, rate: int = 16000) -> Path:
+def speech_wav(path: Path, text: str, rate: int = 16000, voice: str = "en") -> Path:
     """``text`` spoken by espeak-ng, resampled by sox to ``rate`` Hz mono 16-bit."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "espeak.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
         subprocess.run(
             ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", "-e", "signed-integer", str(path)],
             check=True,

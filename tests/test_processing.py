@@ -4,8 +4,6 @@ microWakeWord on espeak-ng speech, plus unit tests of the pure parts (ring buffe
 from __future__ import annotations
 
 import itertools
-import shutil
-import subprocess
 import time
 import wave
 from pathlib import Path
@@ -21,6 +19,7 @@ from agent.pipelines.post.detection import nms, to_source
 from agent.pipelines.postprocess import make_postprocessor
 from agent.pipelines.preprocess import Resampler, SampleRing, make_preprocessor
 from agent.runtimes import Quantization, Session, TensorSpec, backend_for_file
+from tests import media
 
 FACE_PRE = {"type": "image", "scale": 1 / 127.5, "offset": -1.0}
 FACE_POST = {"type": "detection", "format": "mediapipe_ssd"}
@@ -330,15 +329,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 
 def speak(directory: Path, text: str, rate: int, voice: str = "en") -> Path:
-    if not (shutil.which("espeak-ng") and shutil.which("sox")):
-        pytest.skip("espeak-ng and sox are needed to make speech")
-    raw, out = directory / f"{text}.{voice}.raw.wav", directory / f"{text}.{voice}.{rate}.wav"
-    if not out.exists():
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
-        subprocess.run(
-            ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(out)], check=True, capture_output=True
-        )
-    return out
+    out = directory / f"{text}.{voice}.{rate}.wav"
+    return out if out.exists() else media.speech_wav(out, text, rate, voice)
 
 
 @pytest.fixture(scope="module")
