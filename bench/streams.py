@@ -12,6 +12,8 @@ through the local API, and measures, interleaved over ``--runs`` runs:
      inferred fps from deltas of ``inferred`` in ``GET /v1/agent/streams`` over a window after
      a warm-up, dropped frames, frame age p50/p99 (``age_ms_p50``/``age_ms_p99``: the last
      1000 results, all inside the window), daemon CPU (psutil, % of one core);
+   * the same with ``reduced_decode = false`` (every frame decoded at full 640x480 instead of
+     the 1/4 size that the 128x128 model needs), to show what the reduced MJPG decode buys;
    * ``realtime = true`` (paced at the file's 30 fps, slower than the model): inferred vs.
      input fps; frame age p50/p99 from the results' ``age_ms`` read over the SSE feed during
      the window (the status keeps the last 1000, which at 30 fps reaches back to the start);
@@ -19,7 +21,7 @@ through the local API, and measures, interleaved over ``--runs`` runs:
    stream over the whole file with ``realtime = false``: ``real_time_factor`` (processing
    time / audio duration), audio overflow, daemon CPU over the run;
 3. where a frame's time goes, in this process, stage by stage with the agent's own code:
-   MJPG decode, pre-processing, the model through the agent's session, the hop into the
+   MJPG decode (full and 1/4 size), pre-processing, the model through the agent's session, the hop into the
    event loop and the model's worker thread and back (``run_coroutine_threadsafe``), and
    post-processing.
 
@@ -174,16 +176,18 @@ def raw_vad(wav: Path) -> Callable[[], object]:
 
 # -- the daemon --------------------------------------------------------------------------------------
 def agent_config(path: Path, video: Path, wav: Path) -> Path:
-    def face(name: str, realtime: bool) -> str:
+    def face(name: str, realtime: bool, reduced: bool = True) -> str:
         return (
             f'[stream.{name}]\nmodel = "face_detection"\n'
-            f'source = {{ type = "video", path = "{video}", loop = true, realtime = {str(realtime).lower()} }}\n'
+            f'source = {{ type = "video", path = "{video}", loop = true, realtime = {str(realtime).lower()}, '
+            f"reduced_decode = {str(reduced).lower()} }}\n"
             f"pre = {FACE_PRE}\npost = {FACE_POST}\nautostart = false\n"
         )
 
     path.write_text(
         "[runtime]\nthreads = 1\n\n"
         + face("face_fast", False)
+        + face("face_full", False, reduced=False)
         + face("face_paced", True)
         + f'[stream.vad]\nmodel = "silero_vad"\n'
         f'source = {{ type = "wav", path = "{wav}", realtime = false }}\n'
@@ -360,17 +364,32 @@ def breakdown(video: Path, n: int = 500) -> list[tuple[str, float]]:
             ok, image = cap.read()
         return image
 
+    packets = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+    packets.set(cv2.CAP_PROP_FORMAT, -1)  # what VideoSource does for MJPG: undecoded packets
+
+    def decode_quarter() -> object:
+        ok, packet = packets.read()
+        if not ok:
+            packets.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, packet = packets.read()
+        return cv2.imdecode(packet.reshape(-1), cv2.IMREAD_REDUCED_COLOR_4)
+
     image = first_frame(video)
     frame = Frame(image, time.time(), 0, "bench")
+    small = Frame(cv2.resize(image, (WIDTH // 4, HEIGHT // 4), interpolation=cv2.INTER_AREA), time.time(), 0,
+                  "bench", (WIDTH, HEIGHT))
     prepared = next(iter(pre(frame)))
     outputs = session.run(prepared.feeds)
     rows = [
         ("MJPG decode 640x480 (VideoCapture.read)", per_call_us(decode, n)),
+        ("MJPG decode at 1/4, 160x120 (packet + imdecode)", per_call_us(decode_quarter, n)),
         ("to_bgr (source's frame check/copy)", per_call_us(lambda: to_bgr(image, "x"), n)),
-        ("pre-processing (letterbox, RGB, scale)", per_call_us(lambda: next(iter(pre(frame))), n)),
+        ("pre-processing of a 640x480 frame", per_call_us(lambda: next(iter(pre(frame))), n)),
+        ("pre-processing of the 1/4 frame (letterbox, RGB, scale)", per_call_us(lambda: next(iter(pre(small))), n)),
         ("model: LiteRT invoke via agent session", per_call_us(lambda: session.run(prepared.feeds), n)),
     ]
     cap.release()
+    packets.release()
     loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -384,7 +403,7 @@ def breakdown(video: Path, n: int = 500) -> list[tuple[str, float]]:
 
     through_worker = per_call_us(hop, n)
     rows.append(("model via loop + worker thread (the stream's call)", through_worker))
-    rows.append(("  of which the hop (loop -> worker -> loop -> caller)", through_worker - rows[3][1]))
+    rows.append(("  of which the hop (loop -> worker -> loop -> caller)", through_worker - rows[5][1]))
     rows.append(("post-processing (SSD decode, NMS)", per_call_us(lambda: post(outputs, prepared.meta), n)))
     worker.stop()
     loop.call_soon_threadsafe(loop.stop)
@@ -406,6 +425,7 @@ def report(
     args: argparse.Namespace,
     raw_face_rates: list[float],
     fast: list[dict[str, float]],
+    full: list[dict[str, float]],
     paced: list[dict[str, float]],
     raw_vad_rates: list[float],
     vad: list[dict[str, float]],
@@ -436,6 +456,11 @@ def report(
     p99 = med(fast, "age_p99")
     print(f"{'realtime=false: frame age p99 (ms)':<52}{p99:>10.2f}{bound:>12.2f}  {verdict(p99 <= bound)}")
     print(f"{'realtime=false: daemon CPU (% of one core)':<52}{med(fast, 'cpu'):>10.1f}")
+    full_fps = med(full, "inferred_fps")
+    print(f"{'full-size decode (reduced_decode=false): inferred fps':<52}{full_fps:>10.1f}")
+    print(f"{'full-size decode: inferred / raw rate':<52}{full_fps / raw_rate:>10.2f}")
+    print(f"{'full-size decode: frame age p99 (ms)':<52}{med(full, 'age_p99'):>10.2f}")
+    print(f"{'full-size decode: daemon CPU (% of one core)':<52}{med(full, 'cpu'):>10.1f}")
     in_fps, out_fps = med(paced, "input_fps"), med(paced, "inferred_fps")
     print(f"{'realtime=true: input fps (paced)':<52}{in_fps:>10.1f}")
     print(
@@ -453,10 +478,11 @@ def report(
     print(f"{'realtime=true: age at the SSE client p99 (ms)':<52}{med(paced, 'delivered_p99'):>10.2f}")
     print(f"{'realtime=true: daemon CPU (% of one core)':<52}{med(paced, 'cpu'):>10.1f}")
     fast_rates = " ".join(f"{r['inferred_fps']:.0f}" for r in fast)
+    full_rates = " ".join(f"{r['inferred_fps']:.0f}" for r in full)
     print(
         f"frame age bound = 2 x {raw_ms:.3f} ms raw latency + {FRAME_INTERVAL_S * 1e3:.1f} ms frame interval; "
         f"raw rates per run: {' '.join(f'{r:.0f}' for r in raw_face_rates)}; "
-        f"inferred fps per run: {fast_rates}"
+        f"inferred fps per run: {fast_rates}; full-size decode: {full_rates}"
     )
 
     vad_rate = statistics.median(raw_vad_rates)
@@ -487,7 +513,7 @@ def report(
     chain = sum(
         by[k]
         for k in (
-            "pre-processing (letterbox, RGB, scale)",
+            "pre-processing of the 1/4 frame (letterbox, RGB, scale)",
             "model via loop + worker thread (the stream's call)",
             "post-processing (SSD decode, NMS)",
         )
@@ -517,6 +543,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     raw_face_rates: list[float] = []
     raw_vad_rates: list[float] = []
     fast: list[dict[str, float]] = []
+    full: list[dict[str, float]] = []
     paced: list[dict[str, float]] = []
     vad: list[dict[str, float]] = []
     try:
@@ -524,11 +551,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for i in range(args.runs):
             raw_face_rates.append(rate(face_call, args.raw_seconds))
             fast.append(face_run(daemon, proc, "face_fast", args.warmup, args.window))
+            full.append(face_run(daemon, proc, "face_full", args.warmup, args.window))
             paced.append(face_run(daemon, proc, "face_paced", args.warmup, args.window, sse=True))
             raw_vad_rates.append(rate(vad_call, args.raw_seconds / 2))
             vad.append(vad_run(daemon, proc, audio_s))
             print(
                 f"run {i + 1}/{args.runs}: raw {raw_face_rates[-1]:.0f}/s, fast {fast[-1]['inferred_fps']:.0f} fps, "
+                f"full decode {full[-1]['inferred_fps']:.0f} fps, "
                 f"paced {paced[-1]['inferred_fps']:.1f} fps, VAD RTF {vad[-1]['rtf']:.4f}",
                 file=sys.stderr,
             )
@@ -538,7 +567,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             print(f"agent exited with {code}; log: {daemon.log}", file=sys.stderr)
     print("stage breakdown ...", file=sys.stderr)
     stages = breakdown(video)
-    report(args, raw_face_rates, fast, paced, raw_vad_rates, vad, audio_s, stages)
+    report(args, raw_face_rates, fast, full, paced, raw_vad_rates, vad, audio_s, stages)
 
 
 def main() -> None:

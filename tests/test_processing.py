@@ -57,14 +57,15 @@ def photo(path: Path) -> np.ndarray:
     return image
 
 
-def frame(image: np.ndarray, index: int = 0) -> Frame:
-    return Frame(image, time.time(), index, "test")
+def frame(image: np.ndarray, index: int = 0, full_size: tuple[int, int] | None = None) -> Frame:
+    return Frame(image, time.time(), index, "test", full_size)
 
 
-def detect(session: Session, image: np.ndarray, **pre_options: Any) -> list[dict[str, Any]]:
+def detect(session: Session, image: np.ndarray, full_size: tuple[int, int] | None = None,
+           **pre_options: Any) -> list[dict[str, Any]]:
     pre = make_preprocessor({**FACE_PRE, **pre_options}, session.inputs)
     post = make_postprocessor(FACE_POST, session.outputs)
-    prepared = next(iter(pre(frame(image))))
+    prepared = next(iter(pre(frame(image, full_size=full_size))))
     result = post(session.run(prepared.feeds), prepared.meta)
     assert result is not None
     return [d for d in result["detections"] if d["score"] > 0.5]
@@ -102,6 +103,22 @@ def test_letterbox_on_a_crop_maps_boxes_back(face: Session, samples: dict[str, P
     box = faces[0]["box"]
     expected = [full[0], full[1] - top, full[2], full[3] - top]
     assert np.allclose(box, expected, atol=8), (box, expected)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_frame_decoded_smaller_maps_boxes_to_the_captured_frame(face: Session, samples: dict[str, Path],
+                                                                 resize: str) -> None:
+    """A source's reduced JPEG decode (1/4 size) gives the same boxes, in captured-frame pixels."""
+    image = cv2.resize(photo(samples["astronaut"]), (640, 480))
+    jpeg = cv2.imencode(".jpg", image)[1]
+    full = detect(face, cv2.imdecode(jpeg, cv2.IMREAD_COLOR), resize=resize)
+    small = cv2.imdecode(jpeg, cv2.IMREAD_REDUCED_COLOR_4)
+    assert small.shape == (120, 160, 3)
+    reduced = detect(face, small, full_size=(640, 480), resize=resize)
+    assert len(full) == len(reduced) == 1
+    assert np.allclose(reduced[0]["box"], full[0]["box"], atol=6), (reduced, full)
+    pre = make_preprocessor({**FACE_PRE, "resize": resize}, face.inputs)
+    assert next(iter(pre(frame(small, full_size=(640, 480))))).meta["source_size"] == (640, 480)
 
 
 def test_keypoints_and_timings(face: Session, samples: dict[str, Path]) -> None:

@@ -221,6 +221,51 @@ def test_video_built_from_a_photo_keeps_its_content(tmp_path: Path, samples: dic
         assert np.abs(want.astype(int) - have.image.astype(int)).mean() < 8  # lossy, but the same picture
 
 
+@pytest.mark.parametrize(("need", "factor"), [((128, 96), 2), ((80, 60), 4), ((40, 30), 8), ((300, 200), 1)])
+def test_mjpg_decodes_only_as_large_as_the_consumer_needs(tmp_path: Path, need: tuple[int, int], factor: int) -> None:
+    path = media.make_video(tmp_path / "clip.avi", codec="MJPG", size=(320, 240), n=6)
+    reference = create_source({"type": "video", "path": str(path), "reduced_decode": False})
+    reference.open()
+    full = read_all(reference)
+    src = create_source({"type": "video", "path": str(path)})
+    asked: list[tuple[int, int]] = []
+    src.shrink_to = lambda w, h: asked.append((w, h)) or need
+    src.open()
+    frames = read_all(src)
+    assert len(frames) == 6 and asked and set(asked) == {(320, 240)}
+    for i, (f, ref) in enumerate(zip(frames[1:], full[1:], strict=True), start=1):  # the first is read at open
+        assert f.image.shape == (240 // factor, 320 // factor, 3) and f.size == (320, 240)
+        assert f.full_size == (None if factor == 1 else (320, 240))
+        # the snapshot copy is the captured JPEG, full size, and the small frame is the same picture
+        assert cv2.imdecode(np.frombuffer(f.encoded, np.uint8), cv2.IMREAD_COLOR).shape == (240, 320, 3)
+        small = cv2.resize(ref.image, (320 // factor, 240 // factor), interpolation=cv2.INTER_AREA)
+        assert np.abs(small.astype(int) - f.image.astype(int)).mean() < 6
+        x = media.find_square(f.image) * factor + (factor - 1) / 2
+        assert abs(x - (media.square_x(i, 6, 320) + media.SQUARE / 2 - 0.5)) < 2 + factor
+
+
+def test_reduced_decode_only_for_mjpg_and_not_when_off(tmp_path: Path) -> None:
+    mp4 = media.make_video(tmp_path / "clip.mp4", codec="mp4v", size=(320, 240), n=4)
+    avi = media.make_video(tmp_path / "clip.avi", codec="MJPG", size=(320, 240), n=4)
+    for spec in ({"path": str(mp4)}, {"path": str(avi), "reduced_decode": False}):
+        src = create_source({"type": "video", **spec})
+        src.shrink_to = lambda _w, _h: (40, 30)
+        src.open()
+        frames = read_all(src)
+        assert [f.image.shape for f in frames] == [(240, 320, 3)] * 4
+        assert all(f.full_size is None and f.encoded is None for f in frames)
+
+
+def test_mjpg_loop_keeps_the_reduced_decode(tmp_path: Path) -> None:
+    path = media.make_video(tmp_path / "short.avi", codec="MJPG", size=(320, 240), n=3)
+    src = create_source({"type": "video", "path": str(path), "loop": True})
+    src.shrink_to = lambda _w, _h: (80, 60)
+    src.open()
+    frames = [next_item(src) for _ in range(8)]
+    src.close()
+    assert [f.image.shape for f in frames[1:]] == [(60, 80, 3)] * 7
+
+
 def test_camera_without_the_device_is_a_clear_source_error() -> None:
     node = next(f"/dev/video{i}" for i in range(40, 100) if not Path(f"/dev/video{i}").exists())
     with pytest.raises(SourceError, match=f"no capture device: camera {re.escape(str(node))} not found"):

@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from tests.conftest import install, start_daemon, wait_for
@@ -54,7 +56,6 @@ def stream_status(daemon, name: str) -> dict:
 def load_voice(path: Path):
     import wave
 
-    import numpy as np
 
     with wave.open(str(path)) as w:
         return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
@@ -134,13 +135,14 @@ snapshot_max_bytes = 200000
         assert status["state"] == "running" and status["input_fps"] > 3 and status["age_ms_p50"] is not None
         snaps = list((tmp_path / "snaps").glob("cam-*.jpg"))
         assert snaps and sum(p.stat().st_size for p in snaps) <= 200000 + 60000
-        assert daemon.client.infer("face_detection", {"input": __import__("numpy").zeros((1, 128, 128, 3), "float32")})
+        # frames are decoded at half size for the 128x128 model, snapshots keep the captured 320x240 JPEG
+        assert cv2.imread(str(snaps[-1])).shape == (240, 320, 3)
+        assert daemon.client.infer("face_detection", {"input": np.zeros((1, 128, 128, 3), "float32")})
     finally:
         assert daemon.stop() == 0
 
 
 def test_audio_stream_speech_events_over_mqtt(tmp_path, samples, broker):
-    import numpy as np
 
     from tests.media import write_wav
 
@@ -159,7 +161,6 @@ def test_audio_stream_speech_events_over_mqtt(tmp_path, samples, broker):
 
 
 def test_bad_source_does_not_stop_other_streams_or_predicts(tmp_path, samples, face_video):
-    import numpy as np
 
     video, _ = face_video
     install(tmp_path / "models", samples, "face_detection")
@@ -316,7 +317,6 @@ post = {FACE_POST}
 
 
 def test_speech_still_going_at_end_of_file_is_closed(tmp_path, samples, broker):
-    import numpy as np
 
     from tests.media import write_wav
 

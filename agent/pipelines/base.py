@@ -39,12 +39,24 @@ class SourceEnded(SourceError):  # noqa: N818 - an end, not a failure
 
 @dataclass(frozen=True)
 class Frame:
-    """One video frame: HxWx3 uint8 in BGR order (OpenCV's), as captured."""
+    """One video frame: HxWx3 uint8 in BGR order (OpenCV's), as captured.
+
+    A source that decoded the frame smaller than captured (``Source.shrink_to``) sets ``full_size``
+    so results map back to the captured frame, and may keep the compressed frame (``encoded``, a JPEG)
+    for snapshots at full resolution.
+    """
 
     image: np.ndarray
     ts: float  # capture time, time.time()
     index: int
     source: str
+    full_size: tuple[int, int] | None = None  # (width, height) as captured, when ``image`` is smaller
+    encoded: bytes | None = None  # the frame as captured, JPEG
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the frame as captured."""
+        return self.full_size or (self.image.shape[1], self.image.shape[0])
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,9 @@ class Source(abc.ABC):
 
     kind: ClassVar[str]  # "video" or "audio"
     type: ClassVar[str]  # registry key
+    # Set by the stream: the size (w, h) the pre-processing shrinks a w x h frame to. A source that can
+    # decode smaller for free (MJPG: libjpeg's DCT scaling) decodes to no less than that.
+    shrink_to: Callable[[int, int], tuple[int, int]] | None = None
 
     @abc.abstractmethod
     def open(self) -> None:

@@ -98,11 +98,15 @@ def _snapshot(spec: StreamSpec, frame: Frame) -> None:
 
     directory = Path(spec.snapshot_dir)  # type: ignore[arg-type]
     directory.mkdir(parents=True, exist_ok=True)
-    ok, data = cv2.imencode(".jpg", frame.image)
-    if not ok:
-        return
+    if frame.encoded is not None:  # the JPEG as captured (MJPG): full size, no re-encoding
+        data = frame.encoded
+    else:
+        ok, encoded = cv2.imencode(".jpg", frame.image)
+        if not ok:
+            return
+        data = encoded.tobytes()
     path = directory / f"{spec.name}-{int(frame.ts * 1000)}-{frame.index}.jpg"
-    path.write_bytes(data.tobytes())
+    path.write_bytes(data)
     files = sorted(directory.glob(f"{spec.name}-*.jpg"), key=lambda p: p.stat().st_mtime)
     total = sum(p.stat().st_size for p in files)
     while files and total > spec.snapshot_max_bytes:

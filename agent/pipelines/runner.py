@@ -23,7 +23,7 @@ import orjson
 import structlog
 
 from agent.errors import AgentError
-from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, Prepared, SourceEnded, SourceError
+from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, Prepared, Source, SourceEnded, SourceError
 from agent.pipelines.results import ResultPolicy
 
 if TYPE_CHECKING:
@@ -131,6 +131,8 @@ class Stream:
         self._last_item: Item | None = None
         self._reset = False
         self._threads: list[threading.Thread] = []
+        self._source: Source | None = None
+        self._shrink_to: Callable[[int, int], tuple[int, int]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,7 +167,8 @@ class Stream:
         while self._running.is_set():
             source = None
             try:
-                source = create_source(self.spec.source)
+                source = self._source = create_source(self.spec.source)
+                source.shrink_to = self._shrink_to
                 source.open()
                 self._reset = True  # a reopened source starts over: fresh buffers and model state
                 self.state, self.error, backoff = "running", None, 0.5
@@ -246,6 +249,10 @@ class Stream:
             self._post = make_postprocessor(post, served.session.outputs, labels)
         self._specs = (pre, post, labels)
         self._reset = False
+        # The source may decode frames smaller when the model needs less (MJPG).
+        self._shrink_to = getattr(self._pre, "target_size", None)
+        if self._source is not None:
+            self._source.shrink_to = self._shrink_to
         if self._served is not None and self._served is not served:
             log.info("stream.model_switched", stream=self.spec.name, to=f"{served.name}@{served.version}")
         self._served = served

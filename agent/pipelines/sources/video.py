@@ -7,10 +7,13 @@ guaranteeing HxWx3 uint8 BGR (the pre-processor adapts frames to the model).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import structlog
 from pydantic import Field
 
@@ -27,6 +30,53 @@ from agent.pipelines.sources._common import (
 log = structlog.get_logger(__name__)
 
 DEFAULT_FPS = 30.0  # pacing rate for files whose header has no usable frame rate
+_MAX_UNDECODABLE = 30  # corrupt frames skipped in a row before the source counts as failed
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    image: np.ndarray
+    full_size: tuple[int, int] | None = None
+    encoded: bytes | None = None
+
+
+class _JpegFrames:
+    """Decodes MJPG packets with libjpeg's DCT scaling: a 1/2, 1/4 or 1/8 size frame costs a fraction
+    of a full decode (640x480 at 1/4: ~0.3 ms instead of ~0.7-0.9 ms here), and the pre-processing
+    then has less to shrink."""
+
+    _REDUCED = ((8, "IMREAD_REDUCED_COLOR_8"), (4, "IMREAD_REDUCED_COLOR_4"), (2, "IMREAD_REDUCED_COLOR_2"))
+
+    def __init__(self) -> None:
+        self.full: tuple[int, int] | None = None  # (w, h) of the last full-size decode
+
+    def decode(self, packet: Any, shrink_to: Callable[[int, int], tuple[int, int]] | None) -> _Decoded | None:
+        """None for a packet libjpeg cannot decode."""
+        cv2 = load_cv2()
+        data = np.asarray(packet, np.uint8).reshape(-1)
+        factor, flag = self._factor(shrink_to)
+        image = cv2.imdecode(data, flag)
+        if image is None:
+            return None
+        full = self.full
+        if factor == 1 or full is None or image.shape[:2] != (-(-full[1] // factor), -(-full[0] // factor)):
+            if factor != 1:  # the frame size changed mid-stream: learn it from one full decode
+                image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+                if image is None:
+                    return None
+            self.full = (image.shape[1], image.shape[0])
+            return _Decoded(image, None, data.tobytes())
+        return _Decoded(image, full, data.tobytes())
+
+    def _factor(self, shrink_to: Callable[[int, int], tuple[int, int]] | None) -> tuple[int, int]:
+        cv2 = load_cv2()
+        if shrink_to is not None and self.full is not None:
+            w, h = self.full
+            need_w, need_h = shrink_to(w, h)
+            for factor, name in self._REDUCED:
+                if -(-w // factor) >= need_w and -(-h // factor) >= need_h:
+                    return factor, getattr(cv2, name)
+        return 1, cv2.IMREAD_COLOR
 
 
 def is_url(path: str) -> bool:
@@ -59,6 +109,10 @@ class VideoOptions(Options):
     fps: float | None = Field(default=None, gt=0, description="pacing rate; default: the file's own")
     open_timeout: float = Field(default=10.0, gt=0, description="seconds, URLs only")
     read_timeout: float = Field(default=5.0, gt=0, description="seconds, URLs only")
+    reduced_decode: bool = Field(
+        default=True,
+        description="MJPG: decode frames only as large as the model needs (libjpeg DCT scaling); false: full size",
+    )
 
 
 @SOURCES.register
@@ -79,9 +133,10 @@ class VideoSource(ConfiguredSource):
         self.opts: VideoOptions = self._options  # type: ignore[assignment]
         self.url = is_url(self.opts.path)
         self._cap: Any = None
-        self._pending: Any = None
+        self._pending: _Decoded | None = None
         self._pacer: Pacer | None = None
         self._index = 0
+        self._jpeg: _JpegFrames | None = None  # MJPG read as packets and decoded here
 
     def describe(self) -> str:
         return redact(self.opts.path)
@@ -95,10 +150,18 @@ class VideoSource(ConfiguredSource):
                 raise SourceError(f"video file {where} not found" if not path.exists() else f"{where} is not a file")
         cap = self._capture()
         ok, image = _read(cap, where)
-        if not ok:
+        pending = self._decode(image) if ok else None
+        if pending is None and self._jpeg is not None:  # libjpeg cannot read these frames: let FFmpeg decode them
+            log.info("source.reduced_decode_off", source=self.type, path=where, reason="frames are not plain JPEG")
+            cap.release()
+            cap = self._capture(packets=False)
+            ok, image = _read(cap, where)
+            pending = self._decode(image) if ok else None
+        if pending is None:
             cap.release()
             raise SourceError(f"video {where}: opened, but no frame could be decoded")
-        self._cap, self._pending = cap, image
+        self._cap, self._pending = cap, pending
+        image = pending.image
         cv2 = load_cv2()
         file_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         rate = self.opts.fps or (file_fps if 0 < file_fps <= 1000 else DEFAULT_FPS)
@@ -112,9 +175,11 @@ class VideoSource(ConfiguredSource):
             height=image.shape[0] if hasattr(image, "shape") else None,
             paced_fps=rate if self._pacer else None,
             loop=self.opts.loop,
+            reduced_decode=self._jpeg is not None,
         )
 
-    def _capture(self) -> Any:
+    def _capture(self, packets: bool | None = None) -> Any:
+        """Open the capture; an MJPG stream is read as undecoded packets when ``packets`` (default: the option)."""
         cv2 = load_cv2()
         where = self.describe()
         try:
@@ -134,7 +199,17 @@ class VideoSource(ConfiguredSource):
             cap.release()
             what = "unreachable, or not a video stream" if self.url else "not a video, or an unsupported codec"
             raise SourceError(f"cannot open video {where}: {what}")
+        if packets is None:
+            packets = self.opts.reduced_decode and (self._jpeg is not None or self._cap is None)
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0).to_bytes(4, "little")
+        # CAP_PROP_FORMAT = -1: FFmpeg hands over packets instead of decoded frames (False where unsupported).
+        self._jpeg = _JpegFrames() if packets and fourcc == b"MJPG" and cap.set(cv2.CAP_PROP_FORMAT, -1) else None
         return cap
+
+    def _decode(self, image: Any) -> _Decoded | None:
+        if self._jpeg is None:
+            return _Decoded(to_bgr(image, f"video {self.describe()}"))
+        return self._jpeg.decode(image, self.shrink_to)
 
     def read(self, timeout: float) -> Frame | None:
         self._require_open(self._cap)
@@ -142,18 +217,25 @@ class VideoSource(ConfiguredSource):
             self._pending = self._next_image()
         if self._pacer is not None and not self._pacer.wait(timeout):
             return None
-        image, self._pending = self._pending, None
-        frame = Frame(to_bgr(image, f"video {self.describe()}"), time.time(), self._index, self.describe())
+        decoded, self._pending = self._pending, None
+        frame = Frame(decoded.image, time.time(), self._index, self.describe(), decoded.full_size, decoded.encoded)
         self._index += 1
         if self._pacer is not None:
             self._pacer.advance()
         return frame
 
-    def _next_image(self) -> Any:
+    def _next_image(self) -> _Decoded:
         where = self.describe()
-        ok, image = _read(self._cap, where)
-        if ok:
-            return image
+        for _ in range(_MAX_UNDECODABLE):
+            ok, image = _read(self._cap, where)
+            if not ok:
+                break
+            decoded = self._decode(image)
+            if decoded is not None:
+                return decoded
+            log.debug("source.frame_undecodable", source=self.type, path=where, frame=self._index)
+        else:
+            raise SourceError(f"video {where}: {_MAX_UNDECODABLE} frames in a row could not be decoded")
         if self.url:
             raise SourceError(f"video stream {where} stopped delivering frames")
         if not self.opts.loop:
@@ -166,10 +248,11 @@ class VideoSource(ConfiguredSource):
             self._cap.release()
             self._cap = self._capture()
             ok, image = _read(self._cap, where)
-        if not ok:
+        decoded = self._decode(image) if ok else None
+        if decoded is None:
             raise SourceError(f"video file {where}: cannot restart from the beginning")
         log.debug("source.looped", source=self.type, path=where, frames=self._index)
-        return image
+        return decoded
 
     def close(self) -> None:
         if self._cap is not None:
