@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+_FRAMES_IN_FLIGHT = 1  # frames left in the model while the stream waits for the oldest one
+
 
 @dataclass
 class StreamSpec:
@@ -127,7 +129,7 @@ class Stream:
         self._pre: Any = None
         self._post: Any = None
         self._specs: tuple[Any, ...] | None = None
-        self._inflight: tuple[Any, Prepared, Frame, ServedModel] | None = None
+        self._inflight: collections.deque[tuple[Any, Prepared, Frame, ServedModel]] = collections.deque()
         self._last_item: Item | None = None
         self._reset = False
         self._threads: list[threading.Thread] = []
@@ -260,7 +262,7 @@ class Stream:
     def _process(self) -> None:
         last_error = 0.0
         while self._running.is_set():
-            item = self._take(0.5 if self._inflight is None else 0.0)
+            item = self._take(0.0 if self._inflight else 0.5)
             try:
                 if item is None:
                     self._drain()  # nothing new: finish the frame still in the model
@@ -280,7 +282,7 @@ class Stream:
                     self._drain()
                     self._handle(served, item)
             except (AgentError, TimeoutError) as exc:
-                self._inflight = None
+                self._inflight.clear()
                 self.metrics.errors += 1
                 now = time.monotonic()
                 if now - last_error > 5:
@@ -292,18 +294,19 @@ class Stream:
                     return
 
     def _handle_frame(self, served: ServedModel, frame: Frame) -> None:
-        """One frame in the model while the next is pre-processed and the previous post-processed.
+        """Frames overlap: one in the model, the next queued behind it, while this thread pre-processes
+        the one after and post-processes the one before.
 
-        Frames carry no model state from one to the next, so overlapping them is safe; audio
-        windows do (``update``), so they go one at a time through ``_handle``.
+        The queued frame keeps the model busy across this thread's wake-ups (~0.1-0.3 ms each on a
+        shared 2-core machine: 16 % of a 1 ms model); it ages by at most one inference. Frames carry
+        no model state from one to the next, so overlapping them is safe; audio windows do
+        (``update``), so they go one at a time through ``_handle``.
         """
-        prepared = next(iter(self._pre(frame)))  # overlaps the frame in flight
-        previous = self._inflight
-        outputs = previous[0].result(timeout=30) if previous is not None else None
-        future = served.infer_threadsafe(prepared.feeds)
-        self._inflight = (future, prepared, frame, served)
-        if previous is not None and outputs is not None:
-            self._finish(previous[3], previous[2], previous[1], outputs)  # overlaps this frame's inference
+        prepared = next(iter(self._pre(frame)))  # overlaps the frames in flight
+        self._inflight.append((served.infer_threadsafe(prepared.feeds), prepared, frame, served))
+        if len(self._inflight) > _FRAMES_IN_FLIGHT:
+            future, previous, item, model = self._inflight.popleft()
+            self._finish(model, item, previous, future.result(timeout=30))  # overlaps the next inference
 
     def _flush(self) -> None:
         """A finite source ended: let the post-processor close what is open (a speech segment)."""
@@ -318,9 +321,8 @@ class Stream:
             self.loop.call_soon_threadsafe(self.emit, self, payload, last)
 
     def _drain(self) -> None:
-        if self._inflight is not None:
-            future, prepared, frame, served = self._inflight
-            self._inflight = None
+        while self._inflight:
+            future, prepared, frame, served = self._inflight.popleft()
             self._finish(served, frame, prepared, future.result(timeout=30))
 
     def _finish(self, served: ServedModel, item: Item, prepared: Prepared, outputs: Mapping[str, np.ndarray]) -> None:
