@@ -78,6 +78,9 @@ class BatchingSection(_Section):
     enabled: bool = False
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_queue_delay_us: int = Field(default=500, ge=0, le=1_000_000)
+    # Wait (up to the delay) only for as many requests as the previous batch had: a lone client
+    # never waits, concurrent clients keep their batches full.
+    adaptive_delay: bool = True
     preferred_batch_sizes: tuple[int, ...] = ()
     # Batch axis of an output when the model's metadata leaves it ambiguous (all dims dynamic).
     output_batch_axes: dict[str, int] = Field(default_factory=dict)

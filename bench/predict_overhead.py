@@ -5,8 +5,12 @@ face detection, LiteRT) and measures, in one run and interleaved so machine nois
 modes alike:
   * latency p50/p99 of the raw runtime call in this process, and of the same call through
     the agent: TF Serving v1 JSON, OIP v2 JSON, OIP v2 binary; overhead in µs and as a ratio;
+  * the floor: Silero behind the least any server process can do (a child process that reads
+    a fixed-size request from a Unix socket, runs the same session, writes a fixed-size reply;
+    no HTTP, no parsing) — what crossing a process boundary costs on this machine;
   * throughput of Silero VAD at 1, 8 and 32 concurrent client processes, with and without
-    dynamic batching (two names for the same model file, one with batching on).
+    dynamic batching (two names for the same model file, one with batching on; the config's
+    default ``max_queue_delay_us = 500`` with ``adaptive_delay``).
 
 Both sides run the runtimes with one intra-op thread (the agent via ``[runtime] threads = 1``):
 on a 2-core machine shared by client, agent and runtime, extra runtime threads only add
@@ -26,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -43,7 +49,7 @@ def silero_feeds(batch: int = 1) -> dict[str, np.ndarray]:
             "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(16000, np.int64)}
 
 
-def start_agent(work: Path, queue_delay_us: int = 0) -> subprocess.Popen[bytes]:
+def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes]:
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
                                ("silero_vad_batched", "silero_vad", "model.onnx"),
@@ -71,8 +77,64 @@ def start_agent(work: Path, queue_delay_us: int = 0) -> subprocess.Popen[bytes]:
     raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()}")
 
 
+FLOOR_REQUEST, FLOOR_REPLY = 3800, 1400  # bytes: about a Silero v2 binary request and its answer, with HTTP
+
+
+def _floor_server(path: str, ready: Any) -> None:
+    """The least any out-of-process server can do: read a request, run Silero, write a reply."""
+    import socket
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+    feeds, reply = silero_feeds(), b"x" * FLOOR_REPLY
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    ready.set()
+    conn, _ = listener.accept()
+    buf = bytearray(FLOOR_REQUEST)
+    while True:
+        got = 0
+        while got < FLOOR_REQUEST:
+            n = conn.recv_into(memoryview(buf)[got:])
+            if not n:
+                return
+            got += n
+        session.run(None, feeds)
+        conn.sendall(reply)
+
+
+def floor_client(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(call, stop) for the floor server in a child process."""
+    import socket
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_floor_server, args=(str(path), ready), daemon=True)
+    proc.start()
+    ready.wait(30)
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(str(path))
+    request, buf = b"y" * FLOOR_REQUEST, bytearray(FLOOR_REPLY)
+
+    def call() -> None:
+        conn.sendall(request)
+        got = 0
+        while got < FLOOR_REPLY:
+            got += conn.recv_into(memoryview(buf)[got:])
+
+    def stop() -> None:
+        conn.close()
+        proc.join(5)
+
+    return call, stop
+
+
 def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, str, float, float]]:
     client = AgentClient(sock)
+    floor, stop_floor = floor_client(sock.with_name("floor.sock"))
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
@@ -94,6 +156,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
     modes = {
         "silero_vad": {
             "raw runtime": lambda: silero.run(None, vad),
+            "floor server": floor,
             "v1 JSON": lambda: client.predict("silero_vad", vad_lists),
             "v2 JSON": lambda: client.infer("silero_vad", vad, binary=False),
             "v2 binary": lambda: client.infer("silero_vad", vad),
@@ -119,6 +182,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
                     fn()
                     bucket.append(time.perf_counter() - t0)
     client.close()
+    stop_floor()
     rows = []
     for (model, mode), values in samples.items():
         arr = np.asarray(values) * 1e6
@@ -152,7 +216,7 @@ def throughput(sock: Path, model: str, clients: int, seconds: float) -> float:
     return total / seconds
 
 
-def worker_throughput(clients: int, batching: bool, seconds: float) -> float:
+def worker_throughput(clients: int, batching: bool, seconds: float, queue_delay_us: int) -> float:
     """Requests/s through the model worker alone (no HTTP): isolates what batching buys."""
     import asyncio
 
@@ -161,7 +225,8 @@ def worker_throughput(clients: int, batching: bool, seconds: float) -> float:
     from agent.runtimes import get_backend
 
     session = get_backend("onnx").load(fetch("silero_vad"), [], threads=1)
-    worker = Worker("bench", session, BatchingSection(enabled=batching, max_batch_size=32, max_queue_delay_us=0))
+    worker = Worker("bench", session, BatchingSection(enabled=batching, max_batch_size=32,
+                                                          max_queue_delay_us=queue_delay_us))
     feeds = silero_feeds()
 
     async def client(stop_at: float) -> int:
@@ -185,7 +250,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--queue-delay-us", type=int, default=0, help="batching max_queue_delay_us")
+    parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
@@ -215,8 +280,8 @@ def main() -> None:
                   f"{args.seconds:.0f} s")
             print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
             for clients in (1, 8, 32):
-                plain = worker_throughput(clients, False, args.seconds)
-                batched = worker_throughput(clients, True, args.seconds)
+                plain = worker_throughput(clients, False, args.seconds, args.queue_delay_us)
+                batched = worker_throughput(clients, True, args.seconds, args.queue_delay_us)
                 print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}")
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -234,7 +234,7 @@ async def test_preferred_batch_size_dispatches_early(silero: Session, alone: Ses
     patient_sizes: list[int] = []
     patient = make_worker(
         OnnxBackend().load(silero.path, []),
-        batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)),
+        batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6), adaptive_delay=False),
         patient_sizes,
         name="vad-patient",
     )
@@ -242,6 +242,39 @@ async def test_preferred_batch_size_dispatches_early(silero: Session, alone: Ses
     await asyncio.wait_for(asyncio.gather(*(patient.submit(f) for f in requests)), 10)
     assert time.perf_counter() - start >= delay_s * 0.9
     assert patient_sizes == [4]
+
+
+async def test_adaptive_delay_waits_only_for_as_many_requests_as_last_time(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    delay_s = 0.5
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)), sizes)
+
+    async def timed(*groups: list[dict[str, np.ndarray]], gap: float = 0.0) -> float:
+        start = time.perf_counter()
+        pending = []
+        for i, group in enumerate(groups):
+            if i:
+                await asyncio.sleep(gap)
+            pending += [worker.submit(f) for f in group]
+        results = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        for feeds, got in zip([f for g in groups for f in g], results, strict=True):
+            assert_same(got, alone.run(feeds))
+        return time.perf_counter() - start
+
+    assert await timed([vad_feeds(1, seed=300)]) < delay_s / 2  # a lone client does not wait
+    assert await timed([vad_feeds(1, seed=301 + i) for i in range(4)]) < delay_s / 2  # all queued: no wait
+    assert sizes == [1, 4]
+    # Two now, two 100 ms later: the batch waits for the other two, as the last one had four.
+    elapsed = await timed([vad_feeds(1, seed=310), vad_feeds(1, seed=311)],
+                          [vad_feeds(1, seed=312), vad_feeds(1, seed=313)], gap=0.1)
+    assert 0.09 < elapsed < delay_s, elapsed
+    assert sizes == [1, 4, 4]
+    # Concurrency drops: one request waits out the delay once, then lone requests go at once.
+    assert await timed([vad_feeds(1, seed=320)]) >= delay_s * 0.9
+    assert await timed([vad_feeds(1, seed=321)]) < delay_s / 2
+    assert sizes == [1, 4, 4, 1, 1]
 
 
 async def test_outputs_without_a_batch_axis_turn_batching_off(

@@ -62,6 +62,7 @@ class Worker:
                 log.warning("model.batching_disabled", model=name, reason="batch dimension is fixed")
                 self.batching = None
         self.busy_since: float | None = None
+        self._expected = 1  # requests in the last batch: what an adaptive gather waits for
         self._current: list[Job] = []
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
@@ -143,9 +144,11 @@ class Worker:
         cfg = self.batching
         batch, total = [first], first.size
         deadline = first.enqueued + cfg.max_queue_delay_us / 1e6
+        expected = min(self._expected, cfg.max_batch_size) if cfg.adaptive_delay else cfg.max_batch_size
         deferred: list[Any] = []
         while total < cfg.max_batch_size and total not in cfg.preferred_batch_sizes:
-            job = self._next(max(0.0, deadline - time.perf_counter()))
+            # Take what is queued; wait for more only while fewer came than last time.
+            job = self._next(max(0.0, deadline - time.perf_counter()) if len(batch) < expected else 0.0)
             if job is None:
                 break
             if job is _STOP:
@@ -161,6 +164,7 @@ class Worker:
             batch.append(job)
             total += job.size
         self._held.extendleft(reversed(deferred))
+        self._expected = len(batch)
         return batch
 
     def _run(self, jobs: list[Job]) -> None:
@@ -189,8 +193,7 @@ class Worker:
                 self._run_each(jobs)
                 return
             self._on_batch(sum(sizes))
-            for job, part in zip(jobs, layout.split(merged, sizes), strict=True):
-                self._finish(job, part)
+            self._finish_all(list(zip(jobs, layout.split(merged, sizes), strict=True)))
         finally:
             self.busy_since = None
 
@@ -205,20 +208,31 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
             return exc
 
-    @staticmethod
-    def _finish(job: Job, result: Outputs | BaseException) -> None:
-        def deliver() -> None:
-            if job.future.done():
-                return
-            try:
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
-            except concurrent.futures.InvalidStateError:
-                pass  # abandoned by the watchdog meanwhile
+    @classmethod
+    def _finish(cls, job: Job, result: Outputs | BaseException) -> None:
+        cls._finish_all([(job, result)])
 
-        if job.loop is None:
-            deliver()
-        else:
-            job.loop.call_soon_threadsafe(deliver)
+    @staticmethod
+    def _finish_all(results: list[tuple[Job, Outputs | BaseException]]) -> None:
+        """Hand results back: one event-loop wake-up for all of a batch's requests, not one each."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Outputs | BaseException]]] = {}
+        for job, result in results:
+            if job.loop is None:
+                _deliver([(job, result)])
+            else:
+                by_loop.setdefault(job.loop, []).append((job, result))
+        for loop, delivered in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, delivered)
+
+
+def _deliver(results: list[tuple[Job, Outputs | BaseException]]) -> None:
+    for job, result in results:
+        if job.future.done():
+            continue
+        try:
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass  # abandoned by the watchdog meanwhile
