@@ -77,6 +77,13 @@ def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes
     raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()}")
 
 
+def raw_silero() -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
+    return ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+
+
 FLOOR_REQUEST, FLOOR_REPLY = 3800, 1400  # bytes: about a Silero v2 binary request and its answer, with HTTP
 
 
@@ -84,10 +91,7 @@ def _floor_server(path: str, ready: Any) -> None:
     """The least any out-of-process server can do: read a request, run Silero, write a reply."""
     import socket
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+    session = raw_silero()
     feeds, reply = silero_feeds(), b"x" * FLOOR_REPLY
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
@@ -135,10 +139,7 @@ def floor_client(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
 def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, str, float, float]]:
     client = AgentClient(sock)
     floor, stop_floor = floor_client(sock.with_name("floor.sock"))
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
-    silero = ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+    silero = raw_silero()
     face = Interpreter(model_path=str(fetch("face_detection")), num_threads=1)
     face.allocate_tensors()
     face_in = face.get_input_details()[0]["index"]

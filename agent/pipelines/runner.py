@@ -134,7 +134,6 @@ class Stream:
         self._reset = False
         self._threads: list[threading.Thread] = []
         self._source: Source | None = None
-        self._shrink_to: Callable[[int, int], tuple[int, int]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,7 +169,7 @@ class Stream:
             source = None
             try:
                 source = self._source = create_source(self.spec.source)
-                source.shrink_to = self._shrink_to
+                source.shrink_to = self._shrink_to()
                 source.open()
                 self._reset = True  # a reopened source starts over: fresh buffers and model state
                 self.state, self.error, backoff = "running", None, 0.5
@@ -251,13 +250,15 @@ class Stream:
             self._post = make_postprocessor(post, served.session.outputs, labels)
         self._specs = (pre, post, labels)
         self._reset = False
-        # The source may decode frames smaller when the model needs less (MJPG).
-        self._shrink_to = getattr(self._pre, "target_size", None)
         if self._source is not None:
-            self._source.shrink_to = self._shrink_to
+            self._source.shrink_to = self._shrink_to()
         if self._served is not None and self._served is not served:
             log.info("stream.model_switched", stream=self.spec.name, to=f"{served.name}@{served.version}")
         self._served = served
+
+    def _shrink_to(self) -> Callable[[int, int], tuple[int, int]] | None:
+        """The pre-processing's target size: the source may decode frames smaller (MJPG)."""
+        return getattr(self._pre, "target_size", None)
 
     def _process(self) -> None:
         last_error = 0.0

@@ -137,6 +137,7 @@ class VideoSource(ConfiguredSource):
         self._pacer: Pacer | None = None
         self._index = 0
         self._jpeg: _JpegFrames | None = None  # MJPG read as packets and decoded here
+        self._packets = self.opts.reduced_decode  # off once libjpeg could not read this video's frames
 
     def describe(self) -> str:
         return redact(self.opts.path)
@@ -154,7 +155,8 @@ class VideoSource(ConfiguredSource):
         if pending is None and self._jpeg is not None:  # libjpeg cannot read these frames: let FFmpeg decode them
             log.info("source.reduced_decode_off", source=self.type, path=where, reason="frames are not plain JPEG")
             cap.release()
-            cap = self._capture(packets=False)
+            self._packets = False
+            cap = self._capture()
             ok, image = _read(cap, where)
             pending = self._decode(image) if ok else None
         if pending is None:
@@ -171,15 +173,15 @@ class VideoSource(ConfiguredSource):
             source=self.type,
             path=where,
             fps=file_fps,
-            width=image.shape[1] if hasattr(image, "shape") else None,
-            height=image.shape[0] if hasattr(image, "shape") else None,
+            width=image.shape[1],
+            height=image.shape[0],
             paced_fps=rate if self._pacer else None,
             loop=self.opts.loop,
             reduced_decode=self._jpeg is not None,
         )
 
-    def _capture(self, packets: bool | None = None) -> Any:
-        """Open the capture; an MJPG stream is read as undecoded packets when ``packets`` (default: the option)."""
+    def _capture(self) -> Any:
+        """Open the capture; an MJPG stream is read as undecoded packets unless ``_packets`` is off."""
         cv2 = load_cv2()
         where = self.describe()
         try:
@@ -199,11 +201,9 @@ class VideoSource(ConfiguredSource):
             cap.release()
             what = "unreachable, or not a video stream" if self.url else "not a video, or an unsupported codec"
             raise SourceError(f"cannot open video {where}: {what}")
-        if packets is None:
-            packets = self.opts.reduced_decode and (self._jpeg is not None or self._cap is None)
         fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0).to_bytes(4, "little")
         # CAP_PROP_FORMAT = -1: FFmpeg hands over packets instead of decoded frames (False where unsupported).
-        self._jpeg = _JpegFrames() if packets and fourcc == b"MJPG" and cap.set(cv2.CAP_PROP_FORMAT, -1) else None
+        self._jpeg = _JpegFrames() if self._packets and fourcc == b"MJPG" and cap.set(cv2.CAP_PROP_FORMAT, -1) else None
         return cap
 
     def _decode(self, image: Any) -> _Decoded | None:
