@@ -96,6 +96,9 @@ class ModelSection(_Section):
     default_version: int | None = Field(default=None, ge=1)
     versions: Literal["latest", "all"] | tuple[int, ...] = "latest"
     threads: int | None = Field(default=None, ge=1, le=256)
+    # A CPU model whose calls take at most this long runs on the API's thread when its worker is
+    # idle, saving the ~100 µs hop to the worker thread and back; 0 always uses the worker.
+    inline_max_us: int = Field(default=2000, ge=0, le=100_000)
     batching: BatchingSection = Field(default_factory=BatchingSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
 

@@ -8,6 +8,9 @@ modes alike:
   * the floor: Silero behind the least any server process can do (a child process that reads
     a fixed-size request from a Unix socket, runs the same session, writes a fixed-size reply;
     no HTTP, no parsing) — what crossing a process boundary costs on this machine;
+  * the event-loop floor: the same with uvloop and httptools (parse the request, run Silero in
+    the callback, write a fixed reply) — the least any asyncio server adds;
+  * Silero's raw time per row at batch sizes 1–32: the ceiling of what batching can save;
   * throughput of Silero VAD at 1, 8 and 32 concurrent client processes, with and without
     dynamic batching (two names for the same model file, one with batching on; the config's
     default ``max_queue_delay_us = 500`` with ``adaptive_delay``).
@@ -85,6 +88,11 @@ def raw_silero() -> ort.InferenceSession:
 
 
 FLOOR_REQUEST, FLOOR_REPLY = 3800, 1400  # bytes: about a Silero v2 binary request and its answer, with HTTP
+_FLOOR_BODY = FLOOR_REQUEST - 200
+_FLOOR_HEAD = (f"POST /v2/models/silero_vad/infer HTTP/1.1\r\nHost: localhost\r\n"
+               f"Content-Length: {_FLOOR_BODY}\r\nX-Pad: ")
+FLOOR_HTTP = (_FLOOR_HEAD.encode().ljust(FLOOR_REQUEST - _FLOOR_BODY - 4, b"p") + b"\r\n\r\n"
+              + b"y" * _FLOOR_BODY)  # a valid HTTP request of FLOOR_REQUEST bytes
 
 
 def _floor_server(path: str, ready: Any) -> None:
@@ -110,27 +118,61 @@ def _floor_server(path: str, ready: Any) -> None:
         conn.sendall(reply)
 
 
-def floor_client(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(call, stop) for the floor server in a child process."""
+def _loop_floor_server(path: str, ready: Any) -> None:
+    """The least an event-loop server can do: uvloop + httptools, Silero run inline, a fixed reply."""
+    import asyncio
+    import socket
+
+    import httptools
+    import uvloop
+
+    session = raw_silero()
+    feeds, reply = silero_feeds(), b"x" * FLOOR_REPLY
+
+    class Protocol(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport, self.parser = transport, httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            session.run(None, feeds)
+            self.transport.write(reply)
+
+    async def serve() -> None:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        await asyncio.get_running_loop().create_unix_server(Protocol, sock=listener)
+        ready.set()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
+def floor_client(path: Path, server: Callable[[str, Any], None] = _floor_server,
+                 ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(call, stop) for a floor server in a child process: send FLOOR_HTTP, read FLOOR_REPLY bytes."""
     import socket
 
     ctx = mp.get_context("fork")
     ready = ctx.Event()
-    proc = ctx.Process(target=_floor_server, args=(str(path), ready), daemon=True)
+    proc = ctx.Process(target=server, args=(str(path), ready), daemon=True)
     proc.start()
     ready.wait(30)
     conn = socket.socket(socket.AF_UNIX)
     conn.connect(str(path))
-    request, buf = b"y" * FLOOR_REQUEST, bytearray(FLOOR_REPLY)
+    buf = bytearray(FLOOR_REPLY)
 
     def call() -> None:
-        conn.sendall(request)
+        conn.sendall(FLOOR_HTTP)
         got = 0
         while got < FLOOR_REPLY:
             got += conn.recv_into(memoryview(buf)[got:])
 
     def stop() -> None:
         conn.close()
+        proc.kill()
         proc.join(5)
 
     return call, stop
@@ -139,6 +181,7 @@ def floor_client(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
 def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, str, float, float]]:
     client = AgentClient(sock)
     floor, stop_floor = floor_client(sock.with_name("floor.sock"))
+    loop_floor, stop_loop_floor = floor_client(sock.with_name("loop-floor.sock"), _loop_floor_server)
     silero = raw_silero()
     face = Interpreter(model_path=str(fetch("face_detection")), num_threads=1)
     face.allocate_tensors()
@@ -158,6 +201,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
         "silero_vad": {
             "raw runtime": lambda: silero.run(None, vad),
             "floor server": floor,
+            "loop floor": loop_floor,
             "v1 JSON": lambda: client.predict("silero_vad", vad_lists),
             "v2 JSON": lambda: client.infer("silero_vad", vad, binary=False),
             "v2 binary": lambda: client.infer("silero_vad", vad),
@@ -184,6 +228,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
                     bucket.append(time.perf_counter() - t0)
     client.close()
     stop_floor()
+    stop_loop_floor()
     rows = []
     for (model, mode), values in samples.items():
         arr = np.asarray(values) * 1e6
@@ -215,6 +260,21 @@ def throughput(sock: Path, model: str, clients: int, seconds: float) -> float:
     for p in procs:
         p.join()
     return total / seconds
+
+
+def batch_costs(sizes: tuple[int, ...] = (1, 4, 8, 16, 32), calls: int = 200) -> list[tuple[int, float]]:
+    """Raw Silero time per row at each batch size: the most dynamic batching can save."""
+    session = raw_silero()
+    out = []
+    for size in sizes:
+        feeds = silero_feeds(size)
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+        out.append((size, float(np.median(times)) * 1e6 / size))
+    return out
 
 
 def worker_throughput(clients: int, batching: bool, seconds: float, queue_delay_us: int) -> float:
@@ -269,6 +329,11 @@ def main() -> None:
                 for model, mode, p50, p99 in rows:
                     extra = "" if mode == "raw runtime" else f"{p50 - raw[model]:>14.0f}{p50 / raw[model]:>8.2f}"
                     print(f"{model:<16}{mode:<13}{p50:>9.0f}{p99:>9.0f}{extra}")
+            costs = batch_costs()
+            print("\nSilero VAD raw runtime, µs per row by batch size: the ceiling of what batching can save")
+            print(f"{'batch':>8}{'µs/row':>10}{'speed-up':>10}")
+            for size, per_row in costs:
+                print(f"{size:>8}{per_row:>10.0f}{costs[0][1] / per_row:>10.2f}")
             raw_rate = f"raw runtime single-thread: {1e6 / raw['silero_vad']:.0f}/s" if raw["silero_vad"] else ""
             print(f"\nThroughput, Silero VAD, v2 binary, requests/s over {args.seconds:.0f} s; batching "
                   f"max_queue_delay_us={args.queue_delay_us} ({raw_rate})")

@@ -214,6 +214,16 @@ def test_metrics_and_status(agent):
     assert face["delegate"] == "xnnpack" and face["runtime"] == "tflite" and face["requests"] >= 1
 
 
+def test_quick_cpu_models_run_inline_batched_ones_do_not(agent):
+    wake = {"serving_default_input_audio:0": np.zeros((1, 3, 40), np.float32)}
+    for _ in range(3):  # timed on the worker thread first, then inline
+        agent.client.infer("okay_nabu", wake)
+        agent.client.infer("silero_vad", silero_feeds())
+    models = {(m["name"], m["version"]): m for m in agent.client.status()["models"]}
+    assert models[("okay_nabu", 1)]["inline"] is True
+    assert models[("silero_vad", 2)]["batching"] is True and models[("silero_vad", 2)]["inline"] is False
+
+
 def test_curl_predict(agent):
     body = json.dumps({"instances": [np.zeros((128, 128, 3)).tolist()]})
     code, out = curl(agent.socket, "/v1/models/face_detection:predict", data=body)

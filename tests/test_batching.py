@@ -69,9 +69,11 @@ def make_worker() -> Iterator[MakeWorker]:
     workers: list[Worker] = []
 
     def make(
-        session: Session, batching: BatchingSection | None = None, sizes: list[int] | None = None, name: str = "vad"
+        session: Session, batching: BatchingSection | None = None, sizes: list[int] | None = None, name: str = "vad",
+        inline_max_us: int = 0,
     ) -> Worker:
-        worker = Worker(name, session, batching, on_batch=None if sizes is None else sizes.append)
+        worker = Worker(name, session, batching, on_batch=None if sizes is None else sizes.append,
+                        inline_max_us=inline_max_us)
         workers.append(worker)
         return worker
 
@@ -392,3 +394,62 @@ async def test_stop_answers_queued_requests_and_ends_the_thread(silero: Session,
     results = await asyncio.wait_for(asyncio.gather(*futures), 5)
     for feeds, got in zip(requests, results, strict=True):
         assert_same(got, alone.run(feeds))
+
+
+# -- Inline runs on the caller's thread ------------------------------------------------------
+async def test_quick_idle_model_runs_inline(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    sizes: list[int] = []
+    worker = make_worker(silero, None, sizes, inline_max_us=100_000)
+    feeds = vad_feeds(1, seed=700)
+    assert worker.inline is False  # its speed is unknown until a call has been timed
+    assert worker.run_inline(feeds) is None
+
+    worker.run_sync(vad_feeds(1, seed=0))  # warm-up pays the lazy set-up: not a fair timing
+    assert worker.inline is False
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=1)), 10)  # a real request times the model
+
+    assert worker.inline is True
+    got = worker.run_inline(feeds)
+    assert got is not None
+    assert_same(got, alone.run(feeds))
+    assert sizes == [1, 1]  # counted like a run on the worker thread (warm-up is not)
+    assert_same(await asyncio.wait_for(worker.submit(feeds), 10), got)  # the worker path still serves
+
+
+async def test_inline_steps_aside_while_the_worker_is_busy(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    worker = make_worker(silero, None, inline_max_us=1_000_000)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)
+    busy = worker.submit(vad_feeds(2000, seed=710))  # ~0.1 s on the worker thread
+    queued = worker.submit(vad_feeds(1, seed=711))
+
+    while worker.busy_since is None:
+        await asyncio.sleep(0.001)
+    assert worker.run_inline(vad_feeds(1, seed=712)) is None  # the session is in use: never two callers at once
+
+    await asyncio.wait_for(asyncio.gather(busy, queued), 20)
+    assert_same(queued.result(), alone.run(vad_feeds(1, seed=711)))
+    assert worker.run_inline(vad_feeds(1, seed=712)) is not None  # idle again
+
+
+async def test_slow_or_batched_models_never_run_inline(
+    samples: dict[str, Path], silero: Session, make_worker: MakeWorker
+) -> None:
+    off = make_worker(OnnxBackend().load(samples["silero_vad"], []), None, name="off", inline_max_us=0)
+    slow = make_worker(LiteRTBackend().load(samples["face_detection"], []), None, name="slow", inline_max_us=50)
+    batched = make_worker(silero, batching(max_batch_size=8), name="batched", inline_max_us=1_000_000)
+    await asyncio.wait_for(asyncio.gather(off.submit(vad_feeds(1, seed=0)), batched.submit(vad_feeds(1, seed=0)),
+                                          slow.submit({"input": np.zeros((1, 128, 128, 3), np.float32)})), 10)
+
+    assert [w.inline for w in (off, slow, batched)] == [False, False, False]
+    assert off.run_inline(vad_feeds(1, seed=1)) is None
+    assert batched.run_inline(vad_feeds(1, seed=1)) is None  # queued requests must be able to coalesce
+
+
+async def test_inline_failure_raises_to_the_caller(silero: Session, make_worker: MakeWorker) -> None:
+    worker = make_worker(silero, None, inline_max_us=1_000_000)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)
+    with pytest.raises(InferenceError, match="onnx inference failed"):
+        worker.run_inline(vad_feeds(1, seed=720, sr=8000, length=576))  # fails inside the runtime
+    assert worker.run_inline(vad_feeds(1, seed=721)) is not None  # the lock was released

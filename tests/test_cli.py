@@ -34,6 +34,7 @@ def test_status_and_models_tables(agent):
     assert "x86-cpu" in out.stdout and "face_detection" in out.stdout and "AVAILABLE" in out.stdout
     out = cli("models", "--socket", str(agent.socket))
     assert out.returncode == 0 and "CPUExecutionProvider" in out.stdout and "int8" in out.stdout
+    assert "inline" in out.stdout
     out = cli("status", "--json", "--socket", str(agent.socket))
     assert {m["name"] for m in json.loads(out.stdout)["models"]} == {"face_detection", "okay_nabu", "silero_vad"}
 

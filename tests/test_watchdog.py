@@ -90,6 +90,8 @@ def test_hung_inference_is_recovered(tmp_path, samples, direct):
     daemon = start(tmp_path, samples, "hang_after = 1, hang_s = 120", "stuck_after_s = 1")
     try:
         daemon.client.infer("silero_vad", feeds(0))  # the first call is fine
+        model = next(m for m in daemon.client.status()["models"] if m["name"] == "silero_vad")
+        assert model["inline"] is False  # not on the CPU: a hang must stall its worker thread, not the API
         errors: list[str] = []
 
         def hung_call() -> None:

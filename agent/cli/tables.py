@@ -20,7 +20,7 @@ def _shape(tensors: list[dict[str, Any]]) -> str:
 
 def models_table(status: dict[str, Any], detail: bool = False) -> None:
     table = Table(title="models", title_justify="left")
-    for col in ("name", "version", "state", "runtime", "delegate", "batching", "requests", "errors"):
+    for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "requests", "errors"):
         table.add_column(col)
     if detail:
         table.add_column("inputs")
@@ -28,7 +28,8 @@ def models_table(status: dict[str, Any], detail: bool = False) -> None:
     for m in status["models"]:
         default = " (default)" if m.get("default") else ""
         row = [m["name"], f"{m['version']}{default}", m["state"], m.get("runtime", "-"), m.get("delegate", "-"),
-               "on" if m.get("batching") else "off", str(m.get("requests", "-")), str(m.get("errors", "-"))]
+               "on" if m.get("batching") else "off", "yes" if m.get("inline") else "no",
+               str(m.get("requests", "-")), str(m.get("errors", "-"))]
         if detail:
             row += [_shape(m.get("inputs", [])), _shape(m.get("outputs", []))]
         table.add_row(*row)

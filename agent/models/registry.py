@@ -80,7 +80,9 @@ class ServedModel:
         """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
         started = self._admit(feeds)
         try:
-            outputs = await self.worker.submit(feeds, raw_outputs)
+            outputs = self.worker.run_inline(feeds, raw_outputs)
+            if outputs is None:
+                outputs = await self.worker.submit(feeds, raw_outputs)
         except AgentError as exc:
             self._account(started, exc)
             raise
@@ -108,6 +110,7 @@ class ServedModel:
             "name": self.name, "version": self.version, "state": "AVAILABLE", "runtime": self.runtime,
             "delegate": self.session.delegate, "fallbacks": list(self.session.report.fallbacks),
             "path": str(self.source.file), "batching": self.worker.batching_active,
+            "inline": self.worker.inline,
             "inputs": [s.to_dict() for s in self.session.inputs],
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.requests, "errors": self.errors,
@@ -226,8 +229,10 @@ class ModelRegistry:
                                         "allow_spinning": self.config.runtime.allow_spinning,
                                         "memory_arena": self.config.runtime.memory_arena})
         labels = (entry.name, str(entry.version))
+        # Only the CPU runs inline: a hung accelerator call must stall one worker thread, never the event loop.
+        inline_us = opts.inline_max_us if session.delegate == backend.cpu_delegate else 0
         worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
-                        on_batch=self.metrics.batch_size.labels(*labels).observe)
+                        on_batch=self.metrics.batch_size.labels(*labels).observe, inline_max_us=inline_us)
         served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
         if warm_up:
             self._warm_up(served)

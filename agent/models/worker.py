@@ -3,6 +3,11 @@
 ONNX Runtime and LiteRT release the GIL while they compute, so a thread per model lets
 the event loop keep parsing requests. Results are handed back with
 ``call_soon_threadsafe``; a job whose client went away is skipped, never run.
+
+The hop to the thread and back costs ~100 µs of wake-ups on a small board, as much as a
+small model's whole inference. So a quick model on the CPU, with batching off, runs on the
+caller's thread when its worker is idle (``run_inline``); a lock keeps the session to one
+caller at a time either way.
 """
 
 from __future__ import annotations
@@ -48,9 +53,12 @@ class Worker:
     """Runs ``session`` jobs on a dedicated thread; ``batching`` coalesces compatible jobs."""
 
     def __init__(self, name: str, session: Session, batching: BatchingSection | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, inline_max_us: int = 0) -> None:
         self.name = name
         self.session = session
+        self._lock = threading.Lock()  # one call in the session at a time: LiteRT interpreters are not thread-safe
+        self._inline_max_s = inline_max_us / 1e6
+        self._call_s: float | None = None  # recent single-request call time (moving average)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: collections.deque[Any] = collections.deque()
         self._on_batch = on_batch or (lambda _n: None)
@@ -91,8 +99,30 @@ class Worker:
         self._queue.put(job)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
-        """Direct call for warm-up, before the worker serves traffic."""
-        return self.session.run(feeds)
+        """Direct call for warm-up, before the worker serves traffic (untimed: it pays the lazy set-up)."""
+        with self._lock:
+            return self.session.run(feeds)
+
+    @property
+    def inline(self) -> bool:
+        """Whether idle-time requests run on the caller's thread (quick CPU model, no batching)."""
+        return self.batching is None and self._call_s is not None and self._call_s <= self._inline_max_s
+
+    def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False) -> Outputs | None:
+        """Run on the caller's thread if the model is quick and nothing is queued or running;
+        None means "submit instead". Raises what the session raises."""
+        if not self.inline or self._held or not self._queue.empty() or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self.busy_since = time.monotonic()
+            result = self._call(feeds, raw_outputs, timed=True)
+        finally:
+            self.busy_since = None
+            self._lock.release()
+        self._on_batch(1)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def stop(self, timeout: float = 5.0) -> None:
         self._queue.put(_STOP)
@@ -168,45 +198,55 @@ class Worker:
         return batch
 
     def _run(self, jobs: list[Job]) -> None:
-        self.busy_since = time.monotonic()
-        self._current = jobs
-        try:
-            if len(jobs) == 1:
-                self._on_batch(jobs[0].size or 1)
-                self._finish(jobs[0], self._call(jobs[0].feeds, jobs[0].raw_outputs))
-                return
-            layout = self.layout
-            assert layout is not None
-            if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
-                self._run_each(jobs)
-                return
-            sizes = [j.size or 0 for j in jobs]
-            merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs)
-            if isinstance(merged, BaseException):
-                self._run_each(jobs)  # one bad request must not fail the others: retry alone
-                return
-            if not layout.learn(merged, sum(sizes)):
-                if layout.unusable:
-                    log.warning("model.batching_disabled", model=self.name,
-                                reason="outputs have no batch axis that matches the inputs")
-                    self.batching = None  # stop holding requests back for batches that never come
-                self._run_each(jobs)
-                return
-            self._on_batch(sum(sizes))
-            self._finish_all(list(zip(jobs, layout.split(merged, sizes), strict=True)))
-        finally:
-            self.busy_since = None
+        with self._lock:
+            self.busy_since = time.monotonic()
+            self._current = jobs
+            try:
+                self._run_locked(jobs)
+            finally:
+                self.busy_since = None
+
+    def _run_locked(self, jobs: list[Job]) -> None:
+        if len(jobs) == 1:
+            self._on_batch(jobs[0].size or 1)
+            self._finish(jobs[0], self._call(jobs[0].feeds, jobs[0].raw_outputs, timed=True))
+            return
+        layout = self.layout
+        assert layout is not None
+        if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
+            self._run_each(jobs)
+            return
+        sizes = [j.size or 0 for j in jobs]
+        merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs)
+        if isinstance(merged, BaseException):
+            self._run_each(jobs)  # one bad request must not fail the others: retry alone
+            return
+        if not layout.learn(merged, sum(sizes)):
+            if layout.unusable:
+                log.warning("model.batching_disabled", model=self.name,
+                            reason="outputs have no batch axis that matches the inputs")
+                self.batching = None  # stop holding requests back for batches that never come
+            self._run_each(jobs)
+            return
+        self._on_batch(sum(sizes))
+        self._finish_all(list(zip(jobs, layout.split(merged, sizes), strict=True)))
 
     def _run_each(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._on_batch(job.size or 1)
-            self._finish(job, self._call(job.feeds, job.raw_outputs))
+            self._finish(job, self._call(job.feeds, job.raw_outputs, timed=True))
 
-    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool) -> Outputs | BaseException:
+    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool, timed: bool = False) -> Outputs | BaseException:
+        """``timed``: a single request's call, which ``inline`` judges the model's speed by."""
+        started = time.perf_counter()
         try:
-            return self.session.run(feeds, raw_outputs=raw)
+            result: Outputs | BaseException = self.session.run(feeds, raw_outputs=raw)
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
             return exc
+        if timed:
+            took = time.perf_counter() - started
+            self._call_s = took if self._call_s is None else 0.9 * self._call_s + 0.1 * took
+        return result
 
     @classmethod
     def _finish(cls, job: Job, result: Outputs | BaseException) -> None:
