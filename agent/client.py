@@ -182,6 +182,11 @@ class AgentClient:
     def model_metadata(self, name: str, version: int | None = None) -> dict[str, Any]:
         return dict(self._json("GET", self._path("/v2", name, version)))
 
+    def stats(self, name: str | None = None, version: int | None = None) -> list[dict[str, Any]]:
+        """Triton-style inference statistics, one entry per model version (all models without ``name``)."""
+        path = "/v2/models/stats" if name is None else self._path("/v2", name, version) + "/stats"
+        return list(self._json("GET", path)["model_stats"])
+
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], *, version: int | None = None,
               binary: bool = True, outputs: list[str] | None = None, raw_output: bool = False,
               ) -> dict[str, np.ndarray]:

@@ -31,6 +31,14 @@ class ConfigError(AgentError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+class UsageError(AgentError):
+    """A command-line argument that cannot be right (exit code 2, like argparse's own errors)."""
+
+    code = "bad_usage"
+    http_status = 400
+    exit_code = 2
+
+
 class ModelError(AgentError):
     """A model could not be found, loaded or run."""
 

@@ -10,7 +10,7 @@ modes alike:
     no HTTP, no parsing) — what crossing a process boundary costs on this machine;
   * the event-loop floor: the same with uvloop and httptools (parse the request, run Silero in
     the callback, write a fixed reply) — the least any asyncio server adds;
-  * Silero's raw time per row at batch sizes 1–32: the ceiling of what batching can save;
+  * Silero's raw time per row at batch sizes 1 to 32: the ceiling of what batching can save;
   * throughput of Silero VAD at 1, 8 and 32 concurrent client processes, with and without
     dynamic batching (two names for the same model file, one with batching on; the config's
     default ``max_queue_delay_us = 500`` with ``adaptive_delay``).
@@ -178,7 +178,19 @@ def floor_client(path: Path, server: Callable[[str, Any], None] = _floor_server,
     return call, stop
 
 
-def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, str, float, float]]:
+PHASES = ("compute_input", "queue", "compute_infer", "compute_output", "success")
+Row = tuple[str, str, float, float]
+Phases = dict[tuple[str, str], np.ndarray]  # (model, mode) -> [count, ns per phase...]
+
+
+def phase_totals(client: AgentClient, model: str) -> np.ndarray:
+    """[successes, ns in each of PHASES] from the agent's statistics extension."""
+    (entry,) = client.stats(model)
+    stats = entry["inference_stats"]
+    return np.array([stats["success"]["count"], *(stats[p]["ns"] for p in PHASES)], dtype=np.float64)
+
+
+def latency_table(sock: Path, rounds: int, per_round: int) -> tuple[list[Row], Phases]:
     client = AgentClient(sock)
     floor, stop_floor = floor_client(sock.with_name("floor.sock"))
     loop_floor, stop_loop_floor = floor_client(sock.with_name("loop-floor.sock"), _loop_floor_server)
@@ -214,6 +226,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
         },
     }
     samples: dict[tuple[str, str], list[float]] = {(m, k): [] for m, ks in modes.items() for k in ks}
+    inside: Phases = {}
     for fns in modes.values():  # warm-up
         for fn in fns.values():
             for _ in range(50):
@@ -222,10 +235,15 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
         for model, fns in modes.items():
             for mode, fn in fns.items():
                 bucket = samples[(model, mode)]
+                through_agent = mode in ("v1 JSON", "v2 JSON", "v2 binary")
+                before = phase_totals(client, model) if through_agent else None
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     fn()
                     bucket.append(time.perf_counter() - t0)
+                if before is not None:
+                    delta = phase_totals(client, model) - before
+                    inside[(model, mode)] = inside.get((model, mode), 0) + delta
     client.close()
     stop_floor()
     stop_loop_floor()
@@ -233,7 +251,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> list[tuple[str, st
     for (model, mode), values in samples.items():
         arr = np.asarray(values) * 1e6
         rows.append((model, mode, float(np.median(arr)), float(np.percentile(arr, 99))))
-    return rows
+    return rows, inside
 
 
 def _client_loop(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -321,7 +339,7 @@ def main() -> None:
             sock = work / "agent.sock"
             raw = {"silero_vad": 0.0}
             if not args.throughput_only:
-                rows = latency_table(sock, args.rounds, args.per_round)
+                rows, inside = latency_table(sock, args.rounds, args.per_round)
                 raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}
                 print(f"\nLatency (µs), {args.rounds}x{args.per_round} calls per mode, interleaved; one client, "
                       "batch 1")
@@ -329,6 +347,14 @@ def main() -> None:
                 for model, mode, p50, p99 in rows:
                     extra = "" if mode == "raw runtime" else f"{p50 - raw[model]:>14.0f}{p50 / raw[model]:>8.2f}"
                     print(f"{model:<16}{mode:<13}{p50:>9.0f}{p99:>9.0f}{extra}")
+                print("\nInside the agent (statistics extension, GET /v2/models/NAME/stats): mean µs per request "
+                      "in the same calls")
+                print(f"{'model':<16}{'mode':<13}{'input':>8}{'queue':>8}{'infer':>8}{'output':>8}{'total':>8}"
+                      f"{'overhead':>10}")
+                for (model, mode), totals in inside.items():
+                    means = totals[1:] / max(totals[0], 1) / 1000
+                    print(f"{model:<16}{mode:<13}" + "".join(f"{m:>8.0f}" for m in means)
+                          + f"{means[4] - means[2]:>10.0f}")
             costs = batch_costs()
             print("\nSilero VAD raw runtime, µs per row by batch size: the ceiling of what batching can save")
             print(f"{'batch':>8}{'µs/row':>10}{'speed-up':>10}")

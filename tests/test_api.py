@@ -160,6 +160,9 @@ def test_tritonclient_over_tcp(daemon_factory, models_dir):
     want = ort.InferenceSession(str(daemon_factory and models_dir / "silero_vad/1/model.onnx"),
                                 providers=["CPUExecutionProvider"]).run(["output"], feeds)[0]
     np.testing.assert_allclose(result.as_numpy("output"), want, rtol=1e-5, atol=1e-6)
+    stats = client.get_inference_statistics("silero_vad")["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("silero_vad", "1")]
+    assert stats[0]["inference_stats"]["success"]["count"] == 1 and stats[0]["execution_count"] == 1
     client.close()
     assert daemon.stop() == 0
 
@@ -262,6 +265,48 @@ def test_dynamic_batching_coalesces_concurrent_clients(agent, direct):
     rows_at_1 = float(next(b for b in batched if 'version="2"' in b).rsplit(" ", 1)[1])
     calls = float(count[0].rsplit(" ", 1)[1])
     assert rows_at_1 < calls, "some runtime calls must have carried more than one request"
+    (stats,) = agent.client.stats("silero_vad", 2)
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
+    assert stats["execution_count"] < stats["inference_count"]  # fewer runtime calls than rows
+
+
+def phases(agent, name: str) -> dict[str, dict[str, int]]:
+    (entry,) = agent.client.stats(name)
+    return dict(entry["inference_stats"])
+
+
+def test_statistics_split_each_request_into_phases(agent):
+    wake = {"serving_default_input_audio:0": np.zeros((1, 3, 40), np.float32)}
+    before = phases(agent, "okay_nabu")
+    for _ in range(10):
+        agent.client.infer("okay_nabu", wake)
+    with pytest.raises(ClientError):
+        agent.client.infer("okay_nabu", {"serving_default_input_audio:0": np.zeros((1, 4, 40), np.float32)})
+    after = phases(agent, "okay_nabu")
+
+    delta = {k: (after[k]["count"] - before[k]["count"], after[k]["ns"] - before[k]["ns"]) for k in after}
+    assert {k: c for k, (c, _) in delta.items()} == {"success": 10, "fail": 1, "queue": 10, "compute_input": 10,
+                                                     "compute_infer": 10, "compute_output": 10}
+    total = delta["success"][1]
+    assert delta["compute_infer"][1] > 0 and delta["compute_input"][1] > 0 and delta["compute_output"][1] > 0
+    # The phases tile each request: before the call, queued, the call, after it.
+    parts = sum(delta[k][1] for k in ("compute_input", "queue", "compute_infer", "compute_output"))
+    assert parts == total
+    assert total < 10 * 1_000_000_000  # nanoseconds: ten small calls take far less than 1 s each
+
+
+def test_statistics_endpoints(agent):
+    every = agent.client.stats()
+    names = {(s["name"], s["version"]) for s in every}
+    assert {("silero_vad", "1"), ("silero_vad", "2"), ("face_detection", "1"), ("okay_nabu", "1")} <= names
+    assert [s["version"] for s in agent.client.stats("silero_vad")] == ["1", "2"]
+    assert [s["version"] for s in agent.client.stats("silero_vad", 1)] == ["1"]
+    with pytest.raises(ClientError, match="404"):
+        agent.client.stats("nope")
+    with pytest.raises(ClientError, match="404"):
+        agent.client.stats("silero_vad", 9)
+    server = json.loads(agent.client.request("GET", "/v2")[2])
+    assert "statistics" in server["extensions"]
 
 
 # -- bad input: clear 4xx, nothing else affected ----------------------------------------------

@@ -77,7 +77,7 @@ def test_predict_image_npy_json_wav(agent, samples, tmp_path):
     (("predict", "face_detection", "/nonexistent.png"), 1, "no such file"),
     (("predict", "silero_vad", "a.npy"), 1, "give NAME=FILE"),
     (("predict", "face_detection", "README.md"), 1, "unsupported file type"),
-    (("predict", "face_detection@x", "a.npy"), 1, "bad model reference"),
+    (("predict", "face_detection@x", "a.npy"), 2, "bad model reference"),
 ])
 def test_predict_errors_are_one_line(agent, args, code, fragment):
     out = cli(*args[:1], "--socket", str(agent.socket), *args[1:])
@@ -121,3 +121,16 @@ def test_edge_fleet_without_broker_fails_cleanly():
                           check=False, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "cannot connect to the broker" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stats_table_and_json(agent):
+    agent.client.infer("face_detection", {"input": np.zeros((1, 128, 128, 3), np.float32)})
+    out = cli("stats", "--socket", str(agent.socket))
+    assert out.returncode == 0, out.stderr
+    assert "face_detection" in out.stdout and "silero_vad" in out.stdout and "overhead" in out.stdout
+    out = cli("stats", "--socket", str(agent.socket), "face_detection@1", "--json")
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)
+    assert entry["name"] == "face_detection" and entry["inference_stats"]["success"]["count"] >= 1
+    out = cli("stats", "--socket", str(agent.socket), "face_detection@x")
+    assert out.returncode == 2 and "NAME@VERSION" in out.stderr

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -32,6 +33,7 @@ class Request:
     headers: dict[str, str]  # names lower-cased
     body: bytes
     params: dict[str, str] = field(default_factory=dict)  # from the route pattern
+    received: int = 0  # time.perf_counter_ns() when its first byte was parsed
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Response:
     content_type: str = "application/json"
     headers: dict[str, str] | None = None
     stream: AsyncIterator[bytes] | None = None  # a long-lived body (Server-Sent Events); then the connection closes
+    sent: Callable[[int], None] | None = None  # called with time.perf_counter_ns() once written
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -98,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.too_large = False
+        self.received = 0
         self.pending: collections.deque[tuple[Request, bool]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
         self.closing = False
@@ -124,6 +128,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.url, self.headers, self.body, self.body_size, self.too_large = b"", {}, [], 0, False
+        self.received = time.perf_counter_ns()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -158,7 +163,8 @@ class _Connection(asyncio.Protocol):
             return
         parsed = httptools.parse_url(self.url)
         method = self.parser.get_method().decode("ascii")
-        request = Request(method, parsed.path.decode("utf-8", "replace"), self.headers, b"".join(self.body))
+        request = Request(method, parsed.path.decode("utf-8", "replace"), self.headers, b"".join(self.body),
+                          received=self.received)
         self.pending.append((request, self.parser.should_keep_alive()))
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._serve())
@@ -183,6 +189,8 @@ class _Connection(asyncio.Protocol):
                     await self._stream(response)
                     return
                 self.transport.write(encode(response, keep_alive))
+                if response.sent is not None:
+                    response.sent(time.perf_counter_ns())
                 if not keep_alive:
                     self.transport.close()
                     return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.http import Handler, HTTPServer, Request, Response, Router
 from agent.errors import AgentError, RequestError
+from agent.models.stats import Timing
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -76,15 +78,16 @@ class Routes:
 
     async def v1_predict(self, request: Request) -> Response:
         model = self.agent.registry.get(request.params["name"], _version(request))
-        with self._observed(model, "v1"):
+        with self._observed(model, "v1", request) as timing:
             feeds, fmt, raw = tfserving.parse_predict(request.body, model)
-            outputs = await model.infer(feeds, raw_outputs=raw)
-            return _json(tfserving.format_predict(outputs, fmt))
+            outputs = await model.infer(feeds, raw_outputs=raw, timing=timing)
+            body = dumps(tfserving.format_predict(outputs, fmt))
+        return Response(200, body, sent=functools.partial(model.stats.succeeded, timing))
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
         return _json({"name": "edge-agent", "version": self.agent.version,
-                      "extensions": ["binary_tensor_data", "model_repository"]})
+                      "extensions": ["binary_tensor_data", "model_repository", "statistics"]})
 
     async def v2_live(self, _request: Request) -> Response:
         return _json({"live": True})
@@ -105,13 +108,26 @@ class Routes:
 
     async def v2_infer(self, request: Request) -> Response:
         model = self.agent.registry.get(request.params["name"], _version(request))
-        with self._observed(model, "v2"):
+        with self._observed(model, "v2", request) as timing:
             parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model)
-            outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output)
+            outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output, timing=timing)
             body, header_length = oip.format_infer(model, parsed, outputs)
+        sent = functools.partial(model.stats.succeeded, timing)
         if header_length is None:
-            return Response(200, body)
-        return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)})
+            return Response(200, body, sent=sent)
+        return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)}, sent=sent)
+
+    async def v2_stats(self, request: Request) -> Response:
+        """Triton's statistics extension: cumulative counts and nanoseconds per model version."""
+        registry, name = self.agent.registry, request.params.get("name")
+        if name is None:
+            models = list(registry.served())
+        else:
+            version = _version(request)
+            model = registry.get(name, version)  # raises the 404 for an unknown name or version
+            models = [model] if version is not None else [m for m in registry.served() if m.name == name]
+        return _json({"model_stats": [m.stats.to_dict(m.name, m.version)
+                                      for m in sorted(models, key=lambda m: (m.name, m.version))]})
 
     # -- agent ------------------------------------------------------------------------------
     async def metrics_text(self, _request: Request) -> Response:
@@ -191,17 +207,21 @@ class Routes:
         return _json({"seq": seq}, 202)
 
     @contextlib.contextmanager
-    def _observed(self, model: Any, protocol: str) -> Iterator[None]:
-        """Count the request by status code; time it when it succeeds."""
+    def _observed(self, model: Any, protocol: str, request: Request) -> Iterator[Timing]:
+        """Count the request by status code; time it when it succeeds; a failure goes into the
+        model's statistics here, a success once its answer is written (``Response.sent``)."""
         started = time.perf_counter()
+        timing = Timing(request.received or time.perf_counter_ns())
         code = "500"
         try:
-            yield
+            yield timing
             code = "200"
         except AgentError as exc:
             code = str(exc.http_status)
             raise
         finally:
+            if code != "200":
+                model.stats.failed(timing.received)
             self._observe(model, protocol, code, started)
 
     def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
@@ -237,6 +257,9 @@ def build_server(agent: Agent) -> HTTPServer:
         ("GET", "/v2", r.v2_server),
         ("GET", "/v2/health/live", r.v2_live),
         ("GET", "/v2/health/ready", r.v2_ready),
+        ("GET", "/v2/models/stats", r.v2_stats),  # before /v2/models/{name}, as in Triton
+        ("GET", f"/v2/models/{name}/stats", r.v2_stats),
+        ("GET", f"/v2/models/{name}{ver}/stats", r.v2_stats),
         ("GET", f"/v2/models/{name}", r.v2_model),
         ("GET", f"/v2/models/{name}{ver}", r.v2_model),
         ("GET", f"/v2/models/{name}/ready", r.v2_model_ready),

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from agent.errors import AgentError
+from agent.errors import AgentError, UsageError
 
 EPILOG = "Docs: docs/cli.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
     client_args(sub.add_parser("status", help="agent, profile and model status"))
     client_args(sub.add_parser("models", help="loaded models with runtime, delegate and tensors"))
+    stats = sub.add_parser("stats", help="where requests' time goes, per model version (mean µs)")
+    client_args(stats)
+    stats.add_argument("model", nargs="?", help="model name, or NAME@VERSION (default: all)")
     pred = sub.add_parser("predict", help="run a model on files (image, WAV, .npy, JSON)")
     client_args(pred)
     pred.add_argument("model", help="model name, or NAME@VERSION")
@@ -125,13 +128,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_ref(ref: str) -> tuple[str, int | None]:
+    """NAME or NAME@VERSION."""
+    name, _, ver = ref.partition("@")
+    version = int(ver) if ver.isdigit() else None
+    if ver and version is None:
+        raise UsageError(f"bad model reference {ref!r}: expected NAME or NAME@VERSION")
+    return name, version
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from agent.cli.tables import stats_table
+
+    name, version = _model_ref(args.model) if args.model else (None, None)
+    with _client(args) as client:
+        stats = client.stats(name, version)
+    if args.json:
+        _print_json(stats)
+    else:
+        stats_table(stats)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from agent.cli.inputs import load_input
 
-    name, _, ver = args.model.partition("@")
-    version = int(ver) if ver.isdigit() else None
-    if ver and version is None:
-        raise AgentError(f"bad model reference {args.model!r}: expected NAME or NAME@VERSION")
+    name, version = _model_ref(args.model)
     with _client(args) as client:
         meta = client.model_metadata(name, version)
         specs = {m["name"]: m for m in meta["inputs"]}
@@ -225,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir))
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict,
+COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict, "stats": cmd_stats,
             "detect": cmd_detect, "demo": cmd_demo, "deploy": cmd_deploy, "rollback": cmd_rollback}
 
 

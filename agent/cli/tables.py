@@ -38,6 +38,26 @@ def models_table(status: dict[str, Any], detail: bool = False) -> None:
     _console().print(table)
 
 
+def stats_table(stats: list[dict[str, Any]]) -> None:
+    """Mean µs per successful request in each phase; overhead is everything but the runtime call."""
+    table = Table(title="inference statistics (mean µs per request)", title_justify="left")
+    for col in ("model", "version", "requests", "failed", "input", "queue", "infer", "output", "total", "overhead",
+                "batches"):
+        table.add_column(col, justify="left" if col in ("model", "version") else "right")
+    for entry in stats:
+        phases = entry["inference_stats"]
+        count = phases["success"]["count"]
+        means = {k: v["ns"] / count / 1000 if count else 0.0 for k, v in phases.items()}
+        batches = sum(b["compute_infer"]["count"] for b in entry["batch_stats"])
+        rows = sum(b["batch_size"] * b["compute_infer"]["count"] for b in entry["batch_stats"])
+        table.add_row(entry["name"], entry["version"], str(count), str(phases["fail"]["count"]),
+                      *(f"{means[k]:.0f}" for k in ("compute_input", "queue", "compute_infer", "compute_output",
+                                                     "success")),
+                      f"{means['success'] - means['compute_infer']:.0f}",
+                      f"{batches} (avg {rows / batches:.1f} rows)" if batches else "0")
+    _console().print(table)
+
+
 def status_tables(status: dict[str, Any]) -> None:
     a, p, hw = status["agent"], status["profile"], status["hardware"]
     table = Table(show_header=False, title="agent", title_justify="left")

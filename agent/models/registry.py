@@ -21,6 +21,7 @@ from agent.config import Config
 from agent.errors import AgentError, InferenceError, ModelNotFoundError, ModelNotReadyError, RequestError
 from agent.hardware import DelegateSpec
 from agent.health.metrics import Metrics
+from agent.models.stats import ModelStats, Timing
 from agent.models.store import ModelVersion, active_version, scan
 from agent.models.tensors import check_feeds
 from agent.models.worker import Outputs, Worker
@@ -47,6 +48,10 @@ class ServedModel:
     consecutive_failures: int = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
     # Recent successful latencies (s), for the installer's health window against the previous version.
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1024))
+
+    @property
+    def stats(self) -> ModelStats:
+        return self.worker.stats
 
     @property
     def inputs(self) -> Sequence[Any]:
@@ -76,13 +81,19 @@ class ServedModel:
         if isinstance(error, InferenceError):
             self.consecutive_failures += 1
 
-    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False) -> Outputs:
-        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails."""
+    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False,
+                    timing: Timing | None = None) -> Outputs:
+        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails.
+
+        ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
+        """
         started = self._admit(feeds)
+        if timing is not None:
+            timing.submitted = time.perf_counter_ns()
         try:
-            outputs = self.worker.run_inline(feeds, raw_outputs)
+            outputs = self.worker.run_inline(feeds, raw_outputs, timing)
             if outputs is None:
-                outputs = await self.worker.submit(feeds, raw_outputs)
+                outputs = await self.worker.submit(feeds, raw_outputs, timing)
         except AgentError as exc:
             self._account(started, exc)
             raise
@@ -291,6 +302,7 @@ class ModelRegistry:
 
     def replace(self, old: ServedModel, new: ServedModel, *, stuck: bool) -> None:
         """Serve ``new`` in ``old``'s place (same name and version); ``old`` is stopped or abandoned."""
+        new.worker.stats = old.worker.stats  # statistics are per model version, across restarts
         self.models[old.name][old.version] = new
         if stuck:
             old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")

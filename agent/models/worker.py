@@ -28,6 +28,7 @@ import structlog
 from agent.config import BatchingSection
 from agent.errors import InferenceError
 from agent.models.batching import BatchLayout
+from agent.models.stats import ModelStats, Timing
 from agent.runtimes import Session
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     size: int | None = None
     key: tuple[object, ...] | None = None
+    timing: Timing | None = None  # stamped with the runtime call's start and end
 
 
 _STOP = object()
@@ -52,10 +54,12 @@ _STOP = object()
 class Worker:
     """Runs ``session`` jobs on a dedicated thread; ``batching`` coalesces compatible jobs."""
 
-    def __init__(self, name: str, session: Session, batching: BatchingSection | None = None,
-                 on_batch: Callable[[int], None] | None = None, inline_max_us: int = 0) -> None:
+    def __init__(self, name: str, session: Session, batching: BatchingSection | None = None, *,
+                 on_batch: Callable[[int], None] | None = None, inline_max_us: int = 0,
+                 stats: ModelStats | None = None) -> None:
         self.name = name
         self.session = session
+        self.stats = stats or ModelStats()
         self._lock = threading.Lock()  # one call in the session at a time: LiteRT interpreters are not thread-safe
         self._inline_max_s = inline_max_us / 1e6
         self._call_s: float | None = None  # recent single-request call time (moving average)
@@ -79,10 +83,11 @@ class Worker:
     def batching_active(self) -> bool:
         return self.batching is not None
 
-    def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False) -> asyncio.Future[Outputs]:
+    def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
+               timing: Timing | None = None) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
-        self._enqueue(Job(feeds, raw_outputs, loop, future))
+        self._enqueue(Job(feeds, raw_outputs, loop, future, timing=timing))
         return future
 
     def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
@@ -108,14 +113,15 @@ class Worker:
         """Whether idle-time requests run on the caller's thread (quick CPU model, no batching)."""
         return self.batching is None and self._call_s is not None and self._call_s <= self._inline_max_s
 
-    def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False) -> Outputs | None:
+    def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
+                   timing: Timing | None = None) -> Outputs | None:
         """Run on the caller's thread if the model is quick and nothing is queued or running;
         None means "submit instead". Raises what the session raises."""
         if not self.inline or self._held or not self._queue.empty() or not self._lock.acquire(blocking=False):
             return None
         try:
             self.busy_since = time.monotonic()
-            result = self._call(feeds, raw_outputs, timed=True)
+            result = self._call(feeds, raw_outputs, 1, [timing])
         finally:
             self.busy_since = None
             self._lock.release()
@@ -208,8 +214,7 @@ class Worker:
 
     def _run_locked(self, jobs: list[Job]) -> None:
         if len(jobs) == 1:
-            self._on_batch(jobs[0].size or 1)
-            self._finish(jobs[0], self._call(jobs[0].feeds, jobs[0].raw_outputs, timed=True))
+            self._run_each(jobs)
             return
         layout = self.layout
         assert layout is not None
@@ -217,7 +222,8 @@ class Worker:
             self._run_each(jobs)
             return
         sizes = [j.size or 0 for j in jobs]
-        merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs)
+        merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs, sum(sizes),
+                            [j.timing for j in jobs])
         if isinstance(merged, BaseException):
             self._run_each(jobs)  # one bad request must not fail the others: retry alone
             return
@@ -234,17 +240,24 @@ class Worker:
     def _run_each(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._on_batch(job.size or 1)
-            self._finish(job, self._call(job.feeds, job.raw_outputs, timed=True))
+            self._finish(job, self._call(job.feeds, job.raw_outputs, job.size or 1, [job.timing]))
 
-    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool, timed: bool = False) -> Outputs | BaseException:
-        """``timed``: a single request's call, which ``inline`` judges the model's speed by."""
-        started = time.perf_counter()
+    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool, rows: int,
+              timings: list[Timing | None]) -> Outputs | BaseException:
+        """One runtime call for ``timings``' requests; a lone request's call is what ``inline``
+        judges the model's speed by."""
+        started = time.perf_counter_ns()
         try:
             result: Outputs | BaseException = self.session.run(feeds, raw_outputs=raw)
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
             return exc
-        if timed:
-            took = time.perf_counter() - started
+        ended = time.perf_counter_ns()
+        for timing in timings:
+            if timing is not None:
+                timing.started, timing.ended = started, ended
+        self.stats.executed(rows, ended - started)
+        if len(timings) == 1:
+            took = (ended - started) / 1e9
             self._call_s = took if self._call_s is None else 0.9 * self._call_s + 0.1 * took
         return result
 

@@ -1,0 +1,81 @@
+"""Per-model inference statistics in the shape of Triton's statistics extension
+(``GET /v2/models/{name}/stats``), so Triton tooling and operators can see where a request's
+time goes: the agent's own work before the runtime call, the queue, the call, and after it.
+
+Durations are cumulative counts and nanoseconds, as in Triton:
+- ``success``: a request from its first byte parsed to its answer handed to the kernel;
+- ``compute_input``: up to the hand-over to the model (HTTP, routing, decoding, checks);
+- ``queue``: waiting for the model's thread (0 for inline runs);
+- ``compute_infer``: the runtime call, quantization included;
+- ``compute_output``: from the call's end to the answer written (hand-back, encoding, write);
+- ``fail``: requests for this model that got an error, to the moment it was raised.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_KINDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class Timing:
+    """``time.perf_counter_ns`` stamps of one request; the model's worker fills ``started``/``ended``."""
+
+    received: int
+    submitted: int = 0
+    started: int = 0
+    ended: int = 0
+
+
+class ModelStats:
+    """Thread-safe: the worker thread records executions, the event loop records requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals = {kind: [0, 0] for kind in _KINDS}  # kind -> [count, ns]
+        self._batches: dict[int, list[int]] = {}  # rows per runtime call -> [count, ns]
+        self.inference_count = 0  # rows inferred successfully (a batch of 8 counts 8)
+        self.execution_count = 0  # successful runtime calls (a batch counts once)
+        self.last_inference_ms = 0
+
+    def executed(self, rows: int, ns: int) -> None:
+        with self._lock:
+            self.inference_count += rows
+            self.execution_count += 1
+            entry = self._batches.setdefault(rows, [0, 0])
+            entry[0] += 1
+            entry[1] += ns
+
+    def succeeded(self, timing: Timing, sent: int) -> None:
+        if not timing.ended:  # the worker never ran it (cannot happen for a success; never count garbage)
+            return
+        with self._lock:
+            for kind, ns in (("success", sent - timing.received),
+                             ("compute_input", timing.submitted - timing.received),
+                             ("queue", max(0, timing.started - timing.submitted)),
+                             ("compute_infer", timing.ended - timing.started),
+                             ("compute_output", sent - timing.ended)):
+                total = self._totals[kind]
+                total[0] += 1
+                total[1] += ns
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def failed(self, received: int) -> None:
+        with self._lock:
+            total = self._totals["fail"]
+            total[0] += 1
+            total[1] += time.perf_counter_ns() - received
+
+    def to_dict(self, name: str, version: int) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "name": name, "version": str(version), "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "inference_stats": {kind: {"count": c, "ns": ns} for kind, (c, ns) in self._totals.items()},
+                "batch_stats": [{"batch_size": rows, "compute_infer": {"count": c, "ns": ns}}
+                                for rows, (c, ns) in sorted(self._batches.items())],
+            }
