@@ -92,6 +92,22 @@ def test_v2_binary_equals_direct_onnx(agent, direct):
     np.testing.assert_allclose(got["stateN"], want["stateN"], rtol=1e-5, atol=1e-6)
 
 
+def test_client_reuses_request_heads_only_for_the_same_signature(agent, direct):
+    """The client caches the HTTP head and JSON header per input signature: changing shapes
+    between calls on one connection must still send the right lengths and get the right rows."""
+    with AgentClient(agent.socket) as client:
+        for batch, seed in ((1, 11), (3, 12), (1, 13), (2, 14), (3, 15)):
+            feeds = silero_feeds(batch=batch, seed=seed)
+            got = client.infer("silero_vad", feeds, version=1)
+            want = direct["silero_vad"].run(None, feeds)
+            assert got["output"].shape == (batch, 1)
+            np.testing.assert_allclose(got["output"], want[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["stateN"], want[1], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ClientError, match="expected dtype float32"):
+            client.infer("silero_vad", {**silero_feeds(), "input": silero_feeds()["input"].astype(np.float64)})
+        assert client.infer("silero_vad", silero_feeds(seed=16), outputs=["output"]).keys() == {"output"}
+
+
 def test_v2_json_equals_direct_tflite(agent, direct, samples):
     x = face_input(samples["astronaut"])
     got = agent.client.infer("face_detection", {"input": x}, binary=False)

@@ -208,34 +208,37 @@ class Worker:
             self.busy_since = time.monotonic()
             self._current = jobs
             try:
-                self._run_locked(jobs)
+                results = self._results(jobs)
             finally:
                 self.busy_since = None
+        self._finish_all(results)  # after the lock: whoever gets an answer finds the session free
 
-    def _run_locked(self, jobs: list[Job]) -> None:
+    def _results(self, jobs: list[Job]) -> list[tuple[Job, Outputs | BaseException]]:
+        """Run ``jobs`` (one, or a batch); what ``_run_each`` answered itself is not returned."""
         if len(jobs) == 1:
-            self._run_each(jobs)
-            return
+            job = jobs[0]
+            self._on_batch(job.size or 1)
+            return [(job, self._call(job.feeds, job.raw_outputs, job.size or 1, [job.timing]))]
         layout = self.layout
         assert layout is not None
         if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
             self._run_each(jobs)
-            return
+            return []
         sizes = [j.size or 0 for j in jobs]
         merged = self._call(layout.merge([j.feeds for j in jobs]), jobs[0].raw_outputs, sum(sizes),
                             [j.timing for j in jobs])
         if isinstance(merged, BaseException):
             self._run_each(jobs)  # one bad request must not fail the others: retry alone
-            return
+            return []
         if not layout.learn(merged, sum(sizes)):
             if layout.unusable:
                 log.warning("model.batching_disabled", model=self.name,
                             reason="outputs have no batch axis that matches the inputs")
                 self.batching = None  # stop holding requests back for batches that never come
             self._run_each(jobs)
-            return
+            return []
         self._on_batch(sum(sizes))
-        self._finish_all(list(zip(jobs, layout.split(merged, sizes), strict=True)))
+        return list(zip(jobs, layout.split(merged, sizes), strict=True))
 
     def _run_each(self, jobs: list[Job]) -> None:
         for job in jobs:
