@@ -1,7 +1,8 @@
 """A small synchronous client for the agent's local API (Unix socket or TCP).
 
-Uses only the standard library's ``http.client`` with one kept-alive connection, so a
-local application adds no dependency and no per-request connection cost.
+One kept-alive connection, requests written by hand and answers parsed by ``httptools``
+(a dependency of the agent already), so a local application pays no per-request connection
+cost and little Python per call.
 """
 
 from __future__ import annotations
