@@ -10,6 +10,9 @@ modes alike:
     no HTTP, no parsing) — what crossing a process boundary costs on this machine;
   * the event-loop floor: the same with uvloop and httptools (parse the request, run Silero in
     the callback, write a fixed reply) — the least any asyncio server adds;
+  * inside the agent, from its statistics extension (``GET /v2/models/NAME/stats``): mean µs
+    per phase over the same calls, and the agent's own overhead per v2 binary request (the
+    statistics read after each call) — the figure Triton reports as its server-side overhead;
   * Silero's raw time per row at batch sizes 1 to 32: the ceiling of what batching can save;
   * throughput of Silero VAD at 1, 8 and 32 concurrent client processes, with and without
     dynamic batching (two names for the same model file, one with batching on; the config's
@@ -190,6 +193,27 @@ def phase_totals(client: AgentClient, model: str) -> np.ndarray:
     return np.array([stats["success"]["count"], *(stats[p]["ns"] for p in PHASES)], dtype=np.float64)
 
 
+def inside_per_request(sock: Path, calls: int = 500) -> list[tuple[str, float, float, float]]:
+    """(model, overhead p50, overhead p99, runtime call p50) in µs inside the agent, per v2 binary
+    request: the statistics are read after every call, so each delta is one request."""
+    client = AgentClient(sock)
+    image = np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    rows = []
+    for model, feeds in (("silero_vad", silero_feeds()), ("face_detection", {"input": image})):
+        overhead, infer = [], []
+        before = phase_totals(client, model)
+        for _ in range(calls):
+            client.infer(model, feeds)
+            after = phase_totals(client, model)
+            delta, before = after - before, after
+            if delta[0] == 1:
+                infer.append(delta[1 + PHASES.index("compute_infer")] / 1000)
+                overhead.append(delta[1 + PHASES.index("success")] / 1000 - infer[-1])
+        rows.append((model, float(np.median(overhead)), float(np.percentile(overhead, 99)), float(np.median(infer))))
+    client.close()
+    return rows
+
+
 def latency_table(sock: Path, rounds: int, per_round: int) -> tuple[list[Row], Phases]:
     client = AgentClient(sock)
     floor, stop_floor = floor_client(sock.with_name("floor.sock"))
@@ -355,6 +379,10 @@ def main() -> None:
                     means = totals[1:] / max(totals[0], 1) / 1000
                     print(f"{model:<16}{mode:<13}" + "".join(f"{m:>8.0f}" for m in means)
                           + f"{means[4] - means[2]:>10.0f}")
+                print("\nInside the agent, one v2 binary request at a time (statistics read after each call), µs")
+                print(f"{'model':<16}{'overhead p50':>14}{'overhead p99':>14}{'infer p50':>11}")
+                for model, p50, p99, infer in inside_per_request(sock):
+                    print(f"{model:<16}{p50:>14.0f}{p99:>14.0f}{infer:>11.0f}")
             costs = batch_costs()
             print("\nSilero VAD raw runtime, µs per row by batch size: the ceiling of what batching can save")
             print(f"{'batch':>8}{'µs/row':>10}{'speed-up':>10}")
