@@ -444,3 +444,49 @@ def test_graceful_stop_finishes_in_flight(daemon_factory, models_dir):
         t.join(30)
     assert not errors, errors
     assert "agent.stopped" in daemon.log_text()
+
+
+# -- binary header plans (unit level, real Silero specs) ------------------------------------------
+def binary_body(feeds: dict[str, np.ndarray], request_id: str | None = None) -> tuple[bytes, str]:
+    names = {"float32": "FP32", "int64": "INT64"}
+    header: dict[str, object] = {"inputs": [
+        {"name": n, "shape": list(a.shape), "datatype": names[a.dtype.name],
+         "parameters": {"binary_data_size": a.nbytes}} for n, a in feeds.items()],
+        "parameters": {"binary_data_output": True}}
+    if request_id is not None:
+        header["id"] = request_id
+    head = json.dumps(header).encode()
+    return head + b"".join(a.tobytes() for a in feeds.values()), str(len(head))
+
+
+def test_binary_header_plans_are_reused_only_when_they_fit(samples):
+    from types import SimpleNamespace
+
+    from agent.api import oip
+    from agent.errors import RequestError
+    from agent.runtimes.onnx import OnnxBackend
+
+    session = OnnxBackend().load(samples["silero_vad"], [])
+    model = SimpleNamespace(name="vad", version=1, outputs=session.outputs)
+    plans: oip.Plans = {}
+    first, second = silero_feeds(seed=1), silero_feeds(seed=2)
+    body, hlen = binary_body(first)
+    got = oip.parse_infer(body, hlen, model, plans)
+    assert len(plans) == 1
+    body2, hlen2 = binary_body(second)
+    assert hlen2 == hlen
+    again = oip.parse_infer(body2, hlen2, model, plans)  # same header bytes: sliced by the plan
+    for name, value in second.items():
+        np.testing.assert_array_equal(again.feeds[name], value)
+        assert again.feeds[name].shape == value.shape and again.feeds[name].dtype == value.dtype
+    assert again.binary_default is True and got.feeds["input"][0, 0] != again.feeds["input"][0, 0]
+
+    with pytest.raises(RequestError, match="truncated"):  # a short body never takes the plan's word for it
+        oip.parse_infer(body2[:-4], hlen2, model, plans)
+    other = SimpleNamespace(name="vad", version=1, outputs=OnnxBackend().load(samples["silero_vad"], []).outputs)
+    assert oip.parse_infer(body2, hlen2, other, plans).feeds["input"].shape == (1, 576)  # a reloaded version re-parses
+    (plan,) = plans.values()
+    assert plan.specs is other.outputs
+    with_id, id_len = binary_body(first, request_id="r-1")
+    assert oip.parse_infer(with_id, id_len, model, plans).request_id == "r-1"
+    assert len(plans) == 1, "requests with an id are not remembered: ids differ per request"

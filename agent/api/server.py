@@ -62,6 +62,7 @@ class Routes:
         self.agent = agent
         self.metrics = agent.metrics
         self._children: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
+        self._plans: oip.Plans = {}  # binary infer headers already decoded
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -109,7 +110,8 @@ class Routes:
     async def v2_infer(self, request: Request) -> Response:
         model = self.agent.registry.get(request.params["name"], _version(request))
         with self._observed(model, "v2", request) as timing:
-            parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model)
+            parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model,
+                                     self._plans)
             outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output, timing=timing)
             body, header_length = oip.format_infer(model, parsed, outputs)
         sent = functools.partial(model.stats.succeeded, timing)
