@@ -453,3 +453,37 @@ async def test_inline_failure_raises_to_the_caller(silero: Session, make_worker:
     with pytest.raises(InferenceError, match="onnx inference failed"):
         worker.run_inline(vad_feeds(1, seed=720, sr=8000, length=576))  # fails inside the runtime
     assert worker.run_inline(vad_feeds(1, seed=721)) is not None  # the lock was released
+
+
+async def test_inline_and_worker_calls_never_share_the_interpreter(
+    samples: dict[str, Path], make_worker: MakeWorker
+) -> None:
+    """A stream thread (``submit_threadsafe``) and the API (``run_inline``) on one LiteRT
+    interpreter, which is not thread-safe: every answer must still belong to its own input."""
+    reference = LiteRTBackend().load(samples["face_detection"], [])
+    worker = make_worker(LiteRTBackend().load(samples["face_detection"], []), None, name="faces",
+                         inline_max_us=1_000_000)
+    images = [photo(samples["astronaut"]), photo(samples["coffee"])]
+    want = [reference.run({"input": x}) for x in images]
+    await asyncio.wait_for(worker.submit({"input": images[0]}), 10)  # timed: inline from now on
+    stream_results: list[tuple[int, Outputs]] = []
+
+    def stream() -> None:  # a paced stream: the worker is busy about half the time
+        for i in range(60):
+            stream_results.append((i % 2, worker.submit_threadsafe({"input": images[i % 2]}).result(10)))
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    inline_runs = i = 0
+    while thread.is_alive():
+        i += 1
+        got = worker.run_inline({"input": images[i % 2]})
+        if got is not None:
+            inline_runs += 1
+            assert_same(got, want[i % 2])
+        await asyncio.sleep(0.0002)
+    thread.join(30)
+    assert inline_runs > 0 and len(stream_results) == 60
+    for which, got in stream_results:
+        assert_same(got, want[which])
