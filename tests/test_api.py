@@ -490,3 +490,58 @@ def test_binary_header_plans_are_reused_only_when_they_fit(samples):
     with_id, id_len = binary_body(first, request_id="r-1")
     assert oip.parse_infer(with_id, id_len, model, plans).request_id == "r-1"
     assert len(plans) == 1, "requests with an id are not remembered: ids differ per request"
+
+
+# -- the HTTP layer: answered at once or finished by a task, always in order ----------------------
+async def test_handlers_that_wait_or_not_answer_pipelined_requests_in_order(tmp_path):
+    import asyncio
+    import socket as socketlib
+
+    from agent.api.http import HTTPServer, Request, Response, Router
+
+    loop = asyncio.get_running_loop()
+    later: asyncio.Future[bytes] = loop.create_future()
+
+    async def at_once(request: Request) -> Response:
+        return Response(200, b"at-once")
+
+    async def bare_yield(request: Request) -> Response:
+        await asyncio.sleep(0)
+        return Response(200, b"after-yield")
+
+    async def waits(request: Request) -> Response:
+        return Response(200, await later)
+
+    async def fails_later(request: Request) -> Response:
+        failing: asyncio.Future[bytes] = loop.create_future()
+        loop.call_later(0.01, failing.set_exception, ValueError("boom"))
+        try:
+            return Response(200, await failing)
+        except ValueError as exc:
+            return Response(500, str(exc).encode())
+
+    async def not_found(request: Request) -> Response:
+        return Response(404, b"none")
+
+    router = Router(not_found)
+    for path, handler in (("/now", at_once), ("/yield", bare_yield), ("/wait", waits), ("/fail", fails_later)):
+        router.add("GET", path, handler)
+    server = HTTPServer(router, 1 << 20)
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(str(tmp_path / "http.sock"))
+    await server.listen_unix(sock)
+    loop.call_later(0.05, later.set_result, b"waited")
+
+    def pipelined() -> list[bytes]:
+        with socketlib.socket(socketlib.AF_UNIX) as c:
+            c.connect(str(tmp_path / "http.sock"))
+            c.sendall(b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                               for p in ("/wait", "/now", "/fail", "/yield", "/now")))
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 5 or not data.endswith(b"at-once"):
+                data += c.recv(65536)
+            return [part.rsplit(b"\r\n\r\n", 1)[1] for part in data.split(b"HTTP/1.1 ")[1:]]
+
+    bodies = await asyncio.wait_for(asyncio.to_thread(pipelined), 10)
+    assert bodies == [b"waited", b"at-once", b"boom", b"after-yield", b"at-once"]
+    await server.stop(5)
