@@ -545,3 +545,46 @@ async def test_handlers_that_wait_or_not_answer_pipelined_requests_in_order(tmp_
     bodies = await asyncio.wait_for(asyncio.to_thread(pipelined), 10)
     assert bodies == [b"waited", b"at-once", b"boom", b"after-yield", b"at-once"]
     await server.stop(5)
+
+
+async def test_cancelling_a_waiting_handler_reaches_the_handler(tmp_path):
+    """At shutdown the loop cancels what is left: a handler resumed by the HTTP layer must see
+    the cancellation (and run its clean-up), as it would in a task of its own."""
+    import asyncio
+    import socket as socketlib
+
+    from agent.api.http import HTTPServer, Request, Response, Router
+
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    never: asyncio.Future[bytes] = loop.create_future()
+
+    async def waits_forever(request: Request) -> Response:
+        await asyncio.sleep(0)  # a bare yield first: the layer takes over with a task
+        try:
+            return Response(200, await never)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    router = Router(waits_forever)
+    server = HTTPServer(router, 1 << 20)
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(str(tmp_path / "http.sock"))
+    await server.listen_unix(sock)
+    client = socketlib.socket(socketlib.AF_UNIX)
+    await loop.sock_connect(client, str(tmp_path / "http.sock"))
+    await loop.sock_sendall(client, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    for _ in range(200):
+        tasks = [c.task for c in server.connections if c.task is not None]
+        if tasks:
+            break
+        await asyncio.sleep(0.01)
+    (task,) = tasks
+    await asyncio.sleep(0.01)  # past the bare yield: now waiting on ``never``
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["cancelled"] and never.cancelled()
+    client.close()
+    await server.stop(1)

@@ -257,16 +257,20 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
     """Drive ``coro`` on from where it first waited, as a task would have (``waiting_on`` is
     the future it yielded, or None for a bare yield)."""
     while True:
-        if waiting_on is None:
-            await asyncio.sleep(0)
-        else:
-            waiting_on._asyncio_future_blocking = False  # taken over, as Task does
-            try:
-                await asyncio.wait([waiting_on])  # its result or error is the coroutine's to read
-            except asyncio.CancelledError:
-                waiting_on.cancel()  # as a cancelled task would: the coroutine sees it when it resumes
+        cancelled: asyncio.CancelledError | None = None
         try:
-            waiting_on = coro.send(None)
+            if waiting_on is None:
+                await asyncio.sleep(0)
+            else:
+                waiting_on._asyncio_future_blocking = False  # taken over, as Task does
+                await asyncio.wait([waiting_on])  # its result or error is the coroutine's to read
+        except asyncio.CancelledError as exc:
+            # As a cancelled task would: cancel what it waits on, or, if that is already done,
+            # raise the cancellation inside the coroutine itself.
+            if waiting_on is None or not waiting_on.cancel():
+                cancelled = exc
+        try:
+            waiting_on = coro.send(None) if cancelled is None else coro.throw(cancelled)
         except StopIteration:
             return
 
