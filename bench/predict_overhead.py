@@ -55,6 +55,11 @@ def silero_feeds(batch: int = 1) -> dict[str, np.ndarray]:
             "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(16000, np.int64)}
 
 
+def face_image() -> np.ndarray:
+    """A fixed 128x128 input for the face detector (the same in every mode)."""
+    return np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+
+
 def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes]:
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
@@ -197,7 +202,7 @@ def inside_per_request(sock: Path, calls: int = 500) -> list[tuple[str, float, f
     """(model, overhead p50, overhead p99, runtime call p50) in µs inside the agent, per v2 binary
     request: the statistics are read after every call, so each delta is one request."""
     client = AgentClient(sock)
-    image = np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    image = face_image()
     rows = []
     for model, feeds in (("silero_vad", silero_feeds()), ("face_detection", {"input": image})):
         overhead, infer = [], []
@@ -223,7 +228,7 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> tuple[list[Row], P
     face.allocate_tensors()
     face_in = face.get_input_details()[0]["index"]
     face_outs = [d["index"] for d in face.get_output_details()]
-    image = np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    image = face_image()
     vad = silero_feeds()
     vad_lists = {k: v.tolist() for k, v in vad.items()}
 
