@@ -57,6 +57,8 @@ class AgentSection(_Section):
     state_dir: Path = Field(default_factory=_default_state_dir)
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Python modules imported at start that add delegates, sources, processors or hooks (agent.plugins).
+    plugins: tuple[str, ...] = ()
 
 
 class ApiSection(_Section):

@@ -1,26 +1,27 @@
-"""The agent's exception hierarchy.
+"""The agent's exception hierarchy, under the project's one root (``cloud_sync.errors.EdgeError``).
 
-Every error the agent raises on purpose derives from :class:`AgentError`. The edges map
-them exactly once: HTTP status (``http_status``), CLI exit code (``exit_code``), and
-later MQTT command error codes (``code``).
+Every error the agent raises on purpose derives from :class:`AgentError` and has a stable
+``code``. The edges map them exactly once: the HTTP status in ``agent.api.errors``, the MQTT
+command response (``{"code", "message"}``) in the command dispatcher, the CLI exit code from
+``exit_code``. Components raise the typed error of what went wrong and never think about
+transports.
 """
 
 from __future__ import annotations
 
+from cloud_sync.errors import EdgeError
 
-class AgentError(Exception):
+
+class AgentError(EdgeError):
     """Root of all edge-agent errors."""
 
     code = "internal"
-    http_status = 500
-    exit_code = 1
 
 
 class ConfigError(AgentError):
     """Bad configuration: names the file, the key and the reason."""
 
     code = "bad_config"
-    http_status = 400
     exit_code = 2
 
     def __init__(self, reason: str, *, key: str | None = None, file: str | None = None) -> None:
@@ -35,7 +36,6 @@ class UsageError(AgentError):
     """A command-line argument that cannot be right (exit code 2, like argparse's own errors)."""
 
     code = "bad_usage"
-    http_status = 400
     exit_code = 2
 
 
@@ -60,21 +60,18 @@ class ModelNotFoundError(ModelError):
     """Unknown model name or version."""
 
     code = "not_found"
-    http_status = 404
 
 
 class ModelNotReadyError(ModelError):
     """The model exists but is not (yet, or any more) able to serve."""
 
     code = "unavailable"
-    http_status = 503
 
 
 class InferenceError(ModelError):
     """The runtime failed while running a request."""
 
     code = "inference_failed"
-    http_status = 500
 
 
 class RuntimeUnavailableError(ModelError):
@@ -87,18 +84,85 @@ class RequestError(AgentError):
     """A client sent something we cannot accept (4xx)."""
 
     code = "bad_request"
-    http_status = 400
+
+
+class InvalidArgumentError(RequestError):
+    """An operation's argument has the right shape but a value the agent refuses (names it)."""
+
+    code = "bad_args"
+
+
+class NotFoundError(AgentError):
+    """Something asked for by name does not exist here."""
+
+    code = "not_found"
 
 
 class PayloadTooLargeError(RequestError):
     code = "too_large"
-    http_status = 413
 
 
 class HardwareError(AgentError):
     """Hardware detection or device-profile problem."""
 
     code = "hardware"
+
+
+class DeployError(AgentError):
+    """A deployment that failed, was rolled back, or cannot start; ``code`` says why (also in events).
+
+    The codes are listed in docs/deploy.md: the deployer's own (``busy``, ``not_configured``,
+    ``already_active``, ``disk_full``, ``incompatible``, ``test_vectors_failed``,
+    ``health_regression``, ``no_previous``, ...) and the bundle/transport codes of
+    ``cloud_sync.errors`` it passes through (``untrusted``, ``download_failed``, ...).
+    """
+
+    code = "deploy_failed"
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class DeploymentNotFoundError(NotFoundError):
+    """No deployment record for that model."""
+
+
+class PipelineError(AgentError):
+    """A pipeline part is misconfigured or cannot work with this model (never installed/started)."""
+
+    code = "bad_pipeline"
+
+
+class StreamError(AgentError):
+    """A stream that does not exist, or cannot be started or stopped now."""
+
+    code = "bad_stream"
+
+
+class SourceError(AgentError):
+    """A source cannot be opened, disappeared, or delivered something unusable; the runner retries."""
+
+    code = "source_failed"
+
+
+class SourceEnded(SourceError):  # noqa: N818 - an end, not a failure
+    """A finite source (file without looping) has no more data."""
+
+    code = "source_ended"
+
+
+class LinkNotConfiguredError(AgentError):
+    """An operation that needs the cloud link while none is configured."""
+
+    code = "not_configured"
+
+
+class OutboxFullError(AgentError):
+    """The outbox is full and could not make room for a message (it was dropped)."""
+
+    code = "outbox_full"
 
 
 class ClientError(AgentError):

@@ -1,23 +1,39 @@
-"""The cloud_sync exception hierarchy.
+"""The project's one exception root, and the cloud_sync hierarchy under it.
 
-Every error cloud_sync raises on purpose derives from :class:`CloudSyncError`. Each class
-has a short snake_case ``code`` that command responses (MQTT ``error.code``) and events
-carry unchanged; the CLI maps ``exit_code``. Sub-roots say what the caller should do:
+Every error edge-agent and edge-fleet raise on purpose derives from :class:`EdgeError`
+(``agent.errors.AgentError`` too: the agent may import cloud_sync, never the reverse). Each
+class has a short, stable snake_case ``code`` that HTTP answers, MQTT command responses
+(``error.code``) and events carry unchanged; the CLIs map ``exit_code``. Sub-roots say what
+the caller should do:
 
 * :class:`BundleError`: the bundle or its metadata is bad or untrusted. Never install it;
   retrying the same download will not help.
 * :class:`DownloadError`: the transport failed. Retrying (resuming) makes sense.
 * :class:`RepositoryError`: a fleet-side repository or key problem (``edge-fleet``).
+* :class:`LinkError`: the MQTT link; :class:`CommandError` travels back to the fleet.
+* :class:`OutboxError`: the outbox database cannot be used.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-class CloudSyncError(Exception):
+
+class EdgeError(Exception):
+    """Root of every error the project raises on purpose; ``code`` is stable for scripts."""
+
+    code = "internal"
+    exit_code = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``{"code", "message"}`` object that answers and events carry."""
+        return {"code": self.code, "message": str(self)}
+
+
+class CloudSyncError(EdgeError):
     """Root of all cloud_sync errors."""
 
     code = "cloud_sync_error"
-    exit_code = 1
 
 
 class BundleError(CloudSyncError):
@@ -117,3 +133,38 @@ class RepositoryError(CloudSyncError):
     """Fleet-side repository problem: not initialised, missing keys, duplicate version."""
 
     code = "repository_error"
+
+
+class LinkError(CloudSyncError):
+    """Root of MQTT link errors."""
+
+    code = "link_error"
+
+
+class CommandError(LinkError):
+    """A command that cannot be (or was not) carried out; ``code`` names why, for scripts.
+
+    The dispatcher's own refusals (``bad_request``, ``too_large``, ``unknown_command``,
+    ``bad_args``, ``wrong_device``) use it; handlers raise the typed error of what failed.
+    """
+
+    code = "command_failed"
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class OutboxError(CloudSyncError):
+    """The outbox database cannot be used: corrupt, unreadable, closed, or an unexpected SQLite error.
+
+    Disk full is *not* an ``OutboxError``: it is handled by dropping messages.
+    """
+
+    code = "outbox_error"
+
+    def __init__(self, reason: str, *, path: str | None = None) -> None:
+        self.reason = reason
+        self.path = path
+        super().__init__(f"outbox {path}: {reason}" if path else f"outbox: {reason}")

@@ -27,6 +27,8 @@ from typing import Any, Final, Literal
 import orjson
 import structlog
 
+from cloud_sync.errors import OutboxError
+
 log = structlog.get_logger(__name__)
 
 Kind = Literal["result", "telemetry", "event"]
@@ -78,18 +80,6 @@ _DELETE_OLDEST: Final = "DELETE FROM messages WHERE kind = ? AND seq <= ?"
 # Only a constant run of "?" placeholders is interpolated here: no data ever reaches the SQL text.
 _SIZE_OF_SEQS: Final = f"SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM messages WHERE seq IN ({_IN_CHUNK})"  # noqa: S608
 _DELETE_SEQS: Final = f"DELETE FROM messages WHERE seq IN ({_IN_CHUNK})"  # noqa: S608
-
-
-class OutboxError(Exception):
-    """The outbox database cannot be used: corrupt, unreadable, closed, or an unexpected SQLite error.
-
-    Disk full is *not* an ``OutboxError``: it is handled by dropping messages.
-    """
-
-    def __init__(self, reason: str, *, path: str | None = None) -> None:
-        self.reason = reason
-        self.path = path
-        super().__init__(f"outbox {path}: {reason}" if path else f"outbox: {reason}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Each case installs ``vad`` version 1 as the active version, starts a real agent, deploys
 version 2 (a signed Silero bundle padded with a large file) from a real TUF repository over
 loopback HTTP, and kills the agent with SIGKILL at one step: paused there with
-``EDGE_AGENT_DEPLOY_PAUSE_AT``, or caught in the act (mid-download, mid-extract, inside the
+the ``tests.plugins.deploy_pause`` plugin, or caught in the act (mid-download, mid-extract, inside the
 health window). The agent is then restarted on the same state dir, models dir and config.
 Afterwards it must serve a valid model (and never none), the deployment record must say the
 step was interrupted, nothing half-installed may be left, and deploying again must commit.
@@ -23,9 +23,9 @@ import orjson
 import pytest
 
 from agent.client import AgentClient
-from agent.deploy.installer import PAUSE_ENV
 from tests.conftest import Daemon, install, start_daemon
 from tests.deploy_env import DeployEnv, silero_inputs, silero_runner
+from tests.plugins.deploy_pause import ENV as PAUSE_ENV
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -185,7 +185,8 @@ def test_sigkill_then_restart_recovers(case: Crash, world: DeployEnv, samples: d
     work = tmp_path / "agent"
     state_dir = work / "state"
     args = ("--config", str(config), "--models-dir", str(models))
-    env = {PAUSE_ENV: f"{case.at}:120"} if case.how == "pause" else {}
+    env = ({PAUSE_ENV: f"{case.at}:120", "EDGE_AGENT_AGENT__PLUGINS": '["tests.plugins.deploy_pause"]'}
+           if case.how == "pause" else {})
 
     # 1. Deploy version 2 and kill the agent at the chosen step.
     first = start_daemon(work, *args, env=env)

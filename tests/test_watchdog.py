@@ -1,7 +1,8 @@
 """The watchdog heals a model whose delegate fails or hangs at inference time.
 
-The failing delegate is the fault-injection delegate (this machine has no accelerator to
-fail): it runs the model on the CPU and starts raising or hanging after N calls.
+The failing delegate is the fault-injection delegate of the ``tests.plugins.fault_delegate``
+plugin (this machine has no accelerator to fail): it runs the model on the CPU and starts
+raising or hanging after N calls.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def start(tmp_path, samples, options: str, watchdog: str = ""):
     config.write_text(f'[agent]\nprofile = "faulty"\nprofiles_dir = "{tmp_path / "profiles"}"\n'
                       f"[watchdog]\n{watchdog}\n")
     return start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"),
-                        env={"EDGE_AGENT_FAULT_INJECTION": "1"})
+                        env={"EDGE_AGENT_AGENT__PLUGINS": '["tests.plugins.fault_delegate"]'})
 
 
 def delegate(daemon) -> str:

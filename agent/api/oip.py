@@ -4,6 +4,7 @@ binary tensor data extension, model metadata and readiness."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from agent.api.codec import as_contiguous, dumps, loads, to_array
 from agent.api.datatypes import DATATYPES, datatype
 from agent.errors import RequestError
-from agent.models.registry import ServedModel
+from agent.models.served import ServedModel
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 HEADER = "Inference-Header-Content-Length"
@@ -162,7 +163,7 @@ def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, n
     return b"".join([header, *chunks]), len(header)
 
 
-def metadata(model: ServedModel, versions: list[int]) -> dict[str, Any]:
+def metadata(model: ServedModel, versions: Sequence[int]) -> dict[str, Any]:
     def tensors(specs: Any) -> list[dict[str, Any]]:
         out = []
         for s in specs:

@@ -1,7 +1,9 @@
-"""The API's routes, error mapping, and the Unix-socket binding.
+"""The API's routes and the Unix-socket binding.
 
-Errors are mapped to status codes here and only here (``AgentError.http_status``); a
-handler never lets an exception reach the HTTP layer, so one bad request cannot disturb others.
+The routes see two things: the model catalogue (the data plane: metadata and predict) and the
+operations facade (everything else), as KServe's REST endpoints see only a data plane. Errors
+are mapped to status codes once (``agent.api.errors``); a handler never lets an exception reach
+the HTTP layer, so one bad request cannot disturb others.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
+from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Request, Response, Router
+from agent.config import ApiSection
+from agent.core.operations import Operations
+from agent.core.ports import ModelCatalog
 from agent.errors import AgentError, RequestError
+from agent.health.metrics import Metrics
 from agent.models.stats import Timing
-
-if TYPE_CHECKING:
-    from agent.daemon import Agent
 
 log = structlog.get_logger(__name__)
 
@@ -49,36 +53,39 @@ def _guard(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except AgentError as exc:
-            return _json({"error": str(exc), "code": exc.code}, exc.http_status)
+            return _json(error_body(exc), http_status(exc))
         except Exception as exc:
             log.exception("api.unhandled", path=request.path)
-            return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+            return _json({"error": f"internal error: {type(exc).__name__}", "code": "internal"}, 500)
 
     return wrapped
 
 
 class Routes:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.metrics = agent.metrics
-        self._children: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
+    def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics) -> None:
+        self.ops = ops
+        self.models = models
+        self.metrics = metrics
+        self._latency: dict[tuple[str, int], Any] = {}
         self._plans: oip.Plans = {}  # binary infer headers already decoded
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
         name, version = request.params["name"], _version(request)
-        reg = self.agent.registry
-        if not reg.known(name) or (version is not None and (name, version) not in reg.failures):
-            reg.get(name, version)  # raises the 404 for an unknown name or version
-        states = [s for s in reg.version_states(name) if version is None or s["version"] == version]
+        models = self.models
+        if not models.known(name) or (version is not None
+                                      and not any(f.name == name and f.version == version
+                                                  for f in models.failures())):
+            models.get(name, version)  # raises the 404 for an unknown name or version
+        states = [s for s in models.version_states(name) if version is None or s["version"] == version]
         return _json(tfserving.version_status(states))
 
     async def v1_metadata(self, request: Request) -> Response:
-        model = self.agent.registry.get(request.params["name"], _version(request))
+        model = self.models.get(request.params["name"], _version(request))
         return _json(tfserving.metadata(model))
 
     async def v1_predict(self, request: Request) -> Response:
-        model = self.agent.registry.get(request.params["name"], _version(request))
+        model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v1", request) as timing:
             feeds, fmt, raw = tfserving.parse_predict(request.body, model)
             outputs = await model.infer(feeds, raw_outputs=raw, timing=timing)
@@ -87,28 +94,27 @@ class Routes:
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
-        return _json({"name": "edge-agent", "version": self.agent.version,
+        return _json({"name": "edge-agent", "version": self.ops.info.version,
                       "extensions": ["binary_tensor_data", "model_repository", "statistics"]})
 
     async def v2_live(self, _request: Request) -> Response:
         return _json({"live": True})
 
     async def v2_ready(self, _request: Request) -> Response:
-        ready = self.agent.registry.ready and not self.agent.stopping
+        ready = self.models.ready and not self.ops.stopping
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def v2_model(self, request: Request) -> Response:
         name = request.params["name"]
-        model = self.agent.registry.get(name, _version(request))
-        versions = sorted(self.agent.registry.models.get(name, {}))
-        return _json(oip.metadata(model, versions))
+        model = self.models.get(name, _version(request))
+        return _json(oip.metadata(model, self.models.versions(name)))
 
     async def v2_model_ready(self, request: Request) -> Response:
-        model = self.agent.registry.get(request.params["name"], _version(request))
+        model = self.models.get(request.params["name"], _version(request))
         return _json({"name": model.name, "version": str(model.version), "ready": True})
 
     async def v2_infer(self, request: Request) -> Response:
-        model = self.agent.registry.get(request.params["name"], _version(request))
+        model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v2", request) as timing:
             parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model,
                                      self._plans)
@@ -121,15 +127,15 @@ class Routes:
 
     async def v2_stats(self, request: Request) -> Response:
         """Triton's statistics extension: cumulative counts and nanoseconds per model version."""
-        registry, name = self.agent.registry, request.params.get("name")
+        models, name = self.models, request.params.get("name")
         if name is None:
-            models = list(registry.served())
+            chosen = list(models.served())
         else:
             version = _version(request)
-            model = registry.get(name, version)  # raises the 404 for an unknown name or version
-            models = [model] if version is not None else [m for m in registry.served() if m.name == name]
+            model = models.get(name, version)  # raises the 404 for an unknown name or version
+            chosen = [model] if version is not None else [m for m in models.served() if m.name == name]
         return _json({"model_stats": [m.stats.to_dict(m.name, m.version)
-                                      for m in sorted(models, key=lambda m: (m.name, m.version))]})
+                                      for m in sorted(chosen, key=lambda m: (m.name, m.version))]})
 
     # -- agent ------------------------------------------------------------------------------
     async def metrics_text(self, _request: Request) -> Response:
@@ -137,53 +143,45 @@ class Routes:
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def agent_status(self, _request: Request) -> Response:
-        return _json(self.agent.status())
+        return _json(await self.ops.status())
 
     async def deploy(self, request: Request) -> Response:
         """Start installing a signed bundle; poll ``GET /v1/agent/deployments/{name}`` for progress."""
         body = loads(request.body) if request.body else {}
         version = body.get("version") if isinstance(body, dict) else None
-        if version is not None and (not isinstance(version, int) or version < 1):
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise RequestError("'version' must be a positive integer or null")
-        record, _task = self.agent.start_deploy(request.params["name"], version)
+        record = await self.ops.deploy(request.params["name"], version)
         return _json(record.to_dict(), 202)
 
     async def deployment(self, request: Request) -> Response:
-        record = self.agent.deployer.store.load(request.params["name"])
-        if record is None:
-            return _json({"error": f"no deployment of '{request.params['name']}'"}, 404)
-        task = self.agent.deploy_tasks.get(record.model)
-        return _json({**record.to_dict(), "running": task is not None and not task.done()})
+        return _json(await self.ops.deployment(request.params["name"]))
 
     async def reload(self, _request: Request) -> Response:
         """Re-read the models directory (models copied in by hand or by other tools)."""
-        changes = await self.agent.registry.reload()
-        if self.agent.link is not None:
-            self.agent.link.inventory_changed()
-        return _json(changes)
+        return _json(await self.ops.reload())
 
     async def rollback(self, request: Request) -> Response:
-        return _json(await self.agent.deployer.rollback(request.params["name"]))
+        return _json(await self.ops.rollback(request.params["name"]))
 
     async def streams(self, _request: Request) -> Response:
-        return _json({"streams": self.agent.streams.status()})
+        return _json({"streams": self.ops.stream_status()})
 
     async def stream_start(self, request: Request) -> Response:
-        return _json(self.agent.streams.start(request.params["name"]))
+        return _json(self.ops.stream_start(request.params["name"]))
 
     async def stream_stop(self, request: Request) -> Response:
-        return _json(await asyncio.to_thread(self.agent.streams.stop, request.params["name"]))
+        return _json(await self.ops.stream_stop(request.params["name"]))
 
     async def stream_results(self, request: Request) -> Response:
-        """Live results as Server-Sent Events (``data: {json}``), until the client disconnects."""
-        broadcaster = self.agent.streams.feed(request.params["name"])
+        """Live results as Server-Sent Events (``data: {json}``), until the client disconnects or the agent stops."""
+        broadcaster = self.ops.stream_feed(request.params["name"])
         queue = broadcaster.subscribe()
-        agent = self.agent
 
         async def events() -> AsyncIterator[bytes]:
             try:
                 yield b": connected\n\n"
-                while not agent.stopping:
+                while True:
                     try:
                         result = await asyncio.wait_for(queue.get(), 15)
                     except asyncio.TimeoutError:
@@ -197,20 +195,12 @@ class Routes:
 
     async def agent_result(self, request: Request) -> Response:
         """Local applications push their own results upstream through the outbox."""
-        link = self.agent.link
-        if link is None:
-            return _json({"error": "the cloud link is not configured (set [mqtt] url)"}, 503)
-        body = loads(request.body)
-        if not isinstance(body, dict):
-            raise RequestError("result must be a JSON object")
-        seq = link.result(request.params["stream"], body)
-        if seq < 0:
-            return _json({"error": "the outbox is full and could not make room"}, 507)
+        seq = self.ops.push_result(request.params["stream"], loads(request.body))
         return _json({"seq": seq}, 202)
 
     @contextlib.contextmanager
     def _observed(self, model: Any, protocol: str, request: Request) -> Iterator[Timing]:
-        """Count the request by status code; time it when it succeeds; a failure goes into the
+        """Count the answer by status code; time it when it succeeds; a failure goes into the
         model's statistics here, a success once its answer is written (``Response.sent``)."""
         started = time.perf_counter()
         timing = Timing(request.received or time.perf_counter_ns())
@@ -219,31 +209,30 @@ class Routes:
             yield timing
             code = "200"
         except AgentError as exc:
-            code = str(exc.http_status)
+            code = str(http_status(exc))
             raise
         finally:
+            stats = model.stats
+            stats.answered(protocol, code)
             if code != "200":
-                model.stats.failed(timing.received)
-            self._observe(model, protocol, code, started)
+                stats.failed(timing.received)
+            else:
+                self._observe_latency(model, time.perf_counter() - started)
 
-    def _observe(self, model: Any, protocol: str, code: str, started: float) -> None:
-        key = (model.name, model.version, protocol, code)
-        children = self._children.get(key)
-        if children is None:  # labels() hashes and locks: bind each label set once
-            version = str(model.version)
-            children = self._children[key] = (self.metrics.requests.labels(model.name, version, protocol, code),
-                                               self.metrics.request_latency.labels(model.name, version))
-        children[0].inc()
-        if code == "200":
-            children[1].observe(time.perf_counter() - started)
+    def _observe_latency(self, model: Any, seconds: float) -> None:
+        key = (model.name, model.version)
+        child = self._latency.get(key)
+        if child is None:  # labels() hashes and locks: bind each label set once
+            child = self._latency[key] = self.metrics.request_latency.labels(model.name, str(model.version))
+        child.observe(seconds)
 
 
 async def _not_found(request: Request) -> Response:
-    return _json({"error": f"no such endpoint: {request.method} {request.path}"}, 404)
+    return _json({"error": f"no such endpoint: {request.method} {request.path}", "code": "not_found"}, 404)
 
 
-def build_server(agent: Agent) -> HTTPServer:
-    r = Routes(agent)
+def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settings: ApiSection) -> HTTPServer:
+    r = Routes(ops, models, metrics)
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
@@ -280,7 +269,7 @@ def build_server(agent: Agent) -> HTTPServer:
     ]
     for method, path, handler in routes:
         router.add(method, path, _guard(handler))
-    return HTTPServer(router, agent.config.api.max_body_bytes)
+    return HTTPServer(router, settings.max_body_bytes)
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:

@@ -9,7 +9,7 @@ import numpy as np
 
 from agent.api.codec import as_contiguous, json_dtype, loads, to_array
 from agent.errors import RequestError
-from agent.models.registry import ServedModel
+from agent.models.served import ServedModel
 
 _TF_DTYPES = {
     "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8",

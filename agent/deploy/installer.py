@@ -10,19 +10,23 @@ and a rollback is a pointer switch, not a load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
+from agent.config import UpdatesSection
+from agent.core.ports import EventSink, ModelSwapper
 from agent.deploy.health import HealthPolicy, verdict
 from agent.deploy.state import Deployment, DeploymentStore
-from agent.errors import AgentError
+from agent.errors import AgentError, DeployError
 from agent.health.system import release_free_heap
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
@@ -30,24 +34,23 @@ from cloud_sync.errors import CloudSyncError
 from cloud_sync.fsutil import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
-    from agent.models.registry import ServedModel
+    from agent.models.served import ServedModel
     from cloud_sync.bundles.manifest import Manifest
     from cloud_sync.updater.client import BundleUpdater
 
 log = structlog.get_logger(__name__)
-PAUSE_ENV = "EDGE_AGENT_DEPLOY_PAUSE_AT"  # "STATE:SECONDS": fault-injection point for crash tests
+
+#: Called after each persisted step with (model, state): plugins may observe (or, in crash tests, pause) here.
+StepHook = Callable[[str, str], Awaitable[None]]
+STEP_HOOKS: list[StepHook] = []  # filled by plugins (``[agent] plugins``) before the deployer is built
 
 
-class DeployError(AgentError):
-    """A deployment that failed or was rolled back; ``code`` says why (also in the event)."""
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What a bundle's constraints are checked against."""
 
-    http_status = 409
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(message)
+    agent_version: str
+    accelerators: frozenset[str] = frozenset()
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -55,19 +58,26 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class Deployer:
-    def __init__(self, agent: Agent, emit: Callable[[Mapping[str, Any]], object] | None = None) -> None:
-        self.agent = agent
-        self.cfg = agent.config.updates
-        self.models_dir = agent.config.models_dir
-        self.store = DeploymentStore(agent.config.agent.state_dir / "deployments")
-        self.emit = emit or (lambda _payload: None)
+    """Installs signed bundles into ``models_dir`` and swaps them in through ``models``.
+
+    Owns the running deployments (one per model at a time) and their persisted records.
+    """
+
+    def __init__(self, settings: UpdatesSection, *, models_dir: Path, state_dir: Path, models: ModelSwapper,
+                 sink: EventSink, device: DeviceFacts, step_hooks: Sequence[StepHook] = ()) -> None:
+        self.cfg = settings
+        self.models_dir = models_dir
+        self.state_dir = state_dir
+        self.models = models
+        self.sink = sink
+        self.device = device
+        self.step_hooks = tuple(step_hooks)
+        self.store = DeploymentStore(state_dir / "deployments")
+        self.tasks: dict[str, asyncio.Task[Deployment]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._begun: set[str] = set()
         self._last_progress = 0.0  # monotonic time of the last download progress log
         self._updater: BundleUpdater | None = None
-        pause = os.environ.get(PAUSE_ENV, "")
-        state, _, seconds = pause.partition(":")
-        self._pause = (state, float(seconds or 0)) if state else None
 
     # -- wiring ------------------------------------------------------------------------------------------
     def updater(self) -> BundleUpdater:
@@ -76,10 +86,9 @@ class Deployer:
                 raise DeployError("not_configured", "signed updates need [updates] repo_url and trusted_root")
             from cloud_sync.updater.client import BundleUpdater
 
-            state_dir = self.agent.config.agent.state_dir
             cache = self.cfg.cache_dir or (Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
-                                           if os.environ.get("CACHE_DIRECTORY") else state_dir / "cache")
-            self._updater = BundleUpdater(self.cfg.metadata_dir or state_dir / "tuf", self.cfg.repo_url,
+                                           if os.environ.get("CACHE_DIRECTORY") else self.state_dir / "cache")
+            self._updater = BundleUpdater(self.cfg.metadata_dir or self.state_dir / "tuf", self.cfg.repo_url,
                                           trusted_root=self.cfg.trusted_root, cache_dir=cache,
                                           max_bundle_bytes=self.cfg.max_bundle_bytes,
                                           bandwidth=self.cfg.bandwidth_bytes_s, progress=self._progress)
@@ -96,16 +105,51 @@ class Deployer:
                    "previous": record.previous, **extra}
         if record.error:
             payload["error"] = record.error
-        self.emit(payload)
+        self.sink.event(payload)
+
+    async def _hooks(self, record: Deployment) -> None:
+        for hook in self.step_hooks:
+            await hook(record.model, record.state)
 
     async def _step(self, record: Deployment, state: str, **extra: Any) -> None:
         record.state = state
         await asyncio.to_thread(self.store.save, record)
         log.info("deploy.step", model=record.model, version=record.version, state=state, **extra)
         self._event(record, **extra)
-        if self._pause and self._pause[0] == state:
-            log.warning("deploy.paused", state=state, seconds=self._pause[1])
-            await asyncio.sleep(self._pause[1])
+        await self._hooks(record)
+
+    # -- running deployments ---------------------------------------------------------------------------------
+    async def start(self, name: str, version: int | None) -> Deployment:
+        """Begin a deployment and run it in the background; follow it with ``record``/``running``.
+
+        Raises:
+            DeployError: one is already running for this model (``busy``).
+        """
+        record = await self.begin(name, version)
+        task = asyncio.get_running_loop().create_task(self.run(record), name=f"deploy-{name}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures live in the record
+        self.tasks[name] = task
+        return record
+
+    def running(self, name: str) -> bool:
+        task = self.tasks.get(name)
+        return task is not None and not task.done()
+
+    async def wait(self, name: str) -> Deployment:
+        """The outcome of ``name``'s running deployment.
+
+        Raises:
+            DeployError: it failed or was rolled back.
+        """
+        return await asyncio.shield(self.tasks[name])
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel running deployments; each undoes what it did (the device keeps serving)."""
+        for task in self.tasks.values():
+            task.cancel()
+        for task in self.tasks.values():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, timeout)
 
     # -- deploy ---------------------------------------------------------------------------------------------
     async def deploy(self, name: str, version: int | None = None) -> Deployment:
@@ -114,9 +158,9 @@ class Deployer:
         Raises:
             DeployError: it failed (nothing changed) or was rolled back; ``code`` says why.
         """
-        return await self.run(self.begin(name, version))
+        return await self.run(await self.begin(name, version))
 
-    def begin(self, name: str, version: int | None) -> Deployment:
+    async def begin(self, name: str, version: int | None) -> Deployment:
         """Persist a new deployment record (state ``started``) so callers can follow it at once.
 
         Raises:
@@ -125,11 +169,14 @@ class Deployer:
         lock = self._locks.setdefault(name, asyncio.Lock())
         if lock.locked() or name in self._begun:
             raise DeployError("busy", f"a deployment of '{name}' is already running")
-        registry = self.agent.registry
-        previous = registry.default_version(name) if name in registry.models else None
-        record = Deployment(name, version, previous)
-        self.store.save(record)
-        self._begun.add(name)
+        self._begun.add(name)  # before the first wait: a second caller meanwhile is refused
+        try:
+            previous = self.models.default_version(name) if self.models.versions(name) else None
+            record = Deployment(name, version, previous)
+            await asyncio.to_thread(self.store.save, record)
+        except BaseException:
+            self._begun.discard(name)
+            raise
         return record
 
     async def run(self, record: Deployment) -> Deployment:
@@ -138,16 +185,14 @@ class Deployer:
             return await self._deploy(record)
 
     async def _deploy(self, record: Deployment) -> Deployment:
-        registry = self.agent.registry
+        models = self.models
         name, version, previous = record.model, record.version, record.previous
         staging: Path | None = None
         candidate: ServedModel | None = None
         swapped = False
         try:
             self._event(record)
-            if self._pause and self._pause[0] == "started":  # begin() saved this step itself
-                log.warning("deploy.paused", state="started", seconds=self._pause[1])
-                await asyncio.sleep(self._pause[1])
+            await self._hooks(record)  # begin() saved this step itself
             updater = self.updater()
             await asyncio.to_thread(updater.refresh)  # new metadata every time: find() alone never refreshes again
             info = await asyncio.to_thread(updater.find, name, version)
@@ -171,7 +216,7 @@ class Deployer:
             self._check_manifest(manifest, name, info.version)
             await self._step(record, "staged")
             entry = ModelVersion(name, info.version, staging, staging / manifest.model, manifest.runtime)
-            candidate = await asyncio.to_thread(registry.prepare, entry, False)
+            candidate = await models.prepare(entry, warm_up=False)
             await self._step(record, "loaded", delegate=candidate.session.delegate)
             self._check_processing(manifest, candidate)
             await asyncio.to_thread(self._run_test_vectors, candidate, manifest, staging)
@@ -179,12 +224,12 @@ class Deployer:
             final = await asyncio.to_thread(self._promote, staging, name, info.version)
             staging = None
             candidate.source = ModelVersion(name, info.version, final, final / manifest.model, manifest.runtime)
-            registry.register(candidate)
+            models.register(candidate)
             await asyncio.to_thread(self._write_active, name, info.version)
-            registry.set_active(name, info.version)  # the swap: new requests go to the new version
+            models.set_active(name, info.version)  # the swap: new requests go to the new version
             swapped = True
             await self._step(record, "swapped")
-            self._inventory_changed()
+            self.sink.inventory_changed()
             await self._step(record, "health", window_s=self.cfg.health_window_s)
             reason = await self._health_window(candidate, previous)
             if reason:
@@ -193,7 +238,7 @@ class Deployer:
             await asyncio.to_thread(self.store.save, record)
             self._event(record)
             log.info("deploy.committed", model=name, version=info.version, previous=previous)
-            await asyncio.to_thread(self._gc, name, info.version, previous)
+            await self._gc(name, info.version, previous)
             release_free_heap()  # the old version's memory and the staging churn
             return record
         except (AgentError, CloudSyncError, OSError) as exc:
@@ -221,14 +266,15 @@ class Deployer:
             raise DeployError("bad_manifest", f"bundle says {manifest.name}@{manifest.version}, "
                                               f"the signed target is {name}@{version}")
         c = manifest.constraints
-        if c.min_agent_version and _version_tuple(self.agent.version) < _version_tuple(c.min_agent_version):
-            raise DeployError("incompatible", f"needs agent {c.min_agent_version}, this is {self.agent.version}")
+        have_version = self.device.agent_version
+        if c.min_agent_version and _version_tuple(have_version) < _version_tuple(c.min_agent_version):
+            raise DeployError("incompatible", f"needs agent {c.min_agent_version}, this is {have_version}")
         for runtime in {manifest.runtime, *c.runtimes}:
             try:
                 get_backend(runtime).version()
             except AgentError as exc:
                 raise DeployError("runtime_unavailable", f"runtime '{runtime}' is not available here: {exc}") from exc
-        have = {a.kind for a in self.agent.hardware.accelerators}
+        have = self.device.accelerators
         missing = [a for a in c.accelerators if a not in have]
         if missing:
             raise DeployError("runtime_unavailable", f"needs accelerator {', '.join(missing)}; this device has "
@@ -237,7 +283,7 @@ class Deployer:
     @staticmethod
     def _check_processing(manifest: Manifest, served: ServedModel) -> None:
         """The manifest's pre/post-processing must fit the model's tensors: refused before the swap."""
-        from agent.pipelines.base import PipelineError
+        from agent.errors import PipelineError
 
         if manifest.preprocess is None and manifest.postprocess is None:
             return
@@ -257,7 +303,7 @@ class Deployer:
         from cloud_sync.bundles.build import tensor_array
 
         if not manifest.test_vectors:
-            self.agent.registry._warm_up(served)
+            self.models.warm_up(served)
             return
         for i, vector in enumerate(manifest.test_vectors):
             feeds = {n: tensor_array(v.model_dump(), root) for n, v in vector.inputs.items()}
@@ -295,40 +341,41 @@ class Deployer:
     async def _health_window(self, served: ServedModel, previous: int | None) -> str | None:
         policy = HealthPolicy(self.cfg.health_min_requests, self.cfg.health_max_error_rate,
                               self.cfg.health_max_latency_ratio)
-        old = self.agent.registry.models.get(served.name, {}).get(previous) if previous else None
-        baseline = list(old.latencies) if old is not None else []
+        old = self.models.find(served.name, previous) if previous else None
+        baseline = list(old.stats.latencies) if old is not None else []
+        stats = served.stats
         # A request the new version rejects (its inputs changed) failed for the client as much as one that
         # failed to run: both count as errors here.
-        start_requests, start_errors = served.requests + served.rejected, served.errors + served.rejected
-        start_ok = served.succeeded
+        start_requests, start_errors = stats.requests + stats.rejected, stats.errors + stats.rejected
+        start_ok = stats.successes
 
         def in_window() -> list[float]:  # only latencies of requests answered during the window
-            new = served.succeeded - start_ok
-            return list(served.latencies)[-new:] if new else []
+            new = stats.successes - start_ok
+            return list(stats.latencies)[-new:] if new else []
+
+        def judged() -> tuple[str | None, int]:
+            requests = stats.requests + stats.rejected - start_requests
+            errors = stats.errors + stats.rejected - start_errors
+            return verdict(policy, requests, errors, in_window(), baseline), errors
 
         deadline = time.monotonic() + self.cfg.health_window_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
-            requests = served.requests + served.rejected - start_requests
-            errors = served.errors + served.rejected - start_errors
-            reason = verdict(policy, requests, errors, in_window(), baseline)
+            reason, errors = judged()
             if reason and errors:  # errors are decisive at once; latency is judged at the end
                 return reason
-        requests = served.requests + served.rejected - start_requests
-        errors = served.errors + served.rejected - start_errors
-        return verdict(policy, requests, errors, in_window(), baseline)
+        return judged()[0]
 
     async def _undo(self, record: Deployment, candidate: ServedModel | None, staging: Path | None,  # noqa: PLR0917
                     swapped: bool, code: str, message: str) -> None:
         name, version = record.model, record.version
-        registry = self.agent.registry
         try:
             if swapped and version is not None:
-                registry.set_active(name, record.previous)  # back to the old version first: no gap
+                self.models.set_active(name, record.previous)  # back to the old version first: no gap
                 await asyncio.to_thread(self._write_active, name, record.previous)
-                await asyncio.to_thread(registry.unload, name, version)
+                await self.models.unload(name, version)
                 await asyncio.to_thread(self._reject, name, version)
-                self._inventory_changed()
+                self.sink.inventory_changed()
             elif candidate is not None:
                 await asyncio.to_thread(candidate.close)
             if staging is not None:
@@ -348,8 +395,14 @@ class Deployer:
             path.rename(self.models_dir / name / f".rejected-{version}-{int(time.time())}")
             fsync_dir(path.parent)
 
-    def _gc(self, name: str, current: int, previous: int | None) -> None:
+    async def _gc(self, name: str, current: int, previous: int | None) -> None:
         """Keep ``keep_versions`` newest versions on disk and current + previous in memory."""
+        await asyncio.to_thread(self._gc_disk, name, current, previous)
+        for v in self.models.versions(name):
+            if v not in (current, previous):
+                await self.models.unload(name, v)
+
+    def _gc_disk(self, name: str, current: int, previous: int | None) -> None:
         model_dir = self.models_dir / name
         versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), reverse=True)
         keep = {current, *( [previous] if previous else [])}
@@ -364,14 +417,6 @@ class Deployer:
         for p in model_dir.iterdir():
             if p.name.startswith((".rejected-", ".replaced-")):
                 shutil.rmtree(p, ignore_errors=True)
-        for v in list(self.agent.registry.models.get(name, {})):
-            if v not in (current, previous):
-                self.agent.registry.unload(name, v)
-
-    def _inventory_changed(self) -> None:
-        link = self.agent.link
-        if link is not None:
-            link.inventory_changed()
 
     # -- rollback and recovery -------------------------------------------------------------------------------
     async def rollback(self, name: str) -> dict[str, Any]:
@@ -382,29 +427,30 @@ class Deployer:
         """
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            registry = self.agent.registry
-            if name not in registry.models:
+            models = self.models
+            if not models.versions(name):
                 raise DeployError("not_found", f"model '{name}' is not loaded")
-            current = registry.default_version(name)
-            on_disk = sorted((int(p.name) for p in (self.models_dir / name).iterdir() if p.name.isdigit()),
-                             reverse=True)
+            current = models.default_version(name)
+            on_disk = await asyncio.to_thread(self._versions_on_disk, name)
             older = [v for v in on_disk if v < current]
             if not older:
                 raise DeployError("no_previous", f"'{name}' has no version older than {current} to go back to")
             target = older[0]
-            if target not in registry.models[name]:
+            if models.find(name, target) is None:
                 entry = next(e for e in await asyncio.to_thread(self._entries, name) if e.version == target)
-                served = await asyncio.to_thread(registry.prepare, entry)
-                registry.register(served)
-            registry.set_active(name, target)
+                models.register(await models.prepare(entry))
+            models.set_active(name, target)
             await asyncio.to_thread(self._write_active, name, target)
-            await asyncio.to_thread(registry.unload, name, current)
+            await models.unload(name, current)
             await asyncio.to_thread(self._reject, name, current)
-            self._inventory_changed()
-            self.emit({"type": "deploy.rolled_back", "model": name, "version": current, "previous": target,
+            self.sink.inventory_changed()
+            self.sink.event({"type": "deploy.rolled_back", "model": name, "version": current, "previous": target,
                        "error": {"code": "manual", "message": "rollback requested"}})
             log.info("deploy.manual_rollback", model=name, version=current, to=target)
             return {"model": name, "from": current, "to": target}
+
+    def _versions_on_disk(self, name: str) -> list[int]:
+        return sorted((int(p.name) for p in (self.models_dir / name).iterdir() if p.name.isdigit()), reverse=True)
 
     def _entries(self, name: str) -> list[ModelVersion]:
         from agent.models.store import scan

@@ -1,5 +1,6 @@
 """Prometheus metrics for the predict path. One registry per agent process, so tests that
-start several agents in one interpreter do not collide."""
+start several agents in one interpreter do not collide. Request counts are not here: each
+model's statistics keep them and ``agent.health.gauges`` reads them at scrape time."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("edge_agent_requests", "Predict requests", ["model", "version", "protocol", "code"],
-                                registry=r)
         self.request_latency = Histogram("edge_agent_request_latency_seconds", "Predict latency in the agent",
                                          ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("edge_agent_batch_size", "Rows per runtime call", ["model", "version"],

@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
+from agent.core.ports import EventSink, ModelSwapper
 from agent.errors import AgentError
+from agent.health.metrics import Metrics
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
-    from agent.models.registry import ServedModel
+    from agent.models.served import ServedModel
 
 log = structlog.get_logger(__name__)
 
@@ -36,11 +36,13 @@ class WatchdogPolicy:
 
 
 class Watchdog:
-    def __init__(self, agent: Agent, policy: WatchdogPolicy,
-                 emit: Callable[[Mapping[str, Any]], object] | None = None) -> None:
-        self.agent = agent
+    """Checks every served model on a timer and climbs the recovery ladder for the sick ones."""
+
+    def __init__(self, policy: WatchdogPolicy, models: ModelSwapper, sink: EventSink, metrics: Metrics) -> None:
         self.policy = policy
-        self.emit = emit or (lambda _p: None)
+        self.models = models
+        self.sink = sink
+        self.metrics = metrics
         self._history: dict[tuple[str, int], collections.deque[float]] = collections.defaultdict(collections.deque)
         self._excluded: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
         self.gave_up: set[tuple[str, int]] = set()
@@ -59,14 +61,14 @@ class Watchdog:
         busy = served.worker.busy_since
         if busy is not None and now - busy > self.policy.stuck_after_s:
             return f"inference call stuck for {now - busy:.1f} s", True
-        if served.consecutive_failures >= self.policy.failures_before_recovery:
-            return (f"{served.consecutive_failures} inference failures in a row on {served.session.delegate}",
-                    False)
+        failures = served.stats.consecutive_failures
+        if failures >= self.policy.failures_before_recovery:
+            return f"{failures} inference failures in a row on {served.session.delegate}", False
         return None
 
     async def check(self) -> None:
         now = time.monotonic()
-        for served in list(self.agent.registry.served()):
+        for served in self.models.served():
             found = self.diagnose(served, now)
             if found is not None:
                 await self.recover(served, *found)
@@ -82,34 +84,35 @@ class Watchdog:
                 self.gave_up.add(key)
                 log.error("watchdog.gave_up", model=served.name, version=served.version, reason=reason,
                           recoveries=len(history))
-                self.emit({"type": "watchdog.gave_up", "model": served.name, "version": served.version,
+                self.sink.event({"type": "watchdog.gave_up", "model": served.name, "version": served.version,
                            "reason": reason, "recoveries": len(history)})
             return
         history.append(now)
-        registry = self.agent.registry
         runtime = served.runtime
-        profile = list(registry.delegates.get(runtime, ()))
+        profile = list(self.models.delegates_for(runtime))
         current = served.session.delegate
         if len(history) > 1:  # a reload did not help: never use this delegate again for this version
             self._excluded[key].add(current)
         delegates = [d for d in profile if d.name not in self._excluded[key]]
         action = "reload" if len(history) == 1 else "fallback"
         try:
-            new = await asyncio.to_thread(registry.prepare, served.source, True, delegates)
+            new = await self.models.prepare(served.source, True, delegates)
         except AgentError as exc:
             log.error("watchdog.recovery_failed", model=served.name, version=served.version, reason=str(exc))
-            self.emit({"type": "watchdog.recovery_failed", "model": served.name, "version": served.version,
+            self.sink.event({"type": "watchdog.recovery_failed", "model": served.name, "version": served.version,
                        "reason": str(exc)})
             return
-        registry.replace(served, new, stuck=stuck)
+        if not self.models.replace(served, new, stuck=stuck):
+            log.info("watchdog.recovery_moot", model=served.name, version=served.version,
+                     reason="the version was unloaded meanwhile")
+            await asyncio.to_thread(new.close)
+            return
         self.recoveries += 1
-        self.agent.metrics.watchdog_recoveries.labels(served.name, action).inc()
+        self.metrics.watchdog_recoveries.labels(served.name, action).inc()
         if new.session.delegate != current:
-            self.agent.metrics.delegate_fallbacks.labels(served.name, runtime).inc()
+            self.metrics.delegate_fallbacks.labels(served.name, runtime).inc()
         event = {"type": "watchdog.recovered", "model": served.name, "version": served.version, "action": action,
                  "from_delegate": current, "to_delegate": new.session.delegate, "reason": reason}
         log.warning("watchdog.recovered", **{k: v for k, v in event.items() if k != "type"})
-        self.emit(event)
-        link = self.agent.link
-        if link is not None:
-            link.inventory_changed()
+        self.sink.event(event)
+        self.sink.inventory_changed()

@@ -9,10 +9,16 @@ Durations are cumulative counts and nanoseconds, as in Triton:
 - ``compute_infer``: the runtime call, quantization included;
 - ``compute_output``: from the call's end to the answer written (hand-back, encoding, write);
 - ``fail``: requests for this model that got an error, to the moment it was raised.
+
+``ModelStats`` is also the one place a model version's requests are counted: the calls
+(admitted, rejected, failed, succeeded, with recent latencies) that the health window and the
+watchdog judge, and the answers per protocol and status code that ``/metrics`` exposes. Every
+reader (status, telemetry, ``/metrics``, the statistics extension) reads these counters.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass
@@ -32,15 +38,59 @@ class Timing:
 
 
 class ModelStats:
-    """Thread-safe: the worker thread records executions, the event loop records requests."""
+    """Thread-safe: the worker thread records executions, the event loop and streams record requests."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._totals = {kind: [0, 0] for kind in _KINDS}  # kind -> [count, ns]
         self._batches: dict[int, list[int]] = {}  # rows per runtime call -> [count, ns]
+        self._answers: collections.Counter[tuple[str, str]] = collections.Counter()  # (protocol, code) -> count
         self.inference_count = 0  # rows inferred successfully (a batch of 8 counts 8)
         self.execution_count = 0  # successful runtime calls (a batch counts once)
         self.last_inference_ms = 0
+        # Calls into the model, whatever asked (API or stream):
+        self.requests = 0  # admitted: their feeds fit the model
+        self.rejected = 0  # refused before running: inputs that do not fit this version
+        self.errors = 0  # admitted, then failed
+        self.successes = 0
+        self.consecutive_failures = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
+        # Recent successful call latencies (s), for the installer's health window against the previous version.
+        self.latencies: collections.deque[float] = collections.deque(maxlen=1024)
+
+    # -- calls ---------------------------------------------------------------------------
+    def admitted(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def refused(self) -> None:
+        with self._lock:
+            self.rejected += 1
+
+    def call_ended(self, latency_s: float | None, runtime_failure: bool = False) -> None:
+        """A call's outcome: its latency when it succeeded, else None (``runtime_failure``: the runtime raised)."""
+        with self._lock:
+            if latency_s is not None:
+                self.consecutive_failures = 0
+                self.successes += 1
+                self.latencies.append(latency_s)
+                return
+            self.errors += 1
+            if runtime_failure:
+                self.consecutive_failures += 1
+
+    def restarted(self) -> None:
+        """The watchdog replaced the session: failures in a row start over."""
+        with self._lock:
+            self.consecutive_failures = 0
+
+    # -- answers -------------------------------------------------------------------------
+    def answered(self, protocol: str, code: str) -> None:
+        with self._lock:
+            self._answers[(protocol, code)] += 1
+
+    def answers(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._answers)
 
     def executed(self, rows: int, ns: int) -> None:
         with self._lock:

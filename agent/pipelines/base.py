@@ -15,26 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from agent.errors import AgentError
-
-
-class PipelineError(AgentError):
-    """A pipeline part is misconfigured or cannot work with this model (never installed/started)."""
-
-    code = "bad_pipeline"
-    http_status = 400
-
-
-class SourceError(AgentError):
-    """A source cannot be opened, disappeared, or delivered something unusable; the runner retries."""
-
-    code = "source_failed"
-
-
-class SourceEnded(SourceError):  # noqa: N818 - an end, not a failure
-    """A finite source (file without looping) has no more data."""
-
-    code = "source_ended"
+# The parts raise these; they live with the other agent errors (one hierarchy), named here for the parts.
+from agent.errors import PipelineError, SourceEnded, SourceError  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,28 @@
 """The agent's streams: built from ``[stream.NAME]`` config, started and stopped at run time
-(API and ``stream-start``/``stream-stop`` commands), results sent upstream through the
-outbox, to local subscribers, and optionally saved as snapshots."""
+(through the operations facade: API and ``stream-start``/``stream-stop`` commands), results
+sent upstream through the event sink, to local subscribers, and optionally saved as snapshots.
+
+Results are handled on the stream's own thread: the outbox write happens there (it is
+thread-safe), and the event loop is woken only when a local live feed has subscribers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from agent.pipelines.base import Frame, Item, PipelineError
+from agent.config import StreamSection
+from agent.core.ports import EventSink, ModelCatalog
+from agent.errors import PipelineError, StreamError
+from agent.pipelines.base import Frame, Item
 from agent.pipelines.results import Broadcaster
 from agent.pipelines.runner import Stream, StreamSpec
-
-if TYPE_CHECKING:
-    from agent.daemon import Agent
 
 log = structlog.get_logger(__name__)
 
@@ -28,68 +35,83 @@ def spec_from_config(name: str, section: Any) -> StreamSpec:
 
 
 class StreamManager:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.specs = {name: spec_from_config(name, s) for name, s in agent.config.stream.items()}
-        self.autostart = [name for name, s in agent.config.stream.items() if s.autostart]
+    """Starts, stops and reports the configured streams. Start and stop on the event loop."""
+
+    def __init__(self, sections: Mapping[str, StreamSection], models: ModelCatalog, sink: EventSink) -> None:
+        self.models = models
+        self.sink = sink
+        self.specs = {name: spec_from_config(name, s) for name, s in sections.items()}
+        self.autostart = [name for name, s in sections.items() if s.autostart]
         self.streams: dict[str, Stream] = {}
         self.feeds: dict[str, Broadcaster] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._snapshots: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self, name: str) -> dict[str, Any]:
-        """Raises PipelineError for an unknown stream or one already running."""
+        """Raises StreamError for an unknown stream or one already running."""
         spec = self.specs.get(name)
         if spec is None:
             known = ", ".join(sorted(self.specs)) or "none"
-            raise PipelineError(f"no stream '{name}' in the config (streams: {known})")
+            raise StreamError(f"no stream '{name}' in the config (streams: {known})")
         running = self.streams.get(name)
         if running is not None and running.state in ("starting", "running", "reconnecting"):
-            raise PipelineError(f"stream '{name}' is already running")
-        stream = Stream(spec, self.agent.registry, asyncio.get_running_loop(), self._emit, self._event)
-        self.streams[name] = stream
+            raise StreamError(f"stream '{name}' is already running")
+        self._loop = asyncio.get_running_loop()
+        stream = Stream(spec, self.models, self._emit, self.sink.event)
+        self.streams = {**self.streams, name: stream}  # readers on other threads iterate a stable dict
         stream.start()
         return stream.status()
 
-    def stop(self, name: str) -> dict[str, Any]:
+    async def stop(self, name: str) -> dict[str, Any]:
+        """Stop one stream (its threads are joined in a thread). Raises StreamError if it is not running."""
         stream = self.streams.get(name)
         if stream is None:
-            raise PipelineError(f"stream '{name}' is not running")
-        stream.stop()
+            raise StreamError(f"stream '{name}' is not running")
+        await asyncio.to_thread(stream.stop)
         return stream.status()
 
     async def start_configured(self) -> None:
         for name in self.autostart:
             try:
                 self.start(name)
-            except PipelineError as exc:
+            except (StreamError, PipelineError) as exc:
                 log.error("stream.not_started", stream=name, reason=str(exc))
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self.streams.values()))
+        if self._snapshots is not None:
+            self._snapshots.shutdown(wait=False)
 
     def status(self) -> list[dict[str, Any]]:
-        out = [s.status() for s in self.streams.values()]
-        out += [{"name": n, "state": "stopped", "model": s.model} for n, s in self.specs.items()
-                if n not in self.streams]
+        """Every configured stream, running or not (safe from any thread)."""
+        streams = self.streams
+        out = [s.status() for s in streams.values()]
+        out += [{"name": n, "state": "stopped", "model": s.model} for n, s in self.specs.items() if n not in streams]
         return sorted(out, key=lambda s: s["name"])
 
     def feed(self, name: str) -> Broadcaster:
+        """The live results of one stream, for local subscribers. Raises StreamError for an unknown stream."""
         if name not in self.specs:
-            raise PipelineError(f"no stream '{name}'")
-        return self.feeds.setdefault(name, Broadcaster())
-
-    def _event(self, payload: Any) -> None:
-        self.agent._emit(payload)
+            raise StreamError(f"no stream '{name}'")
+        feed = self.feeds.get(name)
+        if feed is None:
+            feed = Broadcaster()
+            self.feeds = {**self.feeds, name: feed}
+        return feed
 
     def _emit(self, stream: Stream, payload: dict[str, Any], item: Item) -> None:
-        """On the event loop: upstream (outbox), local subscribers, snapshot."""
-        link = self.agent.link
-        if link is not None:
-            payload["seq"] = link.result(stream.spec.name, payload)
+        """On the stream's thread: upstream (the outbox is thread-safe), local subscribers, snapshot."""
+        seq = self.sink.result(stream.spec.name, payload)
+        if seq is not None:
+            payload["seq"] = seq
         broadcaster = self.feeds.get(stream.spec.name)
-        if broadcaster is not None:
-            broadcaster.publish(payload)
+        if broadcaster is not None and broadcaster.subscribers and self._loop is not None:
+            self._loop.call_soon_threadsafe(broadcaster.publish, payload)  # only then is the loop woken
         if stream.spec.snapshot_dir is not None and isinstance(item, Frame):
-            asyncio.get_running_loop().run_in_executor(None, _snapshot, stream.spec, item)
+            if self._snapshots is None:
+                self._snapshots = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snapshots")
+            with contextlib.suppress(RuntimeError):  # shut down: the agent is stopping
+                self._snapshots.submit(_snapshot, stream.spec, item)
 
 
 def _snapshot(spec: StreamSpec, frame: Frame) -> None:

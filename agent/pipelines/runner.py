@@ -9,7 +9,6 @@ rebuilt only if the new version declares different processing.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import threading
 import time
@@ -27,7 +26,8 @@ from agent.pipelines.base import AudioChunk, Frame, Item, PipelineError, Prepare
 from agent.pipelines.results import ResultPolicy
 
 if TYPE_CHECKING:
-    from agent.models.registry import ModelRegistry, ServedModel
+    from agent.core.ports import ModelCatalog
+    from agent.models.served import ServedModel
 
 log = structlog.get_logger(__name__)
 
@@ -101,12 +101,13 @@ class StreamMetrics:
 
 
 class Stream:
-    def __init__(self, spec: StreamSpec, registry: ModelRegistry, loop: asyncio.AbstractEventLoop,
+    """``emit`` (each result) and ``event`` are called on the stream's own threads: they must be thread-safe."""
+
+    def __init__(self, spec: StreamSpec, models: ModelCatalog,
                  emit: Callable[[Stream, dict[str, Any], Item], None],
                  event: Callable[[Mapping[str, Any]], object] | None = None) -> None:
         self.spec = spec
-        self.registry = registry
-        self.loop = loop
+        self.models = models
         self.emit = emit
         self.event = event or (lambda _e: None)
         self.metrics = StreamMetrics()
@@ -188,8 +189,7 @@ class Stream:
                 self.state, self.error = "reconnecting", str(exc)
                 self.metrics.reconnects += 1
                 log.warning("stream.source_failed", stream=self.spec.name, reason=str(exc), retry_in_s=backoff)
-                self.loop.call_soon_threadsafe(self.event, {"type": "stream.source_failed", "stream": self.spec.name,
-                                                            "reason": str(exc)})
+                self.event({"type": "stream.source_failed", "stream": self.spec.name, "reason": str(exc)})
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             finally:
@@ -273,7 +273,7 @@ class Stream:
                         self._flush()
                         return
                     continue
-                served = self.registry.get(self.spec.model, self.spec.version)
+                served = self.models.get(self.spec.model, self.spec.version)
                 if served is not self._served or self._reset:
                     self._drain()
                     self._processors(served)
@@ -319,7 +319,7 @@ class Stream:
             self.metrics.results += 1
             payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}", "captured_at": last.ts,
                        "age_ms": round((time.time() - last.ts) * 1e3, 2), "end_of_stream": True, **result}
-            self.loop.call_soon_threadsafe(self.emit, self, payload, last)
+            self.emit(self, payload, last)
 
     def _drain(self) -> None:
         while self._inflight:
@@ -335,7 +335,7 @@ class Stream:
             where = {"frame": item.index} if isinstance(item, Frame) else {"sample_offset": item.offset}
             payload = {"stream": self.spec.name, "model": f"{served.name}@{served.version}",
                        "captured_at": item.ts, "age_ms": round((time.time() - item.ts) * 1e3, 2), **where, **result}
-            self.loop.call_soon_threadsafe(self.emit, self, payload, item)
+            self.emit(self, payload, item)
         self.metrics.ages.append(time.time() - item.ts)
 
     def _handle(self, served: ServedModel, item: Item) -> None:

@@ -7,7 +7,7 @@ error conversion and the delegate fallback walk, so every backend behaves the sa
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +19,11 @@ from agent.errors import InferenceError, ModelLoadError, RequestError, RuntimeUn
 from agent.hardware import DelegateSpec
 
 log = structlog.get_logger(__name__)
+
+#: Delegates that plugins (``[agent] plugins``) add on top of a CPU session, by name: the factory
+#: gets the CPU session and the profile's spec and returns the session to serve. Listed in a
+#: device profile like any delegate; without the plugin, the name is just unavailable.
+LAYERED_DELEGATES: dict[str, Callable[[Session, DelegateSpec], Session]] = {}
 
 
 @dataclass(frozen=True)
@@ -191,18 +196,14 @@ class Backend(abc.ABC):
         raise ModelLoadError(str(path), last_error)
 
     def _probe(self, spec: DelegateSpec) -> str | None:
-        from agent.runtimes import fault
-
-        if spec.name in fault.NAMES:
-            return None if fault.enabled() else f"fault injection is off ({fault.ENV} != 1)"
+        if spec.name in LAYERED_DELEGATES:
+            return None
         return self.probe(spec)
 
     def _load_on(self, path: Path, spec: DelegateSpec, threads: int | None, options: Mapping[str, Any]) -> Session:
-        from agent.runtimes import fault
-
-        if spec.name in fault.NAMES:
-            inner = self._load(path, DelegateSpec(name=self.cpu_delegate), threads, options)
-            return fault.FaultySession(inner, spec.name, dict(spec.options))
+        layered = LAYERED_DELEGATES.get(spec.name)
+        if layered is not None:
+            return layered(self._load(path, DelegateSpec(name=self.cpu_delegate), threads, options), spec)
         return self._load(path, spec, threads, options)
 
     def _with_cpu(self, specs: Sequence[DelegateSpec]) -> list[DelegateSpec]:

@@ -1,8 +1,11 @@
 """Commands from the fleet: parse and validate, run each id at most once, answer exactly once.
 
-Parsing is pure; the dispatcher owns idempotency (a bounded, persisted log of answered ids)
-and the reply address (MQTT 5 response topic + correlation data, else ``.../responses``).
-Long-running handlers answer ``accepted`` at once and a final response when done.
+Parsing is pure; the dispatcher owns idempotency (a bounded, persisted log of answered ids),
+the reply address (MQTT 5 response topic + correlation data, else ``.../responses``) and the
+one mapping from errors to a response's ``error.code``: an ``EdgeError`` answers with its own
+stable ``code``, anything else is a bug and answers ``internal``. Arguments are validated once,
+here, and handed to the handler already parsed. Long-running handlers answer ``accepted`` at
+once and a final response when done.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from cloud_sync.mqtt.errors import CommandError
+from cloud_sync.errors import CommandError, EdgeError
 from cloud_sync.mqtt.session import IncomingMessage
 
 log = structlog.get_logger(__name__)
@@ -36,13 +39,13 @@ class Command:
     correlation: bytes | None
 
 
-Handler = Callable[[Command], Awaitable[Any]]
+Handler = Callable[[Command, Any], Awaitable[Any]]  # (command, its validated args model or None)
 
 
 @dataclass(frozen=True)
 class Spec:
     handler: Handler
-    args: type[BaseModel] | None = None  # validates ``args``; None: no arguments allowed
+    args: type[BaseModel] | None = None  # validates ``args``, handed to the handler; None: no arguments
     long_running: bool = False
 
 
@@ -138,6 +141,7 @@ class Dispatcher:
         self.own_topics = own_topics
         self.max_bytes = max_bytes
         self.running: dict[str, asyncio.Task[None]] = {}
+        self._in_hand: set[str] = set()  # ids being looked up or answered right now
         self.handled = 0
 
     def _answer(self, command: Command | None, topic: str | None, correlation: bytes | None,
@@ -162,11 +166,18 @@ class Dispatcher:
 
     async def _dispatch(self, command: Command) -> None:
         self.handled += 1
-        if command.id in self.running:
+        if command.id in self.running or command.id in self._in_hand:
             self._answer(command, command.reply_topic, command.correlation,
                          {"id": command.id, "ok": True, "status": "accepted", "result": {"running": True}})
             return
-        previous = self.log.get(command.id)
+        self._in_hand.add(command.id)  # a retry arriving while we look it up is not run twice
+        try:
+            await self._dispatch_new(command)
+        finally:
+            self._in_hand.discard(command.id)
+
+    async def _dispatch_new(self, command: Command) -> None:
+        previous = await asyncio.to_thread(self.log.get, command.id)
         if previous is not None:
             log.info("command.repeated", id=command.id, name=command.name)
             self._answer(command, command.reply_topic, command.correlation, previous)
@@ -176,41 +187,43 @@ class Dispatcher:
             if spec is None:
                 raise CommandError("unknown_command",
                                    f"unknown command '{command.name}' (known: {', '.join(sorted(self.specs))})")
-            validate_args(spec, command)
+            args = validate_args(spec, command)
         except CommandError as exc:
-            self._finish(command, {"id": command.id, "ok": False, "error": exc.to_dict(), "status": "done"})
+            await self._finish(command, {"id": command.id, "ok": False, "error": exc.to_dict(), "status": "done"})
             return
         log.info("command.received", id=command.id, name=command.name)
         if spec.long_running:
             self._answer(command, command.reply_topic, command.correlation,
                          {"id": command.id, "ok": True, "status": "accepted"})
-            task = asyncio.get_running_loop().create_task(self._run(spec, command), name=f"command-{command.id}")
+            task = asyncio.get_running_loop().create_task(self._run(spec, command, args),
+                                                          name=f"command-{command.id}")
             self.running[command.id] = task
             task.add_done_callback(lambda _t: self.running.pop(command.id, None))
         else:
-            await self._run(spec, command)
+            await self._run(spec, command, args)
 
-    async def _run(self, spec: Spec, command: Command) -> None:
+    async def _run(self, spec: Spec, command: Command, args: BaseModel | None) -> None:
         try:
-            result = await spec.handler(command)
+            result = await spec.handler(command, args)
             response = {"id": command.id, "ok": True, "result": result, "status": "done"}
-        except CommandError as exc:
+        except EdgeError as exc:  # the one mapping: a typed error answers with its own code
             response = {"id": command.id, "ok": False, "error": exc.to_dict(), "status": "done"}
         except asyncio.CancelledError:
             response = {"id": command.id, "ok": False, "status": "done",
                         "error": {"code": "cancelled", "message": "the agent is stopping"}}
-            self._finish(command, response)
+            await asyncio.shield(self._finish(command, response))
             raise
         except Exception as exc:
             log.exception("command.failed", id=command.id, name=command.name)
             response = {"id": command.id, "ok": False, "status": "done",
                         "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
-        self._finish(command, response)
+        await self._finish(command, response)
         if spec.long_running:
             self.event({"type": "command.completed", "id": command.id, "name": command.name,
                         "ok": response["ok"], "error": response.get("error")})
 
-    def _finish(self, command: Command, response: dict[str, Any]) -> None:
-        self.log.put(command.id, response)
+    async def _finish(self, command: Command, response: dict[str, Any]) -> None:
+        """Remember the answer (a retried id gets it again), then send it."""
+        await asyncio.to_thread(self.log.put, command.id, response)
         self._answer(command, command.reply_topic, command.correlation, response)
         log.info("command.answered", id=command.id, name=command.name, ok=response["ok"])

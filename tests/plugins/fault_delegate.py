@@ -1,29 +1,24 @@
-"""A delegate that misbehaves on purpose, so the watchdog's recovery can be tested on
-machines without the accelerators whose failures it is meant for.
+"""Test plugin: a delegate that misbehaves on purpose, so the watchdog's recovery can be tested
+on machines without the accelerators whose failures it is meant for.
 
-Only usable when ``EDGE_AGENT_FAULT_INJECTION=1`` is set; otherwise it is reported as
-unavailable like any missing delegate. The model really runs on the CPU underneath; the
-options decide when it starts to fail or hang:
-``fail_after`` (calls before every call raises), ``hang_after`` (calls before one call
-blocks for ``hang_s`` seconds).
+Loaded into a real agent with ``[agent] plugins = ["tests.plugins.fault_delegate"]`` (or
+``EDGE_AGENT_AGENT__PLUGINS``); without it the names below are unavailable like any missing
+delegate. The model really runs on the CPU underneath; the profile's options decide when it
+starts to fail or hang: ``fail_after`` (calls before every call raises), ``hang_after`` (calls
+before one call blocks for ``hang_s`` seconds).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 import numpy as np
 
-from agent.runtimes.base import LoadReport, Session
+from agent.hardware import DelegateSpec
+from agent.runtimes.base import LAYERED_DELEGATES, LoadReport, Session
 
 NAMES = frozenset({"fault-injection", "FaultInjectionExecutionProvider"})
-ENV = "EDGE_AGENT_FAULT_INJECTION"
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV) == "1"
 
 
 class FaultySession(Session):
@@ -49,3 +44,11 @@ class FaultySession(Session):
     def close(self) -> None:
         self._released.set()  # let a hung call return so its thread can end
         self._inner.close()
+
+
+def _layer(inner: Session, spec: DelegateSpec) -> Session:
+    return FaultySession(inner, spec.name, dict(spec.options))
+
+
+for _name in NAMES:
+    LAYERED_DELEGATES[_name] = _layer

@@ -1,0 +1,55 @@
+"""The HTTP edge's one mapping from errors to status codes.
+
+Components raise typed errors (``agent.errors``, ``cloud_sync.errors``) with a stable ``code``;
+this table is the only place that knows which HTTP status each one means. The nearest class
+in an error's MRO wins, so a new subclass inherits its parent's status.
+"""
+
+from __future__ import annotations
+
+from agent.errors import (
+    ConfigError,
+    DeployError,
+    InferenceError,
+    LinkNotConfiguredError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    NotFoundError,
+    OutboxFullError,
+    PayloadTooLargeError,
+    PipelineError,
+    RequestError,
+    StreamError,
+    UsageError,
+)
+from cloud_sync.errors import EdgeError
+
+STATUS: dict[type[BaseException], int] = {
+    RequestError: 400,
+    PayloadTooLargeError: 413,
+    ConfigError: 400,
+    UsageError: 400,
+    PipelineError: 400,
+    StreamError: 400,
+    ModelNotFoundError: 404,
+    NotFoundError: 404,
+    ModelNotReadyError: 503,
+    InferenceError: 500,
+    DeployError: 409,
+    LinkNotConfiguredError: 503,
+    OutboxFullError: 507,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The status that answers ``exc``: the nearest mapped class in its MRO, else 500."""
+    for cls in type(exc).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def error_body(exc: EdgeError) -> dict[str, str]:
+    """The JSON error object every endpoint answers with: a message naming what is wrong, and its code."""
+    return {"error": str(exc), "code": exc.code}

@@ -1,0 +1,79 @@
+"""The MQTT commands the agent answers: argument models and handlers, each one call into the
+operations facade (the same call the HTTP route makes). The dispatcher validates the arguments
+once and maps any error to the response's ``code`` once; handlers only translate."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_sync.mqtt.commands import Command, Spec
+
+if TYPE_CHECKING:
+    from agent.core.operations import Operations
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelArgs(_Args):
+    model: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(default=None, ge=1)
+
+
+class RollbackArgs(_Args):
+    model: str = Field(min_length=1, max_length=128)
+
+
+class LogsArgs(_Args):
+    lines: int = Field(default=100, ge=1, le=1000)
+
+
+class SetConfigArgs(_Args):
+    values: dict[str, Any] = Field(min_length=1)
+
+
+class StreamArgs(_Args):
+    stream: str = Field(min_length=1, max_length=128)
+
+
+def command_specs(ops: Operations) -> dict[str, Spec]:
+    """Every command by name."""
+
+    async def ping(_c: Command, _a: None) -> dict[str, Any]:
+        return ops.ping()
+
+    async def status(_c: Command, _a: None) -> dict[str, Any]:
+        return await ops.status()
+
+    async def reload(_c: Command, _a: None) -> dict[str, Any]:
+        return await ops.reload()
+
+    async def deploy(_c: Command, a: ModelArgs) -> dict[str, Any]:
+        return (await ops.deploy_and_wait(a.model, a.version)).to_dict()
+
+    async def rollback(_c: Command, a: RollbackArgs) -> dict[str, Any]:
+        return await ops.rollback(a.model)
+
+    async def stream(c: Command, a: StreamArgs) -> dict[str, Any]:
+        return ops.stream_start(a.stream) if c.name == "stream-start" else await ops.stream_stop(a.stream)
+
+    async def logs(_c: Command, a: LogsArgs) -> dict[str, Any]:
+        return {"lines": ops.logs(a.lines)}
+
+    async def set_config(_c: Command, a: SetConfigArgs) -> dict[str, Any]:
+        return await ops.set_config(a.values)
+
+    return {
+        "ping": Spec(ping),
+        "status": Spec(status),
+        "reload": Spec(reload, long_running=True),
+        "deploy": Spec(deploy, ModelArgs, long_running=True),
+        "rollback": Spec(rollback, RollbackArgs, long_running=True),
+        "set-config": Spec(set_config, SetConfigArgs),
+        "stream-start": Spec(stream, StreamArgs),
+        "stream-stop": Spec(stream, StreamArgs),
+        "logs": Spec(logs, LogsArgs),
+    }

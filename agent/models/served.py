@@ -1,0 +1,126 @@
+"""One loaded model version that answers requests, and one that failed to load.
+
+A ``ServedModel`` is what the API and the streams call; its worker thread runs the session.
+Its counters live in its ``ModelStats`` (per version, kept across watchdog restarts).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.errors import AgentError, InferenceError, RequestError
+from agent.models.stats import ModelStats, Timing
+from agent.models.store import ModelVersion
+from agent.models.tensors import check_feeds
+from agent.models.worker import Outputs, Worker
+from agent.runtimes import Session, TensorSpec
+
+
+@dataclass
+class ServedModel:
+    """One model version that is loaded and answering requests."""
+
+    name: str
+    version: int
+    runtime: str
+    source: ModelVersion
+    session: Session
+    worker: Worker
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def stats(self) -> ModelStats:
+        return self.worker.stats
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self.session.inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self.session.outputs
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def _admit(self, feeds: Mapping[str, np.ndarray]) -> float:
+        """Check the feeds and count the request; returns its start time."""
+        try:
+            check_feeds(self.session.inputs, feeds)
+        except RequestError:
+            self.stats.refused()  # the installer's health window counts these: a new version may reject old clients
+            raise
+        self.stats.admitted()
+        return time.perf_counter()
+
+    def _account(self, started: float, error: BaseException | None) -> None:
+        if error is None:
+            self.stats.call_ended(time.perf_counter() - started)
+        else:
+            self.stats.call_ended(None, runtime_failure=isinstance(error, InferenceError))
+
+    async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False,
+                    timing: Timing | None = None) -> Outputs:
+        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails.
+
+        ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
+        """
+        started = self._admit(feeds)
+        if timing is not None:
+            timing.submitted = time.perf_counter_ns()
+        try:
+            outputs = self.worker.run_inline(feeds, raw_outputs, timing)
+            if outputs is None:
+                outputs = await self.worker.submit(feeds, raw_outputs, timing)
+        except AgentError as exc:
+            self._account(started, exc)
+            raise
+        self._account(started, None)
+        return outputs
+
+    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
+        """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
+
+        Raises:
+            RequestError: the feeds do not fit (counted as rejected, like ``infer``).
+        """
+        started = self._admit(feeds)
+        future = self.worker.submit_threadsafe(feeds)
+        future.add_done_callback(
+            lambda done: None if done.cancelled() else self._account(started, done.exception()))
+        return future
+
+    def close(self) -> None:
+        """Stop the worker (queued requests finish first) and release the session. Blocks."""
+        self.worker.stop()
+        self.session.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "state": "AVAILABLE", "runtime": self.runtime,
+            "delegate": self.session.delegate, "fallbacks": list(self.session.report.fallbacks),
+            "path": str(self.source.file), "batching": self.worker.batching_active,
+            "inline": self.worker.inline,
+            "inputs": [s.to_dict() for s in self.session.inputs],
+            "outputs": [s.to_dict() for s in self.session.outputs],
+            "requests": self.stats.requests, "errors": self.stats.errors,
+        }
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    name: str
+    version: int
+    path: str
+    reason: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "state": "FAILED", "path": self.path,
+                "error": self.reason}
