@@ -23,7 +23,7 @@ def _dtype(meta: dict[str, Any]) -> np.dtype[Any]:
 
 
 def load_image(path: Path, meta: dict[str, Any], normalize: str) -> np.ndarray:
-    from PIL import Image
+    import cv2  # the pipelines' own image library (a device dependency); no second one for the CLI
 
     shape = meta["shape"]
     if len(shape) != 4:
@@ -32,9 +32,12 @@ def load_image(path: Path, meta: dict[str, Any], normalize: str) -> np.ndarray:
     h, w, c = (shape[2], shape[3], shape[1]) if nchw else (shape[1], shape[2], shape[3])
     if h < 1 or w < 1:
         raise RequestError(f"input '{meta['name']}' has dynamic height/width {shape}; cannot size the image")
-    with Image.open(path) as img:
-        resized = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
-        pixels = np.asarray(resized, dtype=np.float32)
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR)
+    if image is None:
+        raise RequestError(f"{path}: not an image OpenCV can read")
+    if c != 1:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    pixels = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     scaled = {"unit": pixels / 255.0, "signed": pixels / 127.5 - 1.0, "none": pixels}[normalize]

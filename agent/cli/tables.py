@@ -1,17 +1,63 @@
-"""Human-readable tables for the CLI (rich), kept apart from the data they show."""
+"""Human-readable tables for the CLI, kept apart from the data they show.
+
+With the ``cli`` extra (``pip install 'edge-agent[cli]'``) they are drawn by rich; a device
+installed without it still gets the same tables as aligned plain text (``--json`` is always there).
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError:  # the lean device install: plain text
+    Console = None  # type: ignore[assignment,misc]
+    Table = None  # type: ignore[assignment,misc]
+
+_MARKUP = re.compile(r"\[/?[a-z ]+\]")
 
 
-def _console() -> Console:
-    # Piped output (scripts, logs) gets a wide fixed width instead of being cut at 80 columns.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+class PlainTable:
+    """The part of rich's Table these tables use, printed as aligned columns."""
+
+    def __init__(self, title: str = "", show_header: bool = True, **_style: Any) -> None:
+        self.title = title
+        self.show_header = show_header
+        self.columns: list[str] = []
+        self.rows: list[list[str]] = []
+
+    def add_column(self, name: str, **_style: Any) -> None:
+        self.columns.append(name)
+
+    def add_row(self, *cells: str) -> None:
+        self.rows.append([_MARKUP.sub("", c).replace("\n", "; ") for c in cells])
+
+    def render(self) -> str:
+        rows = ([self.columns] if self.show_header else []) + self.rows
+        widths = [max((len(r[i]) for r in rows if i < len(r)), default=0) for i in range(len(self.columns))]
+        lines = [self.title] if self.title else []
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+def _table(**kwargs: Any) -> Any:
+    return Table(**kwargs) if Table is not None else PlainTable(**kwargs)
+
+
+class _Console:
+    def print(self, table: Any) -> None:
+        if isinstance(table, PlainTable):
+            sys.stdout.write(table.render() + "\n\n")
+            return
+        # Piped output (scripts, logs) gets a wide fixed width instead of being cut at 80 columns.
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _console() -> _Console:
+    return _Console()
 
 
 def _shape(tensors: list[dict[str, Any]]) -> str:
@@ -19,7 +65,7 @@ def _shape(tensors: list[dict[str, Any]]) -> str:
 
 
 def models_table(status: dict[str, Any], detail: bool = False) -> None:
-    table = Table(title="models", title_justify="left")
+    table = _table(title="models", title_justify="left")
     for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "requests", "errors"):
         table.add_column(col)
     if detail:
@@ -40,7 +86,7 @@ def models_table(status: dict[str, Any], detail: bool = False) -> None:
 
 def stats_table(stats: list[dict[str, Any]]) -> None:
     """Mean µs per successful request in each phase; overhead is everything but the runtime call."""
-    table = Table(title="inference statistics (mean µs per request)", title_justify="left")
+    table = _table(title="inference statistics (mean µs per request)", title_justify="left")
     for col in ("model", "version", "requests", "failed", "input", "queue", "infer", "output", "total", "overhead",
                 "batches"):
         table.add_column(col, justify="left" if col in ("model", "version") else "right")
@@ -60,7 +106,7 @@ def stats_table(stats: list[dict[str, Any]]) -> None:
 
 def status_tables(status: dict[str, Any]) -> None:
     a, p, hw = status["agent"], status["profile"], status["hardware"]
-    table = Table(show_header=False, title="agent", title_justify="left")
+    table = _table(show_header=False, title="agent", title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in (
@@ -75,7 +121,7 @@ def status_tables(status: dict[str, Any]) -> None:
     models_table(status)
     streams = status.get("streams") or []
     if streams:
-        st = Table(title="streams", title_justify="left")
+        st = _table(title="streams", title_justify="left")
         for col in ("stream", "state", "model", "input fps", "inferred", "dropped", "age p50/p99 ms", "results",
                     "errors"):
             st.add_column(col)
@@ -122,7 +168,7 @@ def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
 
 def detect_tables(report: dict[str, Any]) -> None:
     hw = report["hardware"]
-    table = Table(show_header=False, title="hardware", title_justify="left")
+    table = _table(show_header=False, title="hardware", title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
     table.add_row("arch", hw["arch"])
@@ -131,7 +177,7 @@ def detect_tables(report: dict[str, Any]) -> None:
     table.add_row("accelerators", "\n".join(f"{x['name']} ({x['evidence']})" for x in hw["accelerators"]) or "none")
     table.add_row("profile", f"{report['profile']} — {report['reason']}")
     _console().print(table)
-    rt = Table(title="delegate / execution provider per runtime", title_justify="left")
+    rt = _table(title="delegate / execution provider per runtime", title_justify="left")
     for col in ("runtime", "version", "would use", "why"):
         rt.add_column(col)
     for entry in report["runtimes"]:

@@ -64,7 +64,8 @@ class Deployer:
     """
 
     def __init__(self, settings: UpdatesSection, *, models_dir: Path, state_dir: Path, models: ModelSwapper,
-                 sink: EventSink, device: DeviceFacts, step_hooks: Sequence[StepHook] = ()) -> None:
+                 sink: EventSink, device: DeviceFacts, step_hooks: Sequence[StepHook] = (),
+                 updater: BundleUpdater | None = None) -> None:
         self.cfg = settings
         self.models_dir = models_dir
         self.state_dir = state_dir
@@ -77,7 +78,7 @@ class Deployer:
         self._locks: dict[str, asyncio.Lock] = {}
         self._begun: set[str] = set()
         self._last_progress = 0.0  # monotonic time of the last download progress log
-        self._updater: BundleUpdater | None = None
+        self._updater = updater  # built from the settings at the first deployment when not given
 
     # -- wiring ------------------------------------------------------------------------------------------
     def updater(self) -> BundleUpdater:
@@ -353,18 +354,18 @@ class Deployer:
             new = stats.successes - start_ok
             return list(stats.latencies)[-new:] if new else []
 
-        def judged() -> tuple[str | None, int]:
+        def judged(latencies: list[float]) -> str | None:
             requests = stats.requests + stats.rejected - start_requests
             errors = stats.errors + stats.rejected - start_errors
-            return verdict(policy, requests, errors, in_window(), baseline), errors
+            return verdict(policy, requests, errors, latencies, baseline)
 
         deadline = time.monotonic() + self.cfg.health_window_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
-            reason, errors = judged()
-            if reason and errors:  # errors are decisive at once; latency is judged at the end
+            reason = judged([])  # the error rate is decisive at once; latency is judged at the end
+            if reason:
                 return reason
-        return judged()[0]
+        return judged(in_window())
 
     async def _undo(self, record: Deployment, candidate: ServedModel | None, staging: Path | None,  # noqa: PLR0917
                     swapped: bool, code: str, message: str) -> None:
@@ -437,7 +438,10 @@ class Deployer:
                 raise DeployError("no_previous", f"'{name}' has no version older than {current} to go back to")
             target = older[0]
             if models.find(name, target) is None:
-                entry = next(e for e in await asyncio.to_thread(self._entries, name) if e.version == target)
+                entry = next((e for e in await asyncio.to_thread(self._entries, name) if e.version == target), None)
+                if entry is None:
+                    raise DeployError("no_previous", f"'{name}' version {target} on disk holds no model file to go "
+                                                     "back to")
                 models.register(await models.prepare(entry))
             models.set_active(name, target)
             await asyncio.to_thread(self._write_active, name, target)

@@ -79,6 +79,8 @@ class Watchdog:
         now = time.monotonic()
         while history and now - history[0] > self.policy.window_s:
             history.popleft()
+        if len(history) < self.policy.max_recoveries:
+            self.gave_up.discard(key)  # the window moved on: recoveries resume, and so would a new give-up
         if len(history) >= self.policy.max_recoveries:
             if key not in self.gave_up:
                 self.gave_up.add(key)

@@ -154,9 +154,13 @@ class ModelRegistry:
         """Start serving a prepared version (the default version does not change here)."""
         entry, session = served.source, served.session
         models = self._models_copy()
-        models.setdefault(entry.name, {})[entry.version] = served
+        replaced = models.setdefault(entry.name, {}).get(entry.version)
+        models[entry.name][entry.version] = served
         failures = {k: v for k, v in self._snap.failures.items() if k != (entry.name, entry.version)}
         self._change(models, failures)
+        if replaced is not None and replaced is not served:  # a reinstall of a loaded version: stop the old one
+            self.metrics.info.remove(replaced.name, str(replaced.version), replaced.runtime, replaced.session.delegate)
+            threading.Thread(target=replaced.close, name=f"close-{replaced.key}", daemon=True).start()
         self.metrics.info.labels(entry.name, str(entry.version), entry.runtime, session.delegate).set(1)
         if session.report.fallbacks:
             self.metrics.delegate_fallbacks.labels(entry.name, entry.runtime).inc(len(session.report.fallbacks))

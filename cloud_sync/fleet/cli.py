@@ -28,6 +28,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 EPILOG = "Docs: docs/fleet.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
+# Top-level modules of the `fleet` extra: a command that needs one says which extra to install.
+FLEET_EXTRA = frozenset({"rich", "cryptography", "securesystemslib", "fastapi", "uvicorn", "sqlalchemy", "alembic",
+                         "psycopg", "multipart"})
 _BROKER_KEYS = ("url", "protocol", "username", "password", "ca_file", "cert_file", "key_file", "client_id")
 
 
@@ -271,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FleetError as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in FLEET_EXTRA:
+            raise
+        print(f"edge-fleet: error: '{args.command}' needs the fleet extra (pip install 'edge-agent[fleet]'): "
+              f"{exc.name} is not installed", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -211,19 +211,31 @@ class Dispatcher:
         except asyncio.CancelledError:
             response = {"id": command.id, "ok": False, "status": "done",
                         "error": {"code": "cancelled", "message": "the agent is stopping"}}
-            await asyncio.shield(self._finish(command, response))
+            await self._finish(command, response, spec.long_running)
             raise
         except Exception as exc:
             log.exception("command.failed", id=command.id, name=command.name)
             response = {"id": command.id, "ok": False, "status": "done",
                         "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
-        await self._finish(command, response)
-        if spec.long_running:
-            self.event({"type": "command.completed", "id": command.id, "name": command.name,
-                        "ok": response["ok"], "error": response.get("error")})
+        await self._finish(command, response, spec.long_running)
 
-    async def _finish(self, command: Command, response: dict[str, Any]) -> None:
-        """Remember the answer (a retried id gets it again), then send it."""
+    async def _finish(self, command: Command, response: dict[str, Any], long_running: bool = False) -> None:
+        """Remember the answer (a retried id gets it again), send it, and announce a long command's end.
+
+        Runs to its end even if the caller is cancelled meanwhile (the agent stopping): an
+        answer that was computed is always stored and sent.
+        """
+        done = asyncio.ensure_future(self._store_and_send(command, response, long_running))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done
+            raise
+
+    async def _store_and_send(self, command: Command, response: dict[str, Any], long_running: bool) -> None:
         await asyncio.to_thread(self.log.put, command.id, response)
         self._answer(command, command.reply_topic, command.correlation, response)
         log.info("command.answered", id=command.id, name=command.name, ok=response["ok"])
+        if long_running:
+            self.event({"type": "command.completed", "id": command.id, "name": command.name,
+                        "ok": response["ok"], "error": response.get("error")})
