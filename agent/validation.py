@@ -1,21 +1,24 @@
 """Shared pydantic plumbing: path fields that resolve relative to their file, and readable error keys.
 
-Owns two things every validated file needs: which fields are paths (the ``RelativeToFile`` marker,
-so a new path field cannot be forgotten by a hand-kept list) and how a pydantic error location
-becomes the key a user wrote (``stream.cam.source.fps``, not ``stream.cam.source.video.fps``). It
-validates nothing itself and imports nothing of the agent, so any module can use it.
+Owns what every validated file needs: which fields are paths (the ``RelativeToFile`` marker, so a
+new path field cannot be forgotten by a hand-kept list), fields whose type is built on first use
+(``Deferred``), and how a pydantic error location becomes the key a user wrote
+(``stream.cam.source.fps``, not ``stream.cam.source.video.fps``). It validates nothing itself and
+imports nothing of the agent, so any module can use it.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel
-from pydantic_core import ErrorDetails
+from pydantic import BaseModel, GetCoreSchemaHandler, TypeAdapter
+from pydantic_core import CoreSchema, ErrorDetails, core_schema
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,32 @@ PathStr = Annotated[str, RelativeToFile()]
 
 PathOrUrl = Annotated[str, RelativeToFile(urls=True)]
 """A file path (relative to the config file) or a URL / ``-``, kept as a string."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Field marker: validate with the type ``module.name``, imported when a value first needs it.
+
+    For types whose import is heavy (the unions built from the pipeline registries, which import
+    every source and processor): a config without streams never pays for them. Errors nest under
+    the field's key as usual.
+    """
+
+    module: str
+    name: str
+
+    def resolve(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        adapter: list[TypeAdapter[Any]] = []
+
+        def validate(value: Any) -> Any:
+            if not adapter:
+                adapter.append(TypeAdapter(self.resolve()))
+            return adapter[0].validate_python(value)
+
+        return core_schema.no_info_plain_validator_function(validate)
 
 
 def _members(annotation: Any) -> tuple[Any, list[Any]]:
@@ -96,6 +125,9 @@ def _resolve(annotation: Any, metadata: list[Any], value: Any, base: Path) -> An
     marker = next((m for m in [*metadata, *more] if isinstance(m, RelativeToFile)), None)
     if marker is not None:
         return marker.resolve(value, base)
+    deferred = next((m for m in [*metadata, *more] if isinstance(m, Deferred)), None)
+    if deferred is not None:
+        return _resolve(deferred.resolve(), [], value, base)
     if _is_union(annotation):
         members = [a for a in get_args(annotation) if a is not type(None)]
         marked = next((a for a in members if any(isinstance(m, RelativeToFile) for m in _members(a)[1])), None)
@@ -116,10 +148,14 @@ def _resolve(annotation: Any, metadata: list[Any], value: Any, base: Path) -> An
     return value
 
 
-def path_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:
-    """(dotted field, marked) for every field of ``model`` and its sub-models that holds a ``Path``.
+_PATHLIKE = re.compile(r"(^|_)(path|dir|file|root)$")
 
-    For tests: a ``Path`` field without ``RelativeToFile`` would resolve against the working directory.
+
+def path_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """(dotted field, marked) for every field of ``model`` and its sub-models that holds a path.
+
+    A path is a ``Path``, a marked field, or a string named like one (``path``, ``*_dir``, ``*_file``,
+    ``*_root``). For tests: an unmarked one would resolve against the working directory.
     """
     for name, field in model.model_fields.items():
         yield from _path_fields(field.annotation, list(field.metadata), f"{prefix}{name}", set())
@@ -127,8 +163,12 @@ def path_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
 
 def _path_fields(annotation: Any, metadata: list[Any], where: str, seen: set[Any]) -> Iterator[tuple[str, bool]]:
     annotation, more = _members(annotation)
+    deferred = next((m for m in [*metadata, *more] if isinstance(m, Deferred)), None)
+    if deferred is not None:
+        yield from _path_fields(deferred.resolve(), [], where, seen)
+        return
     marked = any(isinstance(m, RelativeToFile) for m in [*metadata, *more])
-    if annotation is Path or marked:
+    if annotation is Path or marked or (annotation is str and _PATHLIKE.search(where.rsplit(".", 1)[-1])):
         yield where, marked
         return
     if is_model(annotation):
