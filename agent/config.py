@@ -387,7 +387,8 @@ def _explain(err: ErrorDetails, tree: dict[str, Any]) -> tuple[str, str]:
     key = error_key(err["loc"], tree)
     ctx = err.get("ctx", {})
     if err["type"] == "union_tag_invalid":  # a table chosen by its ``type`` (stream source, pre, post)
-        return f"{key}.type", f"unknown type {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+        known = ", ".join(sorted(re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))))
+        return f"{key}.type", f"unknown type {ctx.get('tag')!r} (known: {known})"
     if err["type"] == "union_tag_not_found":
         return f"{key}.type", "required"
     return key, "unknown key" if err["type"] == "extra_forbidden" else error_reason(err)
