@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
-from pydantic import BaseModel, GetCoreSchemaHandler, TypeAdapter
+from pydantic import BaseModel, Field, GetCoreSchemaHandler, TypeAdapter
 from pydantic_core import CoreSchema, ErrorDetails, core_schema
 
 
@@ -97,6 +97,13 @@ def type_tags(model: type[BaseModel]) -> tuple[Any, ...]:
         return ()
     annotation, _ = _members(field.annotation)
     return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def discriminated_union(models: Sequence[type[BaseModel]]) -> Any:
+    """The union of ``models`` discriminated on their ``type`` field (the model itself if only one)."""
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007 - built at run time
 
 
 def _pick(models: Sequence[type[BaseModel]], value: Any) -> type[BaseModel] | None:

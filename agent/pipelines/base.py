@@ -14,12 +14,12 @@ import abc
 import builtins
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from agent.errors import AgentError
-from agent.validation import type_tags
+from agent.validation import discriminated_union, type_tags
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -185,12 +185,7 @@ class Registry(dict[str, type[T]]):
 
     def options_union(self) -> Any:
         """The discriminated union (on ``type``) of every registered class's ``Options``."""
-        from pydantic import Field
-
-        models = tuple(cls.Options for cls in self.values())  # type: ignore[attr-defined]
-        if len(models) == 1:
-            return models[0]
-        return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007 - built at run time
+        return discriminated_union([cls.Options for cls in self.values()])  # type: ignore[attr-defined]
 
     def get_class(self, name: str) -> type[T]:
         try:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, create_model
 from pydantic import model_validator as _model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from agent.pipelines.base import PipelineError
-from agent.validation import error_key, type_tags
+from agent.validation import discriminated_union, error_key, type_tags
 
 if TYPE_CHECKING:
     from agent.pipelines.base import Registry
@@ -71,6 +71,7 @@ _BOUND = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<
 
 
 def _reason(err: ErrorDetails, model: type[BaseModel], key: str) -> str:
+    """What is wrong, in manifest terms ("must be >= 1, got 0"), for option ``key`` of ``model``."""
     kind, got, ctx = err["type"], err.get("input"), err.get("ctx", {})
     if kind == "extra_forbidden":
         return f"unknown option for type {type_tags(model)[0]!r}" if "." not in key else "unknown option"
@@ -156,13 +157,6 @@ def partial_model(model: type[ProcessorOptions]) -> type[ProcessorOptions]:
     return create_model(f"Partial{model.__name__}", __base__=model, __module__=model.__module__, **fields)
 
 
-def _union(models: Sequence[type[BaseModel]]) -> Any:
-    """The discriminated union (on ``type``) of ``models``."""
-    if len(models) == 1:
-        return models[0]
-    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007 - built at run time
-
-
 class Overrides:
     """Validates a stream's ``pre`` / ``post`` table against the processors registered in ``registry``.
 
@@ -175,7 +169,7 @@ class Overrides:
     def __init__(self, registry: Registry[Any], what: str) -> None:
         self.what = what
         self.partials = {kind: partial_model(cls.Options) for kind, cls in registry.items()}
-        self._typed: TypeAdapter[Any] = TypeAdapter(_union(list(self.partials.values())))
+        self._typed: TypeAdapter[Any] = TypeAdapter(discriminated_union(list(self.partials.values())))
 
     def __call__(self, value: dict[str, Any]) -> dict[str, Any]:
         if "type" in value:
