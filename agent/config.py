@@ -12,12 +12,26 @@ import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from agent.errors import ConfigError
+from agent.validation import ConfigPath, Deferred, error_key, error_reason, resolve_paths
+
+if TYPE_CHECKING:
+    from agent.pipelines.sources import Options as _SourceOptions
+else:
+    _SourceOptions = Any
+
+# A stream's source, pre and post are validated by types built from the pipeline registries
+# (agent.pipelines.catalog), imported with the first stream: a config without streams never
+# imports the sources and processors (~2 MB).
+SourceConfig = Annotated[_SourceOptions, Deferred("agent.pipelines.catalog", "SourceConfig")]
+PreOverride = Annotated[dict[str, Any], Deferred("agent.pipelines.catalog", "PreOverride")]
+PostOverride = Annotated[dict[str, Any], Deferred("agent.pipelines.catalog", "PostOverride")]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,17 +66,17 @@ def _default_runtime_dir() -> Path:
 class AgentSection(_Section):
     device_id: str = Field(default_factory=socket.gethostname)
     profile: str = "auto"
-    profiles_dir: Path | None = None  # extra device profiles (override packaged ones by name)
-    hardware_root: Path = Path("/")
-    state_dir: Path = Field(default_factory=_default_state_dir)
-    runtime_dir: Path = Field(default_factory=_default_runtime_dir)
+    profiles_dir: ConfigPath | None = None  # extra device profiles (override packaged ones by name)
+    hardware_root: ConfigPath = Path("/")
+    state_dir: ConfigPath = Field(default_factory=_default_state_dir)
+    runtime_dir: ConfigPath = Field(default_factory=_default_runtime_dir)
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600)
     # Python modules imported at start that add delegates, sources, processors or hooks (agent.plugins).
     plugins: tuple[str, ...] = ()
 
 
 class ApiSection(_Section):
-    socket: Path | None = None  # default: <runtime_dir>/agent.sock
+    socket: ConfigPath | None = None  # default: <runtime_dir>/agent.sock
     socket_mode: int = Field(default=0o660, ge=0, le=0o777)
     tcp: str | None = None  # "HOST:PORT"; off by default
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -106,7 +120,7 @@ class ModelSection(_Section):
 
 
 class ModelsSection(_Section):
-    dir: Path | None = None  # default: <state_dir>/models
+    dir: ConfigPath | None = None  # default: <state_dir>/models
     versions: Literal["latest", "all"] = "latest"
 
 
@@ -128,9 +142,9 @@ class MqttSection(_Section):
     client_id: str | None = None  # default: agent.device_id
     username: str | None = None
     password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     prefix: str = "edge/v1"
     groups: tuple[str, ...] = ()
@@ -168,9 +182,9 @@ class UpdatesSection(_Section):
     """Signed bundle installation (TUF); off unless ``repo_url`` and ``trusted_root`` are set."""
 
     repo_url: str | None = None  # base URL holding metadata/ and targets/
-    trusted_root: Path | None = None  # root.json pinned at provisioning
-    metadata_dir: Path | None = None  # default <state_dir>/tuf
-    cache_dir: Path | None = None  # default $CACHE_DIRECTORY or <state_dir>/cache
+    trusted_root: ConfigPath | None = None  # root.json pinned at provisioning
+    metadata_dir: ConfigPath | None = None  # default <state_dir>/tuf
+    cache_dir: ConfigPath | None = None  # default $CACHE_DIRECTORY or <state_dir>/cache
     max_bundle_bytes: int = Field(default=1 << 30, ge=1024)
     max_member_bytes: int = Field(default=1 << 30, ge=1024)
     max_members: int = Field(default=256, ge=1)
@@ -198,23 +212,21 @@ class ResultsSection(_Section):
 
 
 class StreamSection(_Section):
-    """A streaming pipeline: source → model (with the bundle's pre/post-processing) → results."""
+    """A streaming pipeline: source → model (with the bundle's pre/post-processing) → results.
 
-    source: dict[str, Any]
+    ``source`` is validated in full here. ``pre``/``post`` override the bundle manifest's processing
+    key by key, so they may be partial: each key is checked here, the merged result when the
+    stream starts (it needs the model).
+    """
+
+    source: SourceConfig  # one of the registered sources' options, by ``type``
     model: str  # NAME or NAME@VERSION
-    pre: dict[str, Any] | None = None  # overrides the manifest's preprocess, key by key
-    post: dict[str, Any] | None = None
+    pre: PreOverride | None = None  # overrides the manifest's preprocess, key by key
+    post: PostOverride | None = None
     results: ResultsSection = Field(default_factory=ResultsSection)
     autostart: bool = True
-    snapshot_dir: Path | None = None  # save the frame of each published result here (JPEG)
+    snapshot_dir: ConfigPath | None = None  # save the frame of each published result here (JPEG)
     snapshot_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(value.get("type"), str):
-            raise ValueError("needs a 'type' (camera, video, images, wav, pcm, alsa)")
-        return value
 
     @field_validator("model")
     @classmethod
@@ -324,20 +336,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config file are relative to that file, not to the cwd."""
-    for section, key in (("agent", "state_dir"), ("agent", "runtime_dir"), ("agent", "hardware_root"),
-                         ("agent", "profiles_dir"), ("api", "socket"), ("models", "dir"), ("mqtt", "ca_file"),
-                         ("mqtt", "cert_file"),
-                         ("mqtt", "key_file"), ("updates", "trusted_root"), ("updates", "metadata_dir"),
-                         ("updates", "cache_dir")):
-        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            tree[section][key] = str(base / value)
-        elif isinstance(value, str) and value.startswith("~"):
-            tree[section][key] = str(Path(value).expanduser())
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -366,7 +364,9 @@ def load_config(
             raise ConfigError(f"cannot read: {exc.strerror}", file=source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid TOML: {exc}", file=source) from None
-        _resolve_paths(tree, Path(path).resolve().parent)
+        # Relative paths in a config file are relative to that file, not to the cwd: every field
+        # typed ConfigPath / PathStr / PathOrUrl (agent.validation) says so itself.
+        resolve_paths(Config, tree, Path(path).resolve().parent)
     origin: dict[str, str] = {}
     for key, (var, value) in _env_overrides(environ).items():
         _set_dotted(tree, key, value)
@@ -379,8 +379,18 @@ def load_config(
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
+        key, reason = _explain(exc.errors()[0], tree)
         where = next((o for k, o in origin.items() if key == k or key.startswith(k + ".")), source)
-        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(reason, key=key, file=where) from None
+
+
+def _explain(err: ErrorDetails, tree: dict[str, Any]) -> tuple[str, str]:
+    """(dotted key as written in the file, reason) for the first validation error."""
+    key = error_key(err["loc"], tree)
+    ctx = err.get("ctx", {})
+    if err["type"] == "union_tag_invalid":  # a table chosen by its ``type`` (stream source, pre, post)
+        known = ", ".join(sorted(re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))))
+        return f"{key}.type", f"unknown type {ctx.get('tag')!r} (known: {known})"
+    if err["type"] == "union_tag_not_found":
+        return f"{key}.type", "required"
+    return key, "unknown key" if err["type"] == "extra_forbidden" else error_reason(err)

@@ -500,6 +500,18 @@ GOOD_HEAD = 'description = "x"\npriority = 1\n'
             "must be last",
         ),
         (GOOD_HEAD + 'runtimes = { onnx = "CPU" }\n', "runtimes.onnx", "array of tables"),
+        ('description = ""\npriority = 1\n', "description", "non-empty string"),
+        (GOOD_HEAD + "threads = 2.5\n", "threads", "positive integer"),
+        (GOOD_HEAD + "match = 3\n", "match", "must be a table"),
+        (GOOD_HEAD + '[match]\narch = ["x86_64", ""]\n', "match.arch[1]", "list of non-empty strings"),
+        (GOOD_HEAD + "[runtimes]\nonnx = { name = \"CPUExecutionProvider\" }\n", "runtimes.onnx", "array of tables"),
+        (GOOD_HEAD + "[[runtimes.tflite]]\nname = 3\n", "runtimes.tflite[0].name", "non-empty string"),
+        (
+            GOOD_HEAD + '[[runtimes.onnx]]\nname = "CUDAExecutionProvider"\n'
+            + '[[runtimes.onnx]]\nname = "CPUExecutionProvider"\nprovider_options = {}\n',
+            "runtimes.onnx[1].provider_options",
+            "unknown key (allowed: library, name, options)",
+        ),
     ],
 )
 def test_bad_profile_raises_config_error(tmp_path, text, key, fragment):

@@ -17,7 +17,7 @@ from agent.pipelines.anchors import ssd_anchors
 from agent.pipelines.base import AudioChunk, Frame, PipelineError
 from agent.pipelines.post.detection import nms, to_source
 from agent.pipelines.postprocess import make_postprocessor
-from agent.pipelines.preprocess import Resampler, SampleRing, make_preprocessor
+from agent.pipelines.preprocess import ImagePreprocessor, Resampler, SampleRing, make_preprocessor
 from agent.runtimes import Quantization, Session, TensorSpec, backend_for_file
 from tests import media
 
@@ -569,6 +569,53 @@ def test_labels_must_match_classes() -> None:
     yolo = TensorSpec("out", np.dtype(np.float32), (1, 100, 85))
     with pytest.raises(PipelineError, match=r"has 80 classes but the bundle has 2 labels"):
         make_postprocessor({"type": "detection", "format": "yolo", "layout": "v5"}, [yolo], ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("make", "spec", "match"),
+    [
+        ("pre", {"type": "image", "size": [128, 128, 3]}, r"preprocess\.size: must have at most 2 values, got 3"),
+        ("pre", {"type": "image", "pad_value": 300}, r"preprocess\.pad_value: must be <= 255, got 300"),
+        ("pre", {"type": "image", "raw_uint8": "yes"}, r"preprocess\.raw_uint8: must be true or false, got 'yes'"),
+        ("pre", {"type": "image", "std": [1, 0, 1]}, r"preprocess\.std: must not contain 0"),
+        ("pre", {"type": "audio", "sample_rate": "16000"}, r"preprocess\.sample_rate: must be an integer, got '16000'"),
+        ("pre", {"type": "audio", "features": {"type": "log_mel", "n_ftt": 400}},
+         r"preprocess\.features\.n_ftt: unknown option$"),
+        ("pre", {"type": "audio", "features": {"type": "micro_frontend", "n_fft": 400}},
+         r"preprocess\.features\.n_fft: unknown option$"),
+        ("pre", {"type": "audio", "state": {"input": "state"}}, r"preprocess\.state\.output: required"),
+        ("pre", {"type": "audio", "window": 512, "stride": 3},
+         r"preprocess\.stride: applies to features micro_frontend"),
+        ("pre", {"type": 3}, r"preprocess\.type: must be a string, got 3"),
+        ("pre", {"size": [128, 128]}, r"preprocess\.type: required"),
+        ("pre", ["image"], r"preprocess: must be an object with a 'type', got list"),
+        ("post", {"type": "classification", "top_k": 0}, r"postprocess\.top_k: must be >= 1, got 0"),
+        ("post", {"type": "classification", "top_k": 2.5}, r"postprocess\.top_k: must be an integer, got 2\.5"),
+        ("post", {"type": "detection", "format": "ssd"}, r"postprocess\.format: must be one of mediapipe_ssd, yolo"),
+        ("post", {"type": "detection", "format": "yolo", "strides": [8]},
+         r"postprocess\.strides: applies to format mediapipe_ssd only"),
+        ("post", {"type": "raw", "outputs": "regressors"}, r"postprocess\.outputs: must be a list, got 'regressors'"),
+        ("post", {"type": "raw", "outputs": ["scores"]}, r"postprocess\.outputs: 'scores' is not a model output"),
+        ("post", {"type": "vad", "threshold": 0.3, "neg_threshold": 0.4},
+         r"postprocess\.neg_threshold: must be <= threshold"),
+        ("post", {"type": "wake_word", "colour": 1}, r"postprocess\.colour: unknown option for type 'wake_word'"),
+    ],
+)
+def test_options_are_typed_and_named(face: Session, make: str, spec: Any, match: str) -> None:
+    """Every option is checked by its type's pydantic model, and the error names it as in the manifest."""
+    with pytest.raises(PipelineError, match=match) as err:
+        if make == "pre":
+            make_preprocessor(spec, face.inputs)
+        else:
+            make_postprocessor(spec, face.outputs)
+    assert err.value.code == "bad_pipeline"
+
+
+def test_null_options_take_their_defaults_and_options_models_are_accepted(face: Session) -> None:
+    pre = make_preprocessor({**FACE_PRE, "resize": None, "input": None}, face.inputs)
+    assert pre.resize == "stretch"  # type: ignore[attr-defined]
+    options = ImagePreprocessor.Options.model_validate({**FACE_PRE, "resize": "letterbox"})
+    assert make_preprocessor(options, face.inputs).resize == "letterbox"  # type: ignore[attr-defined]
 
 
 def test_state_is_carried_between_windows() -> None:

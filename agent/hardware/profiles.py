@@ -1,25 +1,29 @@
 """Device profiles: which delegates / execution providers to try, in order, on which hardware.
 
-Owns the TOML profile format (docs/device-profiles.md): loading and validating files, matching a
-profile against a :class:`HardwareInfo` (pure, no I/O) and choosing one. It does not load any
+Owns the TOML profile format (docs/device-profiles.md): loading files and validating them with
+pydantic models of their tables (errors name the file and the key), matching a profile against a
+:class:`HardwareInfo` (pure, no I/O) and choosing one. It does not load any
 delegate: the runtimes walk ``DeviceProfile.runtimes[...]`` in order and fall back down to CPU.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args
 
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from agent.errors import ConfigError
 from agent.hardware.detect import ACCELERATOR_KINDS, KNOWN_LIBRARIES, HardwareInfo
+from agent.validation import error_key, is_model
 
 if TYPE_CHECKING:
     import os
@@ -37,8 +41,6 @@ CPU_FALLBACK = {"onnx": "CPUExecutionProvider", "tflite": "xnnpack"}
 TFLITE_DELEGATES = frozenset({"xnnpack", "gpu", "edgetpu", "hailo", "external", "fault-injection"})
 GENERIC_PROFILE = "generic-cpu"
 PROFILE_PACKAGE = "device_profiles"
-_TOP_KEYS = frozenset({"description", "priority", "threads", "match", "runtimes"})
-_DELEGATE_KEYS = frozenset({"name", "library", "options"})
 
 
 def _empty() -> Mapping[str, Any]:
@@ -54,15 +56,53 @@ class DelegateSpec:
     options: Mapping[str, Any] = field(default_factory=_empty, hash=False)
 
 
-@dataclass(frozen=True)
-class MatchRules:
+class _Table(BaseModel):
+    """A table of a profile file: frozen, unknown keys are errors (reported as ``unknown``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    unknown: ClassVar[str] = "unknown key"
+
+
+NonEmpty = Annotated[str, Strict(), Field(min_length=1)]
+_RULE = "a list of non-empty strings"
+Rule = Annotated[tuple[NonEmpty, ...], Field(description=_RULE)]
+
+
+def _detectable(pattern: str) -> bool:
+    """Detection only looks for KNOWN_LIBRARIES: a rule naming another library could never hold."""
+    literal = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    return any(
+        literal.startswith(known) or known.startswith(literal)
+        for known in (re.split(r"[*?\[]", k, maxsplit=1)[0] for k in KNOWN_LIBRARIES)
+    )
+
+
+class MatchRules(_Table):
     """The ``[match]`` table: every non-empty rule must hold; no rules matches any device."""
 
-    arch: tuple[str, ...] = ()
-    board_contains: tuple[str, ...] = ()
-    accelerators_any: tuple[str, ...] = ()
-    libraries_any: tuple[str, ...] = ()
-    cpu_flags_all: tuple[str, ...] = ()
+    unknown: ClassVar[str] = "unknown match rule"
+
+    arch: Rule = ()
+    board_contains: Rule = ()
+    accelerators_any: Rule = ()
+    libraries_any: Rule = ()
+    cpu_flags_all: Rule = ()
+
+    @field_validator("accelerators_any")
+    @classmethod
+    def _kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for kind in value:
+            if kind not in ACCELERATOR_KINDS:
+                raise ValueError(f"unknown accelerator kind {kind!r} (known: {', '.join(sorted(ACCELERATOR_KINDS))})")
+        return value
+
+    @field_validator("libraries_any")
+    @classmethod
+    def _libraries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not _detectable(pattern):
+                raise ValueError(f"{pattern!r} is never detected (only: {', '.join(KNOWN_LIBRARIES)})")
+        return value
 
     def evaluate(self, hw: HardwareInfo) -> tuple[bool, list[str]]:
         """(matched, one reason per rule saying why it held or failed)."""
@@ -219,6 +259,81 @@ def select_profile(
 # --- parsing ------------------------------------------------------------------------------------
 
 
+class _Delegate(_Table):
+    """One ``[[runtimes.X]]`` entry."""
+
+    unknown: ClassVar[str] = "unknown key (allowed: library, name, options)"
+
+    name: NonEmpty = Field(description="a non-empty string")
+    library: NonEmpty | None = Field(default=None, description="a non-empty string")
+    options: dict[str, Any] = Field(default_factory=dict, description="a table")
+
+    def spec(self) -> DelegateSpec:
+        return DelegateSpec(self.name, self.library, MappingProxyType(dict(self.options)))
+
+
+class _OnnxDelegate(_Delegate):
+    @field_validator("name")
+    @classmethod
+    def _provider(cls, name: str) -> str:
+        if not name.endswith("ExecutionProvider"):
+            raise ValueError(f"{name!r} is not an ONNX Runtime execution provider name")
+        return name
+
+
+class _TfliteDelegate(_Delegate):
+    library: NonEmpty | None = Field(default=None, description="a non-empty string", validate_default=True)
+
+    @field_validator("name")
+    @classmethod
+    def _delegate(cls, name: str) -> str:
+        if name not in TFLITE_DELEGATES:
+            raise ValueError(f"unknown delegate {name!r} (allowed: {', '.join(sorted(TFLITE_DELEGATES))})")
+        return name
+
+    @field_validator("library")
+    @classmethod
+    def _external(cls, library: str | None, info: ValidationInfo) -> str | None:
+        if library is None and info.data.get("name") == "external":
+            raise ValueError("an external delegate needs a library")
+        return library
+
+
+def _cpu_last(runtime: str, entries: list[_Delegate]) -> list[_Delegate]:
+    cpu = CPU_FALLBACK[runtime]
+    for i, entry in enumerate(entries[:-1]):
+        if entry.name == cpu:
+            error = PydanticCustomError("cpu_not_last", "{cpu} is the fallback and must be last", {"cpu": cpu})
+            raise ValidationError.from_exception_data(runtime, [{"type": error, "loc": (i, "name"), "input": cpu}])
+    return entries
+
+
+class _Runtimes(_Table):
+    """``[[runtimes.onnx]]`` / ``[[runtimes.tflite]]``: ordered preference lists, CPU last."""
+
+    unknown: ClassVar[str] = f"unknown runtime (allowed: {', '.join(RUNTIMES)})"
+
+    onnx: list[_OnnxDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.onnx]])")
+    tflite: list[_TfliteDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.tflite]])")
+
+    @field_validator("onnx", "tflite")
+    @classmethod
+    def _cpu_fallback_last(cls, entries: list[_Delegate], info: ValidationInfo) -> list[_Delegate]:
+        return _cpu_last(str(info.field_name), entries)
+
+
+class _ProfileFile(_Table):
+    """A profile file (docs/device-profiles.md)."""
+
+    unknown: ClassVar[str] = "unknown key (allowed: description, match, priority, runtimes, threads)"
+
+    description: NonEmpty = Field(description="a non-empty string")
+    priority: Annotated[int, Strict()] = Field(description="an integer")
+    threads: Annotated[int, Strict()] | None = Field(default=None, ge=1, description="a positive integer")
+    match: MatchRules = Field(default_factory=MatchRules, description="a table")
+    runtimes: _Runtimes = Field(default_factory=_Runtimes, description="a table")
+
+
 def parse_profile(name: str, text: str, source: str) -> DeviceProfile:
     """Parse and validate one profile file's text.
 
@@ -229,113 +344,52 @@ def parse_profile(name: str, text: str, source: str) -> DeviceProfile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", key=_key_at_error(text, str(exc)), file=source) from exc
-
-    def fail(key: str, reason: str) -> ConfigError:
-        return ConfigError(reason, key=key, file=source)
-
-    for key in sorted(data.keys() - _TOP_KEYS):
-        raise fail(key, f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
-    description = data.get("description")
-    if not isinstance(description, str) or not description:
-        raise fail("description", "must be a non-empty string")
-    priority = data.get("priority")
-    if not _is_int(priority):
-        raise fail("priority", f"must be an integer, got {priority!r}")
-    threads = data.get("threads")
-    if threads is not None and (not _is_int(threads) or threads < 1):
-        raise fail("threads", f"must be a positive integer, got {threads!r}")
+    try:
+        parsed = _ProfileFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_reason(err), key=error_key(err["loc"], data, index="[{}]"), file=source) from None
+    runtimes = {}
+    for runtime in RUNTIMES:
+        specs = [entry.spec() for entry in getattr(parsed.runtimes, runtime)]
+        if not specs or specs[-1].name != CPU_FALLBACK[runtime]:
+            specs.append(DelegateSpec(CPU_FALLBACK[runtime]))
+        runtimes[runtime] = tuple(specs)
     return DeviceProfile(
         name=name,
-        description=description,
-        priority=priority,
-        rules=_parse_match(data.get("match", {}), fail),
-        threads=threads,
-        runtimes=_parse_runtimes(data.get("runtimes", {}), fail),
+        description=parsed.description,
+        priority=parsed.priority,
+        rules=parsed.match,
+        threads=parsed.threads,
+        runtimes=MappingProxyType(runtimes),
         source=source,
     )
 
 
-def _detectable(pattern: str) -> bool:
-    """Detection only looks for KNOWN_LIBRARIES: a rule naming another library could never hold."""
-    literal = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-    return any(
-        literal.startswith(known) or known.startswith(literal)
-        for known in (re.split(r"[*?\[]", k, maxsplit=1)[0] for k in KNOWN_LIBRARIES)
-    )
-
-
-_Fail = Callable[[str, str], ConfigError]
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _parse_match(table: object, fail: _Fail) -> MatchRules:
-    if not isinstance(table, dict):
-        raise fail("match", "must be a table")
-    allowed = {f.name for f in fields(MatchRules)}
-    values: dict[str, tuple[str, ...]] = {}
-    for key, value in table.items():
-        if key not in allowed:
-            raise fail(f"match.{key}", f"unknown match rule (allowed: {', '.join(sorted(allowed))})")
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise fail(f"match.{key}", "must be a list of non-empty strings")
-        if key == "accelerators_any":
-            for kind in value:
-                if kind not in ACCELERATOR_KINDS:
-                    raise fail(f"match.{key}", f"unknown accelerator kind {kind!r}")
-        if key == "libraries_any":
-            for pattern in value:
-                if not _detectable(pattern):
-                    known = ", ".join(KNOWN_LIBRARIES)
-                    raise fail(f"match.{key}", f"{pattern!r} is never detected (only: {known})")
-        values[key] = tuple(value)
-    return MatchRules(**values)
-
-
-def _parse_runtimes(table: object, fail: _Fail) -> Mapping[str, tuple[DelegateSpec, ...]]:
-    if not isinstance(table, dict):
-        raise fail("runtimes", "must be a table")
-    for key in sorted(table.keys() - set(RUNTIMES)):
-        raise fail(f"runtimes.{key}", f"unknown runtime (allowed: {', '.join(RUNTIMES)})")
-    result: dict[str, tuple[DelegateSpec, ...]] = {}
-    for runtime in RUNTIMES:
-        entries = table.get(runtime, [])
-        if not isinstance(entries, list):
-            raise fail(f"runtimes.{runtime}", "must be an array of tables ([[runtimes.{runtime}]])")
-        specs = [_parse_delegate(runtime, i, e, fail) for i, e in enumerate(entries)]
-        cpu = CPU_FALLBACK[runtime]
-        for i, spec in enumerate(specs[:-1]):
-            if spec.name == cpu:
-                raise fail(f"runtimes.{runtime}[{i}].name", f"{cpu} is the fallback and must be last")
-        if not specs or specs[-1].name != cpu:
-            specs.append(DelegateSpec(cpu))
-        result[runtime] = tuple(specs)
-    return MappingProxyType(result)
-
-
-def _parse_delegate(runtime: str, index: int, entry: object, fail: _Fail) -> DelegateSpec:
-    where = f"runtimes.{runtime}[{index}]"
-    if not isinstance(entry, dict):
-        raise fail(where, "must be a table with 'name'")
-    for key in sorted(entry.keys() - _DELEGATE_KEYS):
-        raise fail(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(_DELEGATE_KEYS))})")
-    name, library, options = entry.get("name"), entry.get("library"), entry.get("options", {})
-    if not isinstance(name, str) or not name:
-        raise fail(f"{where}.name", "must be a non-empty string")
-    if runtime == "onnx" and not name.endswith("ExecutionProvider"):
-        raise fail(f"{where}.name", f"{name!r} is not an ONNX Runtime execution provider name")
-    if runtime == "tflite" and name not in TFLITE_DELEGATES:
-        allowed = ", ".join(sorted(TFLITE_DELEGATES))
-        raise fail(f"{where}.name", f"unknown delegate {name!r} (allowed: {allowed})")
-    if library is not None and (not isinstance(library, str) or not library):
-        raise fail(f"{where}.library", "must be a non-empty string")
-    if name == "external" and library is None:
-        raise fail(f"{where}.library", "an external delegate needs a library")
-    if not isinstance(options, dict):
-        raise fail(f"{where}.options", "must be a table")
-    return DelegateSpec(name, library, MappingProxyType(dict(options)))
+def _reason(err: ErrorDetails) -> str:
+    """The error in the profile's terms: what the key must be (its field's ``description``)."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    table: type[BaseModel] | None = _ProfileFile
+    field_info = None
+    for part in err["loc"]:
+        if isinstance(part, int) or table is None:
+            continue
+        field_info = table.model_fields.get(part)
+        if field_info is None:  # an unknown key: ``table`` is where it was found
+            break
+        inner = field_info.annotation
+        inner = next((a for a in get_args(inner) if is_model(a)), inner)  # list[X] / X | None -> X
+        table = inner if is_model(inner) else None
+    if kind == "extra_forbidden":
+        return table.unknown if table is not None and issubclass(table, _Table) else "unknown key"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    expected = field_info.description if field_info is not None else None
+    if kind == "missing":
+        return f"required: must be {expected}" if expected else "required"
+    if expected is None or kind == "cpu_not_last":
+        return err["msg"]
+    return f"must be {expected}, got {err.get('input')!r}"
 
 
 _LINE_RE = re.compile(r"at line (\d+)")

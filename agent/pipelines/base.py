@@ -3,20 +3,29 @@
 A ``Source`` delivers ``Frame``s or ``AudioChunk``s from a blocking device or file (it runs
 on its own thread); a ``Preprocessor`` turns them into model feeds; a ``Postprocessor``
 turns model outputs into a compact JSON-able result (or nothing). Parts are looked up by
-``type`` strings from the manifest or the agent config.
+``type`` strings from the manifest or the agent config; each part's class carries its pydantic
+``Options`` model (``type: Literal[...]``), and the config's discriminated unions are built from
+these registries, so a new part registers once.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Mapping
+import builtins
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 # The parts raise these; they live with the other agent errors (one hierarchy), named here for the parts.
 from agent.errors import PipelineError, SourceEnded, SourceError  # noqa: F401
+from agent.validation import discriminated_union, type_tags
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from agent.runtimes.base import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,15 @@ class Preprocessor(abc.ABC):
     """Turns source items into zero or more model inputs (audio windows overlap; frames map 1:1)."""
 
     type: ClassVar[str]
+    Options: ClassVar[builtins.type[BaseModel]]  # the manifest's ``preprocess`` object for this type
+
+    @abc.abstractmethod
+    def __init__(self, options: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()) -> None:
+        """Check ``options`` (an instance of ``Options``) against the model's tensors.
+
+        Raises:
+            PipelineError: the options do not fit the model (names ``preprocess.<key>``).
+        """
 
     @abc.abstractmethod
     def __call__(self, item: Item) -> Iterator[Prepared]:
@@ -106,6 +124,15 @@ class Postprocessor(abc.ABC):
     """Turns outputs into a result dict, or None when there is nothing to report."""
 
     type: ClassVar[str]
+    Options: ClassVar[builtins.type[BaseModel]]  # the manifest's ``postprocess`` object for this type
+
+    @abc.abstractmethod
+    def __init__(self, options: Any, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+        """Check ``options`` (an instance of ``Options``) against the model's outputs and labels.
+
+        Raises:
+            PipelineError: the options do not fit the model (names ``postprocess.<key>``).
+        """
 
     @abc.abstractmethod
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -120,15 +147,27 @@ T = TypeVar("T")
 
 
 class Registry(dict[str, type[T]]):
-    """``type`` string → class; ``register`` is a class decorator."""
+    """``type`` string → class; ``register`` is a class decorator.
+
+    Every class has an ``Options`` pydantic model whose ``type`` is ``Literal[cls.type]``.
+    """
 
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
 
     def register(self, cls: type[T]) -> type[T]:
-        self[cls.type] = cls  # type: ignore[attr-defined]
+        """Raises TypeError (at import) if the class's ``Options`` do not declare its ``type``."""
+        kind = cls.type  # type: ignore[attr-defined]
+        options = getattr(cls, "Options", None)
+        if options is None or type_tags(options) != (kind,):
+            raise TypeError(f"{cls.__name__}.Options needs a field type: Literal[{kind!r}]")
+        self[kind] = cls
         return cls
+
+    def options_union(self) -> Any:
+        """The discriminated union (on ``type``) of every registered class's ``Options``."""
+        return discriminated_union([cls.Options for cls in self.values()])  # type: ignore[attr-defined]
 
     def get_class(self, name: str) -> type[T]:
         try:

@@ -27,9 +27,11 @@ from agent.pipelines.runner import Stream, StreamSpec
 log = structlog.get_logger(__name__)
 
 
-def spec_from_config(name: str, section: Any) -> StreamSpec:
+def spec_from_config(name: str, section: StreamSection) -> StreamSpec:
     model, _, version = section.model.partition("@")
-    return StreamSpec(name=name, source=dict(section.source), model=model, version=int(version) if version else None,
+    source = section.source.model_dump(mode="json", exclude_unset=True)  # as written (paths resolved): for status
+    source["type"] = section.source.type
+    return StreamSpec(name=name, source=source, model=model, version=int(version) if version else None,
                       pre=section.pre, post=section.post, policy=section.results.model_dump(),
                       snapshot_dir=section.snapshot_dir, snapshot_max_bytes=section.snapshot_max_bytes)
 

@@ -10,41 +10,81 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Annotated, Any, Literal
 
-import cv2
 import numpy as np
+from pydantic import Field, field_validator
 
 from agent.pipelines.base import PREPROCESSORS, AudioChunk, Frame, Item, PipelineError, Prepared, Preprocessor
-from agent.pipelines.post.options import Options, find_tensor
+from agent.pipelines.options import (
+    Bool,
+    Int,
+    Number,
+    Numbers,
+    ProcessorOptions,
+    Section,
+    Str,
+    find_tensor,
+    option_error,
+    parse_options,
+)
 from agent.runtimes.base import TensorSpec
+
+# OpenCV is imported where frames are resized, not here: importing this module (the config does, for
+# the option models) must not cost an audio-only device OpenCV's ~16 MB.
+
+_error = partial(option_error, "preprocess")
 
 
 def make_preprocessor(
-    spec: Mapping[str, Any], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()
+    spec: Mapping[str, Any] | ProcessorOptions, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()
 ) -> Preprocessor:
     """A pre-processor for a model with ``inputs`` (and ``outputs``, to check carried state).
+
+    ``spec`` is the manifest's ``preprocess`` object (or its validated options).
 
     Raises:
         PipelineError: unknown type, bad option, or options that do not fit the model's inputs.
     """
-    opts = Options(spec, "preprocess")
-    cls = PREPROCESSORS.get_class(opts.get_str("type"))
-    pre = cls(opts, inputs, outputs)  # type: ignore[call-arg]
-    opts.finish()
-    return pre
+    options = parse_options(PREPROCESSORS, spec, "preprocess")
+    return PREPROCESSORS.get_class(options.type)(options, inputs, outputs)
 
 
-def _fill_shape(spec: TensorSpec, size: int, opts: Options, key: str) -> tuple[int, ...]:
+def _fill_shape(spec: TensorSpec, size: int, key: str) -> tuple[int, ...]:
     """``spec``'s shape for ``size`` elements: batch (leading None) 1, one other None inferred."""
     shape = [1 if d is None and i == 0 and len(spec.shape) > 1 else d for i, d in enumerate(spec.shape)]
     known = math.prod(d for d in shape if d is not None)
     if shape.count(None) > 1 or size % max(known, 1):
-        raise opts.error(key, f"{size} values do not fit input {spec.name!r} of shape {spec.shape_list()}")
+        raise _error(key, f"{size} values do not fit input {spec.name!r} of shape {spec.shape_list()}")
     filled = tuple(size // known if d is None else d for d in shape)
     if math.prod(filled) != size:
-        raise opts.error(key, f"{size} values do not fit input {spec.name!r} of shape {spec.shape_list()}")
+        raise _error(key, f"{size} values do not fit input {spec.name!r} of shape {spec.shape_list()}")
     return filled
+
+
+class ImageOptions(ProcessorOptions):
+    """``preprocess`` for frames (docs/processing.md); defaults come from the model's input."""
+
+    type: Literal["image"]
+    input: Str | None = None  # default: the only image-shaped input
+    layout: Literal["nhwc", "nchw"] | None = None  # default: from the input's shape
+    size: Annotated[Numbers, Field(min_length=2, max_length=2)] | None = None  # [width, height]
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    pad_value: Number = Field(default=0.0, ge=0, le=255)
+    color: Literal["rgb", "bgr"] = "rgb"
+    raw_uint8: Bool = False
+    mean: Numbers | None = None
+    std: Numbers | None = None
+    scale: Number | None = None
+    offset: Number | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and 0.0 in value:
+            raise ValueError("must not contain 0")
+        return value
 
 
 @PREPROCESSORS.register
@@ -52,57 +92,58 @@ class ImagePreprocessor(Preprocessor):
     """Resize (stretch or letterbox), color order, layout, normalization and quantization of frames."""
 
     type = "image"
+    Options = ImageOptions
 
-    def __init__(self, opts: Options, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()) -> None:
-        if opts.has("input"):
-            self.spec = find_tensor(opts, "input", inputs, "input")
+    def __init__(
+        self, options: ImageOptions, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()
+    ) -> None:
+        if options.input is not None:
+            self.spec = find_tensor("preprocess", "input", options.input, inputs, "input")
         else:
             images = [t for t in inputs if len(t.shape) == 4 and (t.shape[3] in (1, 3) or t.shape[1] in (1, 3))]
             if len(images) != 1:
-                raise opts.error(
+                raise _error(
                     "input", f"required: {len(images)} image-shaped inputs among {', '.join(t.name for t in inputs)}"
                 )
             self.spec = images[0]
         shape = self.spec.shape
         if len(shape) != 4:
-            raise opts.error("input", f"{self.spec.name!r} has shape {self.spec.shape_list()}, not an image batch")
-        self.layout = opts.get_str("layout", "nhwc" if shape[3] in (1, 3) else "nchw", ("nhwc", "nchw"))
+            raise _error("input", f"{self.spec.name!r} has shape {self.spec.shape_list()}, not an image batch")
+        self.layout = options.layout or ("nhwc" if shape[3] in (1, 3) else "nchw")
         h, w, c = (shape[1], shape[2], shape[3]) if self.layout == "nhwc" else (shape[2], shape[3], shape[1])
         if c not in (1, 3):
-            raise opts.error("layout", f"{self.layout} gives {c} channels for input shape {self.spec.shape_list()}")
+            raise _error("layout", f"{self.layout} gives {c} channels for input shape {self.spec.shape_list()}")
         self.channels = c
-        size = opts.get_floats("size", None, length=2)
+        size = options.size
         if size is not None:
             if (w is not None and int(size[0]) != w) or (h is not None and int(size[1]) != h):
-                raise opts.error(
+                raise _error(
                     "size",
                     f"[{int(size[0])}, {int(size[1])}] does not match input "
                     f"{self.spec.name!r} of shape {self.spec.shape_list()} ({self.layout})",
                 )
             w, h = int(size[0]), int(size[1])
         if w is None or h is None:
-            raise opts.error("size", f"required: input {self.spec.name!r} has a dynamic size {self.spec.shape_list()}")
+            raise _error("size", f"required: input {self.spec.name!r} has a dynamic size {self.spec.shape_list()}")
         self.width, self.height = w, h
-        self.resize = opts.get_str("resize", "stretch", ("stretch", "letterbox"))
-        self.pad_value = opts.get_float("pad_value", 0.0, min=0, max=255)
-        self.color = opts.get_str("color", "rgb", ("rgb", "bgr"))
-        self.raw = opts.get_bool("raw_uint8", False)
+        self.resize = options.resize
+        self.pad_value = options.pad_value
+        self.color = options.color
+        self.raw = options.raw_uint8
         dtype, quant = self.spec.dtype, self.spec.quantization
         if self.raw and dtype != np.uint8:
-            raise opts.error("raw_uint8", f"input {self.spec.name!r} is {dtype.name}, not uint8")
-        mean, std = opts.get_floats("mean", None), opts.get_floats("std", None)
-        scale, offset = opts.get_float("scale", None), opts.get_float("offset", None)
+            raise _error("raw_uint8", f"input {self.spec.name!r} is {dtype.name}, not uint8")
+        mean, std = options.mean, options.std
+        scale, offset = options.scale, options.offset
         if (mean or std) and (scale is not None or offset is not None):
-            raise opts.error("scale", "give either mean/std or scale/offset, not both")
+            raise _error("scale", "give either mean/std or scale/offset, not both")
         if np.issubdtype(dtype, np.integer) and quant is None:
             self.raw = True  # an unquantized integer input takes pixels as they are
         if self.raw and (mean or std or scale is not None or offset is not None):
-            raise opts.error("mean" if mean or std else "scale", "normalization does not apply to raw uint8 pixels")
+            raise _error("mean" if mean or std else "scale", "normalization does not apply to raw uint8 pixels")
         for key, values in (("mean", mean), ("std", std)):
             if values is not None and len(values) not in (1, c):
-                raise opts.error(key, f"needs 1 or {c} values, got {len(values)}")
-        if std is not None and 0.0 in std:
-            raise opts.error("std", "must not contain 0")
+                raise _error(key, f"needs 1 or {c} values, got {len(values)}")
         # Everything becomes one multiply-add per channel: x * mul + add (pixels in 0..255).
         self.mul: np.ndarray = np.float32(1 / 255 if scale is None else scale) * np.ones(1, np.float32)
         self.add: np.ndarray = np.float32(offset or 0.0) * np.ones(1, np.float32)
@@ -111,6 +152,8 @@ class ImagePreprocessor(Preprocessor):
             self.mul, self.add = (1 / s).astype(np.float32), (-m / s).astype(np.float32)
 
     def __call__(self, item: Item) -> Iterator[Prepared]:
+        import cv2
+
         if not isinstance(item, Frame):
             raise PipelineError(f"image pre-processing got {type(item).__name__}, not a video frame")
         image = item.image
@@ -180,6 +223,8 @@ def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
     bilinear already uses every source pixel, and OpenCV's area resize at a non-integer ratio is
     5x slower (160x120 → 128x96: ~120 µs against ~25 µs).
     """
+    import cv2
+
     src_h, src_w = image.shape[:2]
     if src_w < 2 * width and src_h < 2 * height:
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -287,28 +332,93 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     return np.maximum(0, np.minimum(lower, upper)).astype(np.float32)
 
 
+class LogMelOptions(Section):
+    """``features = { type = "log_mel", ... }``: the spectrogram's parameters."""
+
+    type: Literal["log_mel"]
+    n_fft: Int = Field(default=512, ge=16)
+    win_length: Int | None = Field(default=None, ge=1)  # default: n_fft
+    hop_length: Int | None = Field(default=None, ge=1)  # default: n_fft // 4
+    n_mels: Int = Field(default=40, ge=1)
+    fmin: Number = Field(default=0.0, ge=0)
+    fmax: Number | None = Field(default=None, ge=0)  # default: sample_rate / 2
+    power: Number = Field(default=2.0, ge=1, le=2)
+    log_offset: Number = Field(default=1e-6, ge=0)
+    layout: Literal["frames_mels", "mels_frames"] = "frames_mels"
+
+
+class NoFeatures(Section):
+    """``features = "none"``: the samples themselves."""
+
+    type: Literal["none"]
+
+
+class MicroFrontendFeatures(Section):
+    """``features = "micro_frontend"``: microWakeWord's TFLite Micro frontend (no options)."""
+
+    type: Literal["micro_frontend"]
+
+
+Features = Annotated[NoFeatures | LogMelOptions | MicroFrontendFeatures, Field(discriminator="type")]
+_FEATURES = ("none", "log_mel", "micro_frontend")
+
+
+class StateOptions(Section):
+    """A recurrent model's state: fed from ``input``, carried from ``output`` to the next window."""
+
+    input: Str
+    output: Str
+    shape: tuple[Int, ...] | None = None  # default: the input's shape with dynamic dims 1
+
+
+class AudioOptions(ProcessorOptions):
+    """``preprocess`` for audio (docs/processing.md)."""
+
+    type: Literal["audio"]
+    sample_rate: Int = Field(default=16000, ge=1000)
+    input: Str | None = None  # default: the one input not fed by constants or state
+    constants: dict[str, Int | Number | list[Any]] = Field(default_factory=dict)
+    state: StateOptions | None = None
+    features: Features = NoFeatures(type="none")
+    context: Int = Field(default=0, ge=0)
+    window: Int | None = Field(default=None, ge=1)  # default: from the input's shape (features none)
+    hop: Int | None = Field(default=None, ge=1)  # default: window
+    stride: Int | None = Field(default=None, ge=1)  # micro_frontend only; default: from the input's shape
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"type": value}
+        kind = value.get("type") if isinstance(value, Mapping) else value
+        if kind not in _FEATURES:
+            raise ValueError(f"must be none, log_mel or micro_frontend, got {kind!r}")
+        return value
+
+
 class LogMel:
     """Log-mel spectrogram of one window with numpy: periodic Hann, |STFT|^power, mel, log(x + offset)."""
 
-    def __init__(self, opts: Options, sample_rate: int) -> None:
-        f = Options(opts.get_mapping("features"), "preprocess.features")
-        f.get("type")
-        self.n_fft = f.get_int("n_fft", 512, min=16)
-        self.win_length = f.get_int("win_length", self.n_fft, min=1)
-        self.hop = f.get_int("hop_length", self.n_fft // 4, min=1)
-        self.n_mels = f.get_int("n_mels", 40, min=1)
-        fmax = f.get_float("fmax", sample_rate / 2, min=0, max=sample_rate / 2)
-        fmin = f.get_float("fmin", 0.0, min=0, max=fmax)
-        self.power = f.get_float("power", 2.0, min=1, max=2)
-        self.offset = f.get_float("log_offset", 1e-6, min=0)
-        self.layout = f.get_str("layout", "frames_mels", ("frames_mels", "mels_frames"))
-        f.finish()
+    def __init__(self, f: LogMelOptions, sample_rate: int) -> None:
+        self.n_fft = f.n_fft
+        self.win_length = f.win_length or self.n_fft
+        self.hop = f.hop_length or self.n_fft // 4
+        self.n_mels = f.n_mels
+        nyquist = sample_rate / 2
+        fmax = nyquist if f.fmax is None else f.fmax
+        if fmax > nyquist:
+            raise _error("features.fmax", f"must be <= {nyquist} (half the sample rate), got {fmax}")
+        if f.fmin > fmax:
+            raise _error("features.fmin", f"must be <= fmax {fmax}, got {f.fmin}")
+        self.power = f.power
+        self.offset = f.log_offset
+        self.layout = f.layout
         if self.win_length > self.n_fft:
-            raise f.error("win_length", f"{self.win_length} is longer than n_fft {self.n_fft}")
+            raise _error("features.win_length", f"{self.win_length} is longer than n_fft {self.n_fft}")
         pad = (self.n_fft - self.win_length) // 2
         self.window = np.zeros(self.n_fft, np.float32)
         self.window[pad : pad + self.win_length] = np.hanning(self.win_length + 1)[:-1]
-        self.filters = mel_filterbank(sample_rate, self.n_fft, self.n_mels, fmin, fmax)
+        self.filters = mel_filterbank(sample_rate, self.n_fft, self.n_mels, f.fmin, fmax)
 
     def frames(self, n: int) -> int:
         return 0 if n < self.n_fft else 1 + (n - self.n_fft) // self.hop
@@ -333,113 +443,117 @@ class AudioPreprocessor(Preprocessor):
     _shift = 0.0  # seconds of source audio dropped so far
 
     type = "audio"
+    Options = AudioOptions
 
-    def __init__(self, opts: Options, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()) -> None:
-        self.sample_rate = opts.get_int("sample_rate", 16000, min=1000)
+    def __init__(
+        self, options: AudioOptions, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] = ()
+    ) -> None:
+        self.sample_rate = options.sample_rate
         self.constants: dict[str, np.ndarray] = {}
-        for name, value in (opts.get_mapping("constants", None) or {}).items():
-            spec = find_tensor(Options({"constants": name}, "preprocess"), "constants", inputs, "input")
-            if any(d is not None and d != 1 for d in spec.shape) and np.size(value) != math.prod(spec.shape_list()):
-                raise opts.error(f"constants.{name}", f"{value!r} does not fit shape {spec.shape_list()}")
+        for name, value in options.constants.items():
+            spec = find_tensor("preprocess", "constants", name, inputs, "input")
+            try:
+                array = np.asarray(value, spec.dtype)
+            except (TypeError, ValueError, OverflowError):
+                raise _error(f"constants.{name}", f"{value!r} is not a {spec.dtype.name} value or array") from None
+            if any(d is not None and d != 1 for d in spec.shape) and array.size != math.prod(spec.shape_list()):
+                raise _error(f"constants.{name}", f"{value!r} does not fit shape {spec.shape_list()}")
             fixed = tuple(1 if d is None else d for d in spec.shape)
-            self.constants[name] = np.broadcast_to(np.asarray(value, spec.dtype), fixed).copy()
+            self.constants[name] = np.broadcast_to(array, fixed).copy()
         self.state: TensorSpec | None = None
         self.state_output = ""
-        state = opts.get_mapping("state", None)
+        state = options.state
         if state is not None:
-            s = Options(state, "preprocess.state")
-            self.state = find_tensor(s, "input", inputs, "input")
-            self.state_output = s.get_str("output")
+            self.state = find_tensor("preprocess", "state.input", state.input, inputs, "input")
+            self.state_output = state.output
             if outputs and self.state_output not in {t.name for t in outputs}:
-                raise s.error(
-                    "output",
+                raise _error(
+                    "state.output",
                     f"{self.state_output!r} is not a model output "
                     f"(model outputs: {', '.join(t.name for t in outputs)})",
                 )
             default = [1 if d is None else d for d in self.state.shape]
-            shape = [int(v) for v in s.get_floats("shape", default)]
+            shape = list(state.shape) if state.shape is not None else default
             if len(shape) != len(self.state.shape) or any(
                 d is not None and d != v for d, v in zip(self.state.shape, shape, strict=False)
             ):
-                raise s.error(
-                    "shape", f"{shape} does not fit input {self.state.name!r} of shape {self.state.shape_list()}"
+                raise _error(
+                    "state.shape", f"{shape} does not fit input {self.state.name!r} of shape {self.state.shape_list()}"
                 )
-            s.finish()
             self.state_shape = tuple(shape)
         self._reset_state()
         taken = {*self.constants, *([self.state.name] if self.state else [])}
-        if opts.has("input"):
-            self.spec = find_tensor(opts, "input", inputs, "input")
+        if options.input is not None:
+            self.spec = find_tensor("preprocess", "input", options.input, inputs, "input")
         else:
             rest = [t for t in inputs if t.name not in taken]
             if len(rest) != 1:
                 names = ", ".join(t.name for t in rest)
-                raise opts.error("input", f"required: cannot tell the audio input among {names}")
+                raise _error("input", f"required: cannot tell the audio input among {names}")
             self.spec = rest[0]
         missing = [t.name for t in inputs if t.name not in {*taken, self.spec.name}]
         if missing:
-            raise opts.error(
-                "constants", f"model inputs {', '.join(missing)} are not fed (add them to constants or state)"
-            )
-        features = opts.get("features", "none")
-        kind = features.get("type") if isinstance(features, Mapping) else features
-        if kind not in ("none", "log_mel", "micro_frontend"):
-            raise opts.error("features", f"must be none, log_mel or micro_frontend, got {kind!r}")
-        if kind != "log_mel" and isinstance(features, Mapping) and set(features) - {"type"}:
-            raise opts.error("features", f"{kind} takes no options, got {sorted(set(features) - {'type'})}")
-        self.features = kind
+            raise _error("constants", f"model inputs {', '.join(missing)} are not fed (add them to constants or state)")
+        features = options.features
+        self.features = features.type
         self.mel: LogMel | None = None
-        if kind == "micro_frontend":
-            self._init_micro(opts)
+        windowing = {"context", "window", "hop"} & options.model_fields_set
+        if self.features == "micro_frontend":
+            if windowing:
+                raise _error(min(windowing), "does not apply with features micro_frontend (it steps 10 ms at a time)")
+            self._init_micro(options)
             return
-        self.context = opts.get_int("context", 0, min=0)
+        if options.stride is not None:
+            raise _error("stride", "applies to features micro_frontend only")
+        self.context = options.context
         static = self.spec.shape[-1] if self.spec.shape else None
-        default_window = static - self.context if kind == "none" and static is not None else None
-        self.window = opts.get_int("window", default_window, min=1)
-        if self.window is None:
-            raise opts.error("window", f"required: input {self.spec.name!r} has shape {self.spec.shape_list()}")
-        self.hop = opts.get_int("hop", self.window, min=1)
-        if kind == "log_mel":
-            if not isinstance(features, Mapping):
-                opts.spec["features"] = {"type": "log_mel"}
-            self.mel = LogMel(opts, self.sample_rate)
+        default_window = static - self.context if self.features == "none" and static is not None else None
+        window = options.window if options.window is not None else default_window
+        if window is None:
+            raise _error("window", f"required: input {self.spec.name!r} has shape {self.spec.shape_list()}")
+        if window < 1:
+            raise _error("window", f"must be >= 1, got {window}")
+        self.window = window
+        self.hop = options.hop or self.window
+        if isinstance(features, LogMelOptions):
+            self.mel = LogMel(features, self.sample_rate)
             frames = self.mel.frames(self.context + self.window)
             if frames == 0:
-                raise opts.error(
-                    "window", f"{self.context + self.window} samples are shorter than n_fft {self.mel.n_fft}"
-                )
-            self.shape = _fill_shape(self.spec, frames * self.mel.n_mels, opts, "features")
+                raise _error("window", f"{self.context + self.window} samples are shorter than n_fft {self.mel.n_fft}")
+            self.shape = _fill_shape(self.spec, frames * self.mel.n_mels, "features")
             dims = self.shape[-2:] if self.mel.layout == "frames_mels" else self.shape[-2:][::-1]
             if dims != (frames, self.mel.n_mels):
-                raise opts.error(
+                raise _error(
                     "features",
                     f"{frames} frames x {self.mel.n_mels} mels ({self.mel.layout}) do "
                     f"not fit input {self.spec.name!r} of shape {self.spec.shape_list()}",
                 )
         else:
-            self.shape = _fill_shape(self.spec, self.context + self.window, opts, "window")
+            self.shape = _fill_shape(self.spec, self.context + self.window, "window")
         self.ring = SampleRing(self.window, self.hop, self.context)
         self._resampler: Resampler | None = None
         self._rate_in = 0
 
-    def _init_micro(self, opts: Options) -> None:
+    def _init_micro(self, options: AudioOptions) -> None:
         """microWakeWord features: pymicro_features' TFLite Micro frontend, 40 values per 10 ms."""
         from pymicro_features import MicroFrontend
 
         if self.sample_rate != 16000:
-            raise opts.error("sample_rate", "micro_frontend works at 16000 Hz only")
+            raise _error("sample_rate", "micro_frontend works at 16000 Hz only")
         shape = self.spec.shape
         if len(shape) != 3 or shape[2] != 40:
-            raise opts.error(
+            raise _error(
                 "features",
                 f"micro_frontend gives 40 features per step; input {self.spec.name!r} "
                 f"has shape {self.spec.shape_list()} (expected [1, stride, 40])",
             )
-        self.stride = opts.get_int("stride", shape[1], min=1)
-        if shape[1] is not None and self.stride != shape[1]:
-            raise opts.error(
-                "stride", f"{self.stride} does not match input {self.spec.name!r} of shape {self.spec.shape_list()}"
-            )
+        stride = options.stride if options.stride is not None else shape[1]
+        if stride is None:
+            raise _error("stride", f"required: input {self.spec.name!r} has shape {self.spec.shape_list()}")
+        if shape[1] is not None and stride != shape[1]:
+            shape_list = self.spec.shape_list()
+            raise _error("stride", f"{stride} does not match input {self.spec.name!r} of shape {shape_list}")
+        self.stride = stride
         self.frontend = MicroFrontend()
         self.rows: list[list[float]] = []
         self.pcm = np.zeros(0, np.int16)

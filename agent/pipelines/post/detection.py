@@ -7,15 +7,31 @@ pre-processing's letterbox/stretch using its ``meta`` (``scale``, ``pad``, ``sou
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+from pydantic import Field
 
 from agent.pipelines.anchors import ssd_anchors
 from agent.pipelines.base import POSTPROCESSORS, PipelineError, Postprocessor
-from agent.pipelines.post.options import Options, find_tensor, only_tensor
+from agent.pipelines.options import (
+    Bool,
+    Int,
+    Number,
+    Numbers,
+    ProcessorOptions,
+    Section,
+    Str,
+    find_tensor,
+    only_tensor,
+    option_error,
+)
 from agent.pipelines.post.simple import output
 from agent.runtimes.base import TensorSpec
+
+_error = partial(option_error, "postprocess")
+T = TypeVar("T")
 
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -56,8 +72,59 @@ def to_source(boxes: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
     return out
 
 
+def _or(value: T | None, default: T) -> T:
+    """``value`` unless it is None (an option left to its default, which depends on the model)."""
+    return default if value is None else value
+
+
 Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]
 """Boxes (x1,y1,x2,y2 model pixels), scores, class indices, keypoints (N,K,2 model pixels) or None."""
+
+
+class SSDOptions(Section):
+    """``format = "mediapipe_ssd"``: outputs and anchor generation (MediaPipe's SsdAnchorsCalculator)."""
+
+    boxes: Str | None = None  # default: "regressors" if the model has it
+    scores: Str | None = None  # default: "classificators" if the model has it
+    input_size: Int = Field(default=128, ge=1)
+    input_width: Int | None = Field(default=None, ge=1)  # default: input_size
+    input_height: Int | None = Field(default=None, ge=1)
+    strides: tuple[Int, ...] = Field(default=(8, 16, 16, 16), min_length=1)
+    num_layers: Int | None = Field(default=None, ge=1)  # default: len(strides)
+    min_scale: Number = 0.1484375
+    max_scale: Number = 0.75
+    anchor_offset: Number = 0.5
+    aspect_ratios: Numbers = (1.0,)
+    interpolated_scale_aspect_ratio: Number = 1.0
+    reduce_boxes_in_lowest_layer: Bool = False
+    fixed_anchor_size: Bool = True
+    x_scale: Number | None = None  # default: the input width
+    y_scale: Number | None = None  # default: the input height
+    w_scale: Number | None = None
+    h_scale: Number | None = None
+    score_clipping: Number = Field(default=100.0, ge=0)
+    keypoints: Bool = False
+    label: Str = "face"  # when the bundle has no labels
+
+
+class YoloOptions(Section):
+    """``format = "yolo"``: one output, v5 or v8 layout."""
+
+    output: Str | None = None  # default: the model's only output
+    layout: Literal["auto", "v5", "v8"] = "auto"
+    normalized: Bool = False  # boxes in 0..1 rather than input pixels
+
+
+class DetectionOptions(ProcessorOptions, SSDOptions, YoloOptions):
+    type: Literal["detection"]
+    format: Literal["mediapipe_ssd", "yolo"]
+    score_threshold: Number | None = Field(default=None, ge=0, le=1)  # default: the format's
+    iou_threshold: Number | None = Field(default=None, ge=0, le=1)
+    max_detections: Int = Field(default=100, ge=1)
+    class_agnostic: Bool = False
+
+
+_FORMAT_KEYS = {"mediapipe_ssd": frozenset(SSDOptions.model_fields), "yolo": frozenset(YoloOptions.model_fields)}
 
 
 @POSTPROCESSORS.register
@@ -68,19 +135,24 @@ class Detection(Postprocessor):
     """
 
     type = "detection"
+    Options = DetectionOptions
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
-        fmt = opts.get_str("format", None, ("mediapipe_ssd", "yolo"))
-        if fmt is None:
-            raise opts.error("format", "required: mediapipe_ssd or yolo")
+    def __init__(
+        self, options: DetectionOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None
+    ) -> None:
+        fmt = options.format
+        other = "yolo" if fmt == "mediapipe_ssd" else "mediapipe_ssd"
+        foreign = sorted(options.model_fields_set & (_FORMAT_KEYS[other] - _FORMAT_KEYS[fmt]))
+        if foreign:
+            raise _error(foreign[0], f"applies to format {other} only (this is {fmt})")
         self.decoder: SSDDecoder | YoloDecoder = (SSDDecoder if fmt == "mediapipe_ssd" else YoloDecoder)(
-            opts, outputs, labels
+            options, outputs, labels
         )
         self.labels = self.decoder.labels
-        self.score_threshold = opts.get_float("score_threshold", self.decoder.score_threshold, min=0, max=1)
-        self.iou_threshold = opts.get_float("iou_threshold", self.decoder.iou_threshold, min=0, max=1)
-        self.max_detections = opts.get_int("max_detections", 100, min=1)
-        self.per_class = not opts.get_bool("class_agnostic", False)
+        self.score_threshold = _or(options.score_threshold, self.decoder.score_threshold)
+        self.iou_threshold = _or(options.iou_threshold, self.decoder.iou_threshold)
+        self.max_detections = options.max_detections
+        self.per_class = not options.class_agnostic
 
     def _label(self, index: int) -> str:
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
@@ -114,61 +186,56 @@ class SSDDecoder:
 
     score_threshold, iou_threshold = 0.5, 0.3
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+    def __init__(self, opts: SSDOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
         names = {t.name for t in outputs}
-        self.boxes = find_tensor(opts, "boxes", outputs, "output", "regressors" if "regressors" in names else None)
-        self.scores = find_tensor(
-            opts, "scores", outputs, "output", "classificators" if "classificators" in names else None
-        )
-        size = opts.get_int("input_size", 128, min=1)
-        self.width = opts.get_int("input_width", size, min=1)
-        self.height = opts.get_int("input_height", size, min=1)
-        strides = [int(s) for s in opts.get_floats("strides", [8, 16, 16, 16])]
-        layers = opts.get_int("num_layers", len(strides), min=1)
+        default_boxes = "regressors" if "regressors" in names else None
+        default_scores = "classificators" if "classificators" in names else None
+        self.boxes = find_tensor("postprocess", "boxes", _or(opts.boxes, default_boxes), outputs, "output")
+        self.scores = find_tensor("postprocess", "scores", _or(opts.scores, default_scores), outputs, "output")
+        self.width = _or(opts.input_width, opts.input_size)
+        self.height = _or(opts.input_height, opts.input_size)
+        strides = list(opts.strides)
+        layers = _or(opts.num_layers, len(strides))
         if layers != len(strides):
-            raise opts.error("num_layers", f"{layers} layers but {len(strides)} strides {strides}")
+            raise _error("num_layers", f"{layers} layers but {len(strides)} strides {strides}")
         self.anchors = ssd_anchors(
             input_width=self.width,
             input_height=self.height,
             strides=strides,
-            min_scale=opts.get_float("min_scale", 0.1484375),
-            max_scale=opts.get_float("max_scale", 0.75),
-            anchor_offset=opts.get_float("anchor_offset", 0.5),
-            aspect_ratios=opts.get_floats("aspect_ratios", [1.0]),
-            interpolated_scale_aspect_ratio=opts.get_float("interpolated_scale_aspect_ratio", 1.0),
-            reduce_boxes_in_lowest_layer=opts.get_bool("reduce_boxes_in_lowest_layer", False),
-            fixed_anchor_size=opts.get_bool("fixed_anchor_size", True),
+            min_scale=opts.min_scale,
+            max_scale=opts.max_scale,
+            anchor_offset=opts.anchor_offset,
+            aspect_ratios=list(opts.aspect_ratios),
+            interpolated_scale_aspect_ratio=opts.interpolated_scale_aspect_ratio,
+            reduce_boxes_in_lowest_layer=opts.reduce_boxes_in_lowest_layer,
+            fixed_anchor_size=opts.fixed_anchor_size,
         )
         self.xyxy_scale = np.array(
             [
-                opts.get_float(k, float(d))
-                for k, d in (
-                    ("x_scale", self.width),
-                    ("y_scale", self.height),
-                    ("w_scale", self.width),
-                    ("h_scale", self.height),
-                )
+                _or(opts.x_scale, float(self.width)),
+                _or(opts.y_scale, float(self.height)),
+                _or(opts.w_scale, float(self.width)),
+                _or(opts.h_scale, float(self.height)),
             ],
             np.float32,
         )
-        self.clip = opts.get_float("score_clipping", 100.0, min=0)
-        self.keypoints = opts.get_bool("keypoints", False)
-        label = opts.get_str("label", "face")
-        self.labels = labels or [label]
+        self.clip = opts.score_clipping
+        self.keypoints = opts.keypoints
+        self.labels = labels or [opts.label]
         count = len(self.anchors)
         bshape, sshape = self.boxes.shape, self.scores.shape
         if len(bshape) != 3 or (bshape[2] is not None and (bshape[2] < 4 or bshape[2] % 2)):
-            raise opts.error(
+            raise _error(
                 "boxes",
                 f"{self.boxes.name!r} has shape {self.boxes.shape_list()}, expected [1, anchors, 4 + 2 x keypoints]",
             )
         if len(sshape) != 3:
-            raise opts.error(
+            raise _error(
                 "scores", f"{self.scores.name!r} has shape {self.scores.shape_list()}, expected [1, anchors, classes]"
             )
         for key, spec in (("boxes", self.boxes), ("scores", self.scores)):
             if spec.shape[1] is not None and spec.shape[1] != count:
-                raise opts.error(
+                raise _error(
                     "strides",
                     f"num_layers {layers} with strides {strides} on a {self.width}x"
                     f"{self.height} input give {count} anchors, but output {spec.name!r} "
@@ -204,13 +271,13 @@ class YoloDecoder:
 
     score_threshold, iou_threshold = 0.25, 0.45
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+    def __init__(self, opts: YoloOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
         self.labels = labels
-        self.spec = only_tensor(opts, "output", outputs, "output")
+        self.spec = only_tensor("postprocess", "output", opts.output, outputs, "output")
         shape = self.spec.shape
         if len(shape) != 3:
-            raise opts.error("output", f"{self.spec.name!r} has shape {self.spec.shape_list()}, expected 3-D")
-        layout = opts.get_str("layout", "auto", ("auto", "v5", "v8"))
+            raise _error("output", f"{self.spec.name!r} has shape {self.spec.shape_list()}, expected 3-D")
+        layout: str = opts.layout
         if layout == "auto":
             a, b = shape[1], shape[2]
             if labels and a == 4 + len(labels):
@@ -220,24 +287,24 @@ class YoloDecoder:
             elif a is not None and b is not None:
                 layout = "v8" if a < b else "v5"
             else:
-                raise opts.error(
+                raise _error(
                     "layout", f"required (v5 or v8): {self.spec.name!r} has dynamic shape {self.spec.shape_list()}"
                 )
         self.layout = layout
         width = shape[1] if layout == "v8" else shape[2]
         extra = 4 if layout == "v8" else 5
         if width is not None and width <= extra:
-            raise opts.error(
+            raise _error(
                 "layout",
                 f"{layout} needs more than {extra} values per box; "
                 f"{self.spec.name!r} has shape {self.spec.shape_list()}",
             )
         if labels and width is not None and width - extra != len(labels):
-            raise opts.error(
+            raise _error(
                 "output",
                 f"{self.spec.name!r} ({layout}) has {width - extra} classes but the bundle has {len(labels)} labels",
             )
-        self.normalized = opts.get_bool("normalized", False)
+        self.normalized = opts.normalized
 
     def decode(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Decoded:
         x = output(outputs, self.spec.name).astype(np.float32)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from agent.pipelines.base import POSTPROCESSORS, Postprocessor
-from agent.pipelines.post.options import Options, only_tensor
+from agent.pipelines.options import Bool, Int, Number, ProcessorOptions, Str, only_tensor, option_error
 from agent.pipelines.post.simple import output
 from agent.runtimes.base import TensorSpec
 
@@ -27,14 +28,27 @@ def _times(meta: Mapping[str, Any]) -> tuple[float, float]:
     return float(meta.get("start", end)), end
 
 
-def _output(opts: Options, outputs: Sequence[TensorSpec], default: str) -> TensorSpec:
-    """Option ``output``, else ``default`` if the model has it, else its only output."""
-    if not opts.has("output") and any(t.name == default for t in outputs):
-        opts.spec["output"] = default
-    spec = only_tensor(opts, "output", outputs, "output")
+def _output(name: str | None, outputs: Sequence[TensorSpec], default: str) -> TensorSpec:
+    """Option ``output`` (``name``), else ``default`` if the model has it, else its only output."""
+    if name is None and any(t.name == default for t in outputs):
+        name = default
+    spec = only_tensor("postprocess", "output", name, outputs, "output")
     if all(d is not None for d in spec.shape) and int(np.prod(spec.shape_list())) != 1:
-        raise opts.error("output", f"{spec.name!r} has shape {spec.shape_list()}, expected one probability")
+        raise option_error(
+            "postprocess", "output", f"{spec.name!r} has shape {spec.shape_list()}, expected one probability"
+        )
     return spec
+
+
+class VadOptions(ProcessorOptions):
+    type: Literal["vad"]
+    output: Str | None = None  # default: "output" if the model has it, else its only output
+    threshold: Number = Field(default=0.5, ge=0, le=1)
+    neg_threshold: Number | None = Field(default=None, ge=0, le=1)  # default: threshold - 0.15 (>= 0.01)
+    min_speech_ms: Number = Field(default=250.0, ge=0)
+    min_silence_ms: Number = Field(default=100.0, ge=0)
+    speech_pad_ms: Number = Field(default=30.0, ge=0)
+    report_probability: Bool = False
 
 
 @POSTPROCESSORS.register
@@ -47,17 +61,19 @@ class VoiceActivity(Postprocessor):
     """
 
     type = "vad"
+    Options = VadOptions
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
-        self.spec = _output(opts, outputs, "output")
-        self.threshold = opts.get_float("threshold", 0.5, min=0, max=1)
-        self.neg_threshold = opts.get_float(
-            "neg_threshold", max(self.threshold - 0.15, 0.01), min=0, max=self.threshold
-        )
-        self.min_speech = opts.get_float("min_speech_ms", 250.0, min=0) / 1000
-        self.min_silence = opts.get_float("min_silence_ms", 100.0, min=0) / 1000
-        self.pad = opts.get_float("speech_pad_ms", 30.0, min=0) / 1000
-        self.report = opts.get_bool("report_probability", False)
+    def __init__(self, options: VadOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+        self.threshold = options.threshold
+        neg = options.neg_threshold
+        if neg is not None and neg > self.threshold:
+            raise option_error("postprocess", "neg_threshold", f"must be <= threshold {self.threshold}, got {neg}")
+        self.spec = _output(options.output, outputs, "output")
+        self.neg_threshold = max(self.threshold - 0.15, 0.01) if neg is None else neg
+        self.min_speech = options.min_speech_ms / 1000
+        self.min_silence = options.min_silence_ms / 1000
+        self.pad = options.speech_pad_ms / 1000
+        self.report = options.report_probability
         self.candidate: float | None = None  # start of speech not yet long enough
         self.speaking: float | None = None  # start (padded) of the current segment
         self.last_end = 0.0
@@ -107,6 +123,15 @@ class VoiceActivity(Postprocessor):
         return None
 
 
+class WakeWordOptions(ProcessorOptions):
+    type: Literal["wake_word"]
+    output: Str | None = None  # default: the model's only output
+    threshold: Number = Field(default=0.85, ge=0, le=1)
+    refractory_s: Number = Field(default=2.0, ge=0)
+    label: Str | None = None  # default: the bundle's first label, else "wake_word"
+    window: Int = Field(default=5, ge=1)
+
+
 @POSTPROCESSORS.register
 class WakeWord(Postprocessor):
     """One ``wake_word`` event when the mean of the last ``window`` probabilities exceeds ``threshold``.
@@ -116,13 +141,16 @@ class WakeWord(Postprocessor):
     """
 
     type = "wake_word"
+    Options = WakeWordOptions
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
-        self.spec = _output(opts, outputs, "")
-        self.threshold = opts.get_float("threshold", 0.85, min=0, max=1)
-        self.refractory = opts.get_float("refractory_s", 2.0, min=0)
-        self.label = opts.get_str("label", labels[0] if labels else "wake_word")
-        self.window: deque[float] = deque(maxlen=opts.get_int("window", 5, min=1))
+    def __init__(
+        self, options: WakeWordOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None
+    ) -> None:
+        self.spec = _output(options.output, outputs, "")
+        self.threshold = options.threshold
+        self.refractory = options.refractory_s
+        self.label = options.label or (labels[0] if labels else "wake_word")
+        self.window: deque[float] = deque(maxlen=options.window)
         self.quiet_until = float("-inf")
 
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from agent.pipelines.base import POSTPROCESSORS, PipelineError, Postprocessor
-from agent.pipelines.post.options import Options, find_tensor, only_tensor
+from agent.pipelines.options import Bool, Int, Number, ProcessorOptions, Str, find_tensor, only_tensor, option_error
 from agent.runtimes.base import TensorSpec
+
+_error = partial(option_error, "postprocess")
 
 
 def output(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
@@ -20,23 +24,32 @@ def output(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         raise PipelineError(f"model returned no output {name!r} (got {', '.join(outputs)})") from None
 
 
+class ClassificationOptions(ProcessorOptions):
+    type: Literal["classification"]
+    output: Str | None = None  # default: the model's only output
+    top_k: Int = Field(default=5, ge=1)
+    threshold: Number = 0.0
+    softmax: Bool = False
+
+
 @POSTPROCESSORS.register
 class Classification(Postprocessor):
     """``{"labels": [{"label", "index", "score"}]}``: the top ``top_k`` scores over ``threshold``."""
 
     type = "classification"
+    Options = ClassificationOptions
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
-        self.spec = only_tensor(opts, "output", outputs, "output")
-        self.top_k = opts.get_int("top_k", 5, min=1)
-        self.threshold = opts.get_float("threshold", 0.0)
-        self.softmax = opts.get_bool("softmax", False)
+    def __init__(
+        self, options: ClassificationOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None
+    ) -> None:
+        self.spec = only_tensor("postprocess", "output", options.output, outputs, "output")
+        self.top_k = options.top_k
+        self.threshold = options.threshold
+        self.softmax = options.softmax
         self.labels = labels
         classes = self.spec.shape[-1] if self.spec.shape else 1
         if labels is not None and classes is not None and len(labels) != classes:
-            raise opts.error(
-                "output", f"{self.spec.name!r} has {classes} classes but the bundle has {len(labels)} labels"
-            )
+            raise _error("output", f"{self.spec.name!r} has {classes} classes but the bundle has {len(labels)} labels")
 
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:
         scores = output(outputs, self.spec.name).astype(np.float64).reshape(-1)
@@ -56,18 +69,22 @@ class Classification(Postprocessor):
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
 
 
+class RawOptions(ProcessorOptions):
+    type: Literal["raw"]
+    outputs: tuple[Str, ...] | None = None  # default: all of them
+
+
 @POSTPROCESSORS.register
 class Raw(Postprocessor):
     """``{"outputs": {name: nested lists}}``, for debugging; ``outputs`` picks a subset."""
 
     type = "raw"
+    Options = RawOptions
 
-    def __init__(self, opts: Options, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
-        names = opts.get("outputs", [t.name for t in outputs])
-        if not isinstance(names, list):
-            raise opts.error("outputs", f"must be a list of output names, got {names!r}")
+    def __init__(self, options: RawOptions, outputs: Sequence[TensorSpec], labels: list[str] | None = None) -> None:
+        names = list(options.outputs) if options.outputs is not None else [t.name for t in outputs]
         for name in names:
-            find_tensor(Options({"outputs": name}, "postprocess"), "outputs", outputs, "output")
+            find_tensor("postprocess", "outputs", name, outputs, "output")
         self.names = names
 
     def __call__(self, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, Any] | None:

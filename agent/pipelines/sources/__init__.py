@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.pipelines.base import SOURCES, PipelineError, Source
 from agent.pipelines.sources import alsa, images, pcm, video, wav
-from agent.pipelines.sources._common import SourceOptionError, to_bgr
+from agent.pipelines.sources._common import Options, SourceOptionError, to_bgr
 from agent.pipelines.sources.alsa import AlsaSource
 from agent.pipelines.sources.images import ImagesSource
 from agent.pipelines.sources.pcm import PcmSource
@@ -23,6 +23,7 @@ __all__ = [
     "AlsaSource",
     "CameraSource",
     "ImagesSource",
+    "Options",
     "PcmSource",
     "SourceOptionError",
     "VideoSource",
@@ -38,13 +39,15 @@ __all__ = [
 ]
 
 
-def create_source(spec: Mapping[str, Any]) -> Source:
-    """A closed source from ``{"type": ..., **options}`` (open it on the thread that reads it).
+def create_source(spec: Mapping[str, Any] | Options) -> Source:
+    """A closed source from ``{"type": ..., **options}`` or validated options (open it on the thread that reads it).
 
     Raises:
         PipelineError: no or unknown ``type`` (lists the known ones).
         SourceOptionError: an option is unknown, missing or invalid (names the option).
     """
+    if isinstance(spec, Options):
+        spec = dict(spec)
     if not isinstance(spec, Mapping):
         raise PipelineError(f"source spec must be a table of options, not {type(spec).__name__}")
     kind = spec.get("type")

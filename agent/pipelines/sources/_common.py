@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from agent.pipelines.base import PipelineError, Source, SourceError
+from agent.validation import error_key, error_reason
 
 
 class SourceOptionError(PipelineError):
@@ -28,7 +29,14 @@ class SourceOptionError(PipelineError):
 
 
 class Options(BaseModel):
-    """Base of every source's options: frozen, and unknown keys are an error (typos must not pass silently)."""
+    """Base of every source's options: frozen, and unknown keys are an error (typos must not pass silently).
+
+    A subclass declares ``type: Literal["its type"]`` (the config's union of sources is built from
+    the ``SOURCES`` registry on it) and marks file paths ``PathStr`` / ``PathOrUrl`` so a relative
+    path in the config file is relative to that file.
+    """
+
+    type: str
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,7 +47,7 @@ def _reason(err: ErrorDetails) -> str:
         return "unknown option"
     if kind == "missing":
         return "required option is missing"
-    return f"{err['msg']} (got {err.get('input')!r})"
+    return f"{error_reason(err)} (got {err.get('input')!r})"
 
 
 class ConfiguredSource(Source):
@@ -55,7 +63,7 @@ class ConfiguredSource(Source):
             self._options = self.Options.model_validate(options)
         except ValidationError as exc:
             err = exc.errors()[0]
-            option = ".".join(str(p) for p in err["loc"]) or "?"
+            option = error_key(err["loc"], options) or "?"
             raise SourceOptionError(self.type, option, _reason(err)) from None
 
     def _require_open(self, handle: object) -> None:

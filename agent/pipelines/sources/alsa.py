@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -47,6 +47,7 @@ def _sounddevice() -> Any:
 
 
 class AlsaOptions(Options):
+    type: Literal["alsa"] = "alsa"
     device: str = Field(default="default", min_length=1, description="ALSA PCM name (hw:1,0) or PortAudio device")
     sample_rate: int = Field(default=16_000, gt=0, le=768_000)
     channels: int = Field(default=1, ge=1, le=32)

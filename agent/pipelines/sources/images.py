@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from pydantic import Field
 
 from agent.pipelines.base import SOURCES, Frame, SourceEnded, SourceError
 from agent.pipelines.sources._common import ConfiguredSource, Options, Pacer, load_cv2, to_bgr
+from agent.validation import PathStr
 
 log = structlog.get_logger(__name__)
 
@@ -22,7 +23,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 
 class ImagesOptions(Options):
-    path: str = Field(min_length=1, description="directory of images")
+    type: Literal["images"] = "images"
+    path: PathStr = Field(min_length=1, description="directory of images")
     fps: float | None = Field(default=None, gt=0, description="pacing; default: as fast as possible")
     loop: bool = False
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES

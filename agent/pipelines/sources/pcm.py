@@ -20,12 +20,14 @@ from pydantic import Field
 
 from agent.pipelines.base import SOURCES, AudioChunk, SourceEnded, SourceError
 from agent.pipelines.sources._common import PCM_FORMATS, ConfiguredSource, FdReader, Options, decode_pcm
+from agent.validation import PathOrUrl
 
 log = structlog.get_logger(__name__)
 
 
 class PcmOptions(Options):
-    path: str = Field(min_length=1, description='FIFO or file path, or "-" for stdin')
+    type: Literal["pcm"] = "pcm"
+    path: PathOrUrl = Field(min_length=1, description='FIFO or file path, or "-" for stdin')
     sample_rate: int = Field(gt=0, le=768_000)
     channels: int = Field(default=1, ge=1, le=32)
     format: Literal["s16le", "f32le"] = "s16le"

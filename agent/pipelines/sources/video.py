@@ -10,22 +10,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import structlog
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.pipelines.base import SOURCES, Frame, SourceEnded, SourceError
 from agent.pipelines.sources._common import (
     ConfiguredSource,
     Options,
     Pacer,
-    SourceOptionError,
     load_cv2,
     to_bgr,
 )
+from agent.validation import PathOrUrl
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +103,8 @@ def _read(cap: Any, where: str) -> tuple[bool, Any]:
 
 
 class VideoOptions(Options):
-    path: str = Field(min_length=1, description="video file, or rtsp:// / http(s):// URL")
+    type: Literal["video"] = "video"
+    path: PathOrUrl = Field(min_length=1, description="video file, or rtsp:// / http(s):// URL")
     loop: bool = False
     realtime: bool = False
     fps: float | None = Field(default=None, gt=0, description="pacing rate; default: the file's own")
@@ -263,6 +264,7 @@ class VideoSource(ConfiguredSource):
 
 
 class CameraOptions(Options):
+    type: Literal["camera"] = "camera"
     device: int | str = Field(default=0, description="V4L2 index (0) or device path (/dev/video0)")
     width: int | None = Field(default=None, gt=0)
     height: int | None = Field(default=None, gt=0)
@@ -273,6 +275,15 @@ class CameraOptions(Options):
         max_length=4,
         description="pixel format, e.g. MJPG: USB cameras need it for HD at full rate",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be >= 0 or a device path (got {value})")
+        return value
 
 
 @SOURCES.register
@@ -291,10 +302,6 @@ class CameraSource(ConfiguredSource):
         super().__init__(**options)
         self.opts: CameraOptions = self._options  # type: ignore[assignment]
         device = self.opts.device
-        if isinstance(device, str) and device.isdigit():
-            device = int(device)
-        if isinstance(device, int) and device < 0:
-            raise SourceOptionError(self.type, "device", f"must be >= 0 or a device path (got {device})")
         self.device: int | str = device
         self.node = f"/dev/video{device}" if isinstance(device, int) else device
         self._cap: Any = None

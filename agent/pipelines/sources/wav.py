@@ -11,7 +11,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import structlog
@@ -19,6 +19,7 @@ from pydantic import Field
 
 from agent.pipelines.base import SOURCES, AudioChunk, SourceEnded, SourceError
 from agent.pipelines.sources._common import ConfiguredSource, Options, SampleClock, decode_pcm
+from agent.validation import PathStr
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +90,8 @@ def read_wav_header(fh: BinaryIO, file_size: int) -> WavFormat:
 
 
 class WavOptions(Options):
-    path: str = Field(min_length=1)
+    type: Literal["wav"] = "wav"
+    path: PathStr = Field(min_length=1)
     chunk_ms: float = Field(default=32.0, gt=0, le=10_000)
     realtime: bool = False
     loop: bool = False
