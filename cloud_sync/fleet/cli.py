@@ -242,9 +242,14 @@ def _parser() -> argparse.ArgumentParser:
 
     try:  # keys, bundle, publish, serve
         bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
-    except ImportError:
-        bundles_cli = None
-    if bundles_cli is not None:
+    except ModuleNotFoundError as exc:  # an install without the fleet extra: say so when they are used
+        if (exc.name or "").split(".")[0] not in FLEET_EXTRA:
+            raise
+        for name in ("keys", "bundle", "publish", "serve"):
+            cmd = sub.add_parser(name, help="(needs the fleet extra)", add_help=False, prefix_chars="\0")
+            cmd.add_argument("rest", nargs=argparse.REMAINDER)
+            cmd.set_defaults(missing=exc.name)
+    else:
         bundles_cli.add_commands(sub)
     return p
 
@@ -261,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("command: give DEVICE NAME, or --group GROUP NAME")
         args.device = None if args.group else words.pop(0)
         args.name, args.args = words[0], words[1:]
+    if getattr(args, "missing", None):
+        print(f"edge-fleet: error: '{args.command}' needs the fleet extra (pip install 'edge-agent[fleet]'): "
+              f"{args.missing} is not installed", file=sys.stderr)
+        return 2
     try:
         if args.command not in MQTT_COMMANDS:
             bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
