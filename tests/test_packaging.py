@@ -107,15 +107,15 @@ def test_tuf_verifies_a_bundle_without_cryptography(tmp_path: Path, samples: dic
                 "u = BundleUpdater(root / 'tuf', sys.argv[2], trusted_root=Path(sys.argv[3]), cache_dir=root / 'c')\n"
                 "u.refresh()\nprint(u.find('vad', None).version, u.download('vad', 3).stat().st_size)\n"
                 "assert 'cryptography' not in {k for k, v in sys.modules.items() if v is not None}\n")
-        out = run_without_extras(code, str(tmp_path / "device"), url, str(tmp_path / "repo" / "metadata" / "1.root.json"))
+        root = str(tmp_path / "repo" / "metadata" / "1.root.json")
+        out = run_without_extras(code, str(tmp_path / "device"), url, root)
         assert out.returncode == 0, out.stderr
         version, size = out.stdout.splitlines()[-1].split()
         assert version == "3" and int(size) > 0
         # And a tampered signature is still refused by that verifier.
         meta = tmp_path / "repo" / "metadata" / "timestamp.json"
         meta.write_text(meta.read_text().replace('"sig": "', '"sig": "00', 1))
-        out = run_without_extras(code, str(tmp_path / "device2"), url,
-                                 str(tmp_path / "repo" / "metadata" / "1.root.json"))
+        out = run_without_extras(code, str(tmp_path / "device2"), url, root)
         assert out.returncode != 0 and "ignature" in out.stderr, out.stderr
     finally:
         server.shutdown()
