@@ -588,3 +588,36 @@ async def test_cancelling_a_waiting_handler_reaches_the_handler(tmp_path):
     assert seen == ["cancelled"] and never.cancelled()
     client.close()
     await server.stop(1)
+
+
+async def test_a_handler_that_times_out_before_its_first_wait_runs_in_a_task(tmp_path):
+    """``asyncio.wait_for``/``asyncio.timeout`` need a current task (3.12+): the live results feed
+    waits like this, and used to be cut off after its first line on Python 3.12 and 3.13."""
+    import asyncio
+    import socket as socketlib
+
+    from agent.api.http import HTTPServer, Request, Response, Router
+
+    async def with_timeout(request: Request) -> Response:
+        assert asyncio.current_task() is not None
+        value = await asyncio.wait_for(asyncio.sleep(0, result=b"in time"), 5)
+        return Response(200, value)
+
+    server = HTTPServer(Router(with_timeout), 1 << 20)
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(str(tmp_path / "http.sock"))
+    await server.listen_unix(sock)
+
+    def get() -> bytes:
+        with socketlib.socket(socketlib.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(tmp_path / "http.sock"))
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            return data
+
+    answer = await asyncio.wait_for(asyncio.to_thread(get), 10)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"in time"), answer
+    await server.stop(1)

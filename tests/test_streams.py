@@ -44,7 +44,7 @@ def sse(sock_path: Path, stream: str, count: int, timeout: float = 30.0) -> list
     finally:
         s.close()
     assert b"text/event-stream" in buf or events, "an SSE response"
-    return events
+    return events[:count]  # the last chunk read may hold more than were asked for
 
 
 def stream_status(daemon, name: str) -> dict:

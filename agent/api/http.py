@@ -112,6 +112,11 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        if self.server.stopping:
+            # Accepted just before the listener closed, but announced only now (a later loop turn on
+            # 3.12+): serving it would race the models being unloaded.
+            transport.close()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

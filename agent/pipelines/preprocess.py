@@ -254,7 +254,7 @@ class Resampler:
         table = cutoff * np.sinc(cutoff * dist) * window
         self.table = (table / table.sum(axis=1, keepdims=True)).astype(np.float32)
         self.taps = taps
-        self.buf = np.zeros(self.half, np.float32)  # input history; buf[0] is input index self.start
+        self.buf: np.ndarray = np.zeros(self.half, np.float32)  # input history; buf[0] is input index self.start
         self.start = -self.half  # zeros before the stream start
         self.k = 0  # next output sample
 
@@ -285,7 +285,7 @@ class SampleRing:
 
     def __init__(self, window: int, hop: int, context: int = 0) -> None:
         self.window, self.hop, self.context = window, hop, context
-        self.buf = np.zeros(context, np.float32)  # zeros stand for the context before the stream start
+        self.buf: np.ndarray = np.zeros(context, np.float32)  # zeros stand for the context before the stream start
         self.start = -context  # absolute index of buf[0]
         self.next = 0  # absolute index of the next window's first sample
         self.total = 0  # samples pushed so far
@@ -556,7 +556,7 @@ class AudioPreprocessor(Preprocessor):
         self.stride = stride
         self.frontend = MicroFrontend()
         self.rows: list[list[float]] = []
-        self.pcm = np.zeros(0, np.int16)
+        self.pcm: np.ndarray = np.zeros(0, np.int16)
         self.consumed = 0  # samples the frontend has read
         self.context, self.window, self.hop = 0, 0, 0
         self._resampler = None

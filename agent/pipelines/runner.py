@@ -88,7 +88,8 @@ class StreamMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        ages = np.asarray(self.ages) * 1e3 if self.ages else None
+        recent = list(self.ages)  # one C-level copy: the stream thread appends meanwhile
+        ages = np.asarray(recent) * 1e3 if recent else None
         return {
             "input_fps": round(self.captured / elapsed, 2), "inferred_per_s": round(self.inferred / elapsed, 2),
             "captured": self.captured, "inferred": self.inferred, "dropped_frames": self.dropped_frames,
