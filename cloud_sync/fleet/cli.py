@@ -188,22 +188,26 @@ def cmd_watch(client: FleetClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_broker_args(cmd: argparse.ArgumentParser) -> None:
+    """The broker flags every MQTT-speaking command takes (resolved by :func:`broker_settings`)."""
+    g = cmd.add_argument_group("broker")
+    g.add_argument("--config", help="TOML file with a [broker] table (url, ca_file, cert_file, key_file, ...)")
+    g.add_argument("--broker", dest="url", help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGE_FLEET_URL)")
+    g.add_argument("--protocol", choices=["5", "3.1.1"])
+    g.add_argument("--ca-file", dest="ca_file")
+    g.add_argument("--cert-file", dest="cert_file")
+    g.add_argument("--key-file", dest="key_file")
+    g.add_argument("--username")
+    g.add_argument("--password")
+    g.add_argument("--prefix", help="topic prefix (default edge/v1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-fleet", description="Fleet console for edge-agent devices.", epilog=EPILOG)
     p.add_argument("--verbose", "-v", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def broker_args(cmd: argparse.ArgumentParser) -> None:
-        g = cmd.add_argument_group("broker")
-        g.add_argument("--config", help="TOML file with a [broker] table (url, ca_file, cert_file, key_file, ...)")
-        g.add_argument("--broker", dest="url", help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGE_FLEET_URL)")
-        g.add_argument("--protocol", choices=["5", "3.1.1"])
-        g.add_argument("--ca-file", dest="ca_file")
-        g.add_argument("--cert-file", dest="cert_file")
-        g.add_argument("--key-file", dest="key_file")
-        g.add_argument("--username")
-        g.add_argument("--password")
-        g.add_argument("--prefix", help="topic prefix (default edge/v1)")
+    broker_args = add_broker_args
 
     dev = sub.add_parser("devices", help="devices from retained state: online, last seen, models")
     broker_args(dev)
@@ -243,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
         bundles_cli = None
     if bundles_cli is not None:
         bundles_cli.add_commands(sub)
+    from cloud_sync.fleet.server import cli as server_cli  # argparse only: the fleet extra loads on use
+
+    server_cli.add_commands(sub, broker_args)
     return p
 
 
@@ -258,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("command: give DEVICE NAME, or --group GROUP NAME")
         args.device = None if args.group else words.pop(0)
         args.name, args.args = words[0], words[1:]
+    if getattr(args, "server_handler", None) is not None:
+        from cloud_sync.fleet.server import cli as server_cli
+
+        return server_cli.run(args)
     try:
         if args.command not in MQTT_COMMANDS:
             bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")

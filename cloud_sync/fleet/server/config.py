@@ -76,6 +76,7 @@ class _Section(BaseModel):
 class IngestSettings(_Section):
     """MQTT ingestion: shared subscription, persistent session, batching, input bounds."""
 
+    shared: bool = True  # $share/<share_group>/...: instances split the load (see docs: broker restarts)
     share_group: str = "edge-fleet"
     session_expiry_s: int = Field(default=7 * 86400, ge=0, le=2**32 - 1)
     receive_maximum: int = Field(default=4000, ge=1, le=65535)
@@ -118,6 +119,7 @@ class ApiSettings(_Section):
     command_timeout_s: float = Field(default=30.0, gt=0)
     max_command_timeout_s: float = Field(default=600.0, gt=0)
     max_series_points: int = Field(default=2000, ge=1, le=100_000)
+    max_connections: int = Field(default=1000, ge=1)  # uvicorn's limit_concurrency: 503 beyond it
     access_log: bool = False
 
 

@@ -99,7 +99,10 @@ class Database:
             StorageError: the database cannot be reached or a migration failed.
         """
         cfg = _alembic_config()
+        head = self.head()
         try:
+            if self.revision() == head:  # the usual case: no write lock needed
+                return head
             with self.write() as conn:
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})

@@ -114,6 +114,7 @@ class Ingestor:
         self._queue: queue.SimpleQueue[_Incoming] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # SUBACK for the current connection
         self._generation = 0
         self._limited = _Limited()
         self.counters: Counter[str] = Counter()
@@ -124,6 +125,7 @@ class Ingestor:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._threads = [threading.Thread(target=self._net, name="fleet-mqtt", daemon=True),
                          threading.Thread(target=self._writer, name="fleet-ingest", daemon=True)]
 
@@ -147,8 +149,9 @@ class Ingestor:
         self._client.disconnect()
         self._threads[0].join(timeout)
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+    def wait_ready(self, timeout: float) -> bool:
+        """Connected and subscribed (the SUBACK arrived): from now on nothing is missed."""
+        return self._subscribed.wait(timeout) and self._connected.is_set()
 
     def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
         """QoS 1 publish (commands); thread-safe. The caller checks ``connected`` first."""
@@ -165,7 +168,9 @@ class Ingestor:
             log.warning("fleet.ingest.refused", reason=str(reason), broker=self.settings.broker.url)
             return
         self._generation += 1
-        result, _mid = client.subscribe([(t, 1) for t in self.topics.subscriptions(self.cfg.share_group)])
+        self._subscribed.clear()
+        result, _mid = client.subscribe([(t, 1) for t in self.topics.subscriptions(
+            self.cfg.share_group if self.cfg.shared else None)])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("fleet.ingest.subscribe_failed", result=str(result))
         self.counters["connects"] += 1
@@ -174,9 +179,16 @@ class Ingestor:
         log.info("fleet.ingest.connected", broker=self.settings.broker.url, client_id=self.client_id,
                  session_present=bool(getattr(flags, "session_present", False)))
 
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        failed = [str(c) for c in codes or () if getattr(c, "is_failure", False)]
+        if failed:  # e.g. a broker without shared subscriptions, or an ACL that denies the topics
+            log.error("fleet.ingest.subscribe_refused", reasons=failed)
+        self._subscribed.set()
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was and not self._stop.is_set():
             self.last_error = f"disconnected: {reason}"
             log.warning("fleet.ingest.disconnected", reason=str(reason))

@@ -106,11 +106,11 @@ class Topics:
         self.devices = f"{prefix}/devices/"
         self.response_topic = response_topic
 
-    def subscriptions(self, share_group: str) -> list[str]:
-        """Shared (load split between instances), plus state for every instance: brokers do not send
-        retained messages on a shared subscription, and state is retained."""
-        shared = [f"$share/{share_group}/{self.devices}+/{leaf}"
-                  for leaf in ("telemetry", "events", "results/+", "responses")]
+    def subscriptions(self, share_group: str | None) -> list[str]:
+        """Shared (load split between instances) unless ``share_group`` is None, plus state for every
+        instance: brokers do not send retained messages on a shared subscription, and state is retained."""
+        head = f"$share/{share_group}/" if share_group else ""
+        shared = [f"{head}{self.devices}+/{leaf}" for leaf in ("telemetry", "events", "results/+", "responses")]
         own = [f"{self.devices}+/state"] + ([self.response_topic] if self.response_topic else [])
         return shared + own
 
