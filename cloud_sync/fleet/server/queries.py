@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from cloud_sync.fleet.server import schema as s
 from cloud_sync.fleet.server.db import Database
@@ -137,7 +138,7 @@ def _rows_query(table: sa.Table, f: RowFilter, cursor: int | None, order: Order)
 
 
 def _row_dict(row: Any) -> dict[str, Any]:
-    return dict(row._mapping)
+    return {str(k): v for k, v in row._mapping.items()}  # plain str keys (SQLAlchemy's are a subclass)
 
 
 def list_rows(conn: sa.Connection, table: sa.Table, f: RowFilter, *, cursor: str | None = None,
@@ -175,7 +176,8 @@ def _metric_value(dialect: str, path: tuple[str | int, ...]) -> sa.ColumnElement
     """The metric as a float, NULL where the sample lacks it or it is not a number."""
     col = s.telemetry.c.payload
     if dialect == "postgresql":
-        return sa.case((sa.func.jsonb_typeof(col[path]) == "number", sa.cast(col[path].astext, sa.Double)))
+        jsonb = sa.type_coerce(col, postgresql.JSONB())
+        return sa.case((sa.func.jsonb_typeof(jsonb[path]) == "number", sa.cast(jsonb[path].astext, sa.Double)))
     text_path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f'."{p}"' for p in path)
     return sa.case((sa.func.json_type(col, text_path).in_(["integer", "real"]),
                     sa.func.json_extract(col, text_path)))
