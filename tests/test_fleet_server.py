@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from cloud_sync.fleet import cli
 from cloud_sync.fleet.server import schema as s
-from cloud_sync.fleet.server.config import load_settings
+from cloud_sync.fleet.server.config import load_settings, with_client_id
 from cloud_sync.fleet.server.db import Database
 from cloud_sync.fleet.server.errors import ConfigError
 from cloud_sync.fleet.server.retention import Retention
@@ -29,8 +29,13 @@ def test_defaults_work_out_of_the_box(tmp_path: Path) -> None:
     cfg = load_settings(environ={}, overrides={"state_dir": str(tmp_path)})
     assert cfg.listen_address == ("127.0.0.1", 8080)
     assert str(cfg.db_url) == f"sqlite:///{tmp_path / 'fleet.db'}"
-    assert cfg.ingest.shared and cfg.mqtt_client_id.endswith("-8080")
+    assert cfg.ingest.shared and cfg.client_id is None
     assert cfg.response_topic == f"edge/v1/console/{cfg.mqtt_client_id}/responses"
+    kept = with_client_id(cfg)
+    assert kept.client_id == with_client_id(cfg).client_id == (tmp_path / "mqtt-client-id").read_text().strip()
+    assert kept.client_id.startswith("edge-fleet-server-")
+    other = with_client_id(load_settings(environ={}, overrides={"state_dir": str(tmp_path / "other")}))
+    assert other.client_id != kept.client_id  # one state directory per instance: distinct sessions
     pg = load_settings(environ={}, overrides={"db": "postgresql://u:p@db.example/fleet"})
     assert pg.db_url.drivername == "postgresql+psycopg"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import sys
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from cloud_sync.fleet.server.errors import ConfigError
+from cloud_sync.fsutil import write_atomic
 from cloud_sync.mqtt.settings import BrokerSettings
 
 if sys.version_info >= (3, 11):
@@ -195,18 +197,45 @@ class ServerSettings(BaseModel):
 
     @property
     def mqtt_client_id(self) -> str:
-        """Stable across restarts, so the broker keeps this instance's persistent session."""
+        """The MQTT client id; it names the broker session, so it must stay the same across restarts
+        (see :func:`with_client_id`, which the service applies at start)."""
         if self.client_id:
             return self.client_id
         if self.broker.client_id and _TOPIC_LEVEL.match(self.broker.client_id):
             return self.broker.client_id
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
-        return f"edge-fleet-server-{host}-{self.listen_address[1]}"
+        return f"edge-fleet-server-{host}"
 
     @property
     def response_topic(self) -> str:
         """Where devices answer this instance's commands (the device ACL lets them write it)."""
         return f"{self.prefix}/console/{self.mqtt_client_id}/responses"
+
+
+def with_client_id(settings: ServerSettings) -> ServerSettings:
+    """Settings with a client id that survives restarts and config changes.
+
+    Unless ``client_id`` (or ``[broker] client_id``) is set, one is made up once and kept in
+    ``<state_dir>/mqtt-client-id``: a changed id would leave the old session, and the messages the
+    broker queued in it, behind. Instances need distinct ids, so each needs its own state directory
+    (or an explicit ``client_id``).
+
+    Raises:
+        ConfigError: the state directory cannot be written.
+    """
+    if settings.client_id or (settings.broker.client_id and _TOPIC_LEVEL.match(settings.broker.client_id)):
+        return settings
+    path = settings.state_dir / "mqtt-client-id"
+    try:
+        value = path.read_text().strip() if path.exists() else ""
+        if not _TOPIC_LEVEL.match(value):
+            host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:30] or "host"
+            value = f"edge-fleet-server-{host}-{secrets.token_hex(4)}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, value.encode() + b"\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot keep the MQTT client id in {path}: {exc.strerror}", key="server.state_dir") from None
+    return settings.model_copy(update={"client_id": value})
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

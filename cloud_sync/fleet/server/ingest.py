@@ -116,6 +116,7 @@ class Ingestor:
         self._connected = threading.Event()
         self._subscribed = threading.Event()  # SUBACK for the current connection
         self._generation = 0
+        self._connected_at = 0.0
         self._limited = _Limited()
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -174,6 +175,7 @@ class Ingestor:
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("fleet.ingest.subscribe_failed", result=str(result))
         self.counters["connects"] += 1
+        self._connected_at = time.monotonic()
         self.last_error = None
         self._connected.set()
         log.info("fleet.ingest.connected", broker=self.settings.broker.url, client_id=self.client_id,
@@ -191,7 +193,10 @@ class Ingestor:
         self._subscribed.clear()
         if was and not self._stop.is_set():
             self.last_error = f"disconnected: {reason}"
-            log.warning("fleet.ingest.disconnected", reason=str(reason))
+            lasted = time.monotonic() - self._connected_at
+            hint = (f"if this repeats, another process may be using the client id {self.client_id} "
+                    "(give each instance its own state_dir or client_id)") if lasted < 5 else None
+            log.warning("fleet.ingest.disconnected", reason=str(reason), connected_s=round(lasted, 1), hint=hint)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._queue.put(_Incoming(self._generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload)))

@@ -23,7 +23,7 @@ import uvicorn
 from cloud_sync.fleet.server.api import create_app
 from cloud_sync.fleet.server.auth import TokenStore
 from cloud_sync.fleet.server.commands import CommandService
-from cloud_sync.fleet.server.config import ServerSettings
+from cloud_sync.fleet.server.config import ServerSettings, with_client_id
 from cloud_sync.fleet.server.context import ServerContext
 from cloud_sync.fleet.server.db import Database
 from cloud_sync.fleet.server.errors import ConfigError
@@ -106,6 +106,7 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         ConfigError: the listen address cannot be bound.
         StorageError: the database cannot be reached or migrated.
     """
+    settings = with_client_id(settings)
     db = Database(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms, pool_size=settings.db_pool_size)
     try:
         await asyncio.to_thread(db.migrate)
