@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud_sync.fleet.server.api.schemas import ERRORS, NewToken, Page, TokenOut
 from cloud_sync.fleet.server.auth import Admin, Role, Viewer
 from cloud_sync.fleet.server.context import Ctx
 
@@ -24,7 +25,8 @@ def health(*, ctx: Ctx) -> JSONResponse:
                         status_code=200 if db_ok else 503)
 
 
-@router.get("/ingest", summary="Ingestion counters of this instance (received, stored, duplicates, rejected...)")
+@router.get("/ingest", summary="Ingestion counters of this instance (received, stored, duplicates, rejected...)",
+            responses=ERRORS)
 def ingest_stats(*, ctx: Ctx, _who: Viewer) -> dict[str, Any]:
     stats = ctx.ingestor.stats() if ctx.ingestor is not None else {}
     return {"uptime_s": round(time.time() - ctx.started_at, 3), **stats}
@@ -38,18 +40,20 @@ class TokenRequest(BaseModel):
     expires_in_s: float | None = Field(default=None, gt=0)
 
 
-@router.get("/tokens", summary="API tokens (never the tokens themselves)")
+@router.get("/tokens", summary="API tokens (never the tokens themselves)", response_model=Page[TokenOut],
+            responses=ERRORS)
 def list_tokens(*, ctx: Ctx, _who: Admin) -> dict[str, Any]:
     return {"items": ctx.tokens.list(), "next": None}
 
 
-@router.post("/tokens", status_code=201, summary="Create a token; the response is the only time it is shown")
+@router.post("/tokens", status_code=201, summary="Create a token; the response is the only time it is shown",
+             response_model=NewToken, responses=ERRORS)
 def create_token(*, ctx: Ctx, _who: Admin, body: TokenRequest) -> dict[str, Any]:
     token, record = ctx.tokens.create(body.role, body.name, expires_in_s=body.expires_in_s)
     return {**record, "token": token}
 
 
-@router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token")
+@router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token", responses=ERRORS)
 def revoke_token(*, ctx: Ctx, _who: Admin, token_id: int) -> Response:
     ctx.tokens.revoke(token_id)
     return Response(status_code=204)

@@ -15,10 +15,11 @@ from fastapi.responses import StreamingResponse
 from cloud_sync.fleet.server import queries
 from cloud_sync.fleet.server import schema as s
 from cloud_sync.fleet.server.api.devices import Cursor, Limit
+from cloud_sync.fleet.server.api.schemas import ERRORS, EventOut, GapOut, Page, ResultOut, TelemetryOut
 from cloud_sync.fleet.server.auth import Viewer
 from cloud_sync.fleet.server.context import Ctx, ServerContext
 
-router = APIRouter(prefix="/api", tags=["records"])
+router = APIRouter(prefix="/api", tags=["records"], responses=ERRORS)
 
 Format = Annotated[Literal["json", "ndjson", "csv"],
                    Query(description="json: one page; ndjson/csv: every match streamed (up to api.max_export_rows "
@@ -28,6 +29,8 @@ Device = Annotated[str | None, Query(max_length=128)]
 Since = Annotated[float | None, Query(description="device timestamp, epoch seconds, inclusive")]
 Until = Annotated[float | None, Query(description="device timestamp, epoch seconds, exclusive")]
 _ORJSON = orjson.OPT_SERIALIZE_NUMPY
+_EXPORTS: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
+                                                    "description": "a page (json) or every match (ndjson, csv)"}}
 
 
 def _export(ctx: ServerContext, table: sa.Table, f: queries.RowFilter, *, fmt: str, cursor: str | None,
@@ -70,7 +73,8 @@ def _list(ctx: ServerContext, table: sa.Table, f: queries.RowFilter, *, fmt: str
                                  order=order).to_dict()  # type: ignore[arg-type]
 
 
-@router.get("/results", summary="Inference results, by device, stream and time")
+@router.get("/results", summary="Inference results, by device, stream and time", response_model=Page[ResultOut],
+            responses=_EXPORTS)
 def list_results(*, ctx: Ctx, _who: Viewer, device: Device = None,
                  stream: Annotated[str | None, Query(max_length=128)] = None, since: Since = None,
                  until: Until = None, cursor: Cursor = None, limit: Limit = None, order: Order = "asc",
@@ -79,7 +83,7 @@ def list_results(*, ctx: Ctx, _who: Viewer, device: Device = None,
     return _list(ctx, s.results, f, fmt=format, cursor=cursor, limit=limit, order=order, name="results")
 
 
-@router.get("/telemetry", summary="Raw telemetry samples")
+@router.get("/telemetry", summary="Raw telemetry samples", response_model=Page[TelemetryOut], responses=_EXPORTS)
 def list_telemetry(*, ctx: Ctx, _who: Viewer, device: Device = None, since: Since = None, until: Until = None,
                    cursor: Cursor = None, limit: Limit = None, order: Order = "asc",
                    format: Format = "json") -> Any:
@@ -87,7 +91,8 @@ def list_telemetry(*, ctx: Ctx, _who: Viewer, device: Device = None, since: Sinc
     return _list(ctx, s.telemetry, f, fmt=format, cursor=cursor, limit=limit, order=order, name="telemetry")
 
 
-@router.get("/events", summary="Device events (deployments, errors, fallbacks, command completions)")
+@router.get("/events", summary="Device events (deployments, errors, fallbacks, command completions)",
+            response_model=Page[EventOut], responses=_EXPORTS)
 def list_events(*, ctx: Ctx, _who: Viewer, device: Device = None,
                 type: Annotated[str | None, Query(max_length=64)] = None,
                 since: Since = None, until: Until = None, cursor: Cursor = None, limit: Limit = None,
@@ -96,7 +101,8 @@ def list_events(*, ctx: Ctx, _who: Viewer, device: Device = None,
     return _list(ctx, s.events, f, fmt=format, cursor=cursor, limit=limit, order=order, name="events")
 
 
-@router.get("/gaps", summary="Seq ranges a device sent that never arrived (lost or still in flight)")
+@router.get("/gaps", summary="Seq ranges a device sent that never arrived (lost or still in flight)",
+            response_model=Page[GapOut])
 def list_gaps(*, ctx: Ctx, _who: Viewer, device: Device = None, cursor: Cursor = None,
               limit: Limit = None) -> dict[str, Any]:
     with ctx.db.read() as conn:
