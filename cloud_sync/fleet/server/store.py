@@ -200,7 +200,9 @@ class Store:
 
     def _apply_state(self, conn: sa.Connection, record: StateRecord, now: float) -> None:
         st = record.state
-        values: dict[str, Any] = {"online": st.online, "state": record.payload, "state_at": now, "last_seen": now}
+        values: dict[str, Any] = {"online": st.online, "state": record.payload, "state_at": now}
+        if st.online:  # an offline state may be the broker speaking (Last Will), not the device
+            values["last_seen"] = now
         for key in ("agent_version", "profile", "health", "started_at"):
             value = getattr(st, key)
             if value is not None:
