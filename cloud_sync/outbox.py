@@ -303,7 +303,11 @@ class Outbox:
             raise OutboxError("not a regular file", path=where)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            # In memory (the simulator: thousands of queues) no statement cache: the 500-placeholder ack
+            # statements would hold ~200 KiB per queue; a device keeps them prepared.
+            cached = 0 if str(self.path) == MEMORY else 128
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False,
+                                   cached_statements=cached)
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open: {exc}", path=where) from exc
         try:

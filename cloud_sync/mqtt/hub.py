@@ -8,13 +8,18 @@ paho's external-loop API (``loop_read`` / ``loop_write`` / ``loop_misc`` with th
 step (:meth:`DeviceSession.pump`) on the same thread. Connect, backoff with equal jitter and
 the outbox replay are the session's own code and settings; only the scheduling differs.
 
-Connects are blocking TCP (and TLS) handshakes run on the hub thread, one at a time: fine for
-a broker on the same machine or network, which is what the simulator is for.
-The hub owns no MQTT state and must not be used by the agent daemon.
+paho's connect is a blocking TCP (and TLS) handshake, and a SYN dropped by a busy broker's
+accept queue costs a one-second retransmit, so connects run on a few connector threads and
+hand the connected socket to the hub; everything after the handshake is the hub's.
+
+The hub owns no MQTT state and must not be used by the agent daemon. (paho's own ``loop()``
+uses ``select()``, which fails once a process has more than 1024 file descriptors; the hub
+uses ``selectors``, i.e. epoll.)
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -34,6 +39,7 @@ from cloud_sync.mqtt.session import IDLE_WAIT_S, DeviceSession, SenderState, bac
 log = structlog.get_logger(__name__)
 
 MISC_INTERVAL_S = 1.0  # keepalive PINGREQs and PINGRESP timeouts (paho's loop_misc)
+CONNECTORS = 8  # threads running blocking connects
 
 
 @dataclass(eq=False)
@@ -43,6 +49,7 @@ class _Slot:
     delay: float
     sock: Any = None  # the registered socket while connected
     attempt_at: float = 0.0  # wall clock of the last connect attempt
+    connecting: bool = False  # a connector thread has the client
     detached: threading.Event = field(default_factory=threading.Event)
     closing_deadline: float | None = None  # monotonic; set by detach()
 
@@ -62,6 +69,8 @@ class SessionHub:
         self._woken = False  # a wake-up byte is in the pipe (guarded by _lock)
         self._attach: list[_Slot] = []
         self._detach: list[_Slot] = []
+        self._connected: list[tuple[_Slot, Exception | None]] = []  # connect results from the connectors
+        self._connectors = concurrent.futures.ThreadPoolExecutor(CONNECTORS, thread_name_prefix=f"{name}-connect")
         self._timers: list[tuple[float, int, str, _Slot]] = []  # (monotonic due, tiebreak, kind, slot)
         self._tiebreak = itertools.count()
         self._stop = threading.Event()
@@ -80,6 +89,7 @@ class SessionHub:
         self._poke()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._connectors.shutdown(wait=True, cancel_futures=True)
         for slot in list(self._slots.values()):
             self._close_socket(slot)
         self._sel.close()
@@ -169,17 +179,23 @@ class SessionHub:
             timeout = 0.0
         for key, mask in self._sel.select(max(timeout, 0.0)):
             if key.data is None:
+                # Drain first, then clear: cleared first, a poke landing in between would have its byte
+                # drained with the flag left set, and no later poke would write to the pipe again.
+                with contextlib.suppress(BlockingIOError):
+                    while self._wake_r.recv(4096):
+                        pass
                 with self._lock:
                     self._woken = False
-                with contextlib.suppress(BlockingIOError):
-                    self._wake_r.recv(4096)
                 continue
             self._io(key.data, mask)
         with self._lock:
             attach, self._attach = self._attach, []
             detach, self._detach = self._detach, []
             pending, self._pending = self._pending, set()
+            connected, self._connected = self._connected, []
         now = time.monotonic()
+        for slot, error in connected:
+            self._connect_done(slot, error)
         for slot in attach:
             self._slots[slot.session] = slot
             self._schedule(now, "connect", slot)
@@ -214,7 +230,11 @@ class SessionHub:
 
     def _write(self, slot: _Slot) -> None:
         client = slot.session.client
-        if client.want_write() and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        # Always call loop_write, even with nothing queued: paho calls on_socket_register_write only
+        # when its own "registered" flag is clear, and only loop_write clears it. A publish from another
+        # thread that raced the previous write would otherwise leave the flag set, and the next one
+        # would wait for unrelated I/O.
+        if client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost(slot)
             return
         if slot.sock is not None:
@@ -239,18 +259,44 @@ class SessionHub:
 
     def _connect(self, slot: _Slot) -> None:
         session = slot.session
-        if session.stopping or slot.sock is not None:
+        if session.stopping or slot.sock is not None or slot.connecting:
             return
         slot.attempt_at = time.time()
+        slot.connecting = True
         try:
-            connect(session.client, session.broker)
+            self._connectors.submit(self._connect_blocking, slot)
+        except RuntimeError:  # shutting down
+            slot.connecting = False
+
+    def _connect_blocking(self, slot: _Slot) -> None:
+        """On a connector thread: TCP/TLS handshake and CONNECT queued; the hub takes it from there."""
+        error: Exception | None = None
+        try:
+            connect(slot.session.client, slot.session.broker)
         except (OSError, ssl.SSLError, ValueError) as exc:
+            error = exc
+        with self._lock:
+            self._connected.append((slot, error))
+        self._poke()
+
+    def _connect_done(self, slot: _Slot, error: Exception | None) -> None:
+        slot.connecting = False
+        session = slot.session
+        if self._slots.get(session) is not slot:
+            with contextlib.suppress(OSError):  # detached meanwhile
+                if error is None and (sock := session.client.socket()) is not None:
+                    sock.close()
+            return
+        if error is not None:
             self.connect_failures += 1
-            session.last_error = f"connect failed: {exc}"
+            session.last_error = f"connect failed: {error}"
             self._retry(slot, after_connected=False)
             return
         self.connects += 1
         slot.sock = session.client.socket()
+        if slot.sock is None:  # paho gave up on it already
+            self._lost(slot)
+            return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if session.client.want_write() else 0)
         self._sel.register(slot.sock, events, slot)
 
@@ -280,6 +326,8 @@ class SessionHub:
 
     def _finish_detach(self, slot: _Slot) -> None:
         """Done once paho closed the socket after the DISCONNECT, or at the deadline."""
+        if slot.connecting and time.monotonic() < (slot.closing_deadline or 0.0):
+            return  # a connector has the client: wait for its result
         if slot.sock is not None:
             self._write(slot)
         deadline = slot.closing_deadline or 0.0
