@@ -18,10 +18,12 @@ import uuid
 from typing import Any
 
 import orjson
+import paho.mqtt.client as mqtt
 import sqlalchemy as sa
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_sync.fleet.server import queries
 from cloud_sync.fleet.server import schema as s
@@ -82,16 +84,13 @@ class CommandService:
             raise RequestError(f"args: the command is larger than {MAX_COMMAND_BYTES} bytes")
         if not self.ingestor.connected:
             raise BrokerUnavailableError("not connected to the MQTT broker; try again shortly")
-        await asyncio.to_thread(self._record, cid, device_id, name, args, sent_by)
+        await asyncio.to_thread(self._record_new, cid, device_id, name, args, sent_by)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         with self._lock:
             self._waiters[cid] = (loop, future)
         try:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = self.settings.response_topic
-            props.CorrelationData = cid.encode()
-            info = self.ingestor.publish(device_topic(self.settings.prefix, device_id, "commands"), body, props)
+            info = self.publish(device_id, cid, name, args)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise BrokerUnavailableError(f"cannot publish the command: {info.rc}")
             await self._wait(cid, device_id, future, timeout)
@@ -115,12 +114,28 @@ class CommandService:
                 if (await asyncio.to_thread(self.get, cid))["status"] == "done":
                     return
 
-    def _record(self, cid: str, device_id: str, name: str, args: dict[str, Any], sent_by: str | None) -> None:
+    def publish(self, device_id: str, cid: str, name: str, args: dict[str, Any]) -> mqtt.MQTTMessageInfo:
+        """Publish one command (QoS 1) with this instance's response topic; thread-safe, does not wait."""
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.settings.response_topic
+        props.CorrelationData = cid.encode()
+        body = orjson.dumps({"id": cid, "name": name, "args": args})
+        return self.ingestor.publish(device_topic(self.settings.prefix, device_id, "commands"), body, props)
+
+    def record(self, conn: sa.Connection, cid: str, device_id: str, name: str, args: dict[str, Any], *,
+               sent_by: str | None) -> None:
+        """Record a command about to be sent (once: recording the same id again changes nothing), so that
+        its responses are matched to its device."""
+        insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
+        conn.execute(insert(s.commands).on_conflict_do_nothing(index_elements=["id"]), [
+            {"id": cid, "device_id": device_id, "name": name, "args": args, "sent_at": time.time(),
+             "sent_by": sent_by, "status": "sent"}])
+
+    def _record_new(self, cid: str, device_id: str, name: str, args: dict[str, Any], sent_by: str | None) -> None:
         with self.db.write() as conn:
             if conn.execute(sa.select(s.devices.c.id).where(s.devices.c.id == device_id)).first() is None:
                 raise NotFoundError(f"no device {device_id!r}")
-            conn.execute(sa.insert(s.commands), [{"id": cid, "device_id": device_id, "name": name, "args": args,
-                                                  "sent_at": time.time(), "sent_by": sent_by, "status": "sent"}])
+            self.record(conn, cid, device_id, name, args, sent_by=sent_by)
 
     def get(self, cid: str) -> dict[str, Any]:
         with self.db.read() as conn:

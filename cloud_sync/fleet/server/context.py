@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from cloud_sync.fleet.server.auth import TokenStore
 from cloud_sync.fleet.server.config import ServerSettings
 from cloud_sync.fleet.server.db import Database
+from cloud_sync.fleet.server.rollouts import Rollouts
 
 if TYPE_CHECKING:
     from cloud_sync.fleet.server.commands import CommandService
@@ -29,6 +30,10 @@ class ServerContext:
     ingestor: Ingestor | None = None  # None in API-only tests
     commands: CommandService | None = None
     started_at: float = field(default_factory=time.time)
+    rollouts: Rollouts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rollouts = Rollouts(self.db)
 
     def limit(self, requested: int | None) -> int:
         """The page size: the default when not given, never above ``api.max_limit``."""

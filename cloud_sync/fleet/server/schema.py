@@ -153,3 +153,44 @@ api_tokens = sa.Table(
 
 #: Device-originated tables: kind (as the outbox names it) -> table.
 SEQ_TABLES = {"result": results, "telemetry": telemetry, "event": events}
+
+# -- rollouts (migration 0002) ----------------------------------------------------------------------------
+deployments = sa.Table(
+    "deployments", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(NAME), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("target", Json, nullable=False),  # {"devices": [...]} or {"group": "...", "online_only": bool}
+    sa.Column("canary", sa.String(16), nullable=False),  # "N" or "P%"
+    sa.Column("wave_size", sa.String(16)),  # "N", "P%" or NULL (all the rest)
+    sa.Column("abort_threshold", sa.String(16), nullable=False),  # failures in a wave: "N" or "P%"
+    sa.Column("wave_timeout_s", Time, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | failed | aborted
+    sa.Column("waves", sa.Integer, nullable=False),
+    sa.Column("current_wave", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("wave_started_at", Time),
+    sa.Column("accepted_failures", sa.Integer, nullable=False, server_default="0"),  # forgiven by a resume
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("created_by", sa.String(NAME)),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("finished_at", Time),
+    sa.Column("reason", sa.Text),
+    sa.Column("lease_owner", sa.String(NAME)),  # the instance driving it (MQTT client id)
+    sa.Column("lease_until", Time),
+    sa.Index(None, "status"),
+    sa.Index(None, "created_at"),
+)
+
+deployment_devices = sa.Table(
+    "deployment_devices", metadata,
+    sa.Column("deployment_id", sa.String(64), sa.ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("device_id", sa.String(DEVICE_ID), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("command_id", sa.String(64), nullable=False, unique=True),  # stable: hash of deployment + device
+    # pending | sending | sent | accepted | succeeded | failed | timeout | skipped
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("sent_at", Time),
+    sa.Column("finished_at", Time),
+    sa.Column("error", Json),
+    sa.Index(None, "deployment_id", "wave"),
+)

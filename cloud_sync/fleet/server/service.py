@@ -29,8 +29,14 @@ from cloud_sync.fleet.server.db import Database
 from cloud_sync.fleet.server.errors import ConfigError
 from cloud_sync.fleet.server.ingest import Ingestor
 from cloud_sync.fleet.server.retention import Retention
+from cloud_sync.fleet.server.rollouts import RolloutRunner
 
 log = structlog.get_logger(__name__)
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """Whatever ``sys.stderr`` is when the line is logged (not the stream of the moment of configuring)."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -43,7 +49,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
                     structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.StackInfoRenderer(),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr), cache_logger_on_first_use=False)
+        logger_factory=_stderr_logger, cache_logger_on_first_use=False)
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")
     for name in ("uvicorn", "uvicorn.error", "alembic", "paho"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
@@ -79,6 +85,16 @@ def _url(settings: ServerSettings, sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     scheme = "https" if settings.tls.certfile else "http"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def _rollouts(runner: RolloutRunner, interval: float = 0.5) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(runner.tick)
+        except Exception:  # the database may be away: the next tick tries again
+            log.exception("fleet.rollout.tick_failed")
+            await asyncio.sleep(2.0)
+        await asyncio.sleep(interval)
 
 
 async def _retention(retention: Retention, interval: float) -> None:
@@ -131,6 +147,9 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         api = asyncio.create_task(server.serve(sockets=[sock]), name="fleet-api")
         pruner = asyncio.create_task(_retention(Retention(db, settings.retention), settings.retention.interval_s),
                                      name="fleet-retention")
+        assert ctx.commands is not None
+        rollouts = asyncio.create_task(_rollouts(RolloutRunner(db, ctx.commands, ctx.ingestor.client_id)),
+                                       name="fleet-rollouts")
         while not server.started and not api.done():
             await asyncio.sleep(0.02)
         if server.started:
@@ -146,9 +165,10 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(api), 10)
-        pruner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pruner
+        for task in (pruner, rollouts):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await asyncio.to_thread(ctx.ingestor.stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -105,6 +105,10 @@ class Store:
                              [{"id": d, "first_seen": now, "last_seen": now} for d in sorted(touched)])
             new = self._insert_seq_rows(conn, seq_records, now)
             self._update_devices(conn, touched, seq_records, new=new, counters=counters, now=now, out=out)
+            completions = [r for r in seq_records if r.kind == "event" and r.type == "command.completed"
+                           and (r.device_id, r.seq) in new and isinstance(r.payload.get("id"), str)]
+            if completions:
+                self._complete_commands(conn, completions, now, out)
             for state in states.values():
                 self._apply_state(conn, state, now)
             if responses:
@@ -220,6 +224,20 @@ class Store:
                 conn.execute(sa.insert(s.device_models), [
                     {"device_id": record.device_id, "name": m.name, "version": m.version, "runtime": m.runtime,
                      "delegate": m.delegate} for m in models.values()])
+
+    def _complete_commands(self, conn: sa.Connection, events: Sequence[SeqRecord], now: float,
+                           out: BatchOutcome) -> None:
+        """A ``command.completed`` event (outbox: reliable, any instance stores it) finishes the command
+        even when its response went to another instance's response topic, or was lost with it."""
+        c = s.commands
+        for r in events:
+            response = {"id": r.payload["id"], "ok": r.payload.get("ok") is True, "status": "done",
+                        "error": r.payload.get("error"), "via": "event"}
+            done = conn.execute(sa.update(c).where(c.c.id == r.payload["id"], c.c.device_id == r.device_id,
+                                                   c.c.status != "done")
+                                .values(status="done", ok=response["ok"], response=response, responded_at=now))
+            if done.rowcount:
+                out.responses.append((r.payload["id"], r.device_id, response))
 
     def _store_responses(self, conn: sa.Connection, responses: Sequence[ResponseRecord], now: float,
                          out: BatchOutcome) -> None:

@@ -43,6 +43,7 @@ ROUTERS: tuple[str, ...] = (
     "cloud_sync.fleet.server.api.devices",
     "cloud_sync.fleet.server.api.records",
     "cloud_sync.fleet.server.api.commands",
+    "cloud_sync.fleet.server.api.deployments",
     "cloud_sync.fleet.server.api.admin",
 )
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
