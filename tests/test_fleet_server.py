@@ -147,3 +147,35 @@ def test_a_busy_port_is_a_usage_error(tmp_path: Path, broker: Broker) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_deploy_via_server_runs_the_rollout_in_the_service(tmp_path: Path, broker: Broker,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from cloud_sync.fleet.simulator import FleetSimulator, SimulatorSettings
+
+    db = f"sqlite:///{tmp_path / 'state' / 'fleet.db'}"
+    assert cli.main(["server", "--db", db, "token", "create", "--role", "operator"]) == 0
+    token = capsys.readouterr().out.strip()
+    proc, base = _start(tmp_path, broker, "--db", db)
+    sim = FleetSimulator(SimulatorSettings(devices=4, groups=("lab",), install_time_s=0.1, seed=1),
+                         BrokerSettings(url=broker.url, backoff_min_s=0.1, backoff_max_s=1.0))
+    sim.start()
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = time.monotonic() + 30
+        while len(httpx.get(f"{base}/api/devices", params={"online": "true"}, headers=headers).json()["items"]) < 4:
+            assert time.monotonic() < deadline, "devices did not come online"
+            time.sleep(0.1)
+        code = cli.main(["deploy", "silero-vad@2", "--group", "lab", "--via-server", base, "--token", token,
+                         "--canary", "1", "--wave-size", "2", "--timeout", "30"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "in 3 waves" in out and "wave 3/3" in out and out.rstrip().endswith(
+            "succeeded: succeeded 4, failed 0, skipped 0")
+        assert sim.counters.deploys_committed == 4
+        assert cli.main(["deploy", "silero-vad@2", "--group", "lab", "--via-server", base, "--token", "eft_bad"]) == 1
+        assert "fleet service: unauthorized" in capsys.readouterr().err
+    finally:
+        sim.stop()
+        proc.terminate()
+        proc.wait(20)

@@ -232,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--wave-size", type=int, help="devices per later wave (default: all the rest)")
     dep.add_argument("--abort-after", type=int, default=1, help="stop after this many failures (default 1)")
     dep.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each wave")
+    dep.add_argument("--via-server", metavar="URL", help="let the fleet service run the rollout (persisted, "
+                                                         "resumable; see docs/fleet-server.md) and follow it")
+    dep.add_argument("--token", help="API token of an operator for --via-server (env EDGE_FLEET_TOKEN)")
 
     wat = sub.add_parser("watch", help="print a device's results, telemetry and events as they arrive")
     broker_args(wat)
@@ -275,6 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return server_cli.run(args)
     try:
+        if args.command == "deploy" and args.via_server:
+            from cloud_sync.fleet import server_deploy
+
+            model, sep, version = args.target.partition("@")
+            if not sep or not version.isdigit():
+                raise UsageError(f"{args.target!r}: expected MODEL@VERSION")
+            return server_deploy.deploy(args, model, int(version))
         if args.command not in MQTT_COMMANDS:
             bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
             return int(bundles_cli.run(args))
