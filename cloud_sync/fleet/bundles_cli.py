@@ -24,7 +24,7 @@ from cloud_sync.bundles import build_bundle, generate_test_vectors
 from cloud_sync.bundles.build import Runner, find_model, runtime_for
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.fleet.modelcheck import LoadedModel, load_model
-from cloud_sync.repo import ROLES, Repository, RoleKeys, make_server
+from cloud_sync.repo import ONLINE_ROLES, ROLES, Repository, RoleKeys, make_server
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +107,16 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_export_online(args: argparse.Namespace) -> int:
+    repo = Repository(args.repo, args.keys)
+    repo.root()  # there must be a repository these keys sign
+    copied = repo.keys.export(args.out, ONLINE_ROLES)
+    online = Repository(args.repo, args.out).online_keys()
+    print(f"exported {len(copied)} online keys ({', '.join(f'{r}: {n}' for r, n in online.items())}) to {args.out}; "
+          "no root key: keep the root keys offline")
+    return 0
+
+
 def _load(model_path: Path, runtime: str | None) -> LoadedModel:
     """The model on the runtime's own package, following the device's conventions (modelcheck)."""
     return load_model(model_path, runtime or runtime_for(model_path))
@@ -185,7 +195,7 @@ def _key_args(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``keys``, ``bundle``, ``publish`` and ``serve`` on an ``add_subparsers()`` object."""
-    keys = subparsers.add_parser("keys", help="TUF key management (init, rotate)", epilog=EPILOG)
+    keys = subparsers.add_parser("keys", help="TUF key management (init, rotate, export-online)", epilog=EPILOG)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     init = keys_sub.add_parser("init", help="create Ed25519 keys and an empty signed repository", epilog=EPILOG)
     _repo_args(init)
@@ -196,6 +206,12 @@ def add_commands(subparsers: Any) -> None:
     rotate.add_argument("--role", action="append", choices=ROLES, help="role to rotate (repeatable; default root)")
     _key_args(rotate)
     rotate.set_defaults(bundles_handler=cmd_keys_rotate)
+    export = keys_sub.add_parser("export-online", epilog=EPILOG,
+                                 help="copy the online keys (targets, snapshot, timestamp) to a new directory for "
+                                      "the fleet service; the root key stays offline")
+    _repo_args(export)
+    export.add_argument("--out", required=True, type=Path, help="new keys directory (must not hold keys yet)")
+    export.set_defaults(bundles_handler=cmd_keys_export_online)
 
     bundle = subparsers.add_parser("bundle", help="build a model bundle", epilog=EPILOG)
     bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")

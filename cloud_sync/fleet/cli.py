@@ -253,9 +253,10 @@ def _parser() -> argparse.ArgumentParser:
     from cloud_sync.fleet.server import cli as server_cli  # argparse only: the fleet extra loads on use
 
     server_cli.add_commands(sub, broker_args)
-    from cloud_sync.fleet import simulate_cli  # argparse only; each handler imports what it needs
+    from cloud_sync.fleet import simulate_cli, upload_cli  # argparse only; each handler imports what it needs
 
     simulate_cli.add_command(sub, broker_args)
+    upload_cli.add_command(sub)
     return p
 
 
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("command: give DEVICE NAME, or --group GROUP NAME")
         args.device = None if args.group else words.pop(0)
         args.name, args.args = words[0], words[1:]
-    if getattr(args, "fleet_handler", None) is not None:  # simulate: maps its own errors
+    if getattr(args, "fleet_handler", None) is not None:  # simulate, upload: they map their own errors
         return int(args.fleet_handler(args))
     if getattr(args, "server_handler", None) is not None:
         from cloud_sync.fleet.server import cli as server_cli

@@ -80,7 +80,7 @@ class LoadedModel:
         Raises:
             BadTestInputError: a feed is missing, unknown, of the wrong dtype or shape, or the run failed.
         """
-        prepared = self._prepare(feeds)
+        prepared = self.prepare(feeds)
         try:
             raw = self._run_onnx(prepared) if self.runtime == "onnx" else self._run_tflite(prepared)
         except Exception as exc:  # noqa: BLE001 - native runtimes raise anything for a bad shape
@@ -94,7 +94,12 @@ class LoadedModel:
             out[info.name] = array
         return out
 
-    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays the runtime is given: by input name, quantized where the input is.
+
+        Raises:
+            BadTestInputError: as :meth:`run`.
+        """
         feeds = dict(feeds)
         if list(feeds) == [ONLY_INPUT]:
             if len(self.inputs) != 1:
@@ -222,7 +227,7 @@ class CheckResult:
     runtime: str
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
-    feeds: dict[str, np.ndarray]  # the test input by input name (empty without one)
+    feeds: dict[str, np.ndarray]  # the test input as the model was given it (by name, quantized); {} without one
     results: dict[str, np.ndarray]  # outputs for ``feeds``
 
     def specs(self) -> dict[str, list[dict[str, Any]]]:
@@ -254,15 +259,14 @@ def check_isolated(path: Path, runtime: str, feeds: Mapping[str, np.ndarray] | N
         result = work / "result.json"
         if proc.returncode == 0 and result.is_file():
             data = json.loads(result.read_text())
-            names = json.loads((work / "feed_names.json").read_text()) if feeds else []
-            inputs = [TensorInfo.from_dict(t) for t in data["inputs"]]
-            resolved = [inputs[0].name if n == ONLY_INPUT and len(inputs) == 1 else n for n in names]
-            outputs = {}
+            given: dict[str, np.ndarray] = {}
+            outputs: dict[str, np.ndarray] = {}
             if feeds:
                 with np.load(work / "outputs.npz", allow_pickle=False) as npz:
                     outputs = {name: npz[f"out_{i}"] for i, name in enumerate(data["output_names"])}
-            return CheckResult(data["runtime"], inputs, [TensorInfo.from_dict(t) for t in data["outputs"]],
-                               dict(zip(resolved, feeds.values(), strict=True)) if feeds else {}, outputs)
+                    given = {name: npz[f"in_{i}"] for i, name in enumerate(data["input_names"])}
+            return CheckResult(data["runtime"], [TensorInfo.from_dict(t) for t in data["inputs"]],
+                               [TensorInfo.from_dict(t) for t in data["outputs"]], given, outputs)
         error = work / "error.json"
         if error.is_file():
             failure = json.loads(error.read_text())
@@ -294,15 +298,17 @@ def _child(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args.model, args.runtime)
         result: dict[str, Any] = {"runtime": model.runtime, "inputs": [i.to_dict() for i in model.inputs],
-                                  "outputs": [o.to_dict() for o in model.outputs], "output_names": []}
+                                  "outputs": [o.to_dict() for o in model.outputs], "output_names": [],
+                                  "input_names": []}
         if args.feeds:
             names = json.loads((args.feeds.parent / "feed_names.json").read_text())
             with np.load(args.feeds, allow_pickle=False) as npz:
-                feeds = {name: npz[f"in_{i}"] for i, name in enumerate(names)}
+                feeds = model.prepare({name: npz[f"in_{i}"] for i, name in enumerate(names)})
             outputs = model.run(feeds)
-            result["output_names"] = list(outputs)
+            result["output_names"], result["input_names"] = list(outputs), list(feeds)
             np.savez(args.out / "outputs.npz", allow_pickle=False,
-                     **{f"out_{i}": v for i, v in enumerate(outputs.values())})
+                     **{f"out_{i}": v for i, v in enumerate(outputs.values())},
+                     **{f"in_{i}": v for i, v in enumerate(feeds.values())})
     except (NotAModelError, BadTestInputError) as exc:
         (args.out / "error.json").write_text(json.dumps({"code": exc.code, "message": exc.reason,
                                                          "field": exc.field}))

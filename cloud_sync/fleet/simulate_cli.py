@@ -7,17 +7,19 @@ Exit codes: 0 stopped cleanly, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet.simulator import SimulatorSettings
+    from cloud_sync.mqtt.settings import BrokerSettings
 
 EPILOG = "Docs: docs/fleet-simulator.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
 DESCRIPTION = """\
@@ -66,11 +68,6 @@ def add_command(sub: Any, broker_args: Callable[[argparse.ArgumentParser], None]
     p.set_defaults(fleet_handler=run)
 
 
-def _configure_logging(level: str) -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-
-
 def _line(stats: dict[str, Any], elapsed: float) -> str:
     return (f"[{elapsed:7.1f} s] online {stats['online']}/{stats['devices']}, reconnects {stats['reconnects']}, "
             f"commands {stats['commands']}, deploys {stats['deploys_committed']} committed / "
@@ -83,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cloud_sync.fleet.cli import UsageError, broker_settings
-    from cloud_sync.fleet.simulator import FleetSimulator, SimModel, SimulatorSettings
+    from cloud_sync.fleet.clilog import stderr_logging
+    from cloud_sync.fleet.simulator import SimModel, SimulatorSettings
 
     try:
         broker, prefix = broker_settings(args)
@@ -98,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"edge-fleet: error: {_reason(exc)}", file=sys.stderr)
         return 2
-    _configure_logging(args.log_level)
+    with stderr_logging(args.log_level):
+        return _simulate(settings, broker, prefix, args)
+
+
+def _simulate(settings: SimulatorSettings, broker: BrokerSettings, prefix: str, args: argparse.Namespace) -> int:
+    from cloud_sync.fleet.simulator import FleetSimulator
+
     done = threading.Event()
     previous = {sig: signal.signal(sig, lambda _s, _f: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     simulator = FleetSimulator(settings, broker, prefix)
