@@ -56,6 +56,7 @@ def id_cursor(cursor: str | None) -> int | None:
 # -- devices ------------------------------------------------------------------------------------------------
 _DEVICE_COLUMNS = ("id", "online", "first_seen", "last_seen", "state_at", "started_at", "agent_version", "profile",
                    "health", "max_seq")
+_COUNTERS = ("stored", "duplicates", "dropped", "rejected")
 
 
 def _device_summaries(conn: sa.Connection, rows: list[Any]) -> list[dict[str, Any]]:
@@ -72,8 +73,7 @@ def _device_summaries(conn: sa.Connection, rows: list[Any]) -> list[dict[str, An
             models[row.device_id].append({"name": row.name, "version": row.version, "runtime": row.runtime,
                                           "delegate": row.delegate})
     return [{**{k: getattr(r, k) for k in _DEVICE_COLUMNS}, "groups": groups[r.id], "models": models[r.id],
-             "counters": {"stored": r.stored, "duplicates": r.duplicates, "dropped": r.dropped,
-                          "rejected": r.rejected}} for r in rows]
+             "counters": {k: getattr(r, k) for k in _COUNTERS}} for r in rows]
 
 
 def list_devices(conn: sa.Connection, *, group: str | None = None, online: bool | None = None,
@@ -81,7 +81,8 @@ def list_devices(conn: sa.Connection, *, group: str | None = None, online: bool 
                  limit: int) -> Page:
     """Devices by id; ``model`` is ``NAME`` or ``NAME@VERSION``; ``version`` is the agent version."""
     d = s.devices
-    q = sa.select(d).order_by(d.c.id).limit(limit + 1)
+    # not the whole row: the last state and telemetry (JSON, possibly large) are for one device's page
+    q = sa.select(*(d.c[name] for name in (*_DEVICE_COLUMNS, *_COUNTERS))).order_by(d.c.id).limit(limit + 1)
     if cursor:
         q = q.where(d.c.id > cursor)
     if group is not None:
