@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EPILOG = ("Docs: docs/fleet-server.md (upload). Exit codes: 0 published, 1 refused or failed, 2 usage error. "
+EPILOG = ("Docs: docs/model-upload.md. Exit codes: 0 published, 1 refused or failed, 2 usage error. "
           "Environment: EDGE_FLEET_SERVER, EDGE_FLEET_TOKEN.")
 
 
