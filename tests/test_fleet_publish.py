@@ -396,6 +396,18 @@ def test_a_missing_online_key_fails_before_anything_is_written(tmp_path: Path, s
         assert tree_hash(keys["repo"]) == before, f"signing without {role} left the repository as it was"
 
 
+def test_publish_settings_check(tmp_path: Path, keys: dict[str, Path]) -> None:
+    from cloud_sync.fleet.publishing import PublishSettings
+
+    online = PublishSettings(repo_dir=keys["repo"], keys_dir=keys["online"]).check()
+    assert online == {"online_keys": {"targets": 1, "snapshot": 1, "timestamp": 1}, "root_key_present": False}
+    assert PublishSettings(repo_dir=keys["repo"], keys_dir=keys["offline"]).check()["root_key_present"] is True
+    with pytest.raises(errors.RepositoryError, match="targets: 0 of the 1 keys"):
+        PublishSettings(repo_dir=keys["repo"], keys_dir=tmp_path / "empty").check()
+    with pytest.raises(errors.RepositoryError, match="no repository"):
+        PublishSettings(repo_dir=tmp_path / "nothing", keys_dir=keys["online"]).check()
+
+
 def test_keys_export_online(tmp_path: Path, keys: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     online = keys["online"]
     assert sorted(p.name for p in online.iterdir()) == ["snapshot", "targets", "timestamp"]

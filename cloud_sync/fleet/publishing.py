@@ -96,6 +96,23 @@ class PublishSettings(BaseModel):
     def repository(self) -> Repository:
         return Repository(self.repo_dir, self.keys_dir)
 
+    def check(self) -> dict[str, Any]:
+        """For the service's start: the repository exists and the online keys can sign.
+
+        Logs ``upload.root_key_online`` (a warning) when a root key is in ``keys_dir``: it
+        belongs offline (``edge-fleet keys export-online``).
+
+        Raises:
+            RepositoryError: no repository at ``repo_dir``, or an online role lacks keys.
+        """
+        repo = self.repository()
+        keys = repo.online_keys()
+        root_present = repo.holds_root_key()
+        if root_present:
+            log.warning("upload.root_key_online", keys_dir=str(self.keys_dir),
+                        hint="give the service only the online keys: edge-fleet keys export-online")
+        return {"online_keys": keys, "root_key_present": root_present}
+
     def expiry(self) -> dict[str, timedelta]:
         return {role: timedelta(days=days) for role, days in self.expiry_days.items()}
 

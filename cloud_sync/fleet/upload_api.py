@@ -37,6 +37,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from cloud_sync.errors import RepositoryError, UploadError, UploadTooLargeError
 from cloud_sync.fleet.publishing import PublishSettings, publish_upload
@@ -201,6 +202,9 @@ def models_router(settings: PublishSettings, auth: Callable[..., Any], *, prefix
                 raise BadRequestError("bad_request", f"missing form field {missing[0]!r}")
             async with lock:
                 published = await asyncio.to_thread(_publish, settings, form, work)
+        except ClientDisconnect:
+            log.info("upload.client_disconnected")
+            return _error("bad_request", "the client went away during the upload", 400)
         except BadRequestError as exc:
             return _error(exc.code, exc.message, exc.status)
         except UploadError as exc:
