@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -145,6 +146,8 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(sig, stop.set)
+        gc.collect()
+        gc.freeze()  # what start-up made lives as long as the process: keep it out of every later collection
         ctx.ingestor.start()
         api = asyncio.create_task(server.serve(sockets=[sock]), name="fleet-api")
         pruner = asyncio.create_task(_retention(Retention(db, settings.retention), settings.retention.interval_s),
