@@ -69,6 +69,7 @@ class SessionHub:
         self._woken = False  # a wake-up byte is in the pipe (guarded by _lock)
         self._attach: list[_Slot] = []
         self._detach: list[_Slot] = []
+        self._closing: set[_Slot] = set()  # detaching: waiting for the DISCONNECT to go out (hub thread only)
         self._connected: list[tuple[_Slot, Exception | None]] = []  # connect results from the connectors
         self._connectors = concurrent.futures.ThreadPoolExecutor(CONNECTORS, thread_name_prefix=f"{name}-connect")
         self._timers: list[tuple[float, int, str, _Slot]] = []  # (monotonic due, tiebreak, kind, slot)
@@ -209,9 +210,8 @@ class SessionHub:
                 self._connect(slot)
             else:
                 self._service(slot, now)
-        for slot in detach:
-            self._finish_detach(slot)
-        for slot in [s for s in self._slots.values() if s.closing_deadline is not None]:
+        self._closing.update(detach)
+        for slot in list(self._closing):
             self._finish_detach(slot)
         if now >= next_misc:
             for slot in list(self._slots.values()):
@@ -336,6 +336,7 @@ class SessionHub:
         self._close_socket(slot)
         slot.session.flush_acks(slot.sender)
         slot.closing_deadline = None
+        self._closing.discard(slot)
         self._slots.pop(slot.session, None)
         self._pending.discard(slot)
         slot.detached.set()
