@@ -179,3 +179,43 @@ def test_deploy_via_server_runs_the_rollout_in_the_service(tmp_path: Path, broke
         sim.stop()
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_uploads_are_mounted_for_admins_when_publishing_is_configured(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.fleet.server.api import create_app
+    from cloud_sync.fleet.server.auth import TokenStore
+    from cloud_sync.fleet.server.context import ServerContext
+    from cloud_sync.fleet.server.service import upload_routers
+
+    repo, keys, online = tmp_path / "repo", tmp_path / "keys", tmp_path / "online"
+    with pytest.raises(ConfigError, match=r"server\.publish\.repo_dir"):
+        upload_routers(load_settings(environ={}, overrides={"publish.repo_dir": str(repo),
+                                                            "publish.keys_dir": str(online)}))
+    with pytest.raises(ConfigError, match="go together"):
+        load_settings(environ={}, overrides={"publish.repo_dir": str(repo)})
+    assert cli.main(["keys", "init", "--repo", str(repo), "--keys", str(keys)]) == 0
+    assert cli.main(["keys", "export-online", "--repo", str(repo), "--keys", str(keys), "--out", str(online)]) == 0
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"server\.publish\.limits\.max_members"):
+        upload_routers(load_settings(environ={}, overrides={
+            "publish.repo_dir": str(repo), "publish.keys_dir": str(online), "publish.limits": {"max_members": 0}}))
+    cfg = load_settings(environ={}, overrides={"publish.repo_dir": str(repo), "publish.keys_dir": str(online),
+                                               "db": f"sqlite:///{tmp_path / 'fleet.db'}"})
+    db = Database(cfg.db_url)
+    db.migrate()
+    tokens = TokenStore(db)
+    ctx = ServerContext(settings=cfg, db=db, tokens=tokens)
+    admin, viewer = tokens.create("admin", "a")[0], tokens.create("viewer", "v")[0]
+    with TestClient(create_app(ctx, extra=upload_routers(cfg))) as api:
+        assert api.post("/api/models").status_code == 401
+        assert api.post("/api/models", headers={"Authorization": f"Bearer {viewer}"}).status_code == 403
+        r = api.post("/api/models", headers={"Authorization": f"Bearer {admin}"}, content=b"{}")
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        assert "/api/models" in api.get("/api/openapi.json").json()["paths"]
+    with TestClient(create_app(ctx)) as api:  # not configured: not there
+        assert api.post("/api/models", headers={"Authorization": f"Bearer {admin}"}).status_code == 404
+    db.dispose()

@@ -134,6 +134,22 @@ class TlsSettings(_Section):
     ca_certs: Path | None = None
 
 
+class PublishSection(_Section):
+    """Model upload (``POST /api/models``): on when ``repo_dir`` and ``keys_dir`` are set. ``keys_dir``
+    holds only the online keys (``edge-fleet keys export-online``); ``limits`` are the fields of
+    ``cloud_sync.fleet.publishing.UploadLimits`` (docs/model-upload.md)."""
+
+    repo_dir: Path | None = None
+    keys_dir: Path | None = None
+    work_dir: Path | None = None
+    limits: dict[str, Any] = Field(default_factory=dict)
+    expiry_days: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.repo_dir is not None and self.keys_dir is not None
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -149,6 +165,7 @@ class ServerSettings(BaseModel):
     retention: RetentionSettings = RetentionSettings()
     api: ApiSettings = ApiSettings()
     tls: TlsSettings = TlsSettings()
+    publish: PublishSection = PublishSection()
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     prefix: str = "edge/v1"
 
@@ -276,8 +293,14 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, overrides: Mapp
         if not isinstance(server, dict):
             raise ConfigError("must be a table", key="server", source=source)
         tree.update(server)
-        if "state_dir" in tree and isinstance(tree["state_dir"], str):
-            tree["state_dir"] = str((Path(path).resolve().parent / tree["state_dir"]).resolve())
+        base = Path(path).resolve().parent  # relative paths in the file are relative to the file
+        if isinstance(tree.get("state_dir"), str):
+            tree["state_dir"] = str((base / tree["state_dir"]).resolve())
+        publish = tree.get("publish")
+        if isinstance(publish, dict):
+            for key in ("repo_dir", "keys_dir", "work_dir"):
+                if isinstance(publish.get(key), str):
+                    publish[key] = str((base / publish[key]).resolve())
     for var, value in environ.items():
         if var.startswith(ENV_PREFIX) and len(var) > len(ENV_PREFIX):
             key = var[len(ENV_PREFIX):].lower().replace("__", ".")
@@ -303,6 +326,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, overrides: Mapp
         where = next((o for k, o in origin.items() if key == k or key.startswith(k + ".")), source)
         reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(reason, key=f"server.{key}", source=where) from None
+    if (settings.publish.repo_dir is None) != (settings.publish.keys_dir is None):
+        raise ConfigError("repo_dir and keys_dir go together (uploads need both)", key="server.publish.keys_dir",
+                          source=source)
     if settings.broker.protocol != "5":
         raise ConfigError("the fleet server needs MQTT 5 (shared subscriptions, session expiry, response topics)",
                           key="broker.protocol", source=source)

@@ -20,9 +20,11 @@ from typing import Any
 
 import structlog
 import uvicorn
+from fastapi import APIRouter
+from pydantic import ValidationError
 
 from cloud_sync.fleet.server.api import create_app
-from cloud_sync.fleet.server.auth import TokenStore
+from cloud_sync.fleet.server.auth import Role, TokenStore, require
 from cloud_sync.fleet.server.commands import CommandService
 from cloud_sync.fleet.server.config import ServerSettings, with_client_id
 from cloud_sync.fleet.server.context import ServerContext
@@ -109,6 +111,36 @@ async def _retention(retention: Retention, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def upload_routers(settings: ServerSettings) -> list[APIRouter]:
+    """The ``POST /api/models`` router when ``[server.publish]`` is configured (admin role), checked now:
+    the repository must exist and the online keys must be able to sign.
+
+    Raises:
+        ConfigError: bad limits, no repository at ``repo_dir``, or keys that cannot sign.
+    """
+    pub = settings.publish
+    if not pub.enabled:
+        return []
+    from cloud_sync.errors import CloudSyncError
+    from cloud_sync.fleet.publishing import PublishSettings, UploadLimits
+    from cloud_sync.fleet.upload_api import models_router
+
+    try:
+        limits = UploadLimits(**pub.limits)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(err["msg"], key="server.publish.limits." + ".".join(str(p) for p in err["loc"])) from None
+    assert pub.repo_dir is not None and pub.keys_dir is not None
+    publish = PublishSettings(repo_dir=pub.repo_dir, keys_dir=pub.keys_dir, work_dir=pub.work_dir, limits=limits,
+                              expiry_days=pub.expiry_days)
+    try:
+        publish.check()
+    except CloudSyncError as exc:
+        raise ConfigError(str(exc), key="server.publish.repo_dir") from None
+    log.info("fleet.server.uploads", repo=str(pub.repo_dir))
+    return [models_router(publish, require(Role.admin))]
+
+
 def build(settings: ServerSettings, db: Database) -> ServerContext:
     """The parts, unstarted: ingestor, commands, tokens, in one context for the API."""
     ingestor = Ingestor(settings, db)
@@ -122,10 +154,11 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
     """Run until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the API base URL once listening.
 
     Raises:
-        ConfigError: the listen address cannot be bound.
+        ConfigError: the listen address cannot be bound; the upload repository or keys are unusable.
         StorageError: the database cannot be reached or migrated.
     """
     settings = with_client_id(settings)
+    uploads = upload_routers(settings)
     db = Database(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms, pool_size=settings.db_pool_size)
     try:
         await asyncio.to_thread(db.migrate)
@@ -133,7 +166,7 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         ctx = build(settings, db)
         assert ctx.ingestor is not None
         tls = settings.tls
-        config = uvicorn.Config(create_app(ctx), log_config=None, access_log=settings.api.access_log,
+        config = uvicorn.Config(create_app(ctx, extra=uploads), log_config=None, access_log=settings.api.access_log,
                                 lifespan="off", server_header=False, timeout_keep_alive=5,
                                 limit_concurrency=settings.api.max_connections,
                                 ssl_certfile=str(tls.certfile) if tls.certfile else None,

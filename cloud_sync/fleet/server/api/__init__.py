@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -61,8 +61,10 @@ def _app_version() -> str:
         return "0"
 
 
-def create_app(ctx: ServerContext, routers: Sequence[str] = ROUTERS) -> FastAPI:
-    """The FastAPI application over ``ctx``; starting and stopping the parts is the service's job."""
+def create_app(ctx: ServerContext, routers: Sequence[str] = ROUTERS, extra: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI application over ``ctx`` with the routers of ``routers`` (module names) and ``extra``
+    (routers built by the service, e.g. the upload router from its factory); starting and stopping the
+    parts is the service's job."""
     app = FastAPI(title="edge-fleet server", version=_app_version(), openapi_url="/api/openapi.json",
                   docs_url="/api/docs", redoc_url=None,
                   description="Fleet service of edge-agent: devices, telemetry, results, events, gaps, commands. "
@@ -99,4 +101,6 @@ def create_app(ctx: ServerContext, routers: Sequence[str] = ROUTERS) -> FastAPI:
 
     for name in routers:
         app.include_router(importlib.import_module(name).router)
+    for router in extra:
+        app.include_router(router)
     return app
