@@ -12,6 +12,8 @@ the caller should do:
 * :class:`RepositoryError`: a fleet-side repository or key problem (``edge-fleet``).
 * :class:`LinkError`: the MQTT link; :class:`CommandError` travels back to the fleet.
 * :class:`OutboxError`: the outbox database cannot be used.
+* :class:`UploadError`: a model upload (or a model file for ``bundle build``) was refused;
+  nothing was published. One class per problem, each with its own ``code`` and HTTP ``status``.
 """
 
 from __future__ import annotations
@@ -168,3 +170,90 @@ class OutboxError(CloudSyncError):
         self.reason = reason
         self.path = path
         super().__init__(f"outbox {path}: {reason}" if path else f"outbox: {reason}")
+
+
+# -- model uploads (fleet side: cloud_sync.fleet.publishing) ----------------------------------
+
+
+class UploadError(CloudSyncError):
+    """An uploaded model was refused and nothing was published.
+
+    ``reason`` is one line naming the problem; ``field`` names the form field, archive member
+    or manifest field at fault when there is one; ``status`` is the HTTP status to answer.
+    """
+
+    code = "bad_upload"
+    status = 422
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        self.reason = reason
+        self.field = field
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"code": self.code, "message": str(self)}
+        if self.field:
+            out["field"] = self.field
+        return out
+
+
+class NotAModelError(UploadError):
+    """ONNX Runtime or LiteRT cannot load the file (not a model, truncated, unsupported, crashed)."""
+
+    code = "not_a_model"
+
+
+class UploadTooLargeError(UploadError):
+    """The upload, a form field or an archive member is over its size cap (checked while reading)."""
+
+    code = "too_large"
+    status = 413
+
+
+class UnsafeUploadError(UploadError):
+    """The archive is unsafe or unreadable: traversal, link, device, bomb, too many or too big members."""
+
+    code = "unsafe_archive"
+
+
+class BadUploadManifestError(UploadError):
+    """The archive's ``manifest.json`` (or the manifest the upload builds) is invalid (``field`` says where)."""
+
+    code = "bad_manifest"
+
+
+class BadNameError(UploadError):
+    """The model name is not 1-64 characters of ``a-z 0-9 . _ -`` starting with a letter or digit."""
+
+    code = "bad_name"
+
+
+class BadVersionError(UploadError):
+    """The version is not a positive integer."""
+
+    code = "bad_version"
+
+
+class BadProcessingError(UploadError):
+    """Pre- or post-processing is not a JSON object with a non-empty string ``type``."""
+
+    code = "bad_processing"
+
+
+class BadTestInputError(UploadError):
+    """The test input is not a readable ``.npy``/``.npz`` file or does not fit the model's inputs."""
+
+    code = "bad_test_input"
+
+
+class ModelCheckTimeoutError(UploadError):
+    """Loading or running the model took longer than the service allows."""
+
+    code = "check_timeout"
+
+
+class VersionExistsError(UploadError, RepositoryError):
+    """That name and version is already published: published versions are immutable."""
+
+    code = "version_exists"
+    status = 409

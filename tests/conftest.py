@@ -118,6 +118,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[object]:
 # --- real mosquitto brokers (tests/mqtt_broker.py) ---------------------------------------------------------------
 
 from tests.mqtt_broker import DEVICE_ACL, Broker, make_broker  # noqa: E402
+from tests.pg_fixture import db_url, pg_server  # noqa: E402, F401  (fleet service: SQLite + PostgreSQL)
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ import numpy as np
 import structlog
 
 from cloud_sync.bundles import build_bundle, generate_test_vectors
-from cloud_sync.bundles.build import Runner, find_model
+from cloud_sync.bundles.build import Runner, find_model, runtime_for
 from cloud_sync.errors import CloudSyncError
-from cloud_sync.repo import ROLES, Repository, RoleKeys, make_server
+from cloud_sync.fleet.modelcheck import LoadedModel, load_model
+from cloud_sync.repo import ONLINE_ROLES, ROLES, Repository, RoleKeys, make_server
 
 log = structlog.get_logger(__name__)
 
@@ -106,12 +107,19 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_session(model_path: Path) -> Any:
-    # The only place cloud_sync reaches into agent: the CLI runs the model with the agent's
-    # own runtimes, so test vectors record exactly what a device will compute.
-    from agent.runtimes import backend_for_file
+def cmd_keys_export_online(args: argparse.Namespace) -> int:
+    repo = Repository(args.repo, args.keys)
+    repo.root()  # there must be a repository these keys sign
+    copied = repo.keys.export(args.out, ONLINE_ROLES)
+    online = Repository(args.repo, args.out).online_keys()
+    print(f"exported {len(copied)} online keys ({', '.join(f'{r}: {n}' for r, n in online.items())}) to {args.out}; "
+          "no root key: keep the root keys offline")
+    return 0
 
-    return backend_for_file(model_path).load(model_path, [])
+
+def _load(model_path: Path, runtime: str | None) -> LoadedModel:
+    """The model on the runtime's own package, following the device's conventions (modelcheck)."""
+    return load_model(model_path, runtime or runtime_for(model_path))
 
 
 def cmd_bundle_build(args: argparse.Namespace) -> int:
@@ -134,10 +142,9 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     model_file = find_model(model) if model.is_dir() else model
     if feeds or args.describe:
         with _progress("loading the model"):
-            session = _agent_session(model_file)
+            session = _load(model_file, args.runtime)
         for key, specs in (("inputs", session.inputs), ("outputs", session.outputs)):
-            extra.setdefault(key, [{k: v for k, v in s.to_dict().items() if k in ("name", "dtype", "shape")}
-                                   for s in specs])
+            extra.setdefault(key, [spec.spec() for spec in specs])
         if feeds:
             runner: Runner = lambda _path, f: session.run(f)  # noqa: E731
             vectors = generate_test_vectors(model_file, feeds, runner, rtol=args.rtol, atol=args.atol)
@@ -188,7 +195,7 @@ def _key_args(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``keys``, ``bundle``, ``publish`` and ``serve`` on an ``add_subparsers()`` object."""
-    keys = subparsers.add_parser("keys", help="TUF key management (init, rotate)", epilog=EPILOG)
+    keys = subparsers.add_parser("keys", help="TUF key management (init, rotate, export-online)", epilog=EPILOG)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     init = keys_sub.add_parser("init", help="create Ed25519 keys and an empty signed repository", epilog=EPILOG)
     _repo_args(init)
@@ -199,6 +206,12 @@ def add_commands(subparsers: Any) -> None:
     rotate.add_argument("--role", action="append", choices=ROLES, help="role to rotate (repeatable; default root)")
     _key_args(rotate)
     rotate.set_defaults(bundles_handler=cmd_keys_rotate)
+    export = keys_sub.add_parser("export-online", epilog=EPILOG,
+                                 help="copy the online keys (targets, snapshot, timestamp) to a new directory for "
+                                      "the fleet service; the root key stays offline")
+    _repo_args(export)
+    export.add_argument("--out", required=True, type=Path, help="new keys directory (must not hold keys yet)")
+    export.set_defaults(bundles_handler=cmd_keys_export_online)
 
     bundle = subparsers.add_parser("bundle", help="build a model bundle", epilog=EPILOG)
     bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
@@ -217,7 +230,8 @@ def add_commands(subparsers: Any) -> None:
     build.add_argument("--rtol", type=float, default=1e-4, help="test vector relative tolerance")
     build.add_argument("--atol", type=float, default=1e-5, help="test vector absolute tolerance")
     build.add_argument("--describe", action="store_true",
-                       help="load the model to record its input/output specs (implied by --test-input)")
+                       help="load the model (ONNX Runtime / LiteRT, CPU) to record its input/output specs "
+                            "(implied by --test-input)")
     build.add_argument("--out", default=".", help="output directory (default: current)")
     build.add_argument("--no-compress", action="store_true", help="plain tar instead of tar.gz")
     build.set_defaults(bundles_handler=cmd_bundle_build)
@@ -251,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - e.g. agent runtime errors while generating vectors
+    except Exception as exc:  # noqa: BLE001 - e.g. runtime errors while generating vectors
         print(f"edge-fleet: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -191,22 +191,26 @@ def cmd_watch(client: FleetClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_broker_args(cmd: argparse.ArgumentParser) -> None:
+    """The broker flags every MQTT-speaking command takes (resolved by :func:`broker_settings`)."""
+    g = cmd.add_argument_group("broker")
+    g.add_argument("--config", help="TOML file with a [broker] table (url, ca_file, cert_file, key_file, ...)")
+    g.add_argument("--broker", dest="url", help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGE_FLEET_URL)")
+    g.add_argument("--protocol", choices=["5", "3.1.1"])
+    g.add_argument("--ca-file", dest="ca_file")
+    g.add_argument("--cert-file", dest="cert_file")
+    g.add_argument("--key-file", dest="key_file")
+    g.add_argument("--username")
+    g.add_argument("--password")
+    g.add_argument("--prefix", help="topic prefix (default edge/v1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-fleet", description="Fleet console for edge-agent devices.", epilog=EPILOG)
     p.add_argument("--verbose", "-v", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def broker_args(cmd: argparse.ArgumentParser) -> None:
-        g = cmd.add_argument_group("broker")
-        g.add_argument("--config", help="TOML file with a [broker] table (url, ca_file, cert_file, key_file, ...)")
-        g.add_argument("--broker", dest="url", help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGE_FLEET_URL)")
-        g.add_argument("--protocol", choices=["5", "3.1.1"])
-        g.add_argument("--ca-file", dest="ca_file")
-        g.add_argument("--cert-file", dest="cert_file")
-        g.add_argument("--key-file", dest="key_file")
-        g.add_argument("--username")
-        g.add_argument("--password")
-        g.add_argument("--prefix", help="topic prefix (default edge/v1)")
+    broker_args = add_broker_args
 
     dev = sub.add_parser("devices", help="devices from retained state: online, last seen, models")
     broker_args(dev)
@@ -231,6 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--wave-size", type=int, help="devices per later wave (default: all the rest)")
     dep.add_argument("--abort-after", type=int, default=1, help="stop after this many failures (default 1)")
     dep.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each wave")
+    dep.add_argument("--via-server", metavar="URL", help="let the fleet service run the rollout (persisted, "
+                                                         "resumable; see docs/fleet-server.md) and follow it")
+    dep.add_argument("--token", help="API token of an operator for --via-server (env EDGE_FLEET_TOKEN)")
 
     wat = sub.add_parser("watch", help="print a device's results, telemetry and events as they arrive")
     broker_args(wat)
@@ -251,6 +258,13 @@ def _parser() -> argparse.ArgumentParser:
             cmd.set_defaults(missing=exc.name)
     else:
         bundles_cli.add_commands(sub)
+    from cloud_sync.fleet.server import cli as server_cli  # argparse only: the fleet extra loads on use
+
+    server_cli.add_commands(sub, broker_args)
+    from cloud_sync.fleet import simulate_cli, upload_cli  # argparse only; each handler imports what it needs
+
+    simulate_cli.add_command(sub, broker_args)
+    upload_cli.add_command(sub)
     return p
 
 
@@ -270,7 +284,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-fleet: error: '{args.command}' needs the fleet extra (pip install 'edge-agent[fleet]'): "
               f"{args.missing} is not installed", file=sys.stderr)
         return 2
+    if getattr(args, "fleet_handler", None) is not None:  # simulate, upload: they map their own errors
+        return int(args.fleet_handler(args))
+    if getattr(args, "server_handler", None) is not None:
+        from cloud_sync.fleet.server import cli as server_cli
+
+        return server_cli.run(args)
     try:
+        if args.command == "deploy" and args.via_server:
+            from cloud_sync.fleet import server_deploy
+
+            model, sep, version = args.target.partition("@")
+            if not sep or not version.isdigit():
+                raise UsageError(f"{args.target!r}: expected MODEL@VERSION")
+            return server_deploy.deploy(args, model, int(version))
         if args.command not in MQTT_COMMANDS:
             bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
             return int(bundles_cli.run(args))

@@ -1,10 +1,14 @@
 """The device's MQTT session: connection with backoff and jitter, birth/Last Will, command
 subscriptions, and the outbox sender that deletes a message only on its PUBACK.
 
-paho-mqtt blocks, so it runs on two threads of ours: ``mqtt-net`` drives the client
-(connect, ``loop``, reconnect) and ``mqtt-outbox`` replays the outbox in order with a
-bounded window of QoS 1 messages in flight. Everything else talks to it through
+paho-mqtt blocks, so by default it runs on two threads of ours: ``mqtt-net`` drives the
+client (connect, ``loop``, reconnect) and ``mqtt-outbox`` replays the outbox in order with
+a bounded window of QoS 1 messages in flight. Everything else talks to it through
 thread-safe methods; incoming messages are handed to ``on_message`` on the net thread.
+
+Many sessions in one process (the fleet simulator) can instead share one
+:class:`~cloud_sync.mqtt.hub.SessionHub` thread, which runs the same connect/backoff and
+sender steps for all of them; a real device keeps its own two threads.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -28,6 +32,9 @@ from paho.mqtt.properties import Properties
 from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
 from cloud_sync.mqtt.topics import Topics
 from cloud_sync.outbox import Kind, Outbox
+
+if TYPE_CHECKING:
+    from cloud_sync.mqtt.hub import SessionHub
 
 log = structlog.get_logger(__name__)
 
@@ -68,9 +75,24 @@ def backoff(delay: float, broker: BrokerSettings) -> float:
     return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not cryptography
 
 
+IDLE_WAIT_S = 0.5  # the sender's longest nap: nothing to send, or not connected
+
+
+@dataclass
+class SenderState:
+    """The outbox sender's position, kept between rounds of :meth:`DeviceSession.pump`."""
+
+    generation: int = 0
+    last_sent: int = 0
+    acked: list[int] = field(default_factory=list)
+    last_flush: float = field(default_factory=time.monotonic)
+
+
 class DeviceSession:
     def __init__(self, settings: LinkSettings, outbox: Outbox,
-                 on_message: Callable[[IncomingMessage], None] | None = None) -> None:
+                 on_message: Callable[[IncomingMessage], None] | None = None, *,
+                 hub: SessionHub | None = None) -> None:
+        """``hub``: share one driver thread with other sessions instead of starting two threads."""
         self.settings = settings
         self.broker = settings.broker
         self.topics = Topics(settings.prefix, settings.device_id)
@@ -91,6 +113,7 @@ class DeviceSession:
         self._acks: collections.deque[int] = collections.deque()
         self._inflight: dict[int, int] = {}  # mid -> outbox seq, touched by the sender thread only
         self._generation = 0  # bumped on every disconnect so the sender restarts from the oldest
+        self._hub = hub
         self.reconnects = 0
         self.connected_at: float | None = None
         self.last_error: str | None = None
@@ -102,8 +125,16 @@ class DeviceSession:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def client(self) -> mqtt.Client:
+        """The paho client, for a :class:`SessionHub` that drives it."""
+        return self._client
+
     def start(self) -> None:
         """Returns at once; the session keeps trying to connect in the background."""
+        if self._hub is not None:
+            self._hub.attach(self)
+            return
         for thread in self._threads:
             thread.start()
 
@@ -118,8 +149,11 @@ class DeviceSession:
             except (RuntimeError, ValueError) as exc:
                 log.warning("mqtt.offline_not_sent", reason=str(exc))
         self._stop.set()
-        self._wake.set()
+        self._notify()
         self._client.disconnect()
+        if self._hub is not None:
+            self._hub.detach(self, timeout)
+            return
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout)
@@ -133,8 +167,14 @@ class DeviceSession:
     def enqueue(self, kind: Kind, topic: str, payload: Mapping[str, Any]) -> int:
         """Persist a device-originated message in the outbox; the sender delivers it."""
         seq = self.outbox.put(kind, topic, payload)
-        self._wake.set()
+        self._notify()
         return seq
+
+    def enqueue_many(self, items: Iterable[tuple[Kind, str, Mapping[str, Any]]]) -> list[int]:
+        """Persist several ``(kind, topic, payload)`` messages in one outbox transaction."""
+        seqs = self.outbox.put_many(items)
+        self._notify()
+        return seqs
 
     def publish_now(self, topic: str, payload: Mapping[str, Any], *, correlation: bytes | None = None) -> bool:
         """Direct QoS 1 publish (command responses); False when not connected."""
@@ -161,14 +201,14 @@ class DeviceSession:
         self.connected_at = time.time()
         self.last_error = None
         self._connected.set()
-        self._wake.set()
+        self._notify()
         log.info("mqtt.connected", broker=self.broker.url, reconnects=self.reconnects)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         self._generation += 1
-        self._wake.set()
+        self._notify()
         if was and not self._stop.is_set():
             self.reconnects += 1
             self.last_error = f"disconnected: {reason}"
@@ -185,7 +225,13 @@ class DeviceSession:
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._acks.append(mid)
+        self._notify()
+
+    def _notify(self) -> None:
+        """The sender has something to look at (new message, PUBACK, connection change)."""
         self._wake.set()
+        if self._hub is not None:
+            self._hub.wake(self)
 
     def _publish_birth(self) -> None:
         payload = orjson.dumps({**self._birth, "online": True, "ts": time.time()}, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -209,8 +255,7 @@ class DeviceSession:
                     delay = self.broker.backoff_min_s
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
-            if self._connected.is_set():  # loop ended without paho noticing: make it consistent
-                self._on_disconnect(self._client, None, None, "connection lost", None)
+            self.connection_lost()  # loop ended without paho noticing: make it consistent
             if not self._stop.is_set():
                 self._stop.wait(backoff(delay, self.broker))
                 delay = min(delay * 2, self.broker.backoff_max_s)
@@ -220,41 +265,65 @@ class DeviceSession:
                 break
 
     def _send(self) -> None:
-        window = max(self.settings.publish_window, 1)
-        last_sent, generation = 0, self._generation
-        acked: list[int] = []
-        last_flush = time.monotonic()
+        state = SenderState(generation=self._generation)
         while not self._stop.is_set():
             self._wake.clear()  # cleared before looking, so a wake-up during the checks is not lost
-            if generation != self._generation or not self._connected.is_set():
-                # Reconnect: whatever was in flight is resent from the outbox (receivers dedupe by seq).
-                self._inflight.clear()
-                self._acks.clear()
-                last_sent, generation = 0, self._generation
-                if not self._connected.wait(0.5):
-                    continue
-            while self._acks:
-                seq = self._inflight.pop(self._acks.popleft(), None)
-                if seq is not None:
-                    acked.append(seq)
-            now = time.monotonic()
-            if acked and (len(acked) >= 256 or now - last_flush > 0.05 or not self._inflight):
-                self.outbox.ack(acked)
-                acked.clear()
-                last_flush = now
-            room = window - len(self._inflight)
-            if room <= 0:
-                self._wake.wait(0.05)
+            wait = self.pump(state)
+            if wait <= 0:
                 continue
-            batch = self.outbox.pending(after_seq=last_sent, limit=min(room, 500))
-            if not batch:
-                self._wake.wait(0.05 if acked or self._inflight else 0.5)
-                continue
-            for message in batch:
-                info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-                self._inflight[info.mid] = message.seq
-                last_sent = message.seq
-        if acked:
-            self.outbox.ack(acked)
+            if self._connected.is_set():
+                self._wake.wait(wait)
+            else:
+                self._connected.wait(wait)
+        self.flush_acks(state)
+
+    # -- the sender's steps, shared by the ``mqtt-outbox`` thread and a SessionHub ------------------
+    def pump(self, state: SenderState) -> float:
+        """One round of the outbox sender: settle PUBACKs, publish what the window allows.
+
+        Returns how long to wait for a wake-up before the next round (0: go on at once).
+        Only one thread may pump a session (it owns ``_inflight``).
+        """
+        if state.generation != self._generation or not self._connected.is_set():
+            # Reconnect: whatever was in flight is resent from the outbox (receivers dedupe by seq).
+            self._inflight.clear()
+            self._acks.clear()
+            state.last_sent, state.generation = 0, self._generation
+            if not self._connected.is_set():
+                return IDLE_WAIT_S
+        while self._acks:
+            seq = self._inflight.pop(self._acks.popleft(), None)
+            if seq is not None:
+                state.acked.append(seq)
+        now = time.monotonic()
+        if state.acked and (len(state.acked) >= 256 or now - state.last_flush > 0.05 or not self._inflight):
+            self.flush_acks(state)
+            state.last_flush = now
+        room = max(self.settings.publish_window, 1) - len(self._inflight)
+        if room <= 0:
+            return 0.05
+        batch = self.outbox.pending(after_seq=state.last_sent, limit=min(room, 500))
+        if not batch:
+            return 0.05 if state.acked or self._inflight else IDLE_WAIT_S
+        for message in batch:
+            info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = message.seq
+            state.last_sent = message.seq
+        return 0.0
+
+    def flush_acks(self, state: SenderState) -> None:
+        """Delete acknowledged messages from the outbox."""
+        if state.acked:
+            self.outbox.ack(state.acked)
+            state.acked.clear()
+
+    def connection_lost(self) -> None:
+        """The driver's loop ended without paho noticing: make the state consistent."""
+        if self._connected.is_set():
+            self._on_disconnect(self._client, None, None, "connection lost", None)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()

@@ -70,3 +70,34 @@ class KeyStore:
             dest.mkdir(parents=True, exist_ok=True, mode=0o700)
             src.replace(dest / src.name)
             log.info("repo.key_retired", role=role, keyid=keyid)
+
+    def export(self, dest: Path, roles: tuple[str, ...]) -> list[Path]:
+        """Copy the keys of ``roles`` (not retired ones) into a new keys directory ``dest``.
+
+        This is how the fleet service gets the online keys (targets, snapshot, timestamp)
+        without the root key, which stays offline. ``dest`` must not hold keys yet.
+
+        Raises:
+            RepositoryError: ``dest`` already holds keys, or a role has no key here.
+        """
+        dest = Path(dest)
+        if dest.exists() and any(dest.rglob("*.pem")):
+            raise RepositoryError(f"{dest} already holds keys; export into a new directory")
+        copied: list[Path] = []
+        for role in roles:
+            keys = sorted((self.dir / role).glob("*.pem"))
+            if not keys:
+                raise RepositoryError(f"no {role} key in {self.dir / role}")
+            role_dir = dest / role
+            role_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dest.chmod(0o700)
+            role_dir.chmod(0o700)
+            for key in keys:
+                fd = os.open(role_dir / key.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(key.read_bytes())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                copied.append(role_dir / key.name)
+        log.info("repo.keys_exported", dest=str(dest), roles=list(roles), keys=len(copied))
+        return copied

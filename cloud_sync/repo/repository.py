@@ -32,13 +32,15 @@ from tuf.api.serialization.json import JSONSerializer
 
 from cloud_sync.bundles.archive import read_manifest
 from cloud_sync.bundles.build import bundle_file_name
-from cloud_sync.errors import RepositoryError
+from cloud_sync.errors import RepositoryError, VersionExistsError
 from cloud_sync.fsutil import write_atomic
 from cloud_sync.repo.keys import KeyStore
 
 log = structlog.get_logger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
+#: Roles the service signs with day to day; the root key stays offline (``edge-fleet keys export-online``).
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {
     "root": timedelta(days=365),
     "targets": timedelta(days=90),
@@ -159,15 +161,22 @@ class Repository:
 
     # -- changes -----------------------------------------------------------------------------
 
-    def publish(self, bundle: Path, *, expiry: Mapping[str, timedelta] | None = None) -> PublishedTarget:
+    def publish(self, bundle: Path, *, expiry: Mapping[str, timedelta] | None = None,
+                exists_ok: bool = True) -> PublishedTarget:
         """Add ``bundle`` as target ``<name>/<name>-<version>.bundle`` and re-sign.
 
-        Bumps targets, snapshot and timestamp. Publishing the same bytes again is a no-op;
-        different bytes under an already published name and version are refused.
+        Bumps targets, snapshot and timestamp, signed with the online keys only (the root key
+        is never needed). All three are signed in memory before anything is written, then the
+        bundle, targets and snapshot are written and ``timestamp.json`` last (what clients read
+        first), so a signing failure leaves the repository as it was, and a failed write removes
+        what it had written. Publishing the same bytes again is a no-op unless ``exists_ok`` is
+        false; different bytes under an already published name and version are refused.
 
         Raises:
             ManifestError / UnsafeArchiveError: the bundle's manifest cannot be read.
-            RepositoryError: version already published with other content, or keys missing.
+            VersionExistsError: the version is already published (with other content, or at all
+                when ``exists_ok`` is false); a ``RepositoryError``.
+            RepositoryError: no repository, or not enough online keys.
         """
         self.root()  # fail early when there is no repository
         manifest = read_manifest(Path(bundle))
@@ -180,22 +189,62 @@ class Repository:
             targets = self.targets()
             existing = targets.signed.targets.get(path)
             if existing is not None:
-                if existing.hashes == info.hashes and existing.length == info.length:
+                same = existing.hashes == info.hashes and existing.length == info.length
+                if same and exists_ok:
                     log.info("repo.publish_unchanged", target=path)
                     return PublishedTarget(path, info.length, dict(info.hashes), custom)
-                raise RepositoryError(f"{path} is already published with different content; bump the version")
+                what = "with the same content" if same else "with different content; bump the version"
+                raise VersionExistsError(f"{path} is already published {what}", field="version")
+            targets.signed.targets[path] = info
+            targets.signed.version += 1
+            targets.signed.expires = self._expires("targets", expiry)
+            self._sign(targets, "targets", root)
+            snapshot, timestamp = self._snapshot_and_timestamp(root, targets.signed.version, expiry,
+                                                               self.snapshot().signed.version + 1,
+                                                               self.timestamp().signed.version + 1)
             base = bundle_file_name(manifest.name, manifest.version)
             stored = self.targets_dir / manifest.name / f"{info.hashes['sha256']}.{base}"
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_copy(Path(bundle), stored)
-            targets.signed.targets[path] = info
-            self._bump("targets", targets, root, expiry)
-            snapshot_version = self.snapshot().signed.version + 1
-            self._write_snapshot_and_timestamp(root, targets.signed.version, expiry, snapshot_version,
-                                               self.timestamp().signed.version + 1)
+            created_dir = not stored.parent.exists()
+            written: list[Path] = []
+            try:
+                stored.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_copy(Path(bundle), stored)
+                written.append(stored)
+                for md, name in ((targets, f"{targets.signed.version}.targets.json"),
+                                 (snapshot, f"{snapshot.signed.version}.snapshot.json")):
+                    write_atomic(self.metadata_dir / name, md.to_bytes(JSONSerializer()))
+                    written.append(self.metadata_dir / name)
+                write_atomic(self.metadata_dir / "timestamp.json", timestamp.to_bytes(JSONSerializer()))
+            except BaseException:
+                for item in written:
+                    item.unlink(missing_ok=True)
+                if created_dir:
+                    with contextlib.suppress(OSError):
+                        stored.parent.rmdir()
+                raise
         log.info("repo.published", target=path, length=info.length, sha256=info.hashes["sha256"],
                  targets_version=targets.signed.version)
         return PublishedTarget(path, info.length, dict(info.hashes), custom)
+
+    def online_keys(self) -> dict[str, int]:
+        """How many usable private keys each online role has here, checked against the root.
+
+        Raises:
+            RepositoryError: a role has fewer keys than its threshold (publishing would fail).
+        """
+        root = self.root().signed
+        found = {}
+        for role in ONLINE_ROLES:
+            signers = self.keys.signers(role, root.roles[role].keyids)
+            if len(signers) < root.roles[role].threshold:
+                raise RepositoryError(f"{role}: {len(signers)} of the {root.roles[role].threshold} keys needed "
+                                      f"are in {self.keys.dir / role}")
+            found[role] = len(signers)
+        return found
+
+    def holds_root_key(self) -> bool:
+        """True if a private key of the current root is in the keys directory (it belongs offline)."""
+        return bool(self.keys.signers("root", self.root().signed.roles["root"].keyids))
 
     def refresh(self, *, expiry: Mapping[str, timedelta] | None = None) -> int:
         """Re-sign snapshot and timestamp with fresh expiry (run this before timestamps expire).
@@ -304,15 +353,25 @@ class Repository:
         md.signed.expires = self._expires(role, expiry)
         self._write(role, md, root)
 
+    def _snapshot_and_timestamp(self, root: Root, targets_version: int, expiry: Mapping[str, timedelta] | None,
+                                snapshot_version: int, timestamp_version: int,
+                                ) -> tuple[Metadata[Snapshot], Metadata[Timestamp]]:
+        """New snapshot and timestamp, signed, not written."""
+        snapshot = Metadata(Snapshot(version=snapshot_version, expires=self._expires("snapshot", expiry),
+                                     meta={"targets.json": MetaFile(version=targets_version)}))
+        self._sign(snapshot, "snapshot", root)
+        timestamp = Metadata(Timestamp(version=timestamp_version, expires=self._expires("timestamp", expiry),
+                                       snapshot_meta=MetaFile(version=snapshot_version)))
+        self._sign(timestamp, "timestamp", root)
+        return snapshot, timestamp
+
     def _write_snapshot_and_timestamp(self, root: Root, targets_version: int,
                                       expiry: Mapping[str, timedelta] | None,
                                       snapshot_version: int, timestamp_version: int) -> None:
-        snapshot = Snapshot(version=snapshot_version, expires=self._expires("snapshot", expiry),
-                            meta={"targets.json": MetaFile(version=targets_version)})
-        self._write("snapshot", Metadata(snapshot), root)
-        timestamp = Timestamp(version=timestamp_version, expires=self._expires("timestamp", expiry),
-                              snapshot_meta=MetaFile(version=snapshot_version))
-        self._write("timestamp", Metadata(timestamp), root)
+        snapshot, timestamp = self._snapshot_and_timestamp(root, targets_version, expiry, snapshot_version,
+                                                           timestamp_version)
+        write_atomic(self.metadata_dir / f"{snapshot_version}.snapshot.json", snapshot.to_bytes(JSONSerializer()))
+        write_atomic(self.metadata_dir / "timestamp.json", timestamp.to_bytes(JSONSerializer()))
 
 
 def _inside(path: Path, parent: Path) -> bool:

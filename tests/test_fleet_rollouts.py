@@ -1,0 +1,210 @@
+"""Persisted rollouts: waves, abort threshold, resume, and a service restart mid-rollout, driven against
+simulated devices (the fleet simulator: real device-side link code, idempotent command ids) over mosquitto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from cloud_sync.fleet.server import schema as s
+from cloud_sync.fleet.server.db import Database
+from cloud_sync.fleet.server.errors import ConflictError, RequestError
+from cloud_sync.fleet.server.rollouts import RolloutRunner, Rollouts, amount, command_id, plan, wave_failed
+from cloud_sync.fleet.server.service import build
+from cloud_sync.fleet.simulator import FleetSimulator, SimulatorSettings
+from cloud_sync.mqtt.settings import BrokerSettings
+from tests.fleet_env import count, settings, wait_for
+from tests.mqtt_broker import Broker
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_planning_arithmetic() -> None:
+    devices = [f"d{i:02d}" for i in range(20)]
+    assert [len(w) for w in plan(devices, canary="1", wave_size="25%")] == [1, 5, 5, 5, 4]
+    assert [len(w) for w in plan(devices, canary="10%", wave_size=None)] == [2, 18]
+    assert [len(w) for w in plan(devices, canary="0", wave_size="50%")] == [1, 10, 9]  # a canary of at least 1
+    assert plan(devices, canary="1", wave_size="25%")[0] == ["d00"]  # stable order
+    assert amount("5%", 250, field="x") == 13 and amount("3", 10, field="x") == 3
+    assert wave_failed(1, 1, "5%") and not wave_failed(12, 250, "5%") and wave_failed(13, 250, "5%")
+    assert command_id("dep", "d1") == command_id("dep", "d1") != command_id("dep", "d2")
+    with pytest.raises(RequestError, match="canary"):
+        plan(devices, canary="lots", wave_size=None)
+    with pytest.raises(RequestError, match="wave_size"):
+        plan(devices, canary="1", wave_size="150%")
+
+
+class Fleet:
+    """Simulated devices, one 'service' (ingestor + commands + runner) that can be killed and restarted."""
+
+    def __init__(self, db_url: str, broker: Broker, tmp_path: Path, **sim: object) -> None:
+        self.broker, self.tmp_path = broker, tmp_path
+        self.cfg = settings(db_url, broker.url, tmp_path, client_id="fleet-1")
+        self.db = Database(self.cfg.db_url)
+        self.db.migrate()
+        options = {"devices": 8, "groups": ("lab",), "install_time_s": 0.1, "seed": 3, **sim}
+        self.sim = FleetSimulator(SimulatorSettings(**options),  # type: ignore[arg-type]
+                                  BrokerSettings(url=broker.url, backoff_min_s=0.1, backoff_max_s=1.0))
+        self.sim.start()
+        self.ctx = None
+        self.start_service()
+        wait_for(lambda: self.online() == options["devices"], timeout=30, what="devices online in the database")
+
+    def start_service(self, client_id: str = "fleet-1", lease_s: float = 15.0) -> None:
+        self.ctx = build(self.cfg.model_copy(update={"client_id": client_id}), self.db)
+        self.ctx.ingestor.start()
+        assert self.ctx.ingestor.wait_ready(10)
+        self.runner = RolloutRunner(self.db, self.ctx.commands, client_id, lease_s=lease_s, resend_s=1.0)
+        self.rollouts = Rollouts(self.db)
+
+    def kill_service(self) -> None:
+        self.ctx.ingestor.stop()
+
+    def online(self) -> int:
+        with self.db.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(s.devices.c.online.is_(True))).scalar_one())
+
+    def run_until(self, dep_id: str, *statuses: str, timeout: float = 30.0) -> dict:
+        def done():
+            self.runner.tick()
+            dep = self.rollouts.get(dep_id)
+            return dep if dep["status"] in statuses else None
+        return wait_for(done, timeout=timeout, what=f"deployment {' or '.join(statuses)}")
+
+    def close(self) -> None:
+        self.ctx.ingestor.stop()
+        self.sim.stop()
+        self.db.dispose()
+
+
+@pytest.fixture
+def fleet_factory(db_url: str, broker: Broker, tmp_path: Path):
+    made: list[Fleet] = []
+
+    def make(**sim: object) -> Fleet:
+        made.append(Fleet(db_url, broker, tmp_path, **sim))
+        return made[-1]
+
+    yield make
+    for fleet in made:
+        fleet.close()
+
+
+def test_a_rollout_goes_wave_by_wave_to_the_whole_group(fleet_factory) -> None:
+    fleet = fleet_factory()
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="1", wave_size="50%",
+                                created_by="ops")
+    assert (dep["status"], dep["waves"], dep["counts"]["pending"]) == ("running", 3, 8)
+    assert [d["wave"] for d in dep["devices"]] == [0, 1, 1, 1, 1, 2, 2, 2]
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert done["status"] == "succeeded", done
+    assert done["counts"]["succeeded"] == 8
+    assert fleet.sim.counters.deploys_committed == 8
+    with fleet.db.read() as conn:  # the devices' new model arrives with their next state
+        wait_for(lambda: count(fleet.db, s.device_models, name="silero-vad", version=2) == 8, what="new births")
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.commands)
+                            .where(s.commands.c.name == "deploy", s.commands.c.ok.is_(True))).scalar_one() == 8
+
+
+def test_the_abort_threshold_stops_the_rollout_and_resume_carries_on(fleet_factory) -> None:
+    fleet = fleet_factory(failure_rate=1.0)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="1", wave_size="4",
+                                abort_threshold="50%")
+    aborted = fleet.run_until(dep["id"], "aborted", "succeeded", "failed")
+    assert aborted["status"] == "aborted" and "wave 1: 1 of 1 devices failed" in aborted["reason"]
+    assert aborted["counts"] == {**aborted["counts"], "failed": 1, "skipped": 7}
+    failed = next(d for d in aborted["devices"] if d["status"] == "failed")
+    assert failed["error"]["code"] in ("download_failed", "model_load_failed", "test_vectors_failed")
+    assert fleet.sim.counters.commands == 1  # nobody past the canary was contacted
+    with pytest.raises(ConflictError):
+        fleet.rollouts.abort(dep["id"])
+    resumed = fleet.rollouts.resume(dep["id"])
+    assert resumed["status"] == "running" and resumed["counts"]["pending"] == 7
+    again = fleet.run_until(dep["id"], "aborted", "succeeded", "failed")
+    assert again["status"] == "aborted" and again["reason"].startswith("wave 2: 4 of 4")
+    assert fleet.sim.counters.commands == 5
+
+
+def test_an_operator_abort_skips_the_devices_not_yet_contacted(fleet_factory) -> None:
+    fleet = fleet_factory(install_time_s=30.0)  # the canary never finishes during the test
+    dep = fleet.rollouts.create(model="silero-vad", version=2, devices=["sim-0000", "sim-0001", "sim-0002"],
+                                canary="1")
+    fleet.run_until(dep["id"], "running")
+    wait_for(lambda: (fleet.runner.tick(), fleet.rollouts.get(dep["id"])["counts"]["accepted"])[1] == 1,
+             what="the canary accepted")
+    out = fleet.rollouts.abort(dep["id"], "stop")
+    assert out["status"] == "aborted" and out["counts"]["skipped"] == 2
+    with pytest.raises(RequestError, match="never seen"):
+        fleet.rollouts.create(model="silero-vad", version=2, devices=["sim-0000", "ghost"])
+    with pytest.raises(RequestError, match="no online device"):
+        fleet.rollouts.create(model="silero-vad", version=2, group="nobody")
+
+
+@pytest.mark.parametrize("takeover", [False, True], ids=["same-instance-restarts", "another-instance-takes-over"])
+def test_a_killed_service_resumes_the_rollout_without_redeploying(fleet_factory, takeover: bool) -> None:
+    fleet = fleet_factory(install_time_s=0.5)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="1", wave_size="50%")
+    # run until the second wave is in flight, then kill the service (ingestion, commands, runner)
+    wait_for(lambda: (fleet.runner.tick(), fleet.rollouts.get(dep["id"]))[1]["current_wave"] == 1,
+             what="wave 2 started")
+    wait_for(lambda: (fleet.runner.tick(), fleet.rollouts.get(dep["id"]))[1]["counts"]["pending"] == 3,
+             what="wave 2 sent")
+    fleet.kill_service()
+    if takeover:  # another instance, once the dead one's lease has run out
+        with fleet.db.write() as conn:
+            conn.execute(sa.update(s.deployments).values(lease_until=0.0))
+        fleet.start_service(client_id="fleet-2")
+    else:  # the same instance starting again: same client id, same session, its own lease
+        fleet.start_service(client_id="fleet-1")
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted", timeout=45)
+    assert done["status"] == "succeeded", done
+    assert fleet.sim.counters.commands == 8  # each device ran its deploy exactly once
+    assert fleet.sim.counters.deploys_committed == 8
+
+
+def test_a_command_that_may_not_have_gone_out_is_sent_again_with_the_same_id(fleet_factory) -> None:
+    fleet = fleet_factory(devices=2)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="2")
+    with fleet.db.write() as conn:  # as if the service died between recording the send and the broker's PUBACK
+        conn.execute(sa.update(s.deployment_devices).values(status="sending"))
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert done["status"] == "succeeded"
+    assert fleet.sim.counters.commands == 2
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_the_deployments_api(fleet_factory) -> None:
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.fleet.server.api import create_app
+
+    fleet = fleet_factory(devices=3, install_time_s=30.0)
+    tokens = {role: fleet.ctx.tokens.create(role, role)[0] for role in ("viewer", "operator")}
+    with TestClient(create_app(fleet.ctx)) as api:
+        def call(method: str, path: str, role: str = "operator", **kw: object):
+            return api.request(method, path, headers={"Authorization": f"Bearer {tokens[role]}"}, **kw)
+
+        body = {"model": "silero-vad", "version": 2, "group": "lab", "canary": "1", "wave_size": "50%",
+                "abort_threshold": "5%", "wave_timeout_s": 60}
+        assert call("POST", "/api/deployments", "viewer", json=body).status_code == 403
+        assert call("POST", "/api/deployments", json={**body, "canary": "lots"}).status_code == 422
+        assert call("POST", "/api/deployments", json={**body, "devices": ["sim-0000"]}).status_code == 400
+        assert call("POST", "/api/deployments", json={**body, "group": "nobody"}).status_code == 400
+        r = call("POST", "/api/deployments", json=body)
+        assert r.status_code == 201, r.text
+        dep = r.json()
+        assert (dep["status"], dep["waves"], dep["created_by"]) == ("running", 2, "operator")
+        assert [d["device_id"] for d in dep["devices"]] == ["sim-0000", "sim-0001", "sim-0002"]
+        fleet.runner.tick()
+        listed = call("GET", "/api/deployments", "viewer", params={"status": "running"}).json()
+        assert [d["id"] for d in listed["items"]] == [dep["id"]] and listed["items"][0]["devices"] is None
+        detail = call("GET", f"/api/deployments/{dep['id']}", "viewer").json()
+        assert detail["lease_owner"] == "fleet-1" and detail["counts"]["sent"] + detail["counts"]["accepted"] == 1
+        assert call("POST", f"/api/deployments/{dep['id']}/resume").status_code == 409
+        r = call("POST", f"/api/deployments/{dep['id']}/abort")
+        assert r.status_code == 200 and r.json()["reason"] == "aborted by operator"
+        assert call("POST", f"/api/deployments/{dep['id']}/abort").status_code == 409
+        assert call("POST", f"/api/deployments/{dep['id']}/resume").json()["status"] == "running"
+        assert call("GET", "/api/deployments/nope", "viewer").status_code == 404
