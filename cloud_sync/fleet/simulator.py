@@ -34,9 +34,9 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cloud_sync.errors import CommandError
 from cloud_sync.mqtt.commands import Command, CommandLog, Dispatcher, Spec
 from cloud_sync.mqtt.contract import CPU_DELEGATES, DEPLOY_STEPS, deploy_event
-from cloud_sync.errors import CommandError
 from cloud_sync.mqtt.hub import SessionHub
 from cloud_sync.mqtt.session import DeviceSession, IncomingMessage
 from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
