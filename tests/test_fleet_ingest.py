@@ -62,7 +62,8 @@ def test_every_kind_is_stored_and_the_device_comes_from_the_state(db, broker: Br
         dev2.publish("state", {"online": False, "device_id": "cam-1"}, retain=True)
         wait_for(lambda: not device_row(db, "cam-1").online, what="offline")
         assert device_row(db, "cam-1").agent_version == "0.9.0"
-        assert ingestor.counters["acked"] == ingestor.counters["received"]
+        # A batch is acknowledged, then counted, just after its commit: wait for both counts to settle.
+        wait_for(lambda: ingestor.counters["acked"] == ingestor.counters["received"] > 0, what="acked = received")
         dev2.close()
     dev.close()
 
@@ -252,6 +253,8 @@ def test_two_instances_split_the_load_and_store_each_message_once(db, broker: Br
         for dev in devices:
             dev.results(*range(1, 101))
         wait_for(lambda: count(db, s.results) == 400, timeout=30, what="400 results")
+        # Each instance counts a batch just after committing it: wait for the counts to catch up.
+        wait_for(lambda: a.counters["received"] + b.counters["received"] >= 400, timeout=30, what="both counted")
         assert a.counters["received"] > 0 and b.counters["received"] > 0
         assert a.counters["received"] + b.counters["received"] == 400
         with db.read() as conn:
