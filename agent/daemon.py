@@ -23,11 +23,10 @@ from agent.core.operations import AgentInfo, Operations
 from agent.core.uplink import Uplink
 from agent.deploy.installer import STEP_HOOKS, Deployer, DeviceFacts
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
-from agent.health.collector import HealthCollector
-from agent.health.gauges import AgentGauges
+from agent.health.gauges import AgentFamilies, ModelFamilies, SystemFamilies
 from agent.health.metrics import Metrics
 from agent.health.monitor import SystemMonitor
-from agent.health.system import release_free_heap
+from agent.health.system import AUTO, release_free_heap, resolve_nvidia_smi
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.logs import configure_logging
 from agent.models.registry import ModelRegistry
@@ -64,21 +63,22 @@ class Agent:
         self.uplink = Uplink()  # events and results go nowhere until the link attaches
         self.models = ModelRegistry(config.models_dir, model_options=config.model,
                                     versions_policy=config.models.versions, runtime=config.runtime,
-                                    delegates=choice.profile.runtimes, threads=threads, metrics=self.metrics)
+                                    delegates=choice.profile.runtimes, threads=threads, metrics=self.metrics,
+                                    cache_dir=config.cache_dir)
         self.deployer = Deployer(config.updates, models_dir=config.models_dir, state_dir=config.agent.state_dir,
                                  models=self.models, sink=self.uplink,
                                  device=DeviceFacts(__version__, frozenset(a.kind for a in hardware.accelerators)),
-                                 step_hooks=STEP_HOOKS)
+                                 step_hooks=STEP_HOOKS, cache_dir=config.cache_dir)
         w = config.watchdog
         self.watchdog = Watchdog(WatchdogPolicy(w.stuck_after_s, w.failures_before_recovery, w.max_recoveries,
                                                 w.window_s), self.models, self.uplink, self.metrics)
         self.streams = StreamManager(config.stream, self.models, self.uplink)
         info = AgentInfo(__version__, config.agent.device_id, config.models_dir, config.source, choice.profile.name,
                          choice.reason, threads, hardware.to_dict())
-        health = HealthCollector(root=config.agent.hardware_root, state_dir=config.agent.state_dir,
-                                 extra=AgentGauges(self.models, self.streams.status, self.uplink.status))
-        health.register(self.metrics.registry)
-        monitor = SystemMonitor(config.agent.hardware_root, config.agent.state_dir, health.nvidia_smi)
+        nvidia_smi = resolve_nvidia_smi(AUTO)  # once: a driver installed later needs a restart anyway
+        self.metrics.sources += [SystemFamilies(config.agent.hardware_root, config.agent.state_dir, nvidia_smi),
+                                 ModelFamilies(self.models), AgentFamilies(self.streams.status, self.uplink.status)]
+        monitor = SystemMonitor(config.agent.hardware_root, config.agent.state_dir, nvidia_smi)
         self.ops = Operations(info, models=self.models, deployer=self.deployer, streams=self.streams,
                               monitor=monitor, uplink=self.uplink, state_dir=config.agent.state_dir,
                               stuck_after_s=w.stuck_after_s, on_settings=self._settings_changed)

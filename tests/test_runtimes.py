@@ -384,3 +384,49 @@ def test_check_feeds_rejects_int32_for_a_quantized_input(samples: dict[str, Path
         check_feeds(nabu.inputs, {NABU_IN: np.zeros((1, 3, 40), np.int32)})
     with pytest.raises(RequestError, match=f"input '{NABU_IN}': dimension 1 must be 3"):
         check_feeds(nabu.inputs, {NABU_IN: np.zeros((1, 4, 40), np.float32)})
+
+
+def _silero_feeds(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": (0.1 * rng.standard_normal((1, 576))).astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
+
+
+def test_onnx_optimized_cache_is_written_then_used_and_rebuilt_when_corrupt(samples: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """The first load writes the optimised graph in ONNX Runtime's format; later loads read it and
+    answer exactly as the original; a corrupt entry is dropped and rebuilt, never fatal."""
+    reference = OnnxBackend().load(samples["silero_vad"], [])
+    options = {"cache_dir": tmp_path}
+    first = OnnxBackend().load(samples["silero_vad"], [], options=options)
+    [entry] = list((tmp_path / "onnx").glob("*.ort"))
+    assert entry.stat().st_size > 0 and not list((tmp_path / "onnx").glob(".*.tmp"))
+    written = entry.stat().st_mtime_ns
+    second = OnnxBackend().load(samples["silero_vad"], [], options=options)
+    assert entry.stat().st_mtime_ns == written  # read, not rewritten
+    for seed in range(3):
+        want = reference.run(_silero_feeds(seed))
+        for session in (first, second):
+            got = session.run(_silero_feeds(seed))
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+    entry.write_bytes(b"\x00 not an ORT model")
+    third = OnnxBackend().load(samples["silero_vad"], [], options=options)
+    assert np.array_equal(third.run(_silero_feeds(7))["output"], reference.run(_silero_feeds(7))["output"])
+    assert entry.stat().st_size > 100  # rebuilt
+
+
+def test_onnx_optimized_cache_is_keyed_by_the_model_bytes(samples: dict[str, Path], tmp_path: Path) -> None:
+    import onnxruntime
+
+    from agent.runtimes.onnx import _cached_model
+
+    copy = tmp_path / "m" / "model.onnx"
+    copy.parent.mkdir()
+    copy.write_bytes(samples["silero_vad"].read_bytes())
+    OnnxBackend().load(samples["silero_vad"], [], options={"cache_dir": tmp_path / "c"})
+    OnnxBackend().load(copy, [], options={"cache_dir": tmp_path / "c"})  # same bytes elsewhere: same entry
+    assert len(list((tmp_path / "c" / "onnx").glob("*.ort"))) == 1
+    changed = tmp_path / "other.onnx"
+    changed.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))
+    assert _cached_model(onnxruntime, changed, tmp_path) != _cached_model(onnxruntime, copy, tmp_path)
+    assert _cached_model(onnxruntime, copy, tmp_path) == _cached_model(onnxruntime, samples["silero_vad"], tmp_path)

@@ -64,7 +64,11 @@ async def serve(registry: ModelRegistry, file: Path, version: int = 1, name: str
 
 
 def loaded_gauge(registry: ModelRegistry) -> float | None:
-    return registry.metrics.registry.get_sample_value("edge_agent_models_loaded")
+    """``edge_agent_models_loaded`` as /metrics would expose it (read from the catalogue at scrape time)."""
+    from agent.health.gauges import ModelFamilies
+
+    family = next(f for f in ModelFamilies(registry)() if f.name == "edge_agent_models_loaded")
+    return family.samples[0].value
 
 
 # -- snapshots ----------------------------------------------------------------------------------------------------
@@ -139,8 +143,7 @@ async def test_a_model_that_failed_to_load_is_503(make: Factory, tmp_path: Path)
     [failure] = registry.failures()
     assert (failure.name, failure.version, failure.path) == ("bad", 1, str(bad))
     assert [s["state"] for s in registry.version_states("bad")] == ["FAILED"]
-    assert registry.metrics.registry.get_sample_value("edge_agent_model_load_failures_total",
-                                                      {"model": "bad"}) == 1
+    assert registry.metrics.value("edge_agent_model_load_failures", model="bad") == 1
 
 
 async def test_default_version_configured_then_active_then_highest(make: Factory, silero: Path) -> None:

@@ -46,14 +46,10 @@ class Rig:
         return served
 
     def recoveries(self, model: str, action: str) -> float:
-        value = self.metrics.registry.get_sample_value("edge_agent_watchdog_recoveries_total",
-                                                       {"model": model, "action": action})
-        return value or 0.0
+        return self.metrics.value("edge_agent_watchdog_recoveries", model=model, action=action)
 
     def fallbacks(self, model: str, runtime: str = "onnx") -> float:
-        value = self.metrics.registry.get_sample_value("edge_agent_delegate_fallbacks_total",
-                                                       {"model": model, "runtime": runtime})
-        return value or 0.0
+        return self.metrics.value("edge_agent_delegate_fallbacks", model=model, runtime=runtime)
 
 
 # -- diagnosis --------------------------------------------------------------------------------------------------

@@ -66,7 +66,6 @@ class Routes:
         self.ops = ops
         self.models = models
         self.metrics = metrics
-        self._latency: dict[tuple[str, int], Any] = {}
         self._plans: oip.Plans = {}  # binary infer headers already decoded
 
     # -- TF Serving v1 --------------------------------------------------------------------
@@ -217,14 +216,7 @@ class Routes:
             if code != "200":
                 stats.failed(timing.received)
             else:
-                self._observe_latency(model, time.perf_counter() - started)
-
-    def _observe_latency(self, model: Any, seconds: float) -> None:
-        key = (model.name, model.version)
-        child = self._latency.get(key)
-        if child is None:  # labels() hashes and locks: bind each label set once
-            child = self._latency[key] = self.metrics.request_latency.labels(model.name, str(model.version))
-        child.observe(seconds)
+                stats.observe_latency(time.perf_counter() - started)
 
 
 async def _not_found(request: Request) -> Response:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -65,10 +64,11 @@ class Deployer:
 
     def __init__(self, settings: UpdatesSection, *, models_dir: Path, state_dir: Path, models: ModelSwapper,
                  sink: EventSink, device: DeviceFacts, step_hooks: Sequence[StepHook] = (),
-                 updater: BundleUpdater | None = None) -> None:
+                 updater: BundleUpdater | None = None, cache_dir: Path | None = None) -> None:
         self.cfg = settings
         self.models_dir = models_dir
         self.state_dir = state_dir
+        self.cache_dir = cache_dir or settings.cache_dir or state_dir / "cache"
         self.models = models
         self.sink = sink
         self.device = device
@@ -87,10 +87,8 @@ class Deployer:
                 raise DeployError("not_configured", "signed updates need [updates] repo_url and trusted_root")
             from cloud_sync.updater.client import BundleUpdater
 
-            cache = self.cfg.cache_dir or (Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
-                                           if os.environ.get("CACHE_DIRECTORY") else self.state_dir / "cache")
             self._updater = BundleUpdater(self.cfg.metadata_dir or self.state_dir / "tuf", self.cfg.repo_url,
-                                          trusted_root=self.cfg.trusted_root, cache_dir=cache,
+                                          trusted_root=self.cfg.trusted_root, cache_dir=self.cache_dir,
                                           max_bundle_bytes=self.cfg.max_bundle_bytes,
                                           bandwidth=self.cfg.bandwidth_bytes_s, progress=self._progress)
         return self._updater

@@ -1,16 +1,25 @@
-"""The agent's own Prometheus families, read at scrape time from the components that keep them:
-answered requests per model version, protocol and status code (from each model's statistics),
+"""The agent's Prometheus families, read at scrape time from the components that keep the counts:
+system health (a fresh snapshot per scrape), each served model version (answers per protocol
+and code, latency, batch sizes, runtime and delegate; from its ``ModelStats`` and the catalogue),
 streams, and the cloud link with its outbox. Nothing is counted twice: the components count,
-this module only reads (on the ``/metrics`` thread, from snapshots)."""
+this module only reads (on the ``/metrics`` thread, from snapshots).
+
+``prometheus_client`` is imported when the families are built, never at import: the daemon
+imports this module at start, and a device that is never scraped does not load the library.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
-
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent.core.ports import ModelCatalog
+from agent.health.system import AUTO, Auto, CpuSampler, read_system
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 _STREAM_COUNTERS = (("inferred", "Inferences run by a stream"), ("dropped_frames", "Stale frames skipped"),
                     ("audio_overflow_samples", "Audio samples dropped on overflow"),
@@ -21,27 +30,69 @@ _STREAM_GAUGES = (("input_fps", "Items captured per second"), ("age_ms_p50", "Fr
                   ("real_time_factor", "Audio processing time / audio duration"))
 
 
-class AgentGauges:
-    """``extra`` for the health collector: call it to get the families."""
+class SystemFamilies:
+    """System health for ``/metrics``: a fresh snapshot per scrape, CPU percent since the previous one."""
 
-    def __init__(self, models: ModelCatalog, streams: Callable[[], list[dict[str, Any]]],
-                 link: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, root: str | os.PathLike[str], state_dir: str | os.PathLike[str],
+                 nvidia_smi: str | Auto | None = AUTO) -> None:
+        self.root, self.state_dir, self.nvidia_smi = Path(root), Path(state_dir), nvidia_smi
+        self.sampler = CpuSampler()  # our own interval, apart from status and telemetry
+        self.sampler.system_percent()  # prime, so the first scrape already has a figure
+        self.sampler.process_percent(self.sampler.process())
+
+    def __call__(self) -> list[Metric]:
+        from agent.health.collector import families
+
+        snapshot = read_system(root=self.root, state_dir=self.state_dir, nvidia_smi=self.nvidia_smi,
+                               sampler=self.sampler)
+        return list(families(snapshot))
+
+
+class ModelFamilies:
+    """Per model version: answers, latency and batch histograms, runtime/delegate, and how many are loaded."""
+
+    def __init__(self, models: ModelCatalog) -> None:
         self.models = models
+
+    def __call__(self) -> list[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        served = sorted(self.models.served(), key=lambda m: (m.name, m.version))
+        requests = CounterMetricFamily("edge_agent_requests", "Predict requests answered",
+                                       labels=["model", "version", "protocol", "code"])
+        latency = HistogramMetricFamily("edge_agent_request_latency_seconds", "Predict latency in the agent",
+                                        labels=["model", "version"])
+        batch = HistogramMetricFamily("edge_agent_batch_size", "Rows per successful runtime call",
+                                      labels=["model", "version"])
+        info = GaugeMetricFamily("edge_agent_model_info", "Loaded model versions with runtime and delegate",
+                                 labels=["model", "version", "runtime", "delegate"])
+        loaded = GaugeMetricFamily("edge_agent_models_loaded", "Model versions loaded", value=len(served))
+        for m in served:
+            version = str(m.version)
+            for (protocol, code), count in sorted(m.stats.answers().items()):
+                requests.add_metric([m.name, version, protocol, code], count)
+            buckets, total = m.stats.latency_histogram()
+            latency.add_metric([m.name, version], buckets, total)
+            buckets, total = m.stats.batch_histogram()
+            batch.add_metric([m.name, version], buckets, total)
+            info.add_metric([m.name, version, m.runtime, m.session.delegate], 1)
+        return [requests, latency, batch, info, loaded]
+
+
+class AgentFamilies:
+    """Streams and the cloud link with its outbox."""
+
+    def __init__(self, streams: Callable[[], list[dict[str, Any]]],
+                 link: Callable[[], dict[str, Any] | None]) -> None:
         self.streams = streams
         self.link = link
 
     def __call__(self) -> list[Metric]:
-        return [self._requests(), *self._streams(), *self._link()]
-
-    def _requests(self) -> Metric:
-        family = CounterMetricFamily("edge_agent_requests", "Predict requests answered",
-                                     labels=["model", "version", "protocol", "code"])
-        for model in self.models.served():
-            for (protocol, code), count in sorted(model.stats.answers().items()):
-                family.add_metric([model.name, str(model.version), protocol, code], count)
-        return family
+        return [*self._streams(), *self._link()]
 
     def _streams(self) -> list[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         streams = self.streams()
         families: list[Metric] = []
         for key, help_text in _STREAM_COUNTERS:
@@ -58,6 +109,8 @@ class AgentGauges:
         return families
 
     def _link(self) -> list[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         status = self.link()
         if status is None:
             return []

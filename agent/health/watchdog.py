@@ -110,9 +110,9 @@ class Watchdog:
             await asyncio.to_thread(new.close)
             return
         self.recoveries += 1
-        self.metrics.watchdog_recoveries.labels(served.name, action).inc()
+        self.metrics.watchdog_recoveries.inc(served.name, action)
         if new.session.delegate != current:
-            self.metrics.delegate_fallbacks.labels(served.name, runtime).inc()
+            self.metrics.delegate_fallbacks.inc(served.name, runtime)
         event = {"type": "watchdog.recovered", "model": served.name, "version": served.version, "action": action,
                  "from_delegate": current, "to_delegate": new.session.delegate, "reason": reason}
         log.warning("watchdog.recovered", **{k: v for k, v in event.items() if k != "type"})

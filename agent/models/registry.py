@@ -58,7 +58,8 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path, *, model_options: Mapping[str, ModelSection],
                  versions_policy: Literal["latest", "all"], runtime: RuntimeSection,
-                 delegates: Mapping[str, Sequence[DelegateSpec]], threads: int | None, metrics: Metrics) -> None:
+                 delegates: Mapping[str, Sequence[DelegateSpec]], threads: int | None, metrics: Metrics,
+                 cache_dir: Path | None = None) -> None:
         self.models_dir = models_dir
         self.model_options = model_options
         self.versions_policy = versions_policy
@@ -66,6 +67,7 @@ class ModelRegistry:
         self.delegates = delegates
         self.threads = threads
         self.metrics = metrics
+        self.cache_dir = cache_dir if runtime.optimized_cache else None  # runtimes' own caches (ONNX format)
         self._snap = _Snapshot()
         self._owner: int | None = None  # the event loop's thread, set by the first change
 
@@ -145,7 +147,6 @@ class ModelRegistry:
         self._snap = _frozen(snap.models if models is None else models,
                              snap.failures if failures is None else failures,
                              snap.active if active is None else active)
-        self.metrics.models_loaded.set(len(self._snap.served))
 
     def _models_copy(self) -> dict[str, dict[int, ServedModel]]:
         return {n: dict(v) for n, v in self._snap.models.items()}
@@ -159,11 +160,9 @@ class ModelRegistry:
         failures = {k: v for k, v in self._snap.failures.items() if k != (entry.name, entry.version)}
         self._change(models, failures)
         if replaced is not None and replaced is not served:  # a reinstall of a loaded version: stop the old one
-            self.metrics.info.remove(replaced.name, str(replaced.version), replaced.runtime, replaced.session.delegate)
             threading.Thread(target=replaced.close, name=f"close-{replaced.key}", daemon=True).start()
-        self.metrics.info.labels(entry.name, str(entry.version), entry.runtime, session.delegate).set(1)
         if session.report.fallbacks:
-            self.metrics.delegate_fallbacks.labels(entry.name, entry.runtime).inc(len(session.report.fallbacks))
+            self.metrics.delegate_fallbacks.inc(entry.name, entry.runtime, amount=len(session.report.fallbacks))
 
     def set_active(self, name: str, version: int | None) -> None:
         """Switch the default version; one snapshot swap, so each request sees old or new."""
@@ -191,8 +190,6 @@ class ModelRegistry:
             old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")
         else:
             threading.Thread(target=old.close, name=f"close-{old.key}", daemon=True).start()
-        self.metrics.info.remove(old.name, str(old.version), old.runtime, old.session.delegate)
-        self.metrics.info.labels(new.name, str(new.version), new.runtime, new.session.delegate).set(1)
         return True
 
     async def unload(self, name: str, version: int) -> None:
@@ -203,7 +200,6 @@ class ModelRegistry:
         models = self._models_copy()
         del models[name][version]
         self._change(models)
-        self.metrics.info.remove(name, str(version), served.runtime, served.session.delegate)
         await asyncio.to_thread(served.close)
         log.info("model.unloaded", model=name, version=version)
 
@@ -250,12 +246,10 @@ class ModelRegistry:
         session = backend.load(entry.file, specs, threads=opts.threads or self.threads,
                                options={"inter_op_threads": self.runtime.inter_op_threads,
                                         "allow_spinning": self.runtime.allow_spinning,
-                                        "memory_arena": self.runtime.memory_arena})
-        labels = (entry.name, str(entry.version))
+                                        "memory_arena": self.runtime.memory_arena, "cache_dir": self.cache_dir})
         # Only the CPU runs inline: a hung accelerator call must stall one worker thread, never the event loop.
         inline_us = opts.inline_max_us if session.delegate == backend.cpu_delegate else 0
-        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching,
-                        on_batch=self.metrics.batch_size.labels(*labels).observe, inline_max_us=inline_us)
+        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching, inline_max_us=inline_us)
         return ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
 
     async def prepare(self, entry: ModelVersion, warm_up: bool = True,
@@ -283,7 +277,7 @@ class ModelRegistry:
             served = await self.prepare(entry)
         except AgentError as exc:
             self._failed(entry, str(exc))
-            self.metrics.model_load_failures.labels(entry.name).inc()
+            self.metrics.model_load_failures.inc(entry.name)
             log.error("model.load_failed", model=entry.name, version=entry.version, path=str(entry.file),
                       reason=str(exc))
             return None

@@ -18,6 +18,7 @@ reader (status, telemetry, ``/metrics``, the statistics extension) reads these c
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -25,6 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 _KINDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+#: Upper bounds (s) of the predict latency histogram exposed in /metrics.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: Upper bounds of the rows-per-runtime-call histogram exposed in /metrics.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -56,6 +61,9 @@ class ModelStats:
         self.consecutive_failures = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
         # Recent successful call latencies (s), for the installer's health window against the previous version.
         self.latencies: collections.deque[float] = collections.deque(maxlen=1024)
+        # Agent time of answered predicts, in LATENCY_BUCKETS (the last slot is +Inf), and their sum.
+        self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
 
     # -- calls ---------------------------------------------------------------------------
     def admitted(self) -> None:
@@ -91,6 +99,28 @@ class ModelStats:
     def answers(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._answers)
+
+    def observe_latency(self, seconds: float) -> None:
+        """An answered predict took ``seconds`` inside the agent (``/metrics`` latency histogram)."""
+        slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self._latency_counts[slot] += 1
+            self._latency_sum += seconds
+
+    def latency_histogram(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative ``(le, count)`` buckets, +Inf last, and the sum of seconds."""
+        with self._lock:
+            counts, total = list(self._latency_counts), self._latency_sum
+        return _cumulative(LATENCY_BUCKETS, counts), total
+
+    def batch_histogram(self) -> tuple[list[tuple[str, float]], float]:
+        """Rows per successful runtime call: cumulative ``(le, count)`` buckets and the sum of rows."""
+        with self._lock:
+            rows = {r: c for r, (c, _ns) in self._batches.items()}
+        counts = [0] * (len(BATCH_BUCKETS) + 1)
+        for r, c in rows.items():
+            counts[bisect.bisect_left(BATCH_BUCKETS, r)] += c
+        return _cumulative(BATCH_BUCKETS, counts), float(sum(r * c for r, c in rows.items()))
 
     def executed(self, rows: int, ns: int) -> None:
         with self._lock:
@@ -129,3 +159,11 @@ class ModelStats:
                 "batch_stats": [{"batch_size": rows, "compute_infer": {"count": c, "ns": ns}}
                                 for rows, (c, ns) in sorted(self._batches.items())],
             }
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out, running = [], 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(running)))
+    return out

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from agent.errors import RuntimeUnavailableError
 from agent.hardware import DelegateSpec
 from agent.runtimes.base import Backend, LoadReport, Session, TensorSpec
+
+log = structlog.get_logger(__name__)
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -49,6 +54,9 @@ class OnnxBackend(Backend):
     cpu_delegate = "CPUExecutionProvider"
 
     def _ort(self) -> Any:
+        # Linux wheels since 1.29 collect usage telemetry by default: a thread, a SQLite file under
+        # ~/.cache and ~2 MB of memory on a device that must not phone home. Read at import only.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         try:
             import onnxruntime
         except ImportError as exc:
@@ -69,6 +77,42 @@ class OnnxBackend(Backend):
 
     def _load(self, path: Path, spec: DelegateSpec, threads: int | None, options: Mapping[str, Any]) -> Session:
         ort = self._ort()
+        providers: list[Any] = [(spec.name, dict(spec.options))]
+        if spec.name != self.cpu_delegate:
+            providers.append(self.cpu_delegate)
+        cache_dir = options.get("cache_dir")
+        cached = _cached_model(ort, path, Path(cache_dir)) if cache_dir and spec.name == self.cpu_delegate else None
+        sess = None
+        if cached is not None and cached.is_file():
+            try:
+                so = self._options(ort, threads, options)
+                so.add_session_config_entry("session.load_model_format", "ORT")
+                sess = ort.InferenceSession(str(cached), sess_options=so, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - a bad cache entry must never stop the model: rebuild it
+                log.warning("runtime.cache_unusable", model=str(path), cache=str(cached), reason=str(exc))
+                cached.unlink(missing_ok=True)
+                sess = None
+        if sess is None:
+            so = self._options(ort, threads, options)
+            tmp = None
+            if cached is not None:  # this load also writes the optimised graph for the next one
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                so.optimized_model_filepath = str(tmp)
+                so.add_session_config_entry("session.save_model_format", "ORT")
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            finally:
+                if tmp is not None and cached is not None:
+                    _publish(tmp, cached)
+        active = sess.get_providers()
+        if not active or active[0] != spec.name:
+            # ORT silently drops an EP it cannot initialise; treat that as a failed load.
+            raise RuntimeError(f"{spec.name} was not initialised (active: {', '.join(active)})")
+        return OnnxSession(path, sess, LoadReport(delegate=spec.name))
+
+    @staticmethod
+    def _options(ort: Any, threads: int | None, options: Mapping[str, Any]) -> Any:
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: ORT's warnings duplicate what we log
         # An explicit count also stops ONNX Runtime from pinning threads to cores, which fails (and
@@ -78,12 +122,40 @@ class OnnxBackend(Backend):
         so.enable_cpu_mem_arena = bool(options.get("memory_arena", False))
         spinning = "1" if options.get("allow_spinning", False) else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        providers: list[Any] = [(spec.name, dict(spec.options))]
-        if spec.name != self.cpu_delegate:
-            providers.append(self.cpu_delegate)
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        active = sess.get_providers()
-        if not active or active[0] != spec.name:
-            # ORT silently drops an EP it cannot initialise; treat that as a failed load.
-            raise RuntimeError(f"{spec.name} was not initialised (active: {', '.join(active)})")
-        return OnnxSession(path, sess, LoadReport(delegate=spec.name))
+        return so
+
+
+def _cpu_signature() -> str:
+    """What an optimised graph may depend on besides the model: architecture and CPU features."""
+    flags = ""
+    try:
+        with Path("/proc/cpuinfo").open() as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}:{flags.split(':', 1)[-1].strip()}"
+
+
+def _cached_model(ort: Any, path: Path, cache_dir: Path) -> Path | None:
+    """Where the optimised copy of ``path`` lives: keyed by its bytes, ONNX Runtime's version and the CPU."""
+    try:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    digest.update(f"|{ort.__version__}|{_cpu_signature()}".encode())
+    return cache_dir / "onnx" / f"{digest.hexdigest()[:32]}.ort"
+
+
+def _publish(tmp: Path, cached: Path) -> None:
+    """Move a freshly written optimised graph into place (atomic), or drop a partial one."""
+    try:
+        if tmp.is_file() and tmp.stat().st_size > 0:
+            tmp.replace(cached)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("runtime.cache_not_written", cache=str(cached), reason=str(exc))
+        tmp.unlink(missing_ok=True)
