@@ -97,6 +97,26 @@ def linked(tmp_path, small_models, broker):
     agent.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_link(tmp_path_factory, samples):
+    """One broker and one linked agent for the command tables: each case is one command and its
+    answer (ids never repeat), so they need not pay a broker and a daemon start each."""
+    work = tmp_path_factory.mktemp("shared-link")
+    models = work / "models"
+    install(models, samples, "okay_nabu")
+    broker = make_broker(work / "mosquitto")
+    broker.start()
+    agent = start_agent(work, models, broker, "dev-1", EDGE_AGENT_MQTT__MAX_COMMAND_BYTES="2048")
+    fleet = console(broker)
+    try:
+        wait_for(lambda: device_state(fleet, "dev-1").get("online"), what="birth")
+        yield agent, fleet
+    finally:
+        fleet.close()
+        agent.stop()
+        broker.stop()
+
+
 COMMAND_CASES = [
     ("ping", {}, True, None, lambda r: r["result"]["pong"] is True),
     ("status", {}, True, None, lambda r: r["result"]["models"][0]["name"] == "okay_nabu"
@@ -126,8 +146,8 @@ COMMAND_CASES = [
 
 @pytest.mark.parametrize(("name", "args", "ok", "code", "check"), COMMAND_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(COMMAND_CASES)])
-def test_commands(linked, name, args, ok, code, check):
-    _agent, fleet = linked
+def test_commands(shared_link, name, args, ok, code, check):
+    _agent, fleet = shared_link
     response = fleet.command("dev-1", name, args, timeout=10)
     assert response["ok"] is ok, response
     assert response["device_id"] == "dev-1" and response["status"] == "done"
@@ -144,8 +164,8 @@ def test_commands(linked, name, args, ok, code, check):
     (b'{"id": "a2", "name": "ping", "args": [1]}', "bad_args", "'args' must be an object"),
     (b'{"id": "a3", "name": "ping", "pad": "' + b"x" * 3000 + b'"}', "too_large", "exceeds 2048"),
 ])
-def test_malformed_commands_get_error_responses(linked, payload, code, fragment):
-    agent, fleet = linked
+def test_malformed_commands_get_error_responses(shared_link, payload, code, fragment):
+    agent, fleet = shared_link
     response = raw_command(fleet, "dev-1", payload)
     assert response["ok"] is False and response["error"]["code"] == code
     assert fragment in response["error"]["message"]
