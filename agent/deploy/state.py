@@ -13,10 +13,11 @@ from typing import Any
 import orjson
 
 from cloud_sync.fsutil import write_atomic
+from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_STEPS
 
-# Steps in order. A record whose state is not final was interrupted (crash, power loss).
-STEPS = ("started", "downloading", "verified", "staged", "loaded", "tested", "swapped", "health")
-FINAL = ("committed", "rolled_back", "failed")
+# Steps in order (the MQTT contract's names). A record whose state is not final was interrupted.
+STEPS = DEPLOY_STEPS
+FINAL = DEPLOY_FINAL
 
 
 @dataclass

@@ -6,37 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cloud_sync.mqtt.commands import Command, Spec
+from cloud_sync.mqtt.contract import LogsArgs, ModelArgs, RollbackArgs, SetConfigArgs, StreamArgs
 
 if TYPE_CHECKING:
     from agent.core.operations import Operations
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelArgs(_Args):
-    model: str = Field(min_length=1, max_length=128)
-    version: int | None = Field(default=None, ge=1)
-
-
-class RollbackArgs(_Args):
-    model: str = Field(min_length=1, max_length=128)
-
-
-class LogsArgs(_Args):
-    lines: int = Field(default=100, ge=1, le=1000)
-
-
-class SetConfigArgs(_Args):
-    values: dict[str, Any] = Field(min_length=1)
-
-
-class StreamArgs(_Args):
-    stream: str = Field(min_length=1, max_length=128)
 
 
 def command_specs(ops: Operations) -> dict[str, Spec]:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_sync.errors import CommandError
 from cloud_sync.mqtt.commands import Command, CommandLog, Dispatcher, Spec
-from cloud_sync.mqtt.contract import CPU_DELEGATES, DEPLOY_STEPS, deploy_event
+from cloud_sync.mqtt.contract import CPU_DELEGATES, DEPLOY_STEPS, LogsArgs, ModelArgs, RollbackArgs, deploy_event
 from cloud_sync.mqtt.hub import SessionHub
 from cloud_sync.mqtt.session import DeviceSession, IncomingMessage
 from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
@@ -113,23 +113,6 @@ class SimulatorSettings(BaseModel):
     def device_ids(self) -> list[str]:
         width = max(4, len(str(self.devices - 1)))
         return [f"{self.id_prefix}-{i:0{width}d}" for i in range(self.devices)]
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DeployArgs(_Args):
-    model: str = Field(min_length=1, max_length=128)
-    version: int | None = Field(default=None, ge=1)
-
-
-class RollbackArgs(_Args):
-    model: str = Field(min_length=1, max_length=128)
-
-
-class LogsArgs(_Args):
-    lines: int = Field(default=100, ge=1, le=1000)
 
 
 @dataclasses.dataclass
@@ -252,7 +235,7 @@ class SimDevice:
             "ping": Spec(self._ping),
             "status": Spec(self._status),
             "reload": Spec(self._reload, long_running=True),
-            "deploy": Spec(self._deploy, DeployArgs, long_running=True),
+            "deploy": Spec(self._deploy, ModelArgs, long_running=True),
             "rollback": Spec(self._rollback, RollbackArgs, long_running=True),
             "logs": Spec(self._logs, LogsArgs),
         }
@@ -300,7 +283,7 @@ class SimDevice:
     async def _deploy(self, command: Command, _args: Any = None) -> dict[str, Any]:
         """The install state machine's events, with sleeps instead of work (docs/deploy.md)."""
         self._count(command)
-        args = DeployArgs.model_validate(command.args)
+        args = ModelArgs.model_validate(command.args)
         name = args.model
         running = self.deployments.get(name)
         if running is not None and running["state"] not in ("committed", "rolled_back", "failed"):

@@ -1,13 +1,16 @@
 """Payload vocabulary of the MQTT contract (docs/mqtt.md, docs/deploy.md) that the device,
 the fleet service and the fleet simulator must spell the same way.
 
-Only names and shapes live here, no behaviour; ``cloud_sync`` code that emits or reads these
-payloads (the simulator, the fleet server's rollouts) uses them instead of string literals.
+Only names and shapes live here, no behaviour; code that emits or reads these payloads (the
+agent's command handlers, the simulator, the fleet server's rollouts) uses them instead of
+writing them again.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field
 
 #: Steps of an install, in order; each is an event ``deploy.<step>`` (docs/deploy.md).
 DEPLOY_STEPS: Final = ("started", "downloading", "verified", "staged", "loaded", "tested", "swapped", "health")
@@ -24,3 +27,33 @@ CPU_DELEGATES: Final = {"onnx": "CPUExecutionProvider", "tflite": "xnnpack"}
 def deploy_event(state: str) -> str:
     """The event ``type`` of a deployment step or outcome."""
     return f"deploy.{state}"
+
+
+# -- command arguments (``args`` of a command; the dispatcher validates them once) ----------------------------
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelArgs(_Args):
+    """``deploy``: a model and optionally a version (default: the newest in the repository)."""
+
+    model: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(default=None, ge=1)
+
+
+class RollbackArgs(_Args):
+    model: str = Field(min_length=1, max_length=128)
+
+
+class LogsArgs(_Args):
+    lines: int = Field(default=100, ge=1, le=1000)
+
+
+class SetConfigArgs(_Args):
+    values: dict[str, Any] = Field(min_length=1)
+
+
+class StreamArgs(_Args):
+    stream: str = Field(min_length=1, max_length=128)
