@@ -138,7 +138,7 @@ class Routes:
 
     # -- agent ------------------------------------------------------------------------------
     async def metrics_text(self, _request: Request) -> Response:
-        body = await asyncio.to_thread(self.metrics.render)  # may run nvidia-smi: off the event loop
+        body = await asyncio.to_thread(_render, self.metrics)  # may run nvidia-smi: off the event loop
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def agent_status(self, _request: Request) -> Response:
@@ -217,6 +217,13 @@ class Routes:
                 stats.failed(timing.received)
             else:
                 stats.observe_latency(time.perf_counter() - started)
+
+
+def _render(metrics: Metrics) -> bytes:
+    """The Prometheus text; the exposition library is loaded on the first scrape only."""
+    from agent.health.exposition import render
+
+    return render(metrics)
 
 
 async def _not_found(request: Request) -> Response:

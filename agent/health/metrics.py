@@ -4,14 +4,15 @@ Counting happens in the components (each model version's ``ModelStats``: request
 code, latencies, batch sizes; the few agent-wide counters here) with plain thread-safe Python,
 so nothing on the request path depends on the exposition library. ``prometheus_client`` is
 imported only when ``/metrics`` is first scraped (``render``, on a worker thread): a device that
-is never scraped does not carry it (~3 MB with the standard-library modules it pulls in).
+is never scraped does not carry it (~3 MB with the standard-library modules it pulls in):
+``agent.health.exposition`` renders the text format and is imported by the API on first use.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -66,15 +67,3 @@ class Metrics:
         """One counter's current value (for tests and status)."""
         counter = next(c for c in self.counters() if c.name == name)
         return counter.value(*(labels[k] for k in counter.labels))
-
-    def render(self) -> bytes:
-        """The Prometheus text format of everything (blocking: call from a thread)."""
-        from agent.health.exposition import render
-
-        return render(self)
-
-    def families(self) -> list[Any]:
-        """Every family as prometheus_client objects (imports it: call from a thread)."""
-        from agent.health.exposition import families
-
-        return families(self)

@@ -24,15 +24,12 @@ from cloud_sync.bundles import build_bundle, generate_test_vectors
 from cloud_sync.bundles.build import Runner, find_model, runtime_for
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.fleet.modelcheck import LoadedModel, load_model
+from cloud_sync.fleet.options import UsageError
 from cloud_sync.repo import ONLINE_ROLES, ROLES, Repository, RoleKeys, make_server
 
 log = structlog.get_logger(__name__)
 
 EPILOG = "Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
-
-
-class UsageError(Exception):
-    """Bad command-line input (exit 2)."""
 
 
 def _pairs(values: Sequence[str] | None, what: str, cast: Callable[[str], Any]) -> dict[str, Any]:

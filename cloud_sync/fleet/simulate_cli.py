@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the simulation until the duration ends or SIGINT/SIGTERM; exit 2 on bad flags."""
     import dataclasses
 
-    from cloud_sync.fleet.cli import UsageError, broker_settings
     from cloud_sync.fleet.clilog import stderr_logging
+    from cloud_sync.fleet.options import UsageError, broker_settings
     from cloud_sync.fleet.simulator import SimModel, SimulatorSettings
 
     try:

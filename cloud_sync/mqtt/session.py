@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -33,10 +33,18 @@ from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
 from cloud_sync.mqtt.topics import Topics
 from cloud_sync.outbox import Kind, Outbox
 
-if TYPE_CHECKING:
-    from cloud_sync.mqtt.hub import SessionHub
-
 log = structlog.get_logger(__name__)
+
+
+class Driver(Protocol):
+    """Drives many sessions' paho clients from one thread (``cloud_sync.mqtt.hub.SessionHub``)."""
+
+    def attach(self, session: DeviceSession) -> None: ...
+
+    def detach(self, session: DeviceSession, timeout: float = 5.0) -> None: ...
+
+    def wake(self, session: DeviceSession) -> None:
+        """The session has something to send."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class SenderState:
 class DeviceSession:
     def __init__(self, settings: LinkSettings, outbox: Outbox,
                  on_message: Callable[[IncomingMessage], None] | None = None, *,
-                 hub: SessionHub | None = None) -> None:
+                 hub: Driver | None = None) -> None:
         """``hub``: share one driver thread with other sessions instead of starting two threads."""
         self.settings = settings
         self.broker = settings.broker

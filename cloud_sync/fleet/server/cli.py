@@ -59,7 +59,7 @@ def _settings(args: argparse.Namespace, *, with_broker: bool) -> Any:
 
     broker = prefix = None
     if with_broker:
-        from cloud_sync.fleet.cli import broker_settings
+        from cloud_sync.fleet.options import broker_settings
 
         broker, prefix = broker_settings(args)
     return load_settings(args.config, overrides={"db": args.db, "state_dir": args.state_dir,
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edge-fleet: error: the server needs the fleet extra (pip install 'edge-agent[fleet]'): {exc}",
               file=sys.stderr)
         return 2
-    from cloud_sync.fleet.cli import UsageError
+    from cloud_sync.fleet.options import UsageError
 
     try:
         return int(args.server_handler(args))
