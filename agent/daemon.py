@@ -19,17 +19,17 @@ import structlog
 from agent.api.http import HTTPServer
 from agent.api.server import bind_unix_socket, build_server, remove_socket
 from agent.config import Config, parse_hostport
-from agent.core.operations import AgentInfo, Operations
+from agent.core.metrics import Metrics
 from agent.core.uplink import Uplink
 from agent.deploy.installer import STEP_HOOKS, Deployer, DeviceFacts
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
 from agent.health.gauges import AgentFamilies, ModelFamilies, SystemFamilies
-from agent.health.metrics import Metrics
 from agent.health.monitor import SystemMonitor
 from agent.health.system import AUTO, release_free_heap, resolve_nvidia_smi
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.logs import configure_logging
 from agent.models.registry import ModelRegistry
+from agent.operations import AgentInfo, Operations
 from agent.pipelines.manager import StreamManager
 from agent.plugins import load_plugins
 from agent.systemd import Notifier

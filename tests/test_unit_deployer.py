@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from agent.config import RuntimeSection, UpdatesSection
+from agent.core.metrics import Metrics
 from agent.deploy import installer
 from agent.deploy.health import verdict
 from agent.deploy.installer import Deployer, DeviceFacts
 from agent.deploy.state import STEPS, Deployment, DeploymentStore
 from agent.errors import DeployError
-from agent.health.metrics import Metrics
 from agent.models.registry import ModelRegistry
 from cloud_sync.bundles.build import build_bundle
 from tests.fakes import FakeClock, FakeSwapper, FakeUpdater, RecordingSink, drive, fake_worker, make_served

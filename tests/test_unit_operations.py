@@ -1,4 +1,4 @@
-"""The operations facade (``agent.core.operations.Operations``) built directly.
+"""The operations facade (``agent.operations.Operations``) built directly.
 
 Its ports are fakes (a swapper holding fake served models, a recording link behind a real
 ``Uplink``, a canned system monitor); the deployer and the stream manager are the real
@@ -17,7 +17,6 @@ import orjson
 import pytest
 
 from agent.config import OVERRIDES_FILE, Config, StreamSection, UpdatesSection
-from agent.core.operations import AgentInfo, Operations
 from agent.core.uplink import Uplink
 from agent.deploy.installer import Deployer, DeviceFacts
 from agent.deploy.state import Deployment
@@ -31,6 +30,7 @@ from agent.errors import (
     StreamError,
 )
 from agent.models.served import LoadFailure
+from agent.operations import AgentInfo, Operations
 from agent.pipelines.manager import StreamManager
 from cloud_sync import fsutil
 from tests.fakes import FakeMonitor, FakeSwapper, RecordingSink, drive, fake_worker, make_served

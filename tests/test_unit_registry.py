@@ -16,8 +16,8 @@ import pytest
 
 from agent.api.errors import http_status
 from agent.config import ModelSection, RuntimeSection
+from agent.core.metrics import Metrics
 from agent.errors import ModelNotFoundError, ModelNotReadyError, RequestError
-from agent.health.metrics import Metrics
 from agent.models.registry import ModelRegistry
 from agent.models.served import ServedModel
 from agent.models.store import ModelVersion

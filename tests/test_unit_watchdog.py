@@ -11,10 +11,10 @@ import time
 
 import pytest
 
+from agent.core.metrics import Metrics
 from agent.errors import ModelLoadError
 from agent.hardware import DelegateSpec
 from agent.health import watchdog as watchdog_module
-from agent.health.metrics import Metrics
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.models.served import ServedModel
 from tests.fakes import CPU, FakeClock, FakeSwapper, RecordingSink, drive, fake_session, fake_worker, make_served

@@ -26,11 +26,11 @@ from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Request, Response, Router
 from agent.config import ApiSection
-from agent.core.operations import Operations
+from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
 from agent.errors import AgentError, RequestError
-from agent.health.metrics import Metrics
 from agent.models.stats import Timing
+from agent.operations import Operations
 
 log = structlog.get_logger(__name__)
 

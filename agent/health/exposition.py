@@ -1,5 +1,5 @@
 """``/metrics`` in the Prometheus text format, built by ``prometheus_client`` from the agent's
-counters and family sources. Imported on the first scrape only (see ``agent.health.metrics``)."""
+counters and family sources. Imported on the first scrape only (see ``agent.core.metrics``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.health.metrics import Metrics
+from agent.core.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 

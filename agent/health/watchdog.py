@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from agent.core.metrics import Metrics
 from agent.core.ports import EventSink, ModelSwapper
 from agent.errors import AgentError
-from agent.health.metrics import Metrics
 
 if TYPE_CHECKING:
     from agent.models.served import ServedModel

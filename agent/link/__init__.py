@@ -25,7 +25,7 @@ from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
 from cloud_sync.outbox import Outbox
 
 if TYPE_CHECKING:
-    from agent.core.operations import Operations
+    from agent.operations import Operations
 
 log = structlog.get_logger(__name__)
 

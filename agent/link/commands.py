@@ -10,7 +10,7 @@ from cloud_sync.mqtt.commands import Command, Spec
 from cloud_sync.mqtt.contract import LogsArgs, ModelArgs, RollbackArgs, SetConfigArgs, StreamArgs
 
 if TYPE_CHECKING:
-    from agent.core.operations import Operations
+    from agent.operations import Operations
 
 
 def command_specs(ops: Operations) -> dict[str, Spec]:

@@ -24,9 +24,9 @@ import numpy as np
 import structlog
 
 from agent.config import ModelSection, RuntimeSection
+from agent.core.metrics import Metrics
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.hardware import DelegateSpec
-from agent.health.metrics import Metrics
 from agent.models.served import LoadFailure, ServedModel
 from agent.models.store import ModelVersion, active_version, scan
 from agent.models.worker import Worker
