@@ -152,10 +152,6 @@ class _Demo:
     # -- 4: the fleet service ------------------------------------------------------------------------------
 
     def start_service(self) -> None:
-        from cloud_sync.fleet.server.auth import TokenStore
-        from cloud_sync.fleet.server.config import load_settings
-        from cloud_sync.fleet.server.db import Database
-
         config = self.path("fleet.toml")
         state = self.path("fleet")
         config.write_text(
@@ -168,10 +164,20 @@ class _Demo:
         command = f"edge-fleet server --config {self.rel(config)} --broker {self.broker_url}"
         _step(4, "starting the fleet service: SQLite, a free loopback port, the demo's broker, the online keys")
         _say(f"{command}   (database {self.rel(state)}/fleet.db, [server.publish] in {self.rel(config)})")
+        # only the demo's settings: an EDGE_FLEET_* override could move the database away from the token
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET_")} | {"PYTHONUNBUFFERED": "1"}
+        self.service = Child("the fleet service", [sys.executable, "-m", "cloud_sync.fleet.cli", "server",
+                                                   "--config", str(config), "--broker", self.broker_url],
+                             self.path("fleet-server.log"), env=env)
+        # the token store's libraries load while the service loads its own (in parallel, not one after the other)
+        from cloud_sync.fleet.server.auth import TokenStore
+        from cloud_sync.fleet.server.config import load_settings
+        from cloud_sync.fleet.server.db import Database
+
+        line = wait_for_line(self.service, "edge-fleet server: API at ", 60)
         settings = load_settings(config, environ={})
         db = Database(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms, pool_size=1)
-        try:
-            db.migrate()
+        try:  # the service has created the tables before listening
             token, _ = TokenStore(db).create("admin", "demo")
         finally:
             db.dispose()
@@ -179,12 +185,6 @@ class _Demo:
         token_file.touch(0o600)
         token_file.write_text(token + "\n")
         _say(f"admin token (= edge-fleet server token create --role admin): {self.rel(token_file)}")
-        # only the demo's settings: an EDGE_FLEET_* override could move the database away from the token
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET_")} | {"PYTHONUNBUFFERED": "1"}
-        self.service = Child("the fleet service", [sys.executable, "-m", "cloud_sync.fleet.cli", "server",
-                                                   "--config", str(config), "--broker", self.broker_url],
-                             self.path("fleet-server.log"), env=env)
-        line = wait_for_line(self.service, "edge-fleet server: API at ", 60)
         base = line.split()[4].removesuffix("/api")
         self.api = FleetApi(base, token)
         wait_until(lambda: self.api and self.api.get("/api/health")["broker"], 15,
