@@ -77,10 +77,16 @@ def _natural(name: str) -> tuple[str, int]:
 # --- NVIDIA ---------------------------------------------------------------------------------------
 
 
+def l4t_release(tree: Tree) -> re.Match[str] | None:
+    """The L4T release line of ``/etc/nv_tegra_release`` (``# R36 (release), REVISION: 3.0``), if it has one."""
+    return _L4T_RE.search(tree.read_text("etc/nv_tegra_release", 1024) or "")
+
+
 def jetson(tree: Tree, board: str | None, board_source: str | None, soc: str | None) -> Accelerator | None:
-    """The integrated GPU of a Jetson: ``/etc/nv_tegra_release`` or a board name containing "Jetson"."""
+    """The integrated GPU of a Jetson: an L4T release file or a board name containing "Jetson"."""
     evidence: list[str] = []
-    if tree.exists("etc/nv_tegra_release"):
+    release = l4t_release(tree)
+    if release:
         evidence.append("/etc/nv_tegra_release")
     if board and "jetson" in board.lower() and board_source:
         evidence.append(board_source)
@@ -90,7 +96,6 @@ def jetson(tree: Tree, board: str | None, board_source: str | None, soc: str | N
     if tree.kind("dev/nvgpu") is not None:
         evidence.append("/dev/nvgpu")
     details = [_JETSON_SOCS[soc]] if soc in _JETSON_SOCS else []
-    release = _L4T_RE.search(tree.read_text("etc/nv_tegra_release", 1024) or "")
     if release:
         jetpack = _JETPACK.get(int(release[1]))
         details.append(f"L4T R{release[1]}.{release[2]}" + (f", JetPack {jetpack}" if jetpack else ""))

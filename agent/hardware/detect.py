@@ -85,7 +85,7 @@ def detect(root: str | os.PathLike[str] = "/", *, budget_s: float = 1.0) -> Hard
     cpuinfo = parse_cpuinfo((tree.read_bytes("proc/cpuinfo", _CPUINFO_LIMIT) or b"").decode("utf-8", "replace"))
     kernel_arch, userspace_arch, arch, arch_source = _arch(tree, cpuinfo, host)
     board, board_source = _board(tree, cpuinfo)
-    is_jetson = tree.exists("etc/nv_tegra_release") or bool(board and "jetson" in board.lower())
+    is_jetson = rules.l4t_release(tree) is not None or bool(board and "jetson" in board.lower())
     soc, soc_source = _soc(tree, board, is_jetson)
     libraries = _libraries(tree, host)
     found = list(_accelerators(tree, board, board_source, soc, is_jetson=is_jetson, libraries=libraries))
@@ -214,12 +214,13 @@ def _soc(tree: Tree, board: str | None, is_jetson: bool) -> tuple[str | None, st
         data = tree.read_bytes(rel, SMALL)
         if not data:
             continue
-        entries = [e.decode("ascii", "replace") for e in data.split(b"\x00") if e][:16]
-        valid = [e for e in entries if _COMPATIBLE_RE.fullmatch(e)]
-        if len(valid) != len(entries):
-            tree.note(f"{tree.host(rel)}: {len(entries) - len(valid)} implausible entries ignored")
-        if valid:
-            return valid[-1].lower(), "/" + rel
+        entries = [e.decode("ascii", "replace") for e in data.split(b"\x00") if e]
+        if len(entries) > 16 or not all(_COMPATIBLE_RE.fullmatch(e) for e in entries):
+            # A real "compatible" is a few vendor,name strings: a single bad entry means it is not one.
+            tree.note(f"{tree.host(rel)}: not a list of vendor,name strings ({len(data)} bytes): ignored")
+            continue
+        if entries:
+            return entries[-1].lower(), "/" + rel
     if not is_jetson:
         return None, None
     chip = tree.read_text("sys/module/tegra_fuse/parameters/tegra_chip_id", 64)

@@ -207,6 +207,15 @@ def _verdict(hw: HardwareInfo, acc: Accelerator, profile: DeviceProfile, formats
                       for spec in profile.runtimes.get(f.runtime, ()))]
     if skipped:
         return Verdict(acc, False, (), f"profile {profile.name} would use it, but: {'; '.join(skipped)}")
+    # Entries after the one each runtime would use: the fallback for models that one cannot load.
+    for f in formats:
+        specs = profile.runtimes.get(f.runtime, ())
+        if f.delegate is None or f.delegate not in specs:
+            continue
+        later = [s for s in specs[specs.index(f.delegate) + 1:] if acc.kind in need(f.runtime, s).targets]
+        if later:
+            return Verdict(acc, False, (), f"standby: {f.runtime} falls back to {label(later[0])} for models "
+                                           f"{label(f.delegate)} cannot load")
     if acc.kind in _NO_PROFILE:
         return Verdict(acc, False, (), f"not used: {_NO_PROFILE[acc.kind]}")
     return Verdict(acc, False, (), _other_profiles(hw, acc, profile, profiles))
@@ -223,8 +232,17 @@ def _other_profiles(hw: HardwareInfo, acc: Accelerator, chosen: DeviceProfile,
     base = f"profile {chosen.name} does not use it"
     for other in users:
         if other.match(hw)[0]:
-            return (f"{base}; profile {other.name} would, but {chosen.name} has the higher priority "
-                    f"({chosen.priority} > {other.priority})")
-    other = users[0]
-    failed = [reason for ok, reason in other.rules.checks(hw) if not ok]
-    return f"{base}; profile {other.name} would, but it does not match: {'; '.join(failed)}"
+            order = (f"has the higher priority ({chosen.priority} > {other.priority})"
+                     if chosen.priority != other.priority
+                     else f"comes first by name at equal priority {other.priority}")
+            return f"{base}; profile {other.name} would, but {chosen.name} {order}"
+    # The profile closest to matching: fewest failed rules, then the highest priority.
+    def failed(p: DeviceProfile) -> list[str]:
+        return [reason for ok, reason in p.rules.checks(hw) if not ok]
+
+    other = min(users, key=lambda p: len(failed(p)))  # users are sorted by priority: ties keep the highest
+    reasons = failed(other)
+    missing = [name for pattern, name in _LIBRARY_NAMES.items() if any(pattern in r for r in reasons)]
+    hint = f" ({', '.join(missing)}: not installed)" if missing else ""
+    return f"{base}; profile {other.name} would, but it does not match: {'; '.join(reasons)}{hint}"
+
