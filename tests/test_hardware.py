@@ -534,6 +534,30 @@ GOOD_HEAD = 'description = "x"\npriority = 1\n'
             "runtimes.onnx[1].provider_options",
             "unknown key (allowed: library, name, options)",
         ),
+        # HailoRT is not a LiteRT delegate: the profile that said so must be fixed, not silently run on XNNPACK
+        (
+            GOOD_HEAD + '[[runtimes.tflite]]\nname = "hailo"\nlibrary = "libhailort.so"\n',
+            "runtimes.tflite[0].name",
+            "not a LiteRT delegate: HailoRT runs compiled .hef models",
+        ),
+        (GOOD_HEAD + '[match]\nsoc_any = ["tegra234"]\n', "match.soc_any", "not a device-tree SoC name"),
+        (GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo8"\n', "runtimes.hef[0].name", "must be 'hailo'"),
+        (
+            GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo"\noptions = { speed = 1 }\n',
+            "runtimes.hef[0].options.speed",
+            "unknown option (allowed: batch_size, scheduling, timeout_ms)",
+        ),
+        (
+            GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo"\nlibrary = "libhailort.so"\n',
+            "runtimes.hef[0].library",
+            "must be left out",
+        ),
+        (
+            GOOD_HEAD + '[[runtimes.rknn]]\nname = "npu"\noptions = { core_mask = "3" }\n',
+            "runtimes.rknn[0].options.core_mask",
+            "must be one of 'auto', '0', '1', '2', '0_1', '0_1_2', 'all'",
+        ),
+        (GOOD_HEAD + '[[runtimes.coreml]]\nname = "x"\n', "runtimes.coreml", "allowed: onnx, tflite, hef, rknn"),
     ],
 )
 def test_bad_profile_raises_config_error(tmp_path, text, key, fragment):
@@ -562,3 +586,66 @@ def test_profile_to_dict_is_json_ready(profiles):
         "library": "libedgetpu.so.1",
         "options": {"device": "usb"},
     }
+
+
+def test_npu_runtime_entries_and_defaults(tmp_path):
+    (tmp_path / "board.toml").write_text(
+        GOOD_HEAD + '[[runtimes.rknn]]\nname = "npu"\noptions = { core_mask = "0_1_2" }\n'
+        '[[runtimes.hef]]\nname = "hailo"\noptions = { scheduling = "none", batch_size = 4 }\n'
+    )
+    [profile] = load_profiles(tmp_path)
+    assert profile.runtimes["rknn"] == (DelegateSpec("npu", None, {"core_mask": "0_1_2"}),)  # no CPU appended
+    assert profile.runtimes["hef"] == (
+        DelegateSpec("hailo", None, {"scheduling": "none", "batch_size": 4, "timeout_ms": 10000}),
+    )
+    (tmp_path / "board.toml").write_text(GOOD_HEAD)
+    [profile] = load_profiles(tmp_path)
+    assert profile.runtimes["rknn"] == (DelegateSpec("npu"),) and profile.runtimes["hef"] == (DelegateSpec("hailo"),)
+
+
+def test_soc_rule_globs(tmp_path):
+    (tmp_path / "rk.toml").write_text(GOOD_HEAD + '[match]\nsoc_any = ["rockchip,rk3588*"]\n')
+    [profile] = load_profiles(tmp_path)
+    hw = detect(make_root(tmp_path / "root", {"proc/device-tree/compatible": "xunlong,orangepi-5\0rockchip,rk3588s\0"}))
+    assert (hw.soc, hw.soc_source) == ("rockchip,rk3588s", "/proc/device-tree/compatible")
+    assert profile.match(hw) == (True, ["soc rockchip,rk3588s"])
+    hw = detect(make_root(tmp_path / "root2", {"proc": None}))
+    assert profile.match(hw) == (False, ["soc None matches none of ['rockchip,rk3588*']"])
+
+
+# --- the plan: which accelerator each model format uses, on the device itself -----------------
+
+
+def test_plan_on_the_device_uses_the_runtimes_own_probes(tmp_path, profiles):
+    from agent.hardware.plan import plan
+
+    hw = detect(make_root(tmp_path, PI5_HAILO))
+    choice = select_profile(hw, profiles)
+    missing = "the Python package hailo_platform (HailoRT) is not importable (ModuleNotFoundError)"
+    probes = {"onnx": lambda s: None, "tflite": lambda s: None, "hef": lambda s: missing, "rknn": lambda s: None}
+    result = plan(hw, choice, profiles, probes)
+    hef = next(f for f in result.formats if f.runtime == "hef")
+    assert (hef.delegate, hef.skipped) == (None, (f"hailo: {missing}",))
+    hailo = next(v for v in result.accelerators if v.accelerator.kind == "hailo")
+    assert not hailo.used
+    assert hailo.reason == f"profile raspberry-pi-5-hailo would use it, but: hailo: {missing}"
+    # without probes (a tree from another device) the same tree predicts HailoRT and names the package
+    predicted = next(v for v in plan(hw, choice, profiles).accelerators if v.accelerator.kind == "hailo")
+    assert predicted.used and "needs the Python package hailo_platform" in predicted.reason
+
+
+def test_detect_with_the_configured_root_checks_this_devices_runtimes(tmp_path):
+    """``agent.hardware_root`` is this device's own tree (``/``, or the host's mounted in a container)."""
+    import subprocess
+    import sys
+
+    root = make_root(tmp_path / "host", PI5_HAILO)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nhardware_root = "{root}"\n')
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "detect", "--config", str(config), "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["plan_checked_by"], report["runtimes_checked_on"]) == ("the runtimes on this device", "this device")
+    hailo = next(a for a in report["accelerators"] if a["kind"] == "hailo")
+    assert not hailo["used"] and "hailo_platform" in hailo["reason"]

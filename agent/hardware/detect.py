@@ -79,7 +79,7 @@ def detect(root: str | os.PathLike[str] = "/", *, budget_s: float = 1.0) -> Hard
         HardwareError: ``root`` does not exist or is not a directory.
     """
     if not Path(root).is_dir():
-        raise HardwareError(f"hardware root {printable(os.fspath(root))!r} does not exist or is not a directory")
+        raise HardwareError(f"hardware root '{printable(os.fspath(root))}' does not exist or is not a directory")
     tree = Tree(os.fspath(root), budget_s=budget_s)
     host = _is_this_host(tree.root)
     cpuinfo = parse_cpuinfo((tree.read_bytes("proc/cpuinfo", _CPUINFO_LIMIT) or b"").decode("utf-8", "replace"))
@@ -140,7 +140,7 @@ def _arch(tree: Tree, cpu: CpuInfo, host: bool) -> tuple[str | None, str | None,
     raw = tree.read_text("proc/sys/kernel/arch", 64)
     kernel, source = plausible_arch(raw), "/proc/sys/kernel/arch"
     if raw is not None and kernel is None:
-        tree.note(f"/proc/sys/kernel/arch: {printable(raw, 40)!r} is not an architecture name: ignored")
+        tree.note(f"/proc/sys/kernel/arch: '{printable(raw, 40)}' is not an architecture name: ignored")
     if kernel is None and host:
         kernel, source = plausible_arch(os.uname().machine), "uname"
     if kernel is None:

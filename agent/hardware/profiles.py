@@ -344,7 +344,7 @@ class _HefDelegate(_Delegate):
     """A Hailo device for ``.hef`` models; the only name is ``hailo``."""
 
     name: Literal["hailo"] = Field(description="'hailo'")
-    library: None = Field(default=None, description="not set (HailoRT is loaded by hailo_platform)")
+    library: None = Field(default=None, description="left out (HailoRT is loaded by hailo_platform)")
     options: _HefOptions = Field(default_factory=_HefOptions, description="a table")  # type: ignore[assignment]
 
     def spec(self) -> DelegateSpec:
@@ -364,7 +364,7 @@ class _RknnDelegate(_Delegate):
     """The Rockchip NPU for ``.rknn`` models; the only name is ``npu``."""
 
     name: Literal["npu"] = Field(description="'npu'")
-    library: None = Field(default=None, description="not set (rknnlite loads librknnrt.so)")
+    library: None = Field(default=None, description="left out (rknnlite loads librknnrt.so)")
     options: _RknnOptions = Field(default_factory=_RknnOptions, description="a table")  # type: ignore[assignment]
 
     def spec(self) -> DelegateSpec:
