@@ -155,7 +155,7 @@ BEAGLEBONE: Tree = {
     [
         (PI4, "raspberry-pi-4", "CPUExecutionProvider", "xnnpack"),
         (PI5, "raspberry-pi-5", "CPUExecutionProvider", "xnnpack"),
-        (PI5_HAILO, "raspberry-pi-5-hailo", "CPUExecutionProvider", "hailo"),
+        (PI5_HAILO, "raspberry-pi-5-hailo", "CPUExecutionProvider", "xnnpack"),
         (JETSON_NANO, "jetson-nano", "TensorrtExecutionProvider", "gpu"),
         (JETSON_ORIN, "jetson-orin", "TensorrtExecutionProvider", "gpu"),
         (CORAL_USB, "coral-usb", "CPUExecutionProvider", "edgetpu"),
@@ -173,6 +173,9 @@ def test_profile_selected_per_device(tmp_path, profiles, tree, profile, onnx_fir
     assert choice.reason.startswith("matched: ")
     assert choice.profile.runtimes["onnx"][0].name == onnx_first
     assert choice.profile.runtimes["tflite"][0].name == tflite_first
+    # .hef / .rknn models run only on their NPU: every profile has the device entry, and nothing else
+    assert [d.name for d in choice.profile.runtimes["hef"]] == ["hailo"]
+    assert [d.name for d in choice.profile.runtimes["rknn"]] == ["npu"]
 
 
 def test_pi4_facts(tmp_path):
@@ -221,7 +224,8 @@ def test_jetson_orin_facts(tmp_path):
     assert hw.cpu_count == 6
     assert [a.kind for a in hw.accelerators] == ["jetson-gpu"]  # /dev/nvidia0 is not a dGPU here
     jetson = hw.accelerators[0]
-    assert jetson.name == "NVIDIA Jetson GPU (L4T R36.3.0)"
+    assert jetson.name == "NVIDIA Jetson GPU (Orin, Ampere; L4T R36.3.0, JetPack 6)"
+    assert (hw.soc, hw.soc_source) == ("nvidia,tegra234", "board name contains 'orin'")
     assert jetson.evidence == "/etc/nv_tegra_release, /proc/device-tree/model, /dev/nvgpu"
     assert hw.libraries == {"libnvinfer.so.10", "libtensorflowlite_gpu_delegate.so"}
 
@@ -252,9 +256,9 @@ def test_x86_openvino_facts(tmp_path):
     ]
 
 
-def test_amd_render_node_is_not_intel_gpu(tmp_path):
+def test_amd_render_node_is_an_amd_gpu_not_intel(tmp_path):
     hw = detect(make_root(tmp_path, {**X86, "sys/class/drm/renderD128/device/vendor": "0x1002\n"}))
-    assert hw.accelerators == ()
+    assert [(a.kind, a.name) for a in hw.accelerators] == [("amd-gpu", "AMD GPU (renderD128)")]
 
 
 def test_to_dict_is_json_ready(tmp_path):
@@ -284,8 +288,16 @@ def test_arch_file_only_aarch64_selects_generic_cpu(tmp_path, profiles):
     assert choice.reason == "matched: no match rules (matches any device)"
 
 
-def test_missing_arch_file_falls_back_to_platform_machine(tmp_path):
-    assert detect(tmp_path).arch == platform.machine()
+def test_arch_of_another_devices_tree_is_never_this_machines(tmp_path):
+    hw = detect(tmp_path)
+    assert (hw.arch, hw.kernel_arch, hw.userspace_arch) == ("unknown", None, None)
+    assert any("architecture unknown" in n for n in hw.notes)
+
+
+def test_arch_of_this_machine_is_what_its_kernel_says():
+    hw = detect("/")
+    assert hw.arch == hw.kernel_arch == platform.machine()
+    assert hw.arch_source in ("/proc/sys/kernel/arch", "uname")
 
 
 def test_unreadable_files_are_absent_facts(tmp_path):
@@ -310,15 +322,15 @@ def test_unreadable_files_are_absent_facts(tmp_path):
     assert hw.board is None
     assert hw.cpu_model is None
     assert hw.cpu_count == (os.cpu_count() or 1)
-    # etc/nv_tegra_release exists (as a directory), so Jetson is still reported, without a version.
-    assert [(a.kind, a.name) for a in hw.accelerators] == [("jetson-gpu", "NVIDIA Jetson GPU")]
+    # a directory at etc/nv_tegra_release is not a release file: no Jetson
+    assert hw.accelerators == ()
     assert hw.libraries == frozenset()
 
 
-def test_binary_garbage_in_model_file(tmp_path):
+def test_binary_garbage_in_model_file_is_no_board(tmp_path):
     hw = detect(make_root(tmp_path, {"proc/device-tree/model": b"\xff\xfeBoard\x00"}))
-    assert hw.board is not None
-    assert hw.board.endswith("Board")
+    assert hw.board is None
+    assert any(n.startswith("/proc/device-tree/model: not a plausible name") for n in hw.notes)
 
 
 def test_broken_library_symlink_is_not_a_library(tmp_path):
@@ -349,24 +361,32 @@ def test_real_machine():
 
 
 EXPECTED_PROFILES = {
+    "aarch64-nvidia",
     "coral-pcie",
     "coral-usb",
     "generic-cpu",
+    "jetson",
     "jetson-nano",
     "jetson-orin",
+    "jetson-thor",
+    "jetson-xavier",
+    "raspberry-pi-3",
     "raspberry-pi-4",
     "raspberry-pi-5",
     "raspberry-pi-5-hailo",
+    "rockchip-npu",
+    "rockchip-rk3588",
     "x86-cpu",
     "x86-nvidia",
     "x86-openvino",
+    "x86-openvino-npu",
 }
 
 
 def test_packaged_profiles_load_and_end_with_cpu(profiles):
     assert {p.name for p in profiles} == EXPECTED_PROFILES
     for p in profiles:
-        assert set(p.runtimes) == {"onnx", "tflite"}, p.name
+        assert set(p.runtimes) == {"onnx", "tflite", "hef", "rknn"}, p.name
         assert p.runtimes["onnx"][-1] == DelegateSpec("CPUExecutionProvider"), p.name
         assert p.runtimes["tflite"][-1] == DelegateSpec("xnnpack"), p.name
         assert p.source.endswith(f"{p.name}.toml")
@@ -376,7 +396,9 @@ def test_packaged_profiles_load_and_end_with_cpu(profiles):
     assert by_name["jetson-orin"].threads is None
     assert min(profiles, key=lambda p: p.priority).name == "generic-cpu"
     # Coral must beat every board profile it can be plugged into.
-    boards = ["raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin", "x86-cpu", "x86-nvidia"]
+    boards = ["raspberry-pi-3", "raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-xavier", "jetson-orin",
+              "jetson-thor", "jetson", "rockchip-rk3588", "rockchip-npu", "x86-cpu", "x86-nvidia", "aarch64-nvidia",
+              "x86-openvino", "x86-openvino-npu"]
     for coral in ("coral-usb", "coral-pcie"):
         assert all(by_name[coral].priority > by_name[b].priority for b in boards)
     assert [(d.name, dict(d.options)) for d in by_name["jetson-orin"].runtimes["onnx"]] == [
@@ -394,7 +416,7 @@ def test_jetson_nano_profile_does_not_match_orin_nano(tmp_path, profiles):
     assert not matched
     assert reasons == [
         "arch aarch64",
-        "board 'NVIDIA Jetson Orin Nano Developer Kit' contains none of ['Jetson Nano']",
+        "soc 'nvidia,tegra234' matches none of ['nvidia,tegra210']",
         "accelerator jetson-gpu",
     ]
 
@@ -410,10 +432,10 @@ def test_forced_profile(tmp_path, profiles):
 def test_forced_unknown_profile_raises(tmp_path, profiles):
     hw = detect(make_root(tmp_path, X86))
     with pytest.raises(ConfigError) as err:
-        select_profile(hw, profiles, name="jetson-thor")
+        select_profile(hw, profiles, name="jetson-tx9")
     assert err.value.key == "agent.profile"
     assert "agent.profile" in str(err.value)
-    assert "jetson-thor" in str(err.value)
+    assert "jetson-tx9" in str(err.value)
     assert "raspberry-pi-4" in str(err.value)
 
 
@@ -512,6 +534,30 @@ GOOD_HEAD = 'description = "x"\npriority = 1\n'
             "runtimes.onnx[1].provider_options",
             "unknown key (allowed: library, name, options)",
         ),
+        # HailoRT is not a LiteRT delegate: the profile that said so must be fixed, not silently run on XNNPACK
+        (
+            GOOD_HEAD + '[[runtimes.tflite]]\nname = "hailo"\nlibrary = "libhailort.so"\n',
+            "runtimes.tflite[0].name",
+            "not a LiteRT delegate: HailoRT runs compiled .hef models",
+        ),
+        (GOOD_HEAD + '[match]\nsoc_any = ["tegra234"]\n', "match.soc_any", "not a device-tree SoC name"),
+        (GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo8"\n', "runtimes.hef[0].name", "must be 'hailo'"),
+        (
+            GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo"\noptions = { speed = 1 }\n',
+            "runtimes.hef[0].options.speed",
+            "unknown option (allowed: batch_size, scheduling, timeout_ms)",
+        ),
+        (
+            GOOD_HEAD + '[[runtimes.hef]]\nname = "hailo"\nlibrary = "libhailort.so"\n',
+            "runtimes.hef[0].library",
+            "must be left out",
+        ),
+        (
+            GOOD_HEAD + '[[runtimes.rknn]]\nname = "npu"\noptions = { core_mask = "3" }\n',
+            "runtimes.rknn[0].options.core_mask",
+            "must be one of 'auto', '0', '1', '2', '0_1', '0_1_2', 'all'",
+        ),
+        (GOOD_HEAD + '[[runtimes.coreml]]\nname = "x"\n', "runtimes.coreml", "allowed: onnx, tflite, hef, rknn"),
     ],
 )
 def test_bad_profile_raises_config_error(tmp_path, text, key, fragment):
@@ -540,3 +586,66 @@ def test_profile_to_dict_is_json_ready(profiles):
         "library": "libedgetpu.so.1",
         "options": {"device": "usb"},
     }
+
+
+def test_npu_runtime_entries_and_defaults(tmp_path):
+    (tmp_path / "board.toml").write_text(
+        GOOD_HEAD + '[[runtimes.rknn]]\nname = "npu"\noptions = { core_mask = "0_1_2" }\n'
+        '[[runtimes.hef]]\nname = "hailo"\noptions = { scheduling = "none", batch_size = 4 }\n'
+    )
+    [profile] = load_profiles(tmp_path)
+    assert profile.runtimes["rknn"] == (DelegateSpec("npu", None, {"core_mask": "0_1_2"}),)  # no CPU appended
+    assert profile.runtimes["hef"] == (
+        DelegateSpec("hailo", None, {"scheduling": "none", "batch_size": 4, "timeout_ms": 10000}),
+    )
+    (tmp_path / "board.toml").write_text(GOOD_HEAD)
+    [profile] = load_profiles(tmp_path)
+    assert profile.runtimes["rknn"] == (DelegateSpec("npu"),) and profile.runtimes["hef"] == (DelegateSpec("hailo"),)
+
+
+def test_soc_rule_globs(tmp_path):
+    (tmp_path / "rk.toml").write_text(GOOD_HEAD + '[match]\nsoc_any = ["rockchip,rk3588*"]\n')
+    [profile] = load_profiles(tmp_path)
+    hw = detect(make_root(tmp_path / "root", {"proc/device-tree/compatible": "xunlong,orangepi-5\0rockchip,rk3588s\0"}))
+    assert (hw.soc, hw.soc_source) == ("rockchip,rk3588s", "/proc/device-tree/compatible")
+    assert profile.match(hw) == (True, ["soc rockchip,rk3588s"])
+    hw = detect(make_root(tmp_path / "root2", {"proc": None}))
+    assert profile.match(hw) == (False, ["soc None matches none of ['rockchip,rk3588*']"])
+
+
+# --- the plan: which accelerator each model format uses, on the device itself -----------------
+
+
+def test_plan_on_the_device_uses_the_runtimes_own_probes(tmp_path, profiles):
+    from agent.hardware.plan import plan
+
+    hw = detect(make_root(tmp_path, PI5_HAILO))
+    choice = select_profile(hw, profiles)
+    missing = "the Python package hailo_platform (HailoRT) is not importable (ModuleNotFoundError)"
+    probes = {"onnx": lambda s: None, "tflite": lambda s: None, "hef": lambda s: missing, "rknn": lambda s: None}
+    result = plan(hw, choice, profiles, probes)
+    hef = next(f for f in result.formats if f.runtime == "hef")
+    assert (hef.delegate, hef.skipped) == (None, (f"hailo: {missing}",))
+    hailo = next(v for v in result.accelerators if v.accelerator.kind == "hailo")
+    assert not hailo.used
+    assert hailo.reason == f"profile raspberry-pi-5-hailo would use it, but: hailo: {missing}"
+    # without probes (a tree from another device) the same tree predicts HailoRT and names the package
+    predicted = next(v for v in plan(hw, choice, profiles).accelerators if v.accelerator.kind == "hailo")
+    assert predicted.used and "needs the Python package hailo_platform" in predicted.reason
+
+
+def test_detect_with_the_configured_root_checks_this_devices_runtimes(tmp_path):
+    """``agent.hardware_root`` is this device's own tree (``/``, or the host's mounted in a container)."""
+    import subprocess
+    import sys
+
+    root = make_root(tmp_path / "host", PI5_HAILO)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nhardware_root = "{root}"\n')
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "detect", "--config", str(config), "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["plan_checked_by"], report["runtimes_checked_on"]) == ("the runtimes on this device", "this device")
+    hailo = next(a for a in report["accelerators"] if a["kind"] == "hailo")
+    assert not hailo["used"] and "hailo_platform" in hailo["reason"]

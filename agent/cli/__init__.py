@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     det = sub.add_parser("detect", help="show detected hardware and the delegate/EP each runtime would use")
     det.add_argument("--config", help="config file (for agent.profile and agent.hardware_root)")
-    det.add_argument("--root", help="read hardware facts below this directory instead of /")
+    det.add_argument("--root", help="read hardware facts below this directory (a tree copied from a device) "
+                                    "instead of agent.hardware_root")
     det.add_argument("--profile", help="force a device profile")
     det.add_argument("--profiles-dir", help="load profiles from this directory")
     det.add_argument("--json", action="store_true", help="print JSON")
@@ -217,14 +218,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from agent.cli.tables import detect_tables
     from agent.hardware import detect, load_profiles, select_profile
+    from agent.hardware.plan import plan
     from agent.runtimes import BACKENDS
 
     config = _load_config(args)
+    # The configured root is this device's own (``/``, or the host's tree mounted into a container), so
+    # its runtimes decide; ``--root`` is a tree copied from another device, for which they cannot.
+    on_device = args.root is None
     hw = detect(args.root or config.agent.hardware_root)
-    choice = select_profile(hw, load_profiles(args.profiles_dir), args.profile or config.agent.profile)
+    profiles = load_profiles(args.profiles_dir)
+    choice = select_profile(hw, profiles, args.profile or config.agent.profile)
+    backends = {name: cls() for name, cls in BACKENDS.items()}
     runtimes = []
-    for name, cls in BACKENDS.items():
-        backend = cls()
+    for name, backend in backends.items():
         try:
             version = backend.version()
             spec, skipped = backend.choose(choice.profile.runtimes.get(name, ()))
@@ -232,8 +238,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             runtimes.append({"runtime": name, "version": version, "delegate": spec.name, "why": why})
         except AgentError as exc:
             runtimes.append({"runtime": name, "version": "-", "delegate": "unavailable", "why": str(exc)})
+    probes = {name: backend.probe for name, backend in backends.items()} if on_device else None
+    device_plan = plan(hw, choice, profiles, probes).to_dict()
     report = {"hardware": hw.to_dict(), "profile": choice.profile.name, "reason": choice.reason,
-              "runtimes": runtimes}
+              "accelerators": device_plan["accelerators"], "formats": device_plan["formats"],
+              "plan_checked_by": device_plan["checked_by"], "runtimes": runtimes,
+              "runtimes_checked_on": "this device" if on_device else "this machine, not the device the tree is from"}
     if args.json:
         _print_json(report)
     else:

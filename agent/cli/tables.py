@@ -167,17 +167,41 @@ def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def detect_tables(report: dict[str, Any]) -> None:
+    """``edge-agent detect``: the facts, each accelerator used or why not, each model format's delegate."""
     hw = report["hardware"]
     table = _table(show_header=False, title="hardware", title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
-    table.add_row("arch", hw["arch"])
+    arch = hw["arch"]
+    detail = [f"from {hw['arch_source']}"] if hw.get("arch_source") else []
+    if hw.get("userspace_arch") and hw["userspace_arch"] != hw["arch"]:
+        detail.append(f"userland {hw['userspace_arch']}")
+    table.add_row("arch", f"{arch} ({', '.join(detail)})" if detail else arch)
     table.add_row("board", hw.get("board") or "-")
+    table.add_row("soc", f"{hw['soc']} (from {hw['soc_source']})" if hw.get("soc") else "-")
     table.add_row("cpu", f"{hw.get('cpu_model') or '-'} x{hw.get('cpu_count')}")
-    table.add_row("accelerators", "\n".join(f"{x['name']} ({x['evidence']})" for x in hw["accelerators"]) or "none")
+    table.add_row("libraries", ", ".join(hw.get("libraries", [])) or "none of the known ones")
     table.add_row("profile", f"{report['profile']} — {report['reason']}")
+    if hw.get("notes"):
+        table.add_row("notes", "\n".join(hw["notes"]))
     _console().print(table)
-    rt = _table(title="delegate / execution provider per runtime", title_justify="left")
+    acc = _table(title="accelerators", title_justify="left")
+    for col in ("accelerator", "evidence", "used", "why"):
+        acc.add_column(col)
+    for entry in report.get("accelerators", []):
+        acc.add_row(entry["name"], entry["evidence"], "yes" if entry["used"] else "no", entry["reason"])
+    if not report.get("accelerators"):
+        acc.add_row("none found", "", "", "")
+    _console().print(acc)
+    fmt = _table(title=f"model formats ({report.get('plan_checked_by', '')})", title_justify="left")
+    for col in ("format", "runtime", "runs on", "skipped / note"):
+        fmt.add_column(col)
+    for entry in report.get("formats", []):
+        fmt.add_row(entry["format"], entry["runtime"], entry["delegate"] or "cannot run",
+                    "\n".join([*entry["skipped"], *([entry["note"]] if entry["note"] else [])]))
+    _console().print(fmt)
+    where = report.get("runtimes_checked_on", "this device")
+    rt = _table(title=f"delegate / execution provider per runtime (on {where})", title_justify="left")
     for col in ("runtime", "version", "would use", "why"):
         rt.add_column(col)
     for entry in report["runtimes"]:

@@ -1,6 +1,7 @@
 """Hardware detection and device profiles: what this board has and which delegates to try on it."""
 
-from agent.hardware.detect import ACCELERATOR_KINDS, Accelerator, HardwareInfo, detect
+from agent.hardware.detect import detect
+from agent.hardware.facts import ACCELERATOR_KINDS, KNOWN_LIBRARIES, Accelerator, HardwareInfo
 from agent.hardware.profiles import (
     DelegateSpec,
     DeviceProfile,
@@ -12,6 +13,7 @@ from agent.hardware.profiles import (
 
 __all__ = [
     "ACCELERATOR_KINDS",
+    "KNOWN_LIBRARIES",
     "Accelerator",
     "DelegateSpec",
     "DeviceProfile",

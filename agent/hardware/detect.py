@@ -1,44 +1,45 @@
 """Hardware detection: turn files under a root (``/proc``, ``/sys``, ``/dev``, lib dirs) into facts.
 
 This module only reads below ``root`` so tests (and ``edge-agent detect --root``) can point it at a
-fake tree. A missing or unreadable file is an absent fact, never an error; the only error is a root
-that does not exist. It does not choose a profile: that is :mod:`agent.hardware.profiles`.
+copy of another device's tree. Every read goes through :class:`~agent.hardware._tree.Tree`, which
+bounds it in size and time, skips non-regular files and keeps symlinks inside the root. A missing,
+unreadable or implausible file is an absent fact (and a note), never an error; the only error is a
+root that does not exist. It does not choose a profile: that is :mod:`agent.hardware.profiles`.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import re
+import sys
+import sysconfig
 from collections.abc import Iterable
-from dataclasses import dataclass
-from fnmatch import fnmatch
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from agent.errors import HardwareError
+from agent.hardware import _accelerators as rules
+from agent.hardware._cpu import (
+    CpuInfo,
+    arch_from_cpuinfo,
+    arch_from_elf,
+    cpu_model,
+    parse_cpuinfo,
+    plausible_arch,
+)
+from agent.hardware._tree import SMALL, Tree, printable
+from agent.hardware.facts import ACCELERATOR_KINDS, KNOWN_LIBRARIES, Accelerator, HardwareInfo
+
+__all__ = ["ACCELERATOR_KINDS", "KNOWN_LIBRARIES", "LIBRARY_DIRS", "Accelerator", "HardwareInfo", "detect"]
 
 log = structlog.get_logger(__name__)
 
-ACCELERATOR_KINDS = frozenset(
-    {"nvidia-gpu", "jetson-gpu", "edgetpu-usb", "edgetpu-pcie", "intel-gpu", "hailo", "rpi-gpu"}
-)
-
-# Shared libraries that decide which delegates / execution providers can load (globs on file names).
-KNOWN_LIBRARIES = (
-    "libedgetpu.so.1*",
-    "libtensorflowlite_gpu_delegate.so*",
-    "libopenvino.so*",
-    "libnvinfer.so*",
-    "libcudart.so*",
-    "libhailort.so*",
-)
-
-# Where distributions, JetPack, CUDA and the OpenVINO archive put them (relative to root, globs allowed).
+# Where distributions, JetPack, CUDA, OpenVINO and pip wheels put them (relative to root, globs allowed).
 LIBRARY_DIRS = (
     "usr/lib",
+    "usr/lib64",
     "usr/lib/x86_64-linux-gnu",
     "usr/lib/aarch64-linux-gnu",
     "usr/lib/aarch64-linux-gnu/tegra",
@@ -46,280 +47,224 @@ LIBRARY_DIRS = (
     "usr/local/lib",
     "usr/local/cuda/lib64",
     "opt/intel/openvino*/runtime/lib/intel64",
+    "usr/lib/python3*/dist-packages/openvino/libs",
+    "usr/local/lib/python3*/dist-packages/openvino/libs",
 )
+# Only on the device itself: the agent's own environment (pip's OpenVINO, ONNX Runtime, TensorRT, CUDA).
+_ENV_LIBRARY_DIRS = ("openvino/libs", "onnxruntime/capi", "tensorrt_libs", "nvidia/cuda_runtime/lib")
 
-# A Coral USB stick enumerates with Global Unichip's id until libedgetpu uploads its firmware,
-# then re-enumerates as Google's. Both mean "a Coral is plugged in".
-_CORAL_USB_IDS = {("1a6e", "089a"): "not yet programmed", ("18d1", "9302"): "programmed"}
-
-# ARM (implementer 0x41) CPU part numbers: aarch64 /proc/cpuinfo has no "model name" line.
-_ARM_PARTS = {
-    "0xc07": "ARM Cortex-A7",
-    "0xd03": "ARM Cortex-A53",
-    "0xd05": "ARM Cortex-A55",
-    "0xd07": "ARM Cortex-A57",
-    "0xd08": "ARM Cortex-A72",
-    "0xd0b": "ARM Cortex-A76",
-    "0xd42": "ARM Cortex-A78AE",
-}
-
-# proc/device-tree is a symlink to the sysfs copy, which is the only one in some containers.
-_BOARD_FILES = (
+_CPUINFO_LIMIT = 1 << 20  # 256 cores of x86 flags fit in a quarter of this
+_BOARD_FILES = (  # proc/device-tree is a symlink to the sysfs copy, which is the only one in some containers
     "proc/device-tree/model",
     "sys/firmware/devicetree/base/model",
-    "sys/class/dmi/id/product_name",
 )
-_L4T_RE = re.compile(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)")
-_NVRM_RE = re.compile(r"Kernel Module\s+(\S+)")
+_COMPATIBLE_FILES = ("proc/device-tree/compatible", "sys/firmware/devicetree/base/compatible")
+_DMI_PLACEHOLDERS = {"", "to be filled by o.e.m.", "default string", "system product name", "not applicable",
+                     "none", "not specified", "system manufacturer", "o.e.m.", "unknown"}
+_ELF_CANDIDATES = ("bin/sh", "usr/bin/sh", "bin/busybox", "usr/bin/env", "bin/ls")
+_COMPATIBLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9,._+-]{0,127}")
+# Jetson SoCs when the device tree's "compatible" is missing: board names, and the fuse's chip id.
+_JETSON_BOARD_SOCS = (
+    ("thor", "nvidia,tegra264"), ("orin", "nvidia,tegra234"), ("xavier", "nvidia,tegra194"),
+    ("jetson-agx", "nvidia,tegra194"), ("tx2", "nvidia,tegra186"), ("quill", "nvidia,tegra186"),
+    ("nano", "nvidia,tegra210"), ("tx1", "nvidia,tegra210"),
+)
+_TEGRA_CHIP_IDS = {"33": "nvidia,tegra210", "24": "nvidia,tegra186", "25": "nvidia,tegra194", "35": "nvidia,tegra234"}
 
 
-@dataclass(frozen=True)
-class Accelerator:
-    """One accelerator and the evidence for it, so ``edge-agent detect`` can explain itself."""
-
-    kind: str
-    name: str
-    evidence: str
-
-
-@dataclass(frozen=True)
-class HardwareInfo:
-    """Everything profile matching needs; pure data, comparable across runs."""
-
-    root: str
-    arch: str
-    board: str | None
-    cpu_model: str | None
-    cpu_count: int
-    cpu_flags: frozenset[str]
-    accelerators: tuple[Accelerator, ...]
-    libraries: frozenset[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (sorted sets) for the CLI, the status API and MQTT state."""
-        return {
-            "root": self.root,
-            "arch": self.arch,
-            "board": self.board,
-            "cpu_model": self.cpu_model,
-            "cpu_count": self.cpu_count,
-            "cpu_flags": sorted(self.cpu_flags),
-            "accelerators": [
-                {"kind": a.kind, "name": a.name, "evidence": a.evidence} for a in self.accelerators
-            ],
-            "libraries": sorted(self.libraries),
-        }
-
-    def has(self, kind: str) -> bool:
-        """True if any accelerator of ``kind`` was found."""
-        return any(a.kind == kind for a in self.accelerators)
-
-
-def detect(root: str | os.PathLike[str] = "/") -> HardwareInfo:
-    """Read the hardware facts below ``root``.
+def detect(root: str | os.PathLike[str] = "/", *, budget_s: float = 1.0) -> HardwareInfo:
+    """Read the hardware facts below ``root`` within ``budget_s`` seconds.
 
     Raises:
         HardwareError: ``root`` does not exist or is not a directory.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise HardwareError(f"hardware root {str(base)!r} does not exist or is not a directory")
-
-    cpuinfo = _parse_cpuinfo(_read(base / "proc/cpuinfo") or "")
-    board, board_source = _board(base, cpuinfo)
+    if not Path(root).is_dir():
+        raise HardwareError(f"hardware root '{printable(os.fspath(root))}' does not exist or is not a directory")
+    tree = Tree(os.fspath(root), budget_s=budget_s)
+    host = _is_this_host(tree.root)
+    cpuinfo = parse_cpuinfo((tree.read_bytes("proc/cpuinfo", _CPUINFO_LIMIT) or b"").decode("utf-8", "replace"))
+    kernel_arch, userspace_arch, arch, arch_source = _arch(tree, cpuinfo, host)
+    board, board_source = _board(tree, cpuinfo)
+    is_jetson = rules.l4t_release(tree) is not None or bool(board and "jetson" in board.lower())
+    soc, soc_source = _soc(tree, board, is_jetson)
+    libraries = _libraries(tree, host)
+    found = list(_accelerators(tree, board, board_source, soc, is_jetson=is_jetson, libraries=libraries))
+    if kernel_arch and userspace_arch and _bits(kernel_arch) != _bits(userspace_arch):
+        tree.note(f"{_bits(userspace_arch)}-bit userland ({userspace_arch}) on a {_bits(kernel_arch)}-bit kernel "
+                  f"({kernel_arch}): runtimes must be built for {userspace_arch}")
     info = HardwareInfo(
-        root=str(base),
-        arch=_read(base / "proc/sys/kernel/arch") or platform.machine(),
+        root=printable(tree.root, 400),
+        arch=arch,
         board=board,
-        cpu_model=_cpu_model(cpuinfo),
-        cpu_count=cpuinfo.processors or os.cpu_count() or 1,
+        cpu_model=cpu_model(cpuinfo),
+        cpu_count=min(cpuinfo.processors, 65536) or os.cpu_count() or 1,
         cpu_flags=frozenset(cpuinfo.flags),
-        accelerators=tuple(_accelerators(base, board, board_source)),
-        libraries=_libraries(base),
+        accelerators=tuple(a for a in found if a.problem is None),
+        libraries=libraries,
+        kernel_arch=kernel_arch,
+        userspace_arch=userspace_arch,
+        arch_source=arch_source,
+        soc=soc,
+        soc_source=soc_source,
+        unavailable=tuple(a for a in found if a.problem is not None),
+        notes=tuple(tree.notes),
     )
-    log.info(
-        "hardware.detected",
-        root=info.root,
-        arch=info.arch,
-        board=info.board,
-        cpu_count=info.cpu_count,
-        accelerators=[a.kind for a in info.accelerators],
-        libraries=sorted(info.libraries),
-    )
+    log.info("hardware.detected", root=info.root, arch=info.arch, board=info.board, soc=info.soc,
+             cpu_count=info.cpu_count, accelerators=[a.kind for a in info.accelerators],
+             unavailable=[f"{a.kind}: {a.problem}" for a in info.unavailable], libraries=sorted(info.libraries),
+             notes=list(info.notes))
     return info
 
 
-# --- file helpers: every OSError means "fact absent" -------------------------------------------
-
-
-def _read(path: Path) -> str | None:
-    """File text without NULs (device-tree strings end in one) and surrounding space; None if absent."""
+def _is_this_host(root: str) -> bool:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        if not isinstance(exc, FileNotFoundError | NotADirectoryError):
-            log.debug("hardware.unreadable", path=str(path), error=str(exc))
-        return None
-    return data.decode("utf-8", errors="replace").replace("\x00", "").strip() or None
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
+        return Path(root).samefile("/")
     except OSError:
         return False
 
 
-def _glob(base: Path, pattern: str) -> list[Path]:
+# --- architecture -------------------------------------------------------------------------------
+
+
+def _bits(arch: str) -> int:
+    return 64 if arch.endswith("64") or arch in ("ppc64le", "s390x", "aarch64_be") else 32
+
+
+def _arch(tree: Tree, cpu: CpuInfo, host: bool) -> tuple[str | None, str | None, str, str]:
+    """(kernel arch, userland arch, arch to match, where it came from), all from the tree.
+
+    The kernel's own word first (``/proc/sys/kernel/arch``, Linux 6.1+; on this device, ``uname``),
+    then the layout of ``/proc/cpuinfo``; the userland's from the ELF header of a binary in the tree.
+    Never the machine running the check when the tree is another device's: then "unknown".
+    """
+    raw = tree.read_text("proc/sys/kernel/arch", 64)
+    kernel, source = plausible_arch(raw), "/proc/sys/kernel/arch"
+    if raw is not None and kernel is None:
+        tree.note(f"/proc/sys/kernel/arch: '{printable(raw, 40)}' is not an architecture name: ignored")
+    if kernel is None and host:
+        kernel, source = plausible_arch(os.uname().machine), "uname"
+    if kernel is None:
+        kernel, source = arch_from_cpuinfo(cpu), "/proc/cpuinfo"
+    userspace, user_source = None, None
+    candidates = ((os.path.relpath(os.path.realpath(sys.executable), "/"),) if host else ()) + _ELF_CANDIDATES
+    for rel in candidates:
+        userspace = arch_from_elf(tree.read_bytes(rel, 64, head=True) or b"")
+        if userspace is not None:
+            user_source = "ELF header of " + tree.host(rel)
+            break
+    if kernel is not None:
+        return kernel, userspace, kernel, source
+    if userspace is not None:
+        arch = {"arm": "armv7l"}.get(userspace, userspace)
+        return None, userspace, arch, str(user_source)
+    tree.note("architecture unknown: no /proc/sys/kernel/arch, no recognisable /proc/cpuinfo, no ELF binary")
+    return None, None, "unknown", "nothing in the tree"
+
+
+# --- board and SoC ------------------------------------------------------------------------------
+
+
+def _plausible_name(tree: Tree, rel: str) -> str | None:
+    """A board name read from ``rel``: one printable UTF-8 string of at most 256 chars, else None (noted).
+
+    A device-tree model of binary garbage must not become the board name: it would reach the terminal
+    and could contain "Jetson Orin" and select a profile.
+    """
+    data = tree.read_bytes(rel, SMALL)
+    if data is None:
+        return None
+    stripped = data.rstrip(b"\x00").strip()
+    if not stripped:
+        return None
     try:
-        return sorted(base.glob(pattern))
-    except OSError:
-        return []
+        text = stripped.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or len(text) > 256 or not text.isprintable():
+        tree.note(f"{tree.host(rel)}: not a plausible name ({len(data)} bytes, binary or control characters): ignored")
+        return None
+    return text
 
 
-def _host(base: Path, path: Path) -> str:
-    """The path as seen on the host being described (``/dev/apex_0``), not under the fake root."""
-    return "/" + path.relative_to(base).as_posix()
-
-
-# --- CPU and board ------------------------------------------------------------------------------
-
-
-@dataclass
-class _CpuInfo:
-    processors: int
-    flags: set[str]
-    fields: dict[str, str]
-
-
-def _parse_cpuinfo(text: str) -> _CpuInfo:
-    """Count ``processor`` entries, union x86 ``flags`` / ARM ``Features``, keep first other fields."""
-    info = _CpuInfo(0, set(), {})
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if key == "processor":
-            info.processors += 1
-        elif key in ("flags", "Features"):
-            info.flags.update(value.split())
-        else:
-            info.fields.setdefault(key, value)
-    return info
-
-
-def _cpu_model(cpu: _CpuInfo) -> str | None:
-    # On a Pi the kernel reports "Hardware: BCM2835" for every model, so the core name is preferred.
-    if "model name" in cpu.fields:
-        return cpu.fields["model name"]
-    if cpu.fields.get("CPU implementer") == "0x41" and cpu.fields.get("CPU part") in _ARM_PARTS:
-        return _ARM_PARTS[cpu.fields["CPU part"]]
-    return cpu.fields.get("Hardware")
-
-
-def _board(base: Path, cpu: _CpuInfo) -> tuple[str | None, str | None]:
+def _board(tree: Tree, cpu: CpuInfo) -> tuple[str | None, str | None]:
     """Board name and the host path it came from: device tree, then DMI, then cpuinfo ``Model``."""
     for rel in _BOARD_FILES:
-        value = _read(base / rel)
+        value = _plausible_name(tree, rel)
         if value:
             return value, "/" + rel
-    if "Model" in cpu.fields:
-        return cpu.fields["Model"], "/proc/cpuinfo"
+    product = _plausible_name(tree, "sys/class/dmi/id/product_name")
+    if product and product.lower() not in _DMI_PLACEHOLDERS:
+        vendor = _plausible_name(tree, "sys/class/dmi/id/sys_vendor") or ""
+        if vendor.lower() in _DMI_PLACEHOLDERS or vendor.split(" ")[0].lower() in product.lower():
+            vendor = ""
+        return (f"{vendor} {product}" if vendor else product), "/sys/class/dmi/id/product_name"
+    model = cpu.first("Model")
+    if model and len(model) <= 256 and model.isprintable():
+        return model, "/proc/cpuinfo"
     return None, None
 
 
-# --- accelerators -------------------------------------------------------------------------------
+def _soc(tree: Tree, board: str | None, is_jetson: bool) -> tuple[str | None, str | None]:
+    """The SoC as the device tree names it (the last ``compatible`` entry, e.g. ``nvidia,tegra234``).
+
+    On a Jetson without a readable device tree: the fuse's chip id, then the board name (Jetson
+    model strings are not uniform: AGX Xavier says "Jetson-AGX", custom carriers say anything).
+    """
+    for rel in _COMPATIBLE_FILES:
+        data = tree.read_bytes(rel, SMALL)
+        if not data:
+            continue
+        entries = [e.decode("ascii", "replace") for e in data.split(b"\x00") if e]
+        if len(entries) > 16 or not all(_COMPATIBLE_RE.fullmatch(e) for e in entries):
+            # A real "compatible" is a few vendor,name strings: a single bad entry means it is not one.
+            tree.note(f"{tree.host(rel)}: not a list of vendor,name strings ({len(data)} bytes): ignored")
+            continue
+        if entries:
+            return entries[-1].lower(), "/" + rel
+    if not is_jetson:
+        return None, None
+    chip = tree.read_text("sys/module/tegra_fuse/parameters/tegra_chip_id", 64)
+    if chip in _TEGRA_CHIP_IDS:
+        return _TEGRA_CHIP_IDS[chip], "/sys/module/tegra_fuse/parameters/tegra_chip_id"
+    release = tree.read_text("etc/nv_tegra_release", 1024) or ""
+    if "BOARD: t210ref" in release:
+        return "nvidia,tegra210", "/etc/nv_tegra_release"
+    lowered = (board or "").lower()
+    for needle, soc in _JETSON_BOARD_SOCS:
+        if needle in lowered:
+            return soc, f"board name contains '{needle}'"
+    return None, None
 
 
-def _accelerators(base: Path, board: str | None, board_source: str | None) -> Iterable[Accelerator]:
-    jetson = _jetson(base, board, board_source)
+# --- accelerators and libraries ----------------------------------------------------------------
+
+
+def _accelerators(tree: Tree, board: str | None, board_source: str | None, soc: str | None, *, is_jetson: bool,
+                  libraries: frozenset[str]) -> Iterable[Accelerator]:
+    jetson = rules.jetson(tree, board, board_source, soc) if is_jetson else None
     if jetson is not None:
         yield jetson
-    else:
-        # JetPack 6 drives the Orin iGPU/display with NVIDIA's OpenRM module, which can also create
-        # /dev/nvidia0 and /proc/driver/nvidia: on a Jetson those are not a discrete GPU.
-        yield from _nvidia(base)
-    yield from _coral_pcie(base)
-    yield from _coral_usb(base)
-    yield from _intel_gpu(base)
-    for dev in _glob(base, "dev/hailo[0-9]*"):
-        yield Accelerator("hailo", f"Hailo AI accelerator ({_host(base, dev)})", _host(base, dev))
-    if board and "raspberry pi" in board.lower():
-        yield Accelerator("rpi-gpu", f"Broadcom {_videocore(board)} (informational)", board_source or "")
+    yield from rules.nvidia(tree, on_jetson=jetson is not None)
+    yield from rules.coral_pcie(tree)
+    yield from rules.coral_usb(tree)
+    yield from rules.render_nodes(tree)
+    yield from rules.accel_nodes(tree)
+    yield from rules.hailo(tree, libraries)
+    yield from rules.raspberry_pi_gpu(board, board_source)
 
 
-def _jetson(base: Path, board: str | None, board_source: str | None) -> Accelerator | None:
-    release_path = base / "etc/nv_tegra_release"
-    evidence: list[str] = []
-    if _exists(release_path):
-        evidence.append("/etc/nv_tegra_release")
-    if board and "jetson" in board.lower() and board_source:
-        evidence.append(board_source)
-    if not evidence:
-        return None
-    evidence += [_host(base, p) for p in _glob(base, "dev/nvhost-*")[:1] + _glob(base, "dev/nvgpu")]
-    match = _L4T_RE.search(_read(release_path) or "")
-    name = f"NVIDIA Jetson GPU (L4T R{match[1]}.{match[2]})" if match else "NVIDIA Jetson GPU"
-    return Accelerator("jetson-gpu", name, ", ".join(evidence))
-
-
-def _nvidia(base: Path) -> Iterable[Accelerator]:
-    version = _NVRM_RE.search(_read(base / "proc/driver/nvidia/version") or "")
-    driver = f", driver {version[1]}" if version else ""
-    devices = _glob(base, "dev/nvidia[0-9]*")
-    for dev in devices:
-        yield Accelerator("nvidia-gpu", f"NVIDIA GPU ({_host(base, dev)}{driver})", _host(base, dev))
-    if not devices and _exists(base / "proc/driver/nvidia/version"):
-        yield Accelerator("nvidia-gpu", f"NVIDIA GPU (no device node{driver})", "/proc/driver/nvidia/version")
-
-
-def _coral_pcie(base: Path) -> Iterable[Accelerator]:
-    for dev in _glob(base, "dev/apex_[0-9]*"):
-        yield Accelerator("edgetpu-pcie", f"Coral Edge TPU (PCIe, {_host(base, dev)})", _host(base, dev))
-
-
-def _coral_usb(base: Path) -> Iterable[Accelerator]:
-    for dev in _glob(base, "sys/bus/usb/devices/*"):
-        vendor, product = _read(dev / "idVendor"), _read(dev / "idProduct")
-        if vendor is None or product is None:
-            continue
-        ids = (vendor.lower(), product.lower())
-        if ids in _CORAL_USB_IDS:
-            name = f"Coral Edge TPU (USB, {ids[0]}:{ids[1]}, {_CORAL_USB_IDS[ids]})"
-            yield Accelerator("edgetpu-usb", name, _host(base, dev))
-
-
-def _intel_gpu(base: Path) -> Iterable[Accelerator]:
-    for node in _glob(base, "sys/class/drm/renderD*"):
-        vendor_file = node / "device/vendor"
-        if (_read(vendor_file) or "").lower() != "0x8086":
-            continue
-        device = _read(node / "device/device")
-        detail = f"{node.name}, {device}" if device else node.name
-        yield Accelerator("intel-gpu", f"Intel GPU ({detail})", _host(base, vendor_file))
-
-
-def _videocore(board: str) -> str:
-    if "Raspberry Pi 5" in board or "Compute Module 5" in board:
-        return "VideoCore VII"
-    if "Raspberry Pi 4" in board or "Compute Module 4" in board:
-        return "VideoCore VI"
-    return "VideoCore"
-
-
-# --- libraries ----------------------------------------------------------------------------------
-
-
-def _libraries(base: Path) -> frozenset[str]:
-    """File names of known libraries in the usual dirs; broken symlinks do not count."""
-    found: set[str] = set()
+def _libraries(tree: Tree, host: bool) -> frozenset[str]:
+    """File names of known libraries in the usual dirs; broken symlinks and directories do not count."""
+    dirs: list[str] = []
     for pattern in LIBRARY_DIRS:
-        for directory in _glob(base, pattern) if "*" in pattern else [base / pattern]:
-            try:
-                for entry in directory.iterdir():
-                    if any(fnmatch(entry.name, lib) for lib in KNOWN_LIBRARIES) and entry.is_file():
-                        found.add(entry.name)
-            except OSError:
-                continue
+        dirs += tree.glob(pattern) if "*" in pattern else [pattern]
+    if host:  # the agent's own site-packages: pip wheels of OpenVINO, ONNX Runtime, TensorRT, CUDA
+        for key in ("purelib", "platlib"):
+            site = os.path.relpath(sysconfig.get_paths()[key], "/")
+            dirs += [f"{site}/{sub}" for sub in _ENV_LIBRARY_DIRS]
+    found: set[str] = set()
+    for directory in dict.fromkeys(dirs):
+        for name in tree.listdir(directory, limit=20000):
+            if any(fnmatchcase(name, lib) for lib in KNOWN_LIBRARIES) and tree.kind(f"{directory}/{name}") == "file":
+                found.add(printable(name, 80))
     return frozenset(found)

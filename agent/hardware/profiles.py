@@ -15,14 +15,14 @@ from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from agent.errors import ConfigError
-from agent.hardware.detect import ACCELERATOR_KINDS, KNOWN_LIBRARIES, HardwareInfo
+from agent.hardware.facts import ACCELERATOR_KINDS, KNOWN_LIBRARIES, HardwareInfo
 from agent.validation import error_key, is_model
 
 if TYPE_CHECKING:
@@ -36,9 +36,14 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
 
 log = structlog.get_logger(__name__)
 
-RUNTIMES = ("onnx", "tflite")
+RUNTIMES = ("onnx", "tflite", "hef", "rknn")
+#: The last resort of the runtimes that have one, appended to every list.
 CPU_FALLBACK = {"onnx": "CPUExecutionProvider", "tflite": "xnnpack"}
-TFLITE_DELEGATES = frozenset({"xnnpack", "gpu", "edgetpu", "hailo", "external", "fault-injection"})
+#: Runtimes whose compiled models run only on their NPU (no CPU fallback): the one device entry,
+#: used when a profile lists none (so a Hailo or Rockchip NPU is used whatever profile is selected).
+NPU_DEVICES = {"hef": "hailo", "rknn": "npu"}
+TFLITE_DELEGATES = frozenset({"xnnpack", "gpu", "edgetpu", "external", "fault-injection"})
+RKNN_CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
 GENERIC_PROFILE = "generic-cpu"
 PROFILE_PACKAGE = "device_profiles"
 
@@ -64,6 +69,7 @@ class _Table(BaseModel):
 
 
 NonEmpty = Annotated[str, Strict(), Field(min_length=1)]
+_SOC_RE = re.compile(r"[a-z0-9*?\[\]_.+-]+,[a-z0-9*?\[\]_.+-]+")
 _RULE = "a list of non-empty strings"
 Rule = Annotated[tuple[NonEmpty, ...], Field(description=_RULE)]
 
@@ -84,6 +90,7 @@ class MatchRules(_Table):
 
     arch: Rule = ()
     board_contains: Rule = ()
+    soc_any: Rule = ()
     accelerators_any: Rule = ()
     libraries_any: Rule = ()
     cpu_flags_all: Rule = ()
@@ -96,6 +103,14 @@ class MatchRules(_Table):
                 raise ValueError(f"unknown accelerator kind {kind!r} (known: {', '.join(sorted(ACCELERATOR_KINDS))})")
         return value
 
+    @field_validator("soc_any")
+    @classmethod
+    def _socs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not _SOC_RE.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a device-tree SoC name such as 'nvidia,tegra234' (globs allowed)")
+        return value
+
     @field_validator("libraries_any")
     @classmethod
     def _libraries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -106,6 +121,13 @@ class MatchRules(_Table):
 
     def evaluate(self, hw: HardwareInfo) -> tuple[bool, list[str]]:
         """(matched, one reason per rule saying why it held or failed)."""
+        checks = self.checks(hw)
+        if not checks:
+            return True, ["no match rules (matches any device)"]
+        return all(ok for ok, _ in checks), [reason for _, reason in checks]
+
+    def checks(self, hw: HardwareInfo) -> list[tuple[bool, str]]:
+        """(held, reason) per rule listed, in a fixed order."""
         checks: list[tuple[bool, str]] = []
         if self.arch:
             ok = hw.arch in self.arch
@@ -118,6 +140,10 @@ class MatchRules(_Table):
                 if hit
                 else (False, f"board {hw.board!r} contains none of {list(self.board_contains)}")
             )
+        if self.soc_any:
+            ok = hw.soc is not None and any(fnmatch(hw.soc, pattern) for pattern in self.soc_any)
+            checks.append((True, f"soc {hw.soc}") if ok
+                          else (False, f"soc {hw.soc!r} matches none of {list(self.soc_any)}"))
         if self.accelerators_any:
             kind = next((k for k in self.accelerators_any if hw.has(k)), None)
             checks.append(
@@ -139,14 +165,16 @@ class MatchRules(_Table):
                 if missing
                 else (True, f"cpu flags {' '.join(self.cpu_flags_all)}")
             )
-        if not checks:
-            return True, ["no match rules (matches any device)"]
-        return all(ok for ok, _ in checks), [reason for _, reason in checks]
+        return checks
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A parsed profile file; ``runtimes`` always has both runtimes, each ending with the CPU entry."""
+    """A parsed profile file; ``runtimes`` has every runtime of :data:`RUNTIMES`.
+
+    ``onnx`` and ``tflite`` end with their CPU entry; ``hef`` and ``rknn`` (no CPU fallback: their
+    compiled models run only on the NPU) hold the listed entries, else the one device entry.
+    """
 
     name: str
     description: str
@@ -184,7 +212,7 @@ class ProfileChoice:
 
 
 def _cpu_only() -> Mapping[str, tuple[DelegateSpec, ...]]:
-    return MappingProxyType({rt: (DelegateSpec(CPU_FALLBACK[rt]),) for rt in RUNTIMES})
+    return MappingProxyType({rt: (DelegateSpec(CPU_FALLBACK.get(rt) or NPU_DEVICES[rt]),) for rt in RUNTIMES})
 
 
 # Used when a custom profile directory has no generic-cpu.toml: selection must always succeed.
@@ -287,6 +315,9 @@ class _TfliteDelegate(_Delegate):
     @field_validator("name")
     @classmethod
     def _delegate(cls, name: str) -> str:
+        if name == "hailo":
+            raise ValueError("'hailo' is not a LiteRT delegate: HailoRT runs compiled .hef models, not .tflite "
+                             "graphs; list it as [[runtimes.hef]] name = \"hailo\"")
         if name not in TFLITE_DELEGATES:
             raise ValueError(f"unknown delegate {name!r} (allowed: {', '.join(sorted(TFLITE_DELEGATES))})")
         return name
@@ -299,6 +330,47 @@ class _TfliteDelegate(_Delegate):
         return library
 
 
+class _HefOptions(_Table):
+    """``options`` of a ``[[runtimes.hef]]`` entry (HailoRT's VDevice and InferModel settings)."""
+
+    unknown: ClassVar[str] = "unknown option (allowed: batch_size, scheduling, timeout_ms)"
+
+    scheduling: Literal["round-robin", "none"] = Field(default="round-robin", description="'round-robin' or 'none'")
+    batch_size: Annotated[int, Strict()] | None = Field(default=None, ge=1, description="a positive integer")
+    timeout_ms: Annotated[int, Strict()] = Field(default=10000, ge=1, description="a positive integer")
+
+
+class _HefDelegate(_Delegate):
+    """A Hailo device for ``.hef`` models; the only name is ``hailo``."""
+
+    name: Literal["hailo"] = Field(description="'hailo'")
+    library: None = Field(default=None, description="left out (HailoRT is loaded by hailo_platform)")
+    options: _HefOptions = Field(default_factory=_HefOptions, description="a table")  # type: ignore[assignment]
+
+    def spec(self) -> DelegateSpec:
+        return DelegateSpec(self.name, None, MappingProxyType(self.options.model_dump(exclude_none=True)))
+
+
+class _RknnOptions(_Table):
+    """``options`` of a ``[[runtimes.rknn]]`` entry."""
+
+    unknown: ClassVar[str] = "unknown option (allowed: core_mask)"
+
+    core_mask: Literal[RKNN_CORE_MASKS] = Field(  # type: ignore[valid-type]
+        default="auto", description=f"one of {', '.join(repr(m) for m in RKNN_CORE_MASKS)}")
+
+
+class _RknnDelegate(_Delegate):
+    """The Rockchip NPU for ``.rknn`` models; the only name is ``npu``."""
+
+    name: Literal["npu"] = Field(description="'npu'")
+    library: None = Field(default=None, description="left out (rknnlite loads librknnrt.so)")
+    options: _RknnOptions = Field(default_factory=_RknnOptions, description="a table")  # type: ignore[assignment]
+
+    def spec(self) -> DelegateSpec:
+        return DelegateSpec(self.name, None, MappingProxyType(self.options.model_dump()))
+
+
 def _cpu_last(runtime: str, entries: list[_Delegate]) -> list[_Delegate]:
     cpu = CPU_FALLBACK[runtime]
     for i, entry in enumerate(entries[:-1]):
@@ -309,12 +381,14 @@ def _cpu_last(runtime: str, entries: list[_Delegate]) -> list[_Delegate]:
 
 
 class _Runtimes(_Table):
-    """``[[runtimes.onnx]]`` / ``[[runtimes.tflite]]``: ordered preference lists, CPU last."""
+    """``[[runtimes.X]]``: ordered preference lists; CPU last for ``onnx`` and ``tflite``."""
 
     unknown: ClassVar[str] = f"unknown runtime (allowed: {', '.join(RUNTIMES)})"
 
     onnx: list[_OnnxDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.onnx]])")
     tflite: list[_TfliteDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.tflite]])")
+    hef: list[_HefDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.hef]])")
+    rknn: list[_RknnDelegate] = Field(default_factory=list, description="an array of tables ([[runtimes.rknn]])")
 
     @field_validator("onnx", "tflite")
     @classmethod
@@ -352,9 +426,10 @@ def parse_profile(name: str, text: str, source: str) -> DeviceProfile:
     runtimes = {}
     for runtime in RUNTIMES:
         specs = [entry.spec() for entry in getattr(parsed.runtimes, runtime)]
-        if not specs or specs[-1].name != CPU_FALLBACK[runtime]:
-            specs.append(DelegateSpec(CPU_FALLBACK[runtime]))
-        runtimes[runtime] = tuple(specs)
+        fallback = CPU_FALLBACK.get(runtime)
+        if fallback is not None and (not specs or specs[-1].name != fallback):
+            specs.append(DelegateSpec(fallback))
+        runtimes[runtime] = tuple(specs) or (DelegateSpec(NPU_DEVICES[runtime]),)
     return DeviceProfile(
         name=name,
         description=parsed.description,

@@ -1,4 +1,8 @@
-"""Runtime backends by name (``onnx``, ``tflite``) and by model file suffix."""
+"""Runtime backends by name (``onnx``, ``tflite``, ``hef``, ``rknn``) and by model file suffix.
+
+Every backend is registered whatever is installed: each imports its runtime package only when a
+model is probed or loaded, and is "unavailable" (with the package named) where it is missing.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ from pathlib import Path
 
 from agent.errors import RuntimeUnavailableError
 from agent.runtimes.base import Backend, LoadReport, Quantization, Session, TensorSpec
+from agent.runtimes.hailo import HailoBackend
 from agent.runtimes.litert import LiteRTBackend
 from agent.runtimes.onnx import OnnxBackend
+from agent.runtimes.rknn import RknnBackend
 
-BACKENDS: dict[str, type[Backend]] = {OnnxBackend.name: OnnxBackend, LiteRTBackend.name: LiteRTBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    cls.name: cls for cls in (OnnxBackend, LiteRTBackend, HailoBackend, RknnBackend)
+}
 MODEL_FILES = {f"model{suffix}": name for name, cls in BACKENDS.items() for suffix in cls.suffixes}
 
 

@@ -137,11 +137,14 @@ class Session(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """A runtime (ONNX Runtime, LiteRT) and the delegates/EPs it can use."""
+    """A runtime (ONNX Runtime, LiteRT, HailoRT, RKNN) and the delegates/EPs it can use."""
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
-    cpu_delegate: ClassVar[str]
+    #: The last resort, tried after every list. None for runtimes whose compiled models run only on
+    #: their NPU (``hef``, ``rknn``): they try the listed entries, else ``default_delegate``.
+    cpu_delegate: ClassVar[str | None]
+    default_delegate: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def version(self) -> str:
@@ -196,17 +199,20 @@ class Backend(abc.ABC):
         raise ModelLoadError(str(path), last_error)
 
     def _probe(self, spec: DelegateSpec) -> str | None:
-        if spec.name in LAYERED_DELEGATES:
+        if spec.name in LAYERED_DELEGATES and self.cpu_delegate is not None:
             return None
         return self.probe(spec)
 
     def _load_on(self, path: Path, spec: DelegateSpec, threads: int | None, options: Mapping[str, Any]) -> Session:
         layered = LAYERED_DELEGATES.get(spec.name)
-        if layered is not None:
+        if layered is not None and self.cpu_delegate is not None:
             return layered(self._load(path, DelegateSpec(name=self.cpu_delegate), threads, options), spec)
         return self._load(path, spec, threads, options)
 
     def _with_cpu(self, specs: Sequence[DelegateSpec]) -> list[DelegateSpec]:
+        if self.cpu_delegate is None:
+            default = [DelegateSpec(name=self.default_delegate)] if self.default_delegate else []
+            return list(specs) or default
         ordered = [s for s in specs if s.name != self.cpu_delegate]
         cpu = next((s for s in specs if s.name == self.cpu_delegate), DelegateSpec(name=self.cpu_delegate))
         return [*ordered, cpu]

@@ -20,7 +20,6 @@ from agent.runtimes.base import Backend, LoadReport, Quantization, Session, Tens
 _DEFAULT_LIBRARIES = {
     "gpu": "libtensorflowlite_gpu_delegate.so",
     "edgetpu": "libedgetpu.so.1",
-    "hailo": "libhailo_tflite_delegate.so",
 }
 
 

@@ -21,13 +21,13 @@ from cloud_sync.errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-RUNTIME_SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite"}
+RUNTIME_SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite", "hef": ".hef", "rknn": ".rknn"}
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
           "float16", "float32", "float64")
 
 _INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 
-Runtime = Literal["onnx", "tflite"]
+Runtime = Literal["onnx", "tflite", "hef", "rknn"]  # hef: HailoRT, rknn: Rockchip NPU (compiled models)
 DType = Literal["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                 "float16", "float32", "float64"]
 Dim = Annotated[int, Field(ge=-1)]
