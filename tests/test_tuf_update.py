@@ -501,6 +501,25 @@ def test_slow_retrieval_keeps_the_partial_and_the_next_attempt_resumes(world: Wo
     assert path.read_bytes() == world.target_file().read_bytes()
 
 
+@pytest.mark.parametrize(("elapsed", "received", "want"), [
+    (0.5, 0, None),  # within the grace period nothing is judged
+    (5.0, 10 * 1024 * 5, None),  # 10 KiB/s: over the minimum
+    (5.0, 1024 * 5 - 1, "bytes/s on average over 5.0 s is under the 1024 bytes/s minimum"),
+    (5.0, 2, "0 bytes/s on average"),  # the drip: 1 byte every 2 s
+    (61.0, 10 << 20, "not complete after the 60 s deadline (10485760 bytes received)"),
+])
+def test_slow_retrieval_verdict(elapsed: float, received: int, want: str | None) -> None:
+    from cloud_sync.updater.fetcher import _Watch
+
+    watch = _Watch(deadline_s=60, min_rate=1024, grace_s=1.0)
+    try:
+        watch.received = received
+        got = watch.verdict(watch.started + elapsed)
+    finally:
+        watch.close()
+    assert (got is None) if want is None else (got is not None and want in got), got
+
+
 def test_table_is_big_enough() -> None:
     assert len(CASES) >= 25
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from agent.config import RuntimeSection, UpdatesSection
@@ -145,6 +146,18 @@ def test_recover_undoes_an_interrupted_deployment(world: World, crash: Interrupt
     assert len(world.rejected(2)) == (1 if crash.promoted else 0)
     assert world.swapper.calls == []  # before any model is loaded: recovery touches only the disk
     assert world.sink.events == []  # the daemon sends the events once the link is up
+
+
+def test_a_record_with_an_uncapped_message_is_capped_when_read(world: World) -> None:
+    # Issue 12 item 7: records written before messages were capped held a 64 MiB member name.
+    from cloud_sync.errors import MAX_MESSAGE_CHARS
+
+    record = Deployment(NAME, 2, 1, state="failed", error={"code": "io_error", "message": "n" * 5_000_000})
+    world.store.directory.mkdir(parents=True)
+    world.store.path(NAME).write_bytes(orjson.dumps(record.to_dict()))
+    loaded = world.store.load(NAME)
+    assert loaded is not None and loaded.error is not None
+    assert loaded.error["code"] == "io_error" and len(loaded.error["message"]) == MAX_MESSAGE_CHARS
 
 
 def test_recover_without_previous_version_leaves_no_active(world: World) -> None:

@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cloud_sync.errors import ManifestError
 
@@ -35,6 +44,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
 #: Deepest nesting of JSON arrays and objects a manifest may use (the schema itself needs 6).
 MAX_DEPTH = 32
+#: Largest ``.npy`` test-vector file (its data is read into memory while the bundle is tested).
+MAX_TENSOR_FILE_BYTES = 64 << 20
 
 
 def check_relative_path(value: str) -> str:
@@ -64,7 +75,7 @@ class TensorSpec(_Model):
     name: str = Field(min_length=1)
     dtype: DType
     shape: list[Dim]
-    allow_nonfinite: bool | None = None
+    allow_nonfinite: StrictBool | None = None  # JSON true/false only ("yes" and 1 are errors)
 
 
 class TensorValue(_Model):
@@ -328,6 +339,8 @@ def check_npy(path: Path, shape: list[int], *, field: str) -> None:
         raise ManifestError(f"holds {dtype} values, not numbers (pickled objects are refused)", field=field)
     if list(found) != list(shape):
         raise ManifestError(f"holds shape {list(found)}, the manifest declares {list(shape)}", field=field)
+    if data_bytes > MAX_TENSOR_FILE_BYTES:
+        raise ManifestError(f"{data_bytes} bytes is over the {MAX_TENSOR_FILE_BYTES} byte test-vector cap", field=field)
     if data_bytes != math.prod(found) * dtype.itemsize:
         raise ManifestError(f"holds {data_bytes} data bytes, its header needs {math.prod(found) * dtype.itemsize}",
                             field=field)
