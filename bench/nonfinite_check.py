@@ -28,7 +28,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.config import RuntimeSection
-from agent.health.metrics import Metrics
+from agent.core.metrics import Metrics
 from agent.models.registry import ModelRegistry
 from agent.models.served import ServedModel, all_finite
 from agent.samples import fetch
