@@ -11,7 +11,8 @@ Durations are cumulative counts and nanoseconds, as in Triton:
 - ``fail``: requests for this model that got an error, to the moment it was raised.
 
 ``ModelStats`` is also the one place a model version's requests are counted: the calls
-(admitted, rejected, failed, succeeded, with recent latencies) that the health window and the
+(admitted, rejected, failed, succeeded, with recent latencies and runtime-call times, and
+answers holding NaN while the health window checks them) that the health window and the
 watchdog judge, and the answers per protocol and status code that ``/metrics`` exposes. Every
 reader (status, telemetry, ``/metrics``, the statistics extension) reads these counters.
 """
