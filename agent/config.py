@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
 from agent.errors import ConfigError
@@ -193,12 +193,28 @@ class UpdatesSection(_Section):
     max_member_bytes: int = Field(default=1 << 30, ge=1024)
     max_members: int = Field(default=256, ge=1)
     bandwidth_bytes_s: int | None = Field(default=None, ge=1024)
+    # Slow retrieval (TUF): each file's download must finish within the deadline and, once the grace
+    # period is over, keep this average rate; otherwise it fails (download_failed) and resumes next time.
+    download_deadline_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    download_min_rate_bytes_s: int = Field(default=1024, ge=1)
+    download_rate_grace_s: float = Field(default=10.0, ge=0, le=3600)
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # kept free on top of the bundle
     keep_versions: int = Field(default=2, ge=2, le=100)  # on disk per model, current and previous included
+    require_test_vectors: bool = False  # refuse bundles without test vectors (test_vectors_failed)
     health_window_s: float = Field(default=30.0, ge=0, le=86400)
     health_min_requests: int = Field(default=20, ge=1)
     health_max_error_rate: float = Field(default=0.05, ge=0, le=1)
     health_max_latency_ratio: float = Field(default=2.0, ge=1)
+    health_latency_floor_ms: float = Field(default=2.0, ge=0)  # a slowdown smaller than this is never a regression
+
+    @field_validator("download_min_rate_bytes_s")
+    @classmethod
+    def _rate_under_bandwidth(cls, value: int, info: ValidationInfo) -> int:
+        bandwidth = info.data.get("bandwidth_bytes_s")
+        if bandwidth is not None and value > bandwidth // 2:
+            raise ValueError(f"must be at most half of bandwidth_bytes_s ({bandwidth}): the bandwidth limit alone "
+                             "would fail downloads")
+        return value
 
 
 class WatchdogSection(_Section):

@@ -20,6 +20,24 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The longest error message (in characters) that goes into a record, a log line, an event or an answer.
+MAX_MESSAGE_CHARS = 1024
+#: The longest ``field`` (manifest field, archive member name) an error names.
+MAX_FIELD_CHARS = 256
+
+
+def cap_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how many were left out.
+
+    Every error message that is stored, logged or sent passes through here: a hostile bundle
+    controls member names, link targets and manifest fields, and an error that quotes them
+    whole made a 64 MiB deployment record, log line and MQTT event.
+    """
+    if len(text) <= limit:
+        return text
+    marker = f" ... [cut: {len(text)} characters in all]"
+    return text[: max(limit - len(marker), 0)] + marker
+
 
 class EdgeError(Exception):
     """Root of every error the project raises on purpose; ``code`` is stable for scripts."""
@@ -28,8 +46,8 @@ class EdgeError(Exception):
     exit_code = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``{"code", "message"}`` object that answers and events carry."""
-        return {"code": self.code, "message": str(self)}
+        """The ``{"code", "message"}`` object that answers and events carry (message capped)."""
+        return {"code": self.code, "message": cap_message(str(self))}
 
 
 class CloudSyncError(EdgeError):
@@ -48,9 +66,9 @@ class BundleError(CloudSyncError):
     code = "bad_bundle"
 
     def __init__(self, reason: str, *, field: str | None = None) -> None:
-        self.reason = reason
-        self.field = field
-        super().__init__(f"{field}: {reason}" if field else reason)
+        self.reason = cap_message(reason)
+        self.field = cap_message(field, MAX_FIELD_CHARS) if field is not None else None
+        super().__init__(cap_message(f"{self.field}: {self.reason}" if self.field else self.reason))
 
 
 class ManifestError(BundleError):
@@ -125,10 +143,10 @@ class DownloadError(CloudSyncError):
     code = "download_failed"
 
     def __init__(self, reason: str, *, url: str | None = None, status: int | None = None) -> None:
-        self.reason = reason
+        self.reason = cap_message(reason)
         self.url = url
         self.status = status
-        super().__init__(f"{reason} ({url})" if url else reason)
+        super().__init__(cap_message(f"{self.reason} ({url})" if url else self.reason))
 
 
 class RepositoryError(CloudSyncError):

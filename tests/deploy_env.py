@@ -98,7 +98,8 @@ class DeployEnv:
         root.write_bytes(self.repo.root_bytes(1))
         lines = ["[updates]", f'repo_url = "{self.url}"', f'trusted_root = "{root}"',
                  f"health_window_s = {health_window_s}"]
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in updates.items()]
+        lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}"
+                  for k, v in updates.items()]
         path.write_text("\n".join(lines) + "\n" + extra)
         return path
 

@@ -130,11 +130,15 @@ def fake_worker(served: ServedModel) -> FakeWorker:
 
 
 def drive(stats: ModelStats, *, ok: int = 0, failed: int = 0, rejected: int = 0, latency_s: float = 0.001,
-          runtime_failure: bool = True) -> None:
-    """Record calls on ``stats`` the way ``ServedModel.infer`` does."""
-    for _ in range(ok):
+          runtime_failure: bool = True, queue_s: float = 0.0, nonfinite: int = 0) -> None:
+    """Record calls on ``stats`` the way ``ServedModel.infer`` and its worker do: each success is a
+    runtime call of ``latency_s`` after ``queue_s`` in the queue; ``nonfinite`` of them answered NaN."""
+    for i in range(ok):
         stats.admitted()
-        stats.call_ended(latency_s)
+        stats.executed(1, int(latency_s * 1e9))
+        stats.call_ended(queue_s + latency_s)
+        if i < nonfinite:
+            stats.answered_nonfinite()
     for _ in range(failed):
         stats.admitted()
         stats.call_ended(None, runtime_failure=runtime_failure)

@@ -116,6 +116,90 @@ def test_manifest_malformed_and_not_object() -> None:
         Manifest.from_json(b"[1]")
 
 
+@pytest.mark.parametrize(("path", "value", "field", "reason"), [
+    ("inputs[0].allow_nonfinite", True, "inputs[0].allow_nonfinite", "only outputs"),
+    ("outputs[0].allow_nonfinite", "yes", "outputs[0].allow_nonfinite", "boolean"),
+])
+def test_allow_nonfinite_is_schema_checked(path: str, value: Any, field: str, reason: str) -> None:
+    with pytest.raises(errors.ManifestError) as info:
+        Manifest.from_dict(_with(path, value))
+    assert (info.value.field, reason in info.value.reason) == (field, True), info.value
+    int_output = _with("outputs", [{"name": "y", "dtype": "int8", "shape": [-1], "allow_nonfinite": True}])
+    int_output["test_vectors"] = []
+    with pytest.raises(errors.ManifestError, match="int8 output cannot be non-finite"):
+        Manifest.from_dict(int_output)
+    allowed = Manifest.from_dict(_with("outputs[0].allow_nonfinite", True))
+    assert allowed.nonfinite_outputs() == {"y"} and Manifest.from_dict(FULL).nonfinite_outputs() == set()
+    assert Manifest.from_json(allowed.to_json()) == allowed
+    assert b"allow_nonfinite" not in Manifest.from_dict(FULL).to_json()  # unchanged bytes for bundles without it
+
+
+@pytest.mark.parametrize("depth", [33, 990, 100_000])
+def test_deeply_nested_manifest_is_bad_manifest(depth: int) -> None:
+    # Issue 12 item 8: 100,000 levels was a RecursionError (an ``internal`` error) in json.loads.
+    raw = json.dumps(BASE)[:-1].encode() + b', "preprocess": {"type": "t", "x": ' + b"[" * depth + b"]" * depth + b"}}"
+    with pytest.raises(errors.ManifestError, match="nested deeper than 32 levels") as info:
+        Manifest.from_json(raw)
+    assert info.value.code == "bad_manifest"
+    Manifest.from_json(json.dumps(BASE)[:-1].encode() + b', "preprocess": {"type": "t", "x": [[[[]]]]}}')
+
+
+NPY_CASES = {
+    # Issue 12 item 8: a wrong shape (reshape ValueError) and a pickled object array were ``internal``.
+    "wrong shape": (lambda: _npy(np.zeros((3,), np.float32)), "holds shape [3], the manifest declares [1, 2]"),
+    "pickled objects": (lambda: _npy(np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                        "holds object values, not numbers (pickled objects are refused)"),
+    "strings": (lambda: _npy(np.array([["a", "b"]])), "not numbers"),
+    "truncated": (lambda: _npy(np.zeros((1, 2), np.float32))[:-3], "data bytes, its header needs 8"),
+    "not npy": (lambda: b"PK\x03\x04 a zip", "not a readable .npy file"),
+    "structured": (lambda: _npy(np.zeros((1, 2), dtype=[("a", "f4")])), "not numbers"),
+}
+
+
+def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=allow_pickle)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", list(NPY_CASES), ids=list(NPY_CASES))
+def test_bad_npy_test_vector_is_bad_manifest_at_extraction(case: str, tmp_path: Path) -> None:
+    from cloud_sync.bundles import write_archive
+
+    data, reason = NPY_CASES[case]
+    sources = _sources(tmp_path)
+    sources["vectors/in.npy"].write_bytes(data())
+    bundle = write_archive(tmp_path / "x.bundle", Manifest.from_dict(FULL), sources)
+    with pytest.raises(errors.ManifestError) as info:
+        extract_bundle(bundle, tmp_path / "staging")
+    assert info.value.field == "test_vectors[1].inputs.x.file" and reason in info.value.reason, info.value
+    assert not (tmp_path / "staging").exists()
+    # tensor_array, which the installer uses, refuses the same file the same way (never np.load's pickle)
+    sources["vectors/in.npy"].rename(tmp_path / "in.npy")
+    with pytest.raises(errors.ManifestError, match="test_vectors"):
+        tensor_array({"dtype": "float32", "shape": [1, 2], "file": "in.npy"}, tmp_path,
+                     field="test_vectors[1].inputs.x")
+
+
+def test_inline_data_that_does_not_fit_its_dtype_is_bad_manifest() -> None:
+    with pytest.raises(errors.ManifestError, match="does not fit int8") as info:
+        tensor_array({"dtype": "int8", "shape": [1], "data": [1000]}, field="test_vectors[0].inputs.x")
+    assert info.value.field == "test_vectors[0].inputs.x.data"
+
+
+def test_error_messages_and_fields_are_capped() -> None:
+    # Issue 12 item 7: a 64 MiB member name went whole into the record, the log line and the event.
+    assert errors.cap_message("short") == "short"
+    capped = errors.cap_message("x" * 10_000_000)
+    assert len(capped) == errors.MAX_MESSAGE_CHARS and capped.endswith("... [cut: 10000000 characters in all]")
+    err = errors.UnsafeArchiveError("r" * 5000, field="n" * 70_000)
+    assert len(err.field or "") == errors.MAX_FIELD_CHARS and len(str(err)) <= errors.MAX_MESSAGE_CHARS
+    assert len(err.to_dict()["message"]) <= errors.MAX_MESSAGE_CHARS
+    assert len(str(errors.DownloadError("d" * 5000, url="u" * 5000))) <= errors.MAX_MESSAGE_CHARS
+
+
 def test_missing_vector_input_named() -> None:
     data = _with("inputs", [*FULL["inputs"], {"name": "sr", "dtype": "int64", "shape": []}])
     with pytest.raises(errors.ManifestError, match=r"missing input.*sr") as info:
@@ -164,6 +248,56 @@ def test_archive_refuses_missing_source(tmp_path: Path) -> None:
         write_archive(tmp_path / "x.bundle", Manifest.from_dict(FULL), sources)
     assert info.value.field == "files[0]"
     assert not (tmp_path / "x.bundle").exists()
+
+
+def _tar_with(tmp_path: Path, *parts: bytes) -> Path:
+    from tests import hostile_archives as hostile
+
+    return hostile.write(tmp_path / "x.bundle", [*hostile.valid_members(), *parts, hostile.END], one_member=True)
+
+
+def test_pax_header_bomb_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # Issue 12 item 5: a 512 MiB PAX header (0.5 MB compressed) was read whole: +1.5 GiB in the agent.
+    import tracemalloc
+
+    from tests import hostile_archives as hostile
+
+    bomb = hostile.write(tmp_path / "bomb.bundle", [hostile.header("././@PaxHeader", 512 << 20, tarfile.XHDTYPE),
+                                                    hostile.Repeat(b"a" * (1 << 20), 512), *hostile.valid_members(),
+                                                    hostile.END], one_member=True)
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.UnsafeArchiveError, match="PAX extended header of 536870912 bytes is over the "
+                                                            "65536 byte cap"):
+            extract_bundle(bomb, tmp_path / "staging")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes traced"
+    assert not (tmp_path / "staging").exists()
+
+
+@pytest.mark.parametrize(("parts", "reason"), [
+    # Issue 12 item 5: a 300-character name passed the checks and failed as io_error (ENAMETOOLONG).
+    (lambda h: [h.pax(h.pax_record("path", b"n" * 300)), h.member("p", b"x")],
+     "name of 300 characters is over the 255 character cap"),
+    (lambda h: [h.pax(h.pax_record("path", ("名" * 100).encode())), h.member("p", b"x")],
+     "name of 300 UTF-8 bytes is over the 255 byte cap"),
+    (lambda h: [h.longname(b"n" * 70_000), h.member("p", b"x")], "GNU long name of 70001 bytes is over the 65536"),
+    (lambda h: [h.longname(b"n" * 10)] * 9 + [h.member("p", b"x")], "more than 8 extension headers in a row"),
+    (lambda h: [h.pax(h.pax_record("GNU.sparse.major", b"1") + h.pax_record("GNU.sparse.minor", b"0")),
+                h.member("s", b"1\n0\n1\n")], "sparse file refused"),
+    (lambda h: [h.member("evil\x1b[2J", b"x")], "control character in the name"),
+    (lambda h: [h.member("labels.txt/x", b"x")], "conflicts with an earlier file of the same name"),
+])
+def test_hostile_headers_and_names_are_unsafe_archive(tmp_path: Path, parts: Any, reason: str) -> None:
+    from tests import hostile_archives as hostile
+
+    with pytest.raises(errors.UnsafeArchiveError) as info:
+        extract_bundle(_tar_with(tmp_path, *parts(hostile)), tmp_path / "staging")
+    assert reason in str(info.value) and "\x1b" not in str(info.value), info.value
+    assert not (tmp_path / "staging").exists()
 
 
 def test_safe_extract_dest_must_not_exist(tmp_path: Path, samples: dict[str, Path]) -> None:

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(60)
 class Fault:
     """What to do to requests whose path ends with ``suffix`` (``times`` = how often; -1 = always)."""
 
-    kind: str  # status | garbage | truncate | endless | stall | ignore_range
+    kind: str  # status | garbage | truncate | endless | stall | ignore_range | drip_body | drip_headers | slow
     suffix: str
     status: int = 500
     times: int = -1
@@ -88,9 +88,34 @@ class FaultyHandler(RepoRequestHandler):
         elif fault.kind == "ignore_range":
             del self.headers["Range"]
             super()._serve(body=body)
+        elif fault.kind in ("drip_body", "slow"):
+            self._current_fault = fault  # the real headers, then send_body drips
+            super()._serve(body=body)
+        elif fault.kind == "drip_headers":
+            self._drip(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 60_000 + b"\r\n\r\n", 1, 0.3)
+
+    def _drip(self, data: bytes, step: int, pause: float) -> None:
+        self.close_connection = True
+        deadline = time.monotonic() + 20  # bounded: the client hangs up long before
+        try:
+            for i in range(0, len(data), step):
+                if time.monotonic() > deadline:
+                    return
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:
+            pass  # the client gave up: what it must do
 
     def send_body(self, fh: BinaryIO, length: int) -> None:
-        if getattr(self, "_current_fault", None) is not None:
+        fault = getattr(self, "_current_fault", None)
+        if fault is not None and fault.kind in ("drip_body", "slow"):
+            # 2 bytes/s (every read succeeds: no read timeout fires) or, for "slow", 8 KiB/s: fast enough
+            # for any minimum rate, too slow for a short deadline.
+            step, pause = (1, 0.5) if fault.kind == "drip_body" else (1024, 0.125)
+            self._drip(fh.read(length), step, pause)
+            return
+        if fault is not None:
             # Promise ``length`` bytes, deliver a third, drop the connection.
             self.wfile.write(fh.read(length // 3))
             self.wfile.flush()
@@ -432,6 +457,67 @@ def test_bad_input(case: Case, world: World) -> None:
     assert info.value.code  # every error carries a response code
     if case.then is not None:
         case.then(world, world.updater())
+
+
+SLOW = {"deadline": 3.0, "min_rate": 1024, "rate_grace": 1.0}
+
+
+@pytest.mark.parametrize(("fault", "suffix", "match"), [
+    ("drip_body", ".vad-1.bundle", "bytes/s on average"),  # issue 12 item 6: kept "downloading" forever
+    ("drip_body", "timestamp.json", "bytes/s on average"),
+    ("drip_headers", ".vad-1.bundle", "bytes/s on average"),  # the headers never end: no body byte at all
+    ("slow", ".vad-1.bundle", "3 s deadline"),  # over the minimum rate, but not done in time
+])
+def test_slow_retrieval_fails_in_bounded_time(world: World, fault: str, suffix: str, match: str) -> None:
+    updater = world.updater(**SLOW)
+    if suffix != "timestamp.json":
+        updater.refresh()
+    world.fault(fault, suffix)
+    started = time.monotonic()
+    with pytest.raises(errors.DownloadError, match=match) as info:
+        updater.download("vad", 1, dest_dir=world.dest)
+    took = time.monotonic() - started
+    assert took < SLOW["deadline"] + 2, took
+    assert info.value.code == "download_failed" and "slow retrieval" not in str(info.value).lower()
+    assert world.dest_files() == []
+    deadline = time.monotonic() + 2
+    while any(t.name == "fetch-watch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "fetch-watch" for t in threading.enumerate())
+
+
+def test_slow_retrieval_keeps_the_partial_and_the_next_attempt_resumes(world: World) -> None:
+    updater = world.updater(**SLOW)
+    updater.refresh()
+    world.fault("truncate", ".vad-1.bundle", times=1)  # a third arrives, then the connection drops
+    with pytest.raises(errors.DownloadError):
+        updater.download("vad", 1, dest_dir=world.dest)
+    world.fault("drip_body", ".vad-1.bundle", times=1)  # the retry meets a slow mirror: the partial stays
+    with pytest.raises(errors.DownloadError, match="bytes/s"):
+        updater.download("vad", 1, dest_dir=world.dest)
+    partials = list((world.base / "device" / "cache" / "partial").glob("*.part"))
+    assert len(partials) == 1 and partials[0].stat().st_size > 0
+    path = updater.download("vad", 1, dest_dir=world.dest)
+    assert path.read_bytes() == world.target_file().read_bytes()
+
+
+@pytest.mark.parametrize(("elapsed", "received", "want"), [
+    (0.5, 0, None),  # within the grace period nothing is judged
+    (5.0, 10 * 1024 * 5, None),  # 10 KiB/s: over the minimum
+    (5.0, 1024 * 5 - 1, "bytes/s on average over 5.0 s is under the 1024 bytes/s minimum"),
+    (5.0, 2, "0 bytes/s on average"),  # the drip: 1 byte every 2 s
+    (61.0, 10 << 20, "not complete after the 60 s deadline (10485760 bytes received)"),
+])
+def test_slow_retrieval_verdict(elapsed: float, received: int, want: str | None) -> None:
+    from cloud_sync.updater.fetcher import _Watch
+
+    watch = _Watch(deadline_s=60, min_rate=1024, grace_s=1.0)
+    try:
+        watch.received = received
+        got = watch.verdict(watch.started + elapsed)
+    finally:
+        watch.close()
+    assert (got is None) if want is None else (got is not None and want in got), got
 
 
 def test_table_is_big_enough() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from agent.config import RuntimeSection, UpdatesSection
@@ -145,6 +146,18 @@ def test_recover_undoes_an_interrupted_deployment(world: World, crash: Interrupt
     assert len(world.rejected(2)) == (1 if crash.promoted else 0)
     assert world.swapper.calls == []  # before any model is loaded: recovery touches only the disk
     assert world.sink.events == []  # the daemon sends the events once the link is up
+
+
+def test_a_record_with_an_uncapped_message_is_capped_when_read(world: World) -> None:
+    # Issue 12 item 7: records written before messages were capped held a 64 MiB member name.
+    from cloud_sync.errors import MAX_MESSAGE_CHARS
+
+    record = Deployment(NAME, 2, 1, state="failed", error={"code": "io_error", "message": "n" * 5_000_000})
+    world.store.directory.mkdir(parents=True)
+    world.store.path(NAME).write_bytes(orjson.dumps(record.to_dict()))
+    loaded = world.store.load(NAME)
+    assert loaded is not None and loaded.error is not None
+    assert loaded.error["code"] == "io_error" and len(loaded.error["message"]) == MAX_MESSAGE_CHARS
 
 
 def test_recover_without_previous_version_leaves_no_active(world: World) -> None:
@@ -408,10 +421,10 @@ class Ticks:
         self.count = 0
         self._judged = asyncio.Event()
 
-    def __call__(self, *args: Any) -> str | None:
+    def __call__(self, *args: Any, **kwargs: Any) -> str | None:
         self.count += 1
         self._judged.set()
-        return verdict(*args)
+        return verdict(*args, **kwargs)
 
     async def next(self) -> None:
         self._judged.clear()
@@ -481,7 +494,7 @@ async def test_health_latency_is_judged_at_the_end(window: Window) -> None:
     assert not task.done()  # a slow start is no verdict yet
 
     reason = await window.close(task)
-    assert reason is not None and "median latency 5.00 ms is 5.0x the previous version's 1.00 ms" in reason
+    assert reason is not None and "median runtime-call time 5.00 ms is 5.0x the previous version's 1.00 ms" in reason
 
 
 async def test_health_latency_that_recovers_before_the_end_passes(window: Window) -> None:
@@ -529,6 +542,33 @@ async def test_health_without_a_previous_version_judges_no_latency(window: Windo
     task = await window.open(new, None)
     drive(new.stats, ok=20, latency_s=10.0)
     assert await window.close(task) is None
+
+
+async def test_health_a_load_spike_during_the_window_is_no_regression(window: Window) -> None:
+    # Issue 12 item 10: the same model under a load spike (a stream starting during the deploy) waits
+    # 5 ms in the queue per request; its runtime calls take what the old version's took. Judged on request
+    # latency this was "6.00 ms is 6.0x the previous version's 1.00 ms" and a rollback.
+    new = make_served(NAME, 2)
+    task = await window.open(new, 1)
+    drive(new.stats, ok=40, latency_s=0.001, queue_s=0.005)
+    assert await window.close(task) is None
+
+
+async def test_health_a_slower_runtime_call_is_a_regression_whatever_the_queue(window: Window) -> None:
+    new = make_served(NAME, 2)
+    task = await window.open(new, 1)
+    drive(new.stats, ok=40, latency_s=0.004, queue_s=0.0)  # 4x and 3 ms slower: over ratio and floor
+    reason = await window.close(task)
+    assert reason is not None and "4.0x the previous version's 1.00 ms" in reason
+
+
+async def test_health_nonfinite_answers_are_decisive_errors(window: Window) -> None:
+    # Issue 12 item 9: a model answering NaN was committed (its answers counted as successes).
+    new = make_served(NAME, 2)
+    task = await window.open(new, 1)
+    drive(new.stats, ok=10, nonfinite=10)
+    reason = await asyncio.wait_for(task, 5)  # decisive before the end, like failed requests
+    assert reason is not None and "(10 answers held NaN or infinity)" in reason
 
 
 async def test_health_a_few_errors_do_not_make_latency_decisive_early(window: Window) -> None:
@@ -598,10 +638,10 @@ async def test_deploy_health_regression_rolls_back(world: World, bundles: dict[t
     with_updater(deployer, bundles, tmp_path)
     monkeypatch.setattr(installer, "time", FakeClock())  # the window ends only by a verdict
 
-    def failing_clients(*args: Any) -> str | None:
+    def failing_clients(*args: Any, **kwargs: Any) -> str | None:
         # Once the window has begun, every request to the new version fails.
         drive(world.swapper.made[-1].stats, failed=5)
-        return verdict(*args)
+        return verdict(*args, **kwargs)
 
     monkeypatch.setattr(installer, "verdict", failing_clients)
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from agent.errors import AgentError, DeployError
 from agent.health.system import release_free_heap
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
-from cloud_sync.errors import CloudSyncError
+from cloud_sync.errors import CloudSyncError, cap_message
 from cloud_sync.fsutil import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
@@ -90,7 +91,10 @@ class Deployer:
             self._updater = BundleUpdater(self.cfg.metadata_dir or self.state_dir / "tuf", self.cfg.repo_url,
                                           trusted_root=self.cfg.trusted_root, cache_dir=self.cache_dir,
                                           max_bundle_bytes=self.cfg.max_bundle_bytes,
-                                          bandwidth=self.cfg.bandwidth_bytes_s, progress=self._progress)
+                                          bandwidth=self.cfg.bandwidth_bytes_s, progress=self._progress,
+                                          deadline=self.cfg.download_deadline_s,
+                                          min_rate=self.cfg.download_min_rate_bytes_s,
+                                          rate_grace=self.cfg.download_rate_grace_s)
         return self._updater
 
     def _progress(self, url: str, received: int, total: int | None) -> None:
@@ -225,6 +229,7 @@ class Deployer:
             candidate.source = ModelVersion(name, info.version, final, final / manifest.model, manifest.runtime)
             models.register(candidate)
             await asyncio.to_thread(self._write_active, name, info.version)
+            candidate.nonfinite_check = manifest.nonfinite_outputs()  # NaN answers count as errors in the window
             models.set_active(name, info.version)  # the swap: new requests go to the new version
             swapped = True
             await self._step(record, "swapped")
@@ -233,6 +238,7 @@ class Deployer:
             reason = await self._health_window(candidate, previous)
             if reason:
                 raise DeployError("health_regression", reason)
+            candidate.nonfinite_check = None
             record.state = "committed"
             await asyncio.to_thread(self.store.save, record)
             self._event(record)
@@ -242,16 +248,20 @@ class Deployer:
             return record
         except (AgentError, CloudSyncError, OSError) as exc:
             code = getattr(exc, "code", "io_error") if not isinstance(exc, OSError) else "io_error"
-            await self._undo(record, candidate, staging, swapped, code, str(exc))
-            raise DeployError(code, f"deploy of {name}@{record.version or 'latest'} "
-                                    f"{'rolled back' if swapped else 'failed'}: {exc}") from exc
+            message = cap_message(str(exc))  # a hostile bundle's names end up in errors: never whole
+            await self._undo(record, candidate, staging, swapped, code, message)
+            raise DeployError(code, cap_message(f"deploy of {name}@{record.version or 'latest'} "
+                                                f"{'rolled back' if swapped else 'failed'}: {message}")) from exc
         except asyncio.CancelledError:
             await asyncio.shield(self._undo(record, candidate, staging, swapped, "cancelled", "the agent stopped"))
             raise
         except Exception as exc:  # a bug must still leave the device serving and the record final
-            log.exception("deploy.internal_error", model=name, version=record.version)
-            await self._undo(record, candidate, staging, swapped, "internal", f"{type(exc).__name__}: {exc}")
-            raise DeployError("internal", f"deploy of {name} failed: {type(exc).__name__}: {exc}") from exc
+            message = cap_message(f"{type(exc).__name__}: {exc}")
+            log.error("deploy.internal_error", model=name, version=record.version, error=message,
+                      traceback=cap_message("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                                            16 * 1024))
+            await self._undo(record, candidate, staging, swapped, "internal", message)
+            raise DeployError("internal", cap_message(f"deploy of {name} failed: {message}")) from exc
 
     def _check_disk(self, length: int) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +274,9 @@ class Deployer:
         if manifest.name != name or manifest.version != version:
             raise DeployError("bad_manifest", f"bundle says {manifest.name}@{manifest.version}, "
                                               f"the signed target is {name}@{version}")
+        if self.cfg.require_test_vectors and not manifest.test_vectors:
+            raise DeployError("test_vectors_failed", "the bundle has no test vectors and [updates] "
+                                                     "require_test_vectors is set")
         c = manifest.constraints
         have_version = self.device.agent_version
         if c.min_agent_version and _version_tuple(have_version) < _version_tuple(c.min_agent_version):
@@ -298,28 +311,52 @@ class Deployer:
             raise DeployError("bad_pipeline", f"manifest processing does not fit the model: {exc}") from exc
 
     def _run_test_vectors(self, served: ServedModel, manifest: Manifest, root: Path) -> None:
-        """Each vector must reproduce its expected outputs; doubles as the warm-up."""
+        """Each vector must reproduce its expected outputs, and every output must be finite unless
+        the manifest allows otherwise; doubles as the warm-up.
+
+        Raises:
+            ManifestError: a vector's tensor does not fit (``bad_manifest``).
+            DeployError: ``test_vectors_failed``.
+        """
+        from agent.models.served import all_finite
         from cloud_sync.bundles.build import tensor_array
 
         if not manifest.test_vectors:
             self.models.warm_up(served)
             return
+        allowed = manifest.nonfinite_outputs()
         for i, vector in enumerate(manifest.test_vectors):
-            feeds = {n: tensor_array(v.model_dump(), root) for n, v in vector.inputs.items()}
+            where = f"test_vectors[{i}]"
+            feeds = {n: tensor_array(v.model_dump(), root, field=f"{where}.inputs.{n}")
+                     for n, v in vector.inputs.items()}
             try:
                 outputs = served.worker.run_sync(feeds)
             except AgentError as exc:
-                raise DeployError("test_vectors_failed", f"test_vectors[{i}]: the model failed: {exc}") from exc
+                raise DeployError("test_vectors_failed", f"{where}: the model failed: {exc}") from exc
             for out_name, value in vector.expected.items():
-                want = tensor_array(value.model_dump(), root)
+                want = tensor_array(value.model_dump(), root, field=f"{where}.expected.{out_name}")
                 got = outputs.get(out_name)
-                if got is None or got.shape != want.shape or not np.allclose(got, want, rtol=vector.rtol,
-                                                                             atol=vector.atol):
-                    worst = float(np.max(np.abs(got - want))) if got is not None and got.shape == want.shape \
-                        else float("nan")
+                if got is None:
+                    raise DeployError("test_vectors_failed", f"{where}.expected.{out_name}: the model has no such "
+                                                             f"output (it has {', '.join(outputs) or 'none'})")
+                if got.shape != want.shape:
+                    raise DeployError("test_vectors_failed", f"{where}.expected.{out_name}: output shape "
+                                                             f"{list(got.shape)}, expected {list(want.shape)}")
+                try:
+                    close = bool(np.allclose(got, want, rtol=vector.rtol, atol=vector.atol,
+                                             equal_nan=out_name in allowed))
+                    worst = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+                except (TypeError, ValueError) as exc:  # an output numpy cannot compare (strings, objects)
+                    raise DeployError("test_vectors_failed", f"{where}.expected.{out_name}: output cannot be "
+                                                             f"compared: {exc}") from exc
+                if not close:
                     raise DeployError("test_vectors_failed",
-                                      f"test_vectors[{i}].expected.{out_name}: output differs (max abs error "
+                                      f"{where}.expected.{out_name}: output differs (max abs error "
                                       f"{worst:.3g}, rtol {vector.rtol:g}, atol {vector.atol:g})")
+            if not all_finite(outputs, allowed):
+                bad = [n for n in outputs if not all_finite({n: outputs[n]}, allowed)]
+                raise DeployError("test_vectors_failed", f"{where}: output {', '.join(bad)} holds NaN or infinity "
+                                                         "(allow_nonfinite is not set for it)")
 
     def _promote(self, staging: Path, name: str, version: int) -> Path:
         final = self.models_dir / name / str(version)
@@ -339,23 +376,25 @@ class Deployer:
 
     async def _health_window(self, served: ServedModel, previous: int | None) -> str | None:
         policy = HealthPolicy(self.cfg.health_min_requests, self.cfg.health_max_error_rate,
-                              self.cfg.health_max_latency_ratio)
+                              self.cfg.health_max_latency_ratio, self.cfg.health_latency_floor_ms / 1e3)
         old = self.models.find(served.name, previous) if previous else None
-        baseline = list(old.stats.latencies) if old is not None else []
+        # Runtime-call times, not request latencies: the queue grows with the load of the moment (a stream
+        # starting during the deploy), and would make a good version look slower than the old one's history.
+        baseline = list(old.stats.compute_times) if old is not None else []
         stats = served.stats
         # A request the new version rejects (its inputs changed) failed for the client as much as one that
-        # failed to run: both count as errors here.
+        # failed to run: both count as errors here, and so do answers holding NaN or infinity.
         start_requests, start_errors = stats.requests + stats.rejected, stats.errors + stats.rejected
-        start_ok = stats.successes
+        start_calls, start_nonfinite = stats.execution_count, stats.nonfinite
 
-        def in_window() -> list[float]:  # only latencies of requests answered during the window
-            new = stats.successes - start_ok
-            return list(stats.latencies)[-new:] if new else []
+        def in_window() -> list[float]:  # only runtime calls made during the window
+            new = stats.execution_count - start_calls
+            return list(stats.compute_times)[-new:] if new else []
 
         def judged(latencies: list[float]) -> str | None:
             requests = stats.requests + stats.rejected - start_requests
             errors = stats.errors + stats.rejected - start_errors
-            return verdict(policy, requests, errors, latencies, baseline)
+            return verdict(policy, requests, errors, latencies, baseline, nonfinite=stats.nonfinite - start_nonfinite)
 
         deadline = time.monotonic() + self.cfg.health_window_s
         while time.monotonic() < deadline:
@@ -381,6 +420,7 @@ class Deployer:
                 await asyncio.to_thread(shutil.rmtree, staging, True)
         finally:
             record.state = "rolled_back" if swapped else "failed"
+            message = cap_message(message)
             record.error = {"code": code, "message": message}
             await asyncio.to_thread(self.store.save, record)
             self._event(record)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from cloud_sync.errors import cap_message
 from cloud_sync.fsutil import write_atomic
 from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_STEPS
 
@@ -41,7 +42,11 @@ class Deployment:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Deployment:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        record = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if isinstance(record.error, dict) and isinstance(record.error.get("message"), str):
+            # Written before messages were capped (a 64 MiB member name): never served whole again.
+            record.error = {**record.error, "message": cap_message(record.error["message"])}
+        return record
 
 
 class DeploymentStore:

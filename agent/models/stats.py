@@ -11,7 +11,8 @@ Durations are cumulative counts and nanoseconds, as in Triton:
 - ``fail``: requests for this model that got an error, to the moment it was raised.
 
 ``ModelStats`` is also the one place a model version's requests are counted: the calls
-(admitted, rejected, failed, succeeded, with recent latencies) that the health window and the
+(admitted, rejected, failed, succeeded, with recent latencies and runtime-call times, and
+answers holding NaN while the health window checks them) that the health window and the
 watchdog judge, and the answers per protocol and status code that ``/metrics`` exposes. Every
 reader (status, telemetry, ``/metrics``, the statistics extension) reads these counters.
 """
@@ -59,8 +60,14 @@ class ModelStats:
         self.errors = 0  # admitted, then failed
         self.successes = 0
         self.consecutive_failures = 0  # runtime failures in a row: the watchdog's signal of a failing delegate
-        # Recent successful call latencies (s), for the installer's health window against the previous version.
+        # Recent successful call latencies (s), queue included.
         self.latencies: collections.deque[float] = collections.deque(maxlen=1024)
+        # Runtime-call time per row (s) of recent successful calls: the model's own speed, whatever the
+        # queue (the installer's health window compares versions by it).
+        self.compute_times: collections.deque[float] = collections.deque(maxlen=1024)
+        # Successful answers with NaN or infinity in an output that must be finite (counted only while
+        # ``ServedModel.nonfinite_check`` is set: the installer's health window).
+        self.nonfinite = 0
         # Agent time of answered predicts, in LATENCY_BUCKETS (the last slot is +Inf), and their sum.
         self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -85,6 +92,10 @@ class ModelStats:
             self.errors += 1
             if runtime_failure:
                 self.consecutive_failures += 1
+
+    def answered_nonfinite(self) -> None:
+        with self._lock:
+            self.nonfinite += 1
 
     def restarted(self) -> None:
         """The watchdog replaced the session: failures in a row start over."""
@@ -126,6 +137,7 @@ class ModelStats:
         with self._lock:
             self.inference_count += rows
             self.execution_count += 1
+            self.compute_times.append(ns / max(rows, 1) / 1e9)
             entry = self._batches.setdefault(rows, [0, 0])
             entry[0] += 1
             entry[1] += ns

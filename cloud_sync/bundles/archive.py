@@ -3,7 +3,8 @@
 Building is deterministic (sorted members, zero mtimes and owners) so the same inputs give
 the same bytes and the same TUF hash. Extraction is defensive: :func:`safe_extract` treats
 the archive as hostile even though TUF verified it (a compromised build host signs too),
-checks every member while streaming and never writes outside ``dest``.
+checks every member while streaming and never writes outside ``dest``; the headers
+themselves are bounded before tarfile reads them (:mod:`cloud_sync.bundles.tarstream`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import os
 import shutil
 import tarfile
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,6 +23,7 @@ from typing import IO
 import structlog
 
 from cloud_sync.bundles.manifest import MANIFEST_NAME, Manifest, check_relative_path
+from cloud_sync.bundles.tarstream import open_tar, stream_cap
 from cloud_sync.errors import ManifestError, UnsafeArchiveError
 from cloud_sync.fsutil import fsync_dir
 
@@ -28,6 +31,9 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 1 << 16
 MAX_MANIFEST_BYTES = 4 << 20
+#: The longest member name, in characters and in UTF-8 bytes (a file name's limit on Linux
+#: file systems, and the manifest's limit for paths).
+MAX_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -93,23 +99,22 @@ def read_manifest(archive: Path, *, max_bytes: int = MAX_MANIFEST_BYTES) -> Mani
 
     Raises:
         ManifestError: no manifest, malformed JSON or schema violation.
-        UnsafeArchiveError: not a readable tar archive, or the manifest is over ``max_bytes``.
+        UnsafeArchiveError: not a readable tar archive (or a refused header), or the manifest
+            is over ``max_bytes``.
     """
-    try:
-        with tarfile.open(archive, mode="r|*") as tar:
-            for member in tar:
-                if member.name.removeprefix("./") != MANIFEST_NAME:
-                    continue
-                if not member.isfile():
-                    raise UnsafeArchiveError("must be a regular file", field=MANIFEST_NAME)
-                if member.size > max_bytes:
-                    raise UnsafeArchiveError(f"{member.size} bytes is over the {max_bytes} byte cap",
-                                             field=MANIFEST_NAME)
-                fh = tar.extractfile(member)
-                assert fh is not None
-                return Manifest.from_json(fh.read())
-    except tarfile.TarError as exc:
-        raise UnsafeArchiveError(f"not a readable bundle archive: {exc}") from None
+    limits = ExtractLimits()
+    with open_tar(archive, max_stream_bytes=stream_cap(limits.max_total_bytes, limits.max_members)) as tar:
+        for member in tar:
+            if member.name.removeprefix("./") != MANIFEST_NAME:
+                continue
+            if not member.isfile():
+                raise UnsafeArchiveError("must be a regular file", field=MANIFEST_NAME)
+            if member.size > max_bytes:
+                raise UnsafeArchiveError(f"{member.size} bytes is over the {max_bytes} byte cap",
+                                         field=MANIFEST_NAME)
+            fh = tar.extractfile(member)
+            assert fh is not None
+            return Manifest.from_json(fh.read())
     raise ManifestError(f"{MANIFEST_NAME} is missing from the archive", field=MANIFEST_NAME)
 
 
@@ -139,15 +144,31 @@ def safe_extract(archive: Path, dest: Path, *, max_member_bytes: int, max_total_
     return names
 
 
+def _shown(name: str) -> str:
+    """A member name or link target as an error may quote it: control characters and undecodable
+    bytes escaped (a name is the archive author's text; it must not write to a terminal or a log)."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+
+
 def _member_path(member: tarfile.TarInfo) -> str:
-    name = member.name
+    name, shown = member.name, _shown(member.name)
+    if len(name) > MAX_NAME:
+        raise UnsafeArchiveError(f"name of {len(name)} characters is over the {MAX_NAME} character cap", field=shown)
+    try:
+        encoded = name.encode("utf-8")  # tarfile decodes with surrogateescape: undecodable bytes fail here
+    except UnicodeEncodeError:
+        raise UnsafeArchiveError("name is not valid UTF-8", field=shown) from None
+    if len(encoded) > MAX_NAME:
+        raise UnsafeArchiveError(f"name of {len(encoded)} UTF-8 bytes is over the {MAX_NAME} byte cap", field=shown)
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise UnsafeArchiveError("control character in the name", field=shown)
     if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError("absolute path", field=name)
+        raise UnsafeArchiveError("absolute path", field=shown)
     parts = [p for p in PurePosixPath(name).parts if p != "."]
-    if ".." in parts or "\\" in name or "\x00" in name:
-        raise UnsafeArchiveError("path escapes the bundle ('..' or backslash)", field=name)
+    if ".." in parts or "\\" in name:
+        raise UnsafeArchiveError("path escapes the bundle ('..' or backslash)", field=shown)
     if not parts:
-        raise UnsafeArchiveError("empty member name", field=name or "<empty>")
+        raise UnsafeArchiveError("empty member name", field=shown or "<empty>")
     return "/".join(parts)
 
 
@@ -156,50 +177,55 @@ def _extract(archive: Path, dest: Path, max_member: int, max_total: int, max_mem
     names: list[str] = []
     total = 0
     count = 0
-    try:
-        with tarfile.open(archive, mode="r|*") as tar:
-            for member in tar:
-                count += 1
-                if count > max_members:
-                    raise UnsafeArchiveError(f"more than {max_members} members", field=member.name)
-                rel = _member_path(member)
-                if member.issym() or member.islnk():
-                    kind = "symlink" if member.issym() else "hardlink"
-                    raise UnsafeArchiveError(f"{kind} to '{member.linkname}' refused", field=member.name)
-                if member.isdir():
-                    (dest / rel).mkdir(parents=True, exist_ok=True)
-                    continue
-                if not member.isfile():
-                    raise UnsafeArchiveError("device, fifo or other special file refused", field=member.name)
-                if member.size > max_member:
-                    raise UnsafeArchiveError(f"{member.size} bytes is over the {max_member} byte member cap",
-                                             field=member.name)
-                total += member.size
-                if total > max_total:
-                    raise UnsafeArchiveError(f"total size passes the {max_total} byte cap", field=member.name)
-                src = tar.extractfile(member)
-                assert src is not None
-                _write_member(dest, rel, src, member.size, fsync)
-                names.append(rel)
-    except tarfile.TarError as exc:
-        raise UnsafeArchiveError(f"corrupt archive: {exc}") from None
-    except EOFError as exc:
-        raise UnsafeArchiveError(f"truncated archive: {exc}") from None
+    with open_tar(archive, max_stream_bytes=stream_cap(max_total, max_members)) as tar:
+        for member in tar:
+            count += 1
+            if count > max_members:
+                raise UnsafeArchiveError(f"more than {max_members} members", field=_shown(member.name))
+            rel = _member_path(member)  # from here on the name is checked: printable, short, inside the bundle
+            if member.issym() or member.islnk():
+                kind = "symlink" if member.issym() else "hardlink"
+                raise UnsafeArchiveError(f"{kind} to '{_shown(member.linkname)}' refused", field=member.name)
+            if member.isdir():
+                _make_dirs(dest / rel, rel)
+                continue
+            if not member.isfile():
+                raise UnsafeArchiveError("device, fifo or other special file refused", field=member.name)
+            if member.size > max_member:
+                raise UnsafeArchiveError(f"{member.size} bytes is over the {max_member} byte member cap",
+                                         field=member.name)
+            if rel == MANIFEST_NAME and member.size > MAX_MANIFEST_BYTES:
+                raise UnsafeArchiveError(f"{member.size} bytes is over the {MAX_MANIFEST_BYTES} byte manifest cap",
+                                         field=member.name)
+            total += member.size
+            if total > max_total:
+                raise UnsafeArchiveError(f"total size passes the {max_total} byte cap", field=member.name)
+            src = tar.extractfile(member)
+            assert src is not None
+            _write_member(dest, rel, src, member.size, fsync)
+            names.append(rel)
     if fsync:
         fsync_dir(dest)
     return names
 
 
+def _make_dirs(path: Path, rel: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # an earlier member made a file where a directory goes
+        raise UnsafeArchiveError("conflicts with an earlier file of the same name", field=rel) from None
+
+
 def _write_member(dest: Path, rel: str, src: IO[bytes], size: int, fsync: bool) -> None:
     target = dest / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target.parent, rel)
     # Parents were created by us from checked names, and links are refused, so resolving
     # stays inside dest; check anyway (defence in depth against a racing writer).
     if not target.parent.resolve().is_relative_to(dest.resolve()):
         raise UnsafeArchiveError("path escapes the bundle", field=rel)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except FileExistsError:
+    except FileExistsError:  # a file or directory of that name came earlier
         raise UnsafeArchiveError("duplicate member", field=rel) from None
     written = 0
     with os.fdopen(fd, "wb") as out:

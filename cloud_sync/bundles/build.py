@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 
 from cloud_sync.bundles.archive import write_archive
-from cloud_sync.bundles.manifest import MANIFEST_NAME, RUNTIME_SUFFIXES, SCHEMA_VERSION, Manifest
+from cloud_sync.bundles.manifest import MANIFEST_NAME, RUNTIME_SUFFIXES, SCHEMA_VERSION, Manifest, check_npy
 from cloud_sync.errors import ManifestError
 
 log = structlog.get_logger(__name__)
@@ -106,14 +106,28 @@ def tensor_value(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.reshape(-1).tolist()}
 
 
-def tensor_array(value: Mapping[str, Any], root: Path | None = None) -> np.ndarray:
-    """The numpy array a manifest tensor describes (``file`` is read from ``root``)."""
+def tensor_array(value: Mapping[str, Any], root: Path | None = None, *, field: str = "tensor") -> np.ndarray:
+    """The numpy array a manifest tensor describes (``file`` is read from ``root``).
+
+    Raises:
+        ManifestError: naming ``field``: a file that is not a plain numeric ``.npy`` array of the
+            declared shape (checked from its header before its data is read), or inline data
+            that does not fit the dtype.
+    """
     if value.get("file") is not None:
         if root is None:
             raise ValueError("a file tensor needs the bundle root")
-        array = np.load(root / value["file"], allow_pickle=False)
-        return np.asarray(array, dtype=value["dtype"]).reshape(value["shape"])
-    return np.asarray(value["data"], dtype=value["dtype"]).reshape(value["shape"])
+        path = root / value["file"]
+        check_npy(path, value["shape"], field=f"{field}.file")
+        try:
+            array = np.load(path, allow_pickle=False)
+            return np.asarray(array, dtype=value["dtype"]).reshape(value["shape"])
+        except (ValueError, OSError, EOFError) as exc:  # changed since checked, or data past the header is bad
+            raise ManifestError(f"not a readable .npy file: {exc}", field=f"{field}.file") from None
+    try:
+        return np.asarray(value["data"], dtype=value["dtype"]).reshape(value["shape"])
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. 1000 for an int8 tensor
+        raise ManifestError(f"data does not fit {value['dtype']}: {exc}", field=f"{field}.data") from None
 
 
 def generate_test_vectors(model_path: Path, inputs: Mapping[str, np.ndarray], runner: Runner, *,

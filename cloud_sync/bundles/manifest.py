@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cloud_sync.errors import ManifestError
 
@@ -33,6 +42,10 @@ DType = Literal["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "
 Dim = Annotated[int, Field(ge=-1)]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
+#: Deepest nesting of JSON arrays and objects a manifest may use (the schema itself needs 6).
+MAX_DEPTH = 32
+#: Largest ``.npy`` test-vector file (its data is read into memory while the bundle is tested).
+MAX_TENSOR_FILE_BYTES = 64 << 20
 
 
 def check_relative_path(value: str) -> str:
@@ -53,11 +66,16 @@ class _Model(BaseModel):
 
 
 class TensorSpec(_Model):
-    """A model input or output: ``-1`` in ``shape`` marks a dynamic dimension."""
+    """A model input or output: ``-1`` in ``shape`` marks a dynamic dimension.
+
+    ``allow_nonfinite`` (outputs only): NaN or infinity in this output is a valid answer. Without
+    it, an answer holding one counts as a failed request in the installer's health window.
+    """
 
     name: str = Field(min_length=1)
     dtype: DType
     shape: list[Dim]
+    allow_nonfinite: StrictBool | None = None  # JSON true/false only ("yes" and 1 are errors)
 
 
 class TensorValue(_Model):
@@ -158,6 +176,13 @@ class Manifest(_Model):
             raise ManifestError(f"'{MANIFEST_NAME}' is reserved", field="files")
         self._check_specs("inputs", self.inputs)
         self._check_specs("outputs", self.outputs)
+        for i, spec in enumerate(self.inputs):
+            if spec.allow_nonfinite is not None:
+                raise ManifestError("only outputs may allow non-finite values", field=f"inputs[{i}].allow_nonfinite")
+        for i, spec in enumerate(self.outputs):
+            if spec.allow_nonfinite and not spec.dtype.startswith("float"):
+                raise ManifestError(f"a {spec.dtype} output cannot be non-finite",
+                                    field=f"outputs[{i}].allow_nonfinite")
         for i, vector in enumerate(self.test_vectors):
             self._check_vector(i, "inputs", vector.inputs, self.inputs, exact=True)
             self._check_vector(i, "expected", vector.expected, self.outputs, exact=False)
@@ -212,16 +237,26 @@ class Manifest(_Model):
                     if value.file is not None:
                         yield f"test_vectors[{i}].{group}.{name}.file", value.file
 
+    def nonfinite_outputs(self) -> frozenset[str]:
+        """Names of the outputs whose answers may hold NaN or infinity."""
+        return frozenset(spec.name for spec in self.outputs if spec.allow_nonfinite)
+
     def check_files(self, root: Path) -> None:
-        """Check that every named file exists as a regular file under ``root`` (an extracted bundle).
+        """Check that every named file exists as a regular file under ``root`` (an extracted bundle),
+        and that each ``.npy`` test-vector file holds a plain array of its declared shape.
 
         Raises:
-            ManifestError: naming the field whose file is missing.
+            ManifestError: naming the field whose file is missing or does not fit.
         """
         for field, rel in self.referenced_files():
             path = root / rel
             if path.is_symlink() or not path.is_file():
                 raise ManifestError(f"file '{rel}' is not in the bundle", field=field)
+        for i, vector in enumerate(self.test_vectors):
+            for group, values in (("inputs", vector.inputs), ("expected", vector.expected)):
+                for name, value in values.items():
+                    if value.file is not None:
+                        check_npy(root / value.file, value.shape, field=f"test_vectors[{i}].{group}.{name}.file")
 
     def to_json(self) -> bytes:
         return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True).encode() + b"\n"
@@ -255,7 +290,60 @@ class Manifest(_Model):
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError(f"malformed JSON: {exc}", field=MANIFEST_NAME) from None
+        except RecursionError:
+            raise ManifestError(f"nested deeper than {MAX_DEPTH} levels", field=MANIFEST_NAME) from None
+        if _depth(data) > MAX_DEPTH:  # pydantic and the pipelines walk processing objects recursively
+            raise ManifestError(f"nested deeper than {MAX_DEPTH} levels", field=MANIFEST_NAME)
         return cls.from_dict(data)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def check_npy(path: Path, shape: list[int], *, field: str) -> None:
+    """``path`` must be a ``.npy`` file of a plain numeric array of exactly ``shape``, whose size
+    matches its header; only the header is read (a pickled object array is never loaded).
+
+    Raises:
+        ManifestError: naming ``field``.
+    """
+    import numpy as np  # only where test vectors are read
+
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                found, _fortran, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                found, _fortran, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+            data_bytes = path.stat().st_size - fh.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise ManifestError(f"not a readable .npy file: {exc}", field=field) from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise ManifestError(f"holds {dtype} values, not numbers (pickled objects are refused)", field=field)
+    if list(found) != list(shape):
+        raise ManifestError(f"holds shape {list(found)}, the manifest declares {list(shape)}", field=field)
+    if data_bytes > MAX_TENSOR_FILE_BYTES:
+        raise ManifestError(f"{data_bytes} bytes is over the {MAX_TENSOR_FILE_BYTES} byte test-vector cap", field=field)
+    if data_bytes != math.prod(found) * dtype.itemsize:
+        raise ManifestError(f"holds {data_bytes} data bytes, its header needs {math.prod(found) * dtype.itemsize}",
+                            field=field)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

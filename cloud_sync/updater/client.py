@@ -109,18 +109,22 @@ class BundleUpdater:
         progress: ``callback(url, received, total_or_None)``.
         bandwidth: bytes/s limit for the default fetcher.
         timeout: read timeout in seconds for the default fetcher.
+        deadline, min_rate, rate_grace: the default fetcher's slow-retrieval limits
+            (see :class:`ResumableFetcher`).
     """
 
     def __init__(self, metadata_dir: Path, repo_url: str, *, trusted_root: bytes | Path, cache_dir: Path,
                  fetcher: FetcherInterface | None = None, max_bundle_bytes: int = 1 << 30,
-                 progress: Progress | None = None, bandwidth: int | None = None, timeout: float = 30.0) -> None:
+                 progress: Progress | None = None, bandwidth: int | None = None, timeout: float = 30.0,
+                 deadline: float = 3600.0, min_rate: int = 1024, rate_grace: float = 10.0) -> None:
         self.metadata_dir = Path(metadata_dir)
         self.repo_url = repo_url.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.max_bundle_bytes = max_bundle_bytes
         self._root = trusted_root if isinstance(trusted_root, bytes) else Path(trusted_root).read_bytes()
         self.fetcher = fetcher or ResumableFetcher(self.cache_dir / "partial", max_bytes=max_bundle_bytes,
-                                                   bandwidth=bandwidth, progress=progress, timeout=timeout)
+                                                   bandwidth=bandwidth, progress=progress, timeout=timeout,
+                                                   deadline=deadline, min_rate=min_rate, rate_grace=rate_grace)
         self._updater: Updater | None = None
 
     def _new_updater(self) -> Updater:
@@ -213,7 +217,7 @@ class BundleUpdater:
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             log.warning("updater.download_failed", name=name, version=info.version,
-                        code=getattr(exc, "code", type(exc).__name__), reason=str(exc))
+                        code=getattr(exc, "code", type(exc).__name__), reason=errors.cap_message(str(exc)))
             raise
         log.info("updater.downloaded", name=name, version=info.version, path=str(final))
         return final

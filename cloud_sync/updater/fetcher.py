@@ -7,8 +7,14 @@ whole. The fetcher only moves bytes: TUF verifies length and hashes of the compl
 afterwards, and a partial file is discarded once the download completes, verified or not.
 
 Limits are enforced while streaming: the hard ``max_bytes`` cap and TUF's per-file length,
-an optional bandwidth limit, and connect/read timeouts (raised as TUF download errors,
-which :mod:`cloud_sync.updater.client` maps to :class:`cloud_sync.errors.DownloadError`).
+an optional bandwidth limit, connect/read timeouts, and TUF's slow-retrieval defence: every
+request must finish within a deadline and, after a grace period, keep a minimum average rate.
+A read timeout alone is not enough: a mirror that drips one byte every two seconds never trips
+it, in the headers or the body. A blocked read cannot be interrupted from its own thread, so a
+small monitor thread per request (:class:`_Watch`) shuts the socket down when either limit is
+passed; the socket is handed to it by the connection class when the request is sent. All of
+these are raised as TUF download errors (``SlowRetrievalError`` for the timeouts), which
+:mod:`cloud_sync.updater.client` maps to :class:`cloud_sync.errors.DownloadError`.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 import urllib3
+import urllib3.connection
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -38,6 +47,95 @@ def is_immutable_target(url: str) -> bool:
     return "/targets/" in url and "/metadata/" not in url
 
 
+class _Watch:
+    """Slow-retrieval guard of one request: past ``deadline_s``, or under ``min_rate`` bytes/s on
+    average once ``grace_s`` have passed, the socket is shut down and ``reason`` says why."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, deadline_s: float, min_rate: int, grace_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.min_rate = min_rate
+        self.grace_s = grace_s
+        self.started = time.monotonic()
+        self.received = 0  # body bytes of this request, updated by the reading thread
+        self.reason: str | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fetch-watch", daemon=True)
+        self._thread.start()
+
+    def verdict(self, now: float) -> str | None:
+        """Why the request must stop now, or None (pure)."""
+        elapsed = now - self.started
+        if elapsed > self.deadline_s:
+            return f"not complete after the {self.deadline_s:g} s deadline ({self.received} bytes received)"
+        if elapsed > self.grace_s and self.received < self.min_rate * elapsed:
+            return (f"{self.received / elapsed:.0f} bytes/s on average over {elapsed:.1f} s is under the "
+                    f"{self.min_rate} bytes/s minimum")
+        return None
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.reason is not None:
+                _shut(sock)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.INTERVAL_S):
+            reason = self.verdict(time.monotonic())
+            if reason is not None:
+                with self._lock:
+                    self.reason = reason
+                    if self._sock is not None:
+                        _shut(self._sock)
+                return
+
+    def close(self) -> None:
+        """Stop watching (before the connection goes back to the pool: it is never shut down later)."""
+        self._done.set()
+        with self._lock:
+            self._sock = None
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, also for an SSLSocket: wakes a reader blocked in another thread.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current = threading.local()  # .watch: the _Watch of the request this thread is making
+
+
+class _WatchedMixin:
+    """Hands the socket to the current request's watch before the response headers are read."""
+
+    sock: socket.socket | None
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        watch: _Watch | None = getattr(_current, "watch", None)
+        if watch is not None and self.sock is not None:
+            watch.attach(self.sock)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_WatchedMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_WatchedMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 class ResumableFetcher(FetcherInterface):
     """HTTP(S) fetcher with resume, a hard size cap, a bandwidth limit and progress events.
 
@@ -47,15 +145,23 @@ class ResumableFetcher(FetcherInterface):
         bandwidth: bytes per second, or None for no limit.
         progress: ``callback(url, received, total_or_None)`` after every chunk.
         timeout: read timeout (max gap between bytes) in seconds; connect_timeout likewise.
+        deadline: seconds one request (one file, or the rest of a resumed one) may take in all.
+        min_rate: bytes/s a request must average once ``rate_grace`` seconds have passed.
         resumable: which URLs may be resumed (default: hash-prefixed targets only).
     """
 
     def __init__(self, cache_dir: Path, *, max_bytes: int = 1 << 30, bandwidth: int | None = None,
                  progress: Progress | None = None, timeout: float = 30.0, connect_timeout: float = 10.0,
+                 deadline: float = 3600.0, min_rate: int = 1024, rate_grace: float = 10.0,
                  chunk_size: int = 1 << 16, resumable: Callable[[str], bool] = is_immutable_target,
                  user_agent: str = "edge-agent-updater") -> None:
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError("bandwidth must be positive bytes/s or None")
+        if deadline <= 0 or min_rate <= 0 or rate_grace < 0:
+            raise ValueError("deadline and min_rate must be positive, rate_grace >= 0")
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.rate_grace = rate_grace
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
         self.bandwidth = bandwidth
@@ -67,6 +173,7 @@ class ResumableFetcher(FetcherInterface):
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
         )
+        self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     # -- partial files -------------------------------------------------------------------
 
@@ -132,19 +239,31 @@ class ResumableFetcher(FetcherInterface):
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _request(self, url: str, offset: int) -> urllib3.BaseHTTPResponse:
+    def _request(self, url: str, offset: int, watch: _Watch) -> urllib3.BaseHTTPResponse:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        _current.watch = watch
         try:
             return self._pool.request("GET", url, headers=headers, preload_content=False,
                                       decode_content=False, timeout=self._timeout)
-        except urllib3.exceptions.TimeoutError as exc:
-            raise tuf_exc.SlowRetrievalError(f"timed out connecting to {url}") from exc
         except urllib3.exceptions.HTTPError as exc:
+            if watch.reason is not None:
+                raise tuf_exc.SlowRetrievalError(f"{url}: {watch.reason}") from exc
+            if isinstance(exc, urllib3.exceptions.TimeoutError):
+                raise tuf_exc.SlowRetrievalError(f"timed out connecting to {url}") from exc
             raise tuf_exc.DownloadError(f"cannot reach {url}: {exc}") from exc
+        finally:
+            _current.watch = None
 
     def _download_into(self, url: str, fh: IO[bytes], offset: int, limit: int) -> int:
         """Append the rest of ``url`` to ``fh`` (which holds ``offset`` bytes); return the total size."""
-        resp = self._request(url, offset)
+        watch = _Watch(self.deadline, self.min_rate, self.rate_grace)
+        try:
+            return self._download_watched(url, fh, offset, limit, watch)
+        finally:
+            watch.close()
+
+    def _download_watched(self, url: str, fh: IO[bytes], offset: int, limit: int, watch: _Watch) -> int:
+        resp = self._request(url, offset, watch)
         done = False
         try:
             total: int | None
@@ -176,23 +295,27 @@ class ResumableFetcher(FetcherInterface):
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
             fh.seek(0, 2)
-            received = self._copy(url, resp, fh, offset=offset, total=total, limit=limit)
+            received = self._copy(url, resp, fh, offset=offset, total=total, limit=limit, watch=watch)
             done = True
             return received
         finally:
             if not done:
                 resp.close()  # unread body (error page, endless data): never reuse the connection
+            watch.close()  # before the connection can be reused: the watch must never shut it down later
             resp.release_conn()
 
     def _copy(self, url: str, resp: urllib3.BaseHTTPResponse, fh: IO[bytes], *, offset: int, total: int | None,
-              limit: int) -> int:
+              limit: int, watch: _Watch) -> int:
         received = offset
         session = 0
         started = time.monotonic()
         if self.progress:
             self.progress(url, received, total)
         try:
-            for chunk in resp.stream(self.chunk_size, decode_content=False):
+            # read1: what has arrived, without waiting for a full chunk, so the watch sees the real rate.
+            while chunk := resp.read1(self.chunk_size, decode_content=False):
+                if watch.reason is not None:
+                    raise tuf_exc.SlowRetrievalError(f"{url}: {watch.reason}")
                 received += len(chunk)
                 if received > limit:
                     raise tuf_exc.DownloadLengthMismatchError(
@@ -200,16 +323,23 @@ class ResumableFetcher(FetcherInterface):
                 fh.write(chunk)
                 fh.flush()
                 session += len(chunk)
+                watch.received = session
                 if self.progress:
                     self.progress(url, received, total)
                 if self.bandwidth:
                     ahead = session / self.bandwidth - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
-        except urllib3.exceptions.TimeoutError as exc:
-            raise tuf_exc.SlowRetrievalError(f"{url}: read timed out after {received} bytes") from exc
-        except urllib3.exceptions.HTTPError as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if watch.reason is not None:  # the watch shut the socket: whatever the read raised, this is why
+                raise tuf_exc.SlowRetrievalError(f"{url}: {watch.reason}") from exc
+            if isinstance(exc, urllib3.exceptions.TimeoutError):
+                raise tuf_exc.SlowRetrievalError(f"{url}: read timed out after {received} bytes") from exc
+            if isinstance(exc, OSError):
+                raise
             raise tuf_exc.DownloadError(f"{url}: transfer interrupted after {received} bytes: {exc}") from exc
+        if watch.reason is not None:  # shut down just as a body without a length "ended": it did not
+            raise tuf_exc.SlowRetrievalError(f"{url}: {watch.reason}")
         log.debug("fetch.complete", url=url, bytes=received, resumed_from=offset)
         return received
 
