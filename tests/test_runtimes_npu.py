@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from agent.config import RuntimeSection
+from agent.core.metrics import Metrics
 from agent.errors import ModelLoadError, RuntimeUnavailableError
 from agent.hardware import DelegateSpec, load_profiles
-from agent.core.metrics import Metrics
 from agent.models.registry import ModelRegistry
 from agent.models.store import scan
 from agent.runtimes import BACKENDS, MODEL_FILES, backend_for_file, get_backend
