@@ -21,7 +21,7 @@ from PIL import Image
 
 from agent.client import AgentClient
 from agent.errors import ClientError
-from tests.conftest import Daemon, install
+from tests.conftest import Daemon, install, wait_for
 
 
 def silero_feeds(batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -161,6 +161,12 @@ def test_tritonclient_over_tcp(daemon_factory, models_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     daemon = daemon_factory("--models-dir", str(models_dir), "--tcp", f"127.0.0.1:{port}")
+    # TCP is bound just after the Unix socket that the start-up wait polls.
+    def listening() -> bool:
+        with socketlib.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 30, "the TCP listener")
     client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("silero_vad")

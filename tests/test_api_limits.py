@@ -25,7 +25,7 @@ import pytest
 from agent.api.http import HTTPServer, Limits, Request, Response, Router
 from agent.client import AgentClient
 from agent.errors import ClientError
-from tests.conftest import install, start_daemon
+from tests.conftest import install, start_daemon, wait_for
 
 LONG = 3600.0  # a timeout that must not be what answers
 
@@ -264,16 +264,18 @@ async def test_header_bytes_over_the_limit_are_431_and_within_it_are_fine(make):
     await run(client)
 
 
-@pytest.mark.parametrize("line", [b"GET /hello\r\n", b"GET /hello\r\n\r\n", b"GET /hello HTTP/2.0\r\n\r\n",
-                                  b"GET /hello HTTP/0.9\r\n\r\n", b"\r\nGET /hello\r\n"])
-async def test_http_09_and_other_versions_are_refused_at_once(make, line):
+@pytest.mark.parametrize(("line", "status"), [(b"GET /hello\r\n", 400), (b"GET /hello\r\n\r\n", 400),
+                                             (b"\r\nGET /hello\r\n", 400), (b"GET /hello HTTP/0.9\r\n\r\n", 400),
+                                             (b"GET /hello HTTP/2.0\r\n\r\n", 505),
+                                             (b"GET /hello HTTP/1.2\r\n\r\n", 400)])  # httptools: invalid
+async def test_http_09_and_other_versions_are_refused_at_once(make, line, status):
     rig = await make()  # no short timeout: the refusal must not be a timeout
 
     def client() -> None:
         c = rig.connect()
         c.send(line)
         answer = c.response()
-        assert answer is not None and answer.status == 505, answer
+        assert answer is not None and answer.status == status, answer
         assert c.closed()
 
     await run(client)
@@ -291,6 +293,29 @@ async def test_http_10_is_served_and_closed(make):
         assert c.closed()
 
     await run(client)
+
+
+async def test_a_refusal_behind_a_pending_request_waits_for_its_answer(make):
+    """Malformed bytes pipelined behind a request still being answered: the answer goes out first,
+    then the 400, then the connection closes (it used to close at once, losing the answer)."""
+    rig = await make()
+
+    async def later() -> None:
+        while not rig.calls:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        rig.release.set()
+
+    def client() -> None:
+        c = rig.connect()
+        c.send(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage\r\n\r\n" + GET)
+        first = c.response()
+        assert first is not None and first.status == 200 and first.body == b"released"
+        second = c.response()
+        assert second is not None and second.status == 400
+        assert c.closed()
+
+    await asyncio.gather(later(), run(client))
 
 
 # -- HEAD, OPTIONS, odd methods ----------------------------------------------------------------------------
@@ -685,6 +710,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _tcp_listening(port: int) -> None:
+    """The daemon binds TCP just after the Unix socket its start-up wait polls."""
+    def up() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(up, 30, f"TCP port {port}")
+
+
 @pytest.fixture(scope="module")
 def tcp_agent(tmp_path_factory, samples):
     work = tmp_path_factory.mktemp("tcp")
@@ -697,6 +731,7 @@ def tcp_agent(tmp_path_factory, samples):
     config.write_text(f'[api]\ntcp = "127.0.0.1:{port}"\ntcp_token_file = "{token}"\nmax_headers = 30\n'
                       "keep_alive_s = 30\n")
     daemon = start_daemon(work, "--config", str(config), "--models-dir", str(work / "models"))
+    _tcp_listening(port)
     yield daemon, port
     assert daemon.stop() == 0
 
@@ -742,6 +777,7 @@ def test_daemon_takes_its_limits_from_the_config(tcp_agent):
 def test_daemon_without_a_token_refuses_control_over_tcp(daemon_factory, models_dir):
     port = _free_port()
     daemon = daemon_factory("--models-dir", str(models_dir), "--tcp", f"127.0.0.1:{port}")
+    _tcp_listening(port)
     with AgentClient(tcp=f"127.0.0.1:{port}") as tcp:
         assert tcp.request("GET", "/v2/health/ready")[0] == 200
         for method, path in CONTROL:

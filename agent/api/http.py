@@ -24,7 +24,8 @@ those of uvicorn and h11:
   nor answered until its client reads;
 - fairness: of the requests pipelined in one read, the first may be answered at once and the
   rest one per turn of the event loop, so one connection never holds the loop while others wait;
-- HEAD is answered as GET without a body; HTTP/0.9 and versions but 1.0 and 1.1 are refused;
+- HEAD is answered as GET without a body; HTTP/0.9 is refused at once (400), versions but 1.0
+  and 1.1 with 505;
 - over TCP, routes marked ``control`` need ``Authorization: Bearer <token>`` (403 when no token
   is configured): the Unix socket's file permissions are its only access control.
 """
@@ -218,6 +219,7 @@ class _Connection(asyncio.Protocol):
         self.too_large = False
         self.refused = False
         self.upgrade_answered = False
+        self.deferred: AgentError | None = None  # a refusal to write once the requests before it are answered
         self.received = 0
         self.pending: collections.deque[tuple[Request, bool]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
@@ -282,8 +284,8 @@ class _Connection(asyncio.Protocol):
                 # Tiny chunks (a Python callback each) or endless extensions and trailers.
                 self._refuse(ProtocolError("chunked body: framing out of proportion to its data"))
                 return
-        elif _lacks_version(data):
-            self._refuse(HTTPVersionError("HTTP/0.9 is not supported: use HTTP/1.1"))
+        elif _lacks_version(data):  # a 400, as h11 and Apache answer it: there is no version to speak
+            self._refuse(ProtocolError("HTTP/0.9 is not supported (no version in the request line): use HTTP/1.1"))
             return
         self.eager = True
         try:
@@ -331,7 +333,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            self._refuse(HTTPVersionError(f"HTTP/{version} is not supported: use HTTP/1.1"))
+            self._refuse(ProtocolError("HTTP/0.9 is not supported: use HTTP/1.1") if version == "0.9" else
+                         HTTPVersionError(f"HTTP/{version} is not supported: use HTTP/1.1"))
             raise _Refused
         now = time.perf_counter()
         self.reading, self.since, self.deadline, self.wire = _BODY, now, now + self.limits.body_timeout, 0
@@ -365,7 +368,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.too_large:
-            if self.transport is not None:
+            if self.transport is not None and self.deferred is None:
                 self.transport.close()
             return
         try:
@@ -401,6 +404,7 @@ class _Connection(asyncio.Protocol):
         self.held += size
 
     def _too_large(self) -> None:
+        """Answer 413 at once and drop the rest of the body (closed once it has been read)."""
         self.too_large = True
         self.body = []
         self.server.release(self.held)
@@ -408,21 +412,26 @@ class _Connection(asyncio.Protocol):
         self._send_error(PayloadTooLargeError(f"request body exceeds the limit of {self.limits.max_body} bytes"))
 
     def _refuse(self, exc: AgentError) -> None:
-        """A protocol-level refusal: answer it (unless an earlier request is still being answered) and close."""
+        """A protocol-level refusal: answered, then the connection closes; nothing more is read."""
         self.refused = True
         self.server.release(self.held)
         self.held = 0
         self._send_error(exc)
-        if self.transport is not None:
+        if self.deferred is None and self.transport is not None:
             self.transport.close()
 
     def _send_error(self, exc: AgentError) -> None:
+        """Write ``exc``'s answer now, or after the requests before it (answers go out in order);
+        then the connection closes."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         self.server.count(exc.code)
-        if self.task is None and not self.pending:  # answers go out in order: nothing may come before it
+        if self.task is None and not self.pending:
             transport.write(encode(error_response(exc), keep_alive=False))
+        elif self.deferred is None:
+            self.deferred = exc
+            self._update_reading()
 
     def expire(self, now: float) -> None:
         """The sweep's check: close the connection if it is past its deadline."""
@@ -453,7 +462,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self.write_paused or len(self.pending) > self.limits.max_pipelined
+        pause = self.write_paused or self.deferred is not None or len(self.pending) > self.limits.max_pipelined
         if pause != self.read_paused:
             self.read_paused = pause
             if pause:
@@ -530,6 +539,11 @@ class _Connection(asyncio.Protocol):
                     await asyncio.sleep(0)  # pipelined: one request per turn, other connections in between
         finally:
             self.task = None
+            if self.deferred is not None and not self.pending:  # a refusal behind the answered requests
+                transport = self.transport
+                if transport is not None and not transport.is_closing() and not self.streaming:
+                    transport.write(encode(error_response(self.deferred), keep_alive=False))
+                    transport.close()
             if self.reading == _IDLE and not self.pending:
                 self.since = time.perf_counter()
                 self.deadline = self.since + self.limits.keep_alive
