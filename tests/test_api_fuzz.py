@@ -40,7 +40,7 @@ send_timeout_s = 3.0
 max_unsent_bytes = 262144
 """
 MODELS = ("silero_vad", "face_detection", "okay_nabu")
-READ_TIMEOUT = 30.0
+READ_TIMEOUT = 30.0  # how long a case waits for an answer or the end: above every timeout in API_CONFIG
 
 
 # -- outcomes -------------------------------------------------------------------------------------------------------
@@ -77,10 +77,10 @@ def judge(outcomes: list[Outcome], allow_ok: int = 0) -> list[str]:
 
 # -- a raw client ---------------------------------------------------------------------------------------------------
 class Conn:
-    def __init__(self, path: Path, timeout: float = READ_TIMEOUT) -> None:
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(str(path))  # blocking: a full listen backlog makes it wait, not fail
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(timeout or READ_TIMEOUT)
         self.buffer = b""
         self.eof = False
 

@@ -566,15 +566,20 @@ async def test_a_chunked_body_counts_against_the_budget_and_the_limit(make):
 
 
 async def test_tiny_chunks_are_refused(make):
+    """One Python callback per chunk: tiny ones are refused within the read that brings them."""
     rig = await make()
 
     def client() -> None:
         c = rig.connect()
-        c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for _ in range(20_000):
-            if not c.send(b"1\r\na\r\n"):
-                break
+        c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 50_000)
         answer = c.response()
+        assert answer is not None and answer.status == 400 and b"average under 64 bytes" in answer.body
+        slow = rig.connect()  # sent one by one: refused too
+        slow.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20_000):
+            if not slow.send(b"1\r\na\r\n"):
+                break
+        answer = slow.response()
         assert answer is not None and answer.status == 400 and b"chunked" in answer.body
 
     await run(client)

@@ -225,6 +225,7 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.streaming = False  # answering with a long-lived body: cancelled at stop, not waited for
         self.eager = False  # the next request may be answered inside this read (the first one of it)
+        self.answered = False  # a request of this connection has been answered (eviction spares it longer)
         self.read_paused = False
         self.write_paused = False
         self.paused_since = 0.0
@@ -364,7 +365,12 @@ class _Connection(asyncio.Protocol):
             return
         if size > self.held:  # a chunked body reserves as it grows
             self._reserve(size - self.held)
-        self.body.append(chunk)
+        body = self.body
+        body.append(chunk)
+        if self.chunked and len(body) > 1024 and size < 64 * len(body):
+            # One Python call per chunk: tiny chunks would keep the loop busy within a single read.
+            self._refuse(ProtocolError("chunked body: chunks average under 64 bytes"))
+            raise _Refused
 
     def on_message_complete(self) -> None:
         if self.too_large:
@@ -529,6 +535,7 @@ class _Connection(asyncio.Protocol):
                     await self._stream(response, head_only)
                     return
                 transport.write(encode(response, keep_alive, head_only))
+                self.answered = True
                 if response.sent is not None:
                     response.sent(time.perf_counter_ns())
                 if not keep_alive:
@@ -583,6 +590,10 @@ def _spawn(coro: Coroutine[Any, Any, None], name: str, eager: bool = True) -> as
 
 
 _EAGER = sys.version_info >= (3, 12)
+#: Connections the kernel queues before they are accepted. asyncio's default (100) fills during a
+#: connection flood, and a client connecting then gets EAGAIN (Unix sockets) before the agent can
+#: make room; accepted connections are capped by ``Limits.max_connections`` instead.
+BACKLOG = 1024
 
 
 class HTTPServer:
@@ -606,12 +617,14 @@ class HTTPServer:
 
     async def listen_unix(self, sock: object) -> None:
         loop = asyncio.get_running_loop()
-        self.servers.append(await loop.create_unix_server(lambda: _Connection(self, local=True), sock=sock))  # type: ignore[arg-type]
+        self.servers.append(await loop.create_unix_server(lambda: _Connection(self, local=True), sock=sock,  # type: ignore[arg-type]
+                                                          backlog=BACKLOG))
         self._start_sweeper()
 
     async def listen_tcp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.servers.append(await loop.create_server(lambda: _Connection(self, local=False), host, port))
+        self.servers.append(await loop.create_server(lambda: _Connection(self, local=False), host, port,
+                                                     backlog=BACKLOG))
         self._start_sweeper()
 
     def _start_sweeper(self) -> None:
@@ -636,16 +649,18 @@ class HTTPServer:
         self.buffered -= size
 
     def make_room(self) -> bool:
-        """Close the connection that has gone longest without a request to answer (idle since its
-        last answer, or stuck in a head or body since it began) so a new one can be served; False
-        when every connection is being answered."""
+        """Close a connection that is not being answered so a new one can be served: one that never
+        completed a request first (an idle flood, a slowloris head), then the one gone longest
+        without a request (idle since its last answer, or stuck in a head or body since it began).
+        False when every connection is being answered."""
         victim: _Connection | None = None
-        best = math.inf
+        best = (True, math.inf)
         for conn in self.connections:
             if conn.task is not None or conn.pending or conn.streaming:
                 continue
-            if conn.since < best:
-                victim, best = conn, conn.since
+            key = (conn.answered, conn.since)
+            if key < best:
+                victim, best = conn, key
         if victim is None:
             return False
         victim.evict()
