@@ -785,6 +785,26 @@ def test_daemon_over_tcp_serves_the_data_plane_and_control_only_with_the_token(t
     assert daemon.client.request("GET", "/v1/agent/status")[0] == 200  # the socket needs no token
 
 
+def test_cli_over_tcp_sends_the_token(tcp_agent, tmp_path):
+    import subprocess
+    import sys
+
+    daemon, port = tcp_agent
+    token = daemon.socket.parent / "token"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", "status", "--tcp", f"127.0.0.1:{port}", "--json",
+                               *args], capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "EDGE_AGENT_CONFIG": ""})
+
+    ok = cli("--token-file", str(token))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["models"], ok.stderr
+    refused = cli()
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr, refused.stderr
+    missing = cli("--token-file", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "cannot read the token file" in missing.stderr
+
+
 def test_daemon_takes_its_limits_from_the_config(tcp_agent):
     daemon, _ = tcp_agent
     with AgentClient(daemon.socket) as client:

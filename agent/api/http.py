@@ -285,9 +285,6 @@ class _Connection(asyncio.Protocol):
                 # Tiny chunks (a Python callback each) or endless extensions and trailers.
                 self._refuse(ProtocolError("chunked body: framing out of proportion to its data"))
                 return
-        elif _lacks_version(data):  # a 400, as h11 and Apache answer it: there is no version to speak
-            self._refuse(ProtocolError("HTTP/0.9 is not supported (no version in the request line): use HTTP/1.1"))
-            return
         self.eager = True
         try:
             self.parser.feed_data(data)
@@ -303,6 +300,11 @@ class _Connection(asyncio.Protocol):
                     log.warning("api.callback_failed", error=f"{type(cause).__name__}: {cause}")
                 self._refuse(ProtocolError(f"malformed HTTP request: {exc}"))
         self.eager = False
+        if self.reading == _HEAD and not reading and not self.header_count and not self.refused \
+                and _lacks_version(data):
+            # A head begun in this read with its request line complete but no version: HTTP/0.9,
+            # whose client waits for an answer to that line alone. A 400, as h11 and Apache answer it.
+            self._refuse(ProtocolError("HTTP/0.9 is not supported (no version in the request line): use HTTP/1.1"))
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -337,10 +339,12 @@ class _Connection(asyncio.Protocol):
             self._refuse(ProtocolError("HTTP/0.9 is not supported: use HTTP/1.1") if version == "0.9" else
                          HTTPVersionError(f"HTTP/{version} is not supported: use HTTP/1.1"))
             raise _Refused
-        now = time.perf_counter()
-        self.reading, self.since, self.deadline, self.wire = _BODY, now, now + self.limits.body_timeout, 0
+        self.reading, self.wire = _BODY, 0
         headers = self.headers
         length = headers.get("content-length")
+        if length is not None or "transfer-encoding" in headers:  # a body follows: its own deadline
+            self.since = time.perf_counter()
+            self.deadline = self.since + self.limits.body_timeout
         if length is not None:
             size = int(length) if length.isdigit() else 0  # httptools refuses any other value
             if size > self.limits.max_body:
@@ -499,20 +503,6 @@ class _Connection(asyncio.Protocol):
         task = _spawn(self._serve(), name="http-connection", eager=eager)
         self.task = None if task.done() else task  # an eager task may already have finished (and cleared it)
 
-    async def _answer(self, request: Request) -> Response:
-        server = self.server
-        try:
-            handler, control = server.router.resolve(request)
-            if control and not self.local:
-                server.authorize(request)
-        except AgentError as exc:
-            return error_response(exc)
-        server.in_flight += 1
-        try:
-            return await handler(request)
-        finally:
-            server.in_flight -= 1
-
     async def _serve(self) -> None:
         try:
             while self.pending:
@@ -521,11 +511,22 @@ class _Connection(asyncio.Protocol):
                     if not self.pending:
                         return
                 request, keep_alive = self.pending.popleft()
+                server = self.server
                 try:
-                    response = await self._answer(request)
-                finally:
-                    self.server.release(request.held)
-                keep_alive = keep_alive and not self.server.stopping
+                    handler, control = server.router.resolve(request)
+                    if control and not self.local:
+                        server.authorize(request)
+                except AgentError as exc:
+                    response = error_response(exc)
+                else:
+                    server.in_flight += 1
+                    try:
+                        response = await handler(request)
+                    finally:
+                        server.in_flight -= 1
+                        if request.held:
+                            server.buffered -= request.held
+                keep_alive = keep_alive and not server.stopping
                 transport = self.transport
                 if transport is None or transport.is_closing():
                     return
@@ -554,7 +555,8 @@ class _Connection(asyncio.Protocol):
             if self.reading == _IDLE and not self.pending:
                 self.since = time.perf_counter()
                 self.deadline = self.since + self.limits.keep_alive
-            self._update_reading()
+            if self.read_paused or self.write_paused or self.deferred is not None:
+                self._update_reading()
             self.server.idle.set()
 
     async def _stream(self, response: Response, head_only: bool) -> None:
