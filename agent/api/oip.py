@@ -140,6 +140,7 @@ def _flag(params: dict[str, Any], name: str, where: str) -> bool:
     return value
 
 
+_NO_PARAMETERS: dict[str, Any] = {}
 #: Largest dimension accepted in a request: LiteRT keeps dimensions in int32.
 MAX_DIM = 2**31 - 1
 #: A shape's size with its zero dimensions taken as 1: far above any real tensor, far below numpy's limit.
@@ -147,11 +148,13 @@ MAX_NOMINAL_BYTES = 2**48
 
 
 def _shape(name: str, shape: Any) -> list[int]:
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
-            type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-        raise RequestError(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers "
-                           f"from 0 to {MAX_DIM}")
-    return shape
+    if type(shape) is list and len(shape) <= MAX_DIMS:
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                break
+        else:
+            return shape
+    raise RequestError(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers from 0 to {MAX_DIM}")
 
 
 def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int, bool]:
@@ -166,9 +169,14 @@ def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray
         raise RequestError(f"input '{name}': unsupported datatype {shown!r} (supported: {', '.join(DATATYPES)})")
     dtype = DATATYPES[dt_name]
     count = math.prod(shape)
-    if math.prod(d or 1 for d in shape) * dtype.itemsize > MAX_NOMINAL_BYTES:  # numpy could not even shape it empty
+    if not count and math.prod(d or 1 for d in shape) * dtype.itemsize > MAX_NOMINAL_BYTES:
+        # Empty, but numpy could not even shape it (a non-empty shape is bounded by the data it needs).
         raise RequestError(f"input '{name}': shape {shape} is beyond any tensor's size")
-    params = _parameters(entry, f"input '{name}'")
+    params = entry.get("parameters")
+    if params is None:
+        params = _NO_PARAMETERS
+    elif type(params) is not dict:
+        raise RequestError(f"input '{name}': 'parameters' must be an object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != count * dtype.itemsize:
