@@ -233,6 +233,20 @@ async def test_too_many_headers_is_431(make):
     await run(client)
 
 
+async def test_header_count_is_checked_after_empty_lines_and_across_reads(make):
+    rig = await make(max_headers=20)
+
+    def client() -> None:
+        c = rig.connect()
+        c.send(b"\r\n\r\nGET /hello HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(10)))
+        c.send(b"".join(b"Y-%d: y\r\n" % i for i in range(15)) + b"\r\n")
+        answer = c.response()
+        assert answer is not None and answer.status == 431 and b"header fields" in answer.body
+
+    await run(client)
+    assert rig.calls == []
+
+
 async def test_a_huge_header_is_refused_before_it_is_read(make):
     """A header that never ends is answered 431 once the head passes the limit (plus a read or two),
     never buffered whole: the client sees the answer while it is still sending."""

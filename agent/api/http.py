@@ -298,8 +298,9 @@ class _Connection(asyncio.Protocol):
             limits = self.limits
             end = data.find(b"\r\n\r\n", 0, limits.max_head)
             # (A header line takes 4 bytes at least: a short head cannot hold too many.)
-            self.fresh = end != -1 and (end < 4 * limits.max_headers
-                                        or data.count(b"\r\n", 0, end) <= limits.max_headers)
+            # (Empty lines before a request, which the parser skips, would fool the find: measured slowly.)
+            self.fresh = end > 0 and data[0] not in (13, 10) and (
+                end < 4 * limits.max_headers or data.count(b"\r\n", 0, end) <= limits.max_headers)
         self.eager = True
         try:
             self.parser.feed_data(data)
