@@ -54,10 +54,12 @@ class AgentClient:
     """
 
     def __init__(self, socket_path: str | Path | None = None, *, tcp: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, token: str | None = None) -> None:
+        """``token``: the bearer token the agent's control endpoints need over TCP (``api.tcp_token_file``)."""
         if (socket_path is None) == (tcp is None):
             raise ValueError("give exactly one of socket_path or tcp")
         self.timeout = timeout
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.address: str | tuple[str, int]
         if socket_path is not None:
             self.target, self.address, self._family = f"unix:{socket_path}", str(socket_path), socket.AF_UNIX
@@ -107,6 +109,8 @@ class AgentClient:
 
         Returns (status, headers with lower-case names, body).
         """
+        if self._auth:
+            headers = {**self._auth, **(headers or {})}
         return self._roundtrip([_head(method, path, len(body or b""), headers), body or b""])
 
     def _roundtrip(self, message: list[bytes | memoryview]) -> tuple[int, dict[str, str], bytes]:

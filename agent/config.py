@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from agent.errors import ConfigError
@@ -76,10 +76,34 @@ class AgentSection(_Section):
 
 
 class ApiSection(_Section):
+    """The local API's listeners and the limits of its HTTP server (docs/api.md, "Limits").
+
+    The defaults are at least as strict as uvicorn's and h11's: a 16 KiB request head, a
+    5 s keep-alive, a connection cap, flow control on writes; plus timeouts for heads and
+    bodies and a budget for the request bodies held in memory at once.
+    """
+
     socket: ConfigPath | None = None  # default: <runtime_dir>/agent.sock
     socket_mode: int = Field(default=0o660, ge=0, le=0o777)
     tcp: str | None = None  # "HOST:PORT"; off by default
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # Bearer token for the control endpoints over TCP: a file only the service's user can read.
+    # Without it, TCP serves health, metadata, predict, statistics and metrics only.
+    tcp_token_file: ConfigPath | None = None
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # one request's body (413 over it)
+    # Request bodies held at once, every connection together (503 over it): a few clients sending
+    # large bodies at the same time cannot take the device's memory.
+    max_buffered_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
+    max_url_bytes: int = Field(default=8 * 1024, ge=64, le=1024 * 1024)  # request target (414 over it)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)  # request line + headers (431)
+    max_headers: int = Field(default=100, ge=8, le=10_000)  # header fields (431 over it)
+    max_connections: int = Field(default=256, ge=4, le=65_536)  # idle and stalled connections make room
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # first byte of a request to its last header
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)  # last header to the body's last byte
+    keep_alive_s: float = Field(default=5.0, gt=0, le=3600)  # idle between requests (and before the first)
+    send_timeout_s: float = Field(default=60.0, gt=0, le=3600)  # a client that does not read its answers
+    # Unsent answer bytes on a connection above which it is neither read nor answered until the
+    # client reads (write backpressure).
+    max_unsent_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
 
     @field_validator("tcp")
     @classmethod
@@ -88,6 +112,16 @@ class ApiSection(_Section):
             return None
         parse_hostport(value)
         return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> ApiSection:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least max_body_bytes "
+                             f"({self.max_body_bytes})")
+        if self.max_url_bytes > self.max_header_bytes:
+            raise ValueError(f"max_url_bytes ({self.max_url_bytes}) must not exceed max_header_bytes "
+                             f"({self.max_header_bytes})")
+        return self
 
 
 class BatchingSection(_Section):

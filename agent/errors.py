@@ -98,8 +98,71 @@ class NotFoundError(AgentError):
     code = "not_found"
 
 
+class InvalidInputError(RequestError):
+    """A tensor that does not fit the model, or that the runtime refused while the model itself
+    answers its known-good input: the client's fault, never counted against the model."""
+
+    code = "invalid_input"
+
+
 class PayloadTooLargeError(RequestError):
     code = "too_large"
+
+
+class ProtocolError(RequestError):
+    """An HTTP request refused before it is routed: malformed, over a limit, or too slow."""
+
+    code = "bad_request"
+
+
+class URITooLongError(ProtocolError):
+    code = "uri_too_long"
+
+
+class HeadTooLargeError(ProtocolError):
+    """Request headers over the size or count limit."""
+
+    code = "headers_too_large"
+
+
+class RequestTimeoutError(ProtocolError):
+    """The request's head or body did not arrive in time."""
+
+    code = "request_timeout"
+
+
+class HTTPVersionError(ProtocolError):
+    """HTTP/0.9, HTTP/2 or anything but HTTP/1.0 and HTTP/1.1."""
+
+    code = "http_version"
+
+
+class MethodNotAllowedError(RequestError):
+    """A known path with another method; ``allowed`` lists the methods it takes."""
+
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        self.allowed = allowed
+        super().__init__(message)
+
+
+class UnauthorizedError(RequestError):
+    """A control endpoint over TCP without the right bearer token."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(RequestError):
+    """A control endpoint over TCP while no token is configured: only the Unix socket serves it."""
+
+    code = "forbidden"
+
+
+class OverloadedError(AgentError):
+    """The agent is at a limit it shares between clients (connections, buffered request bodies): retry later."""
+
+    code = "overloaded"
 
 
 class HardwareError(AgentError):

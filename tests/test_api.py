@@ -21,7 +21,7 @@ from PIL import Image
 
 from agent.client import AgentClient
 from agent.errors import ClientError
-from tests.conftest import Daemon, install
+from tests.conftest import Daemon, install, wait_for
 
 
 def silero_feeds(batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -161,6 +161,12 @@ def test_tritonclient_over_tcp(daemon_factory, models_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     daemon = daemon_factory("--models-dir", str(models_dir), "--tcp", f"127.0.0.1:{port}")
+    # TCP is bound just after the Unix socket that the start-up wait polls.
+    def listening() -> bool:
+        with socketlib.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 30, "the TCP listener")
     client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("silero_vad")
@@ -373,6 +379,87 @@ BAD_REQUESTS = [
      "unknown output 'boxes'"),
     ("POST", "/v1/models/face_detection/versions/abc:predict", b"{}", {}, 400, "positive integer"),
     ("GET", "/v3/whatever", None, {}, 404, "no such endpoint"),
+    # Wrong types anywhere: 400 naming the field, never 500 (issue 12, item 2).
+    *[("POST", "/v2/models/face_detection/infer", json.dumps(body).encode(), {}, 400, message) for body, message in [
+        ({"inputs": [{"name": "input", "shape": [0, 3, 4611686018427387904, 1], "datatype": "FP32", "data": []}]},
+         "'shape' must be a list"),
+        ({"inputs": [{"name": "input", "shape": [0, 2**31 - 1, 2**31 - 1, 2**31 - 1], "datatype": "FP32",
+                      "data": []}]}, "beyond any tensor's size"),
+        ({"inputs": [{"name": "input", "shape": [True, 128, 128, 3], "datatype": "FP32", "data": [0.0]}]},
+         "'shape' must be a list"),
+        ({"inputs": [{"name": "input", "shape": [1] * 40, "datatype": "FP32", "data": [0.0]}]}, "at most 32"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0],
+                      "parameters": 5}]}, "'parameters' must be an object"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0],
+                      "parameters": "binary_data_size"}]}, "'parameters' must be an object"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "outputs": [{"name": "classificators", "parameters": [1]}]}, "'parameters' must be an object"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "outputs": [{"name": "classificators", "parameters": {"binary_data": "yes"}}]}, "binary_data must be"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "outputs": {"name": "classificators"}}, "'outputs' must be a list"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "outputs": 5}, "'outputs' must be a list"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "parameters": [1]}, "'parameters' must be an object"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "parameters": {"binary_data_output": 1}}, "binary_data_output must be true or false"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "parameters": {"raw_output": "no"}}, "raw_output must be true or false"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [0.0] * 49152}],
+          "id": 7}, "'id' must be a string"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": ["FP32"], "data": [0.0]}]},
+         "unsupported datatype"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                      "data": ["0.5"] * 49152}]}, "float32 takes numbers, got strings"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                      "data": [None] * 49152}]}, "float32 takes numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                      "data": [{"b64": "AAAA"}]}]}, "float32 takes numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                      "data": [[0.0, 1.0], [2.0]]}]}, "cannot convert"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32", "data": [True] * 49152}]},
+         "float32 takes numbers, got booleans"),
+        ({"inputs": [{"name": "input", "shape": [1, 128, 128, 3], "datatype": "FP32",
+                      "parameters": {"binary_data_size": True}}]}, "binary_data_size True does not match"),
+        ({"inputs": [{"name": "input", "shape": [1], "datatype": "INT8", "data": [300]}]}, "outside the range"),
+        ({"inputs": [{"name": "input", "shape": [1], "datatype": "INT8", "data": [1.5]}]},
+         "int8 takes integers, got floats"),
+        ({"inputs": [{"name": "input", "shape": [1], "datatype": "UINT64", "data": [-1, 2**64 - 1]}]},
+         "uint64 takes integers"),
+        ({"inputs": [{"name": "input", "shape": [1], "datatype": "BOOL", "data": [1]}]}, "takes true/false"),
+        ({"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": eval("[" * 40 + "1" + "]" * 40)}]},
+         "more than 32 dimensions"),
+        ({"inputs": [{"name": "x" * 5000, "shape": [1], "datatype": "FP32", "data": [1.0]}]}, "unknown input"),
+    ]],
+    ("POST", "/v2/models/silero_vad/infer", json.dumps({"inputs": [
+        {"name": "input", "shape": [0, 576], "datatype": "FP32", "data": []},
+        {"name": "state", "shape": [2, 0, 128], "datatype": "FP32", "data": []},
+        {"name": "sr", "shape": [], "datatype": "INT64", "data": 16000}]}).encode(), {}, 400,
+     "dimension 0 must not be 0"),  # ONNX Runtime aborts the whole process on this one
+    ("POST", "/v2/models/silero_vad/infer", json.dumps({"inputs": [
+        {"name": "input", "shape": [1, 576], "datatype": "FP32", "data": [0.0] * 576},
+        {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": [0.0] * 256},
+        {"name": "sr", "shape": [], "datatype": "INT64", "data": 16000.0}]}).encode(), {}, 400,
+     "int64 takes integers, got floats"),
+    ("POST", "/v2/models/face_detection/infer", b"{}", {"Inference-Header-Content-Length": "\u00b2\u00b3"}, 400,
+     "must be an integer"),
+    ("POST", "/v2/models/face_detection/infer", b"{}", {"Inference-Header-Content-Length": "9" * 5000}, 400,
+     "must be an integer"),
+    ("POST", "/v1/models/face_detection:predict", b'{"inputs": [1], "raw_output": "yes"}', {}, 400,
+     "'raw_output' must be true or false"),
+    ("POST", "/v1/models/face_detection:predict", b'{"inputs": [1], "signature_name": "other"}', {}, 400,
+     "unknown signature_name"),
+    ("POST", "/v1/models/face_detection:predict", b'{"inputs": [1], "signature_name": 5}', {}, 400,
+     "unknown signature_name"),
+    ("POST", "/v1/models/face_detection:predict", b'{"instances": [{"input": "x"}]}', {}, 400,
+     "float32 takes numbers, got strings"),
+    ("POST", "/v1/models/face_detection:predict", b'{"instances": [1, {"input": 1}]}', {}, 400, "input 'input'"),
+    ("POST", "/v1/models/face_detection:predict", b'{"instances": {"input": [1]}}', {}, 400, "non-empty list"),
+    ("GET", "/v2/models/silero_vad/versions/" + "9" * 5000, None, {}, 400, "positive integer"),
+    ("GET", "/v2/models/silero_vad/versions/%C2%B2", None, {}, 400, "positive integer"),
+    ("POST", "/v1/agent/models/silero_vad:deploy", b"[1]", {}, 400, "JSON object"),
+    ("POST", "/v1/agent/models/silero_vad:deploy", b'{"version": true}', {}, 400, "positive integer or null"),
 ]
 
 
@@ -526,7 +613,7 @@ async def test_handlers_that_wait_or_not_answer_pipelined_requests_in_order(tmp_
     router = Router(not_found)
     for path, handler in (("/now", at_once), ("/yield", bare_yield), ("/wait", waits), ("/fail", fails_later)):
         router.add("GET", path, handler)
-    server = HTTPServer(router, 1 << 20)
+    server = HTTPServer(router)
     sock = socketlib.socket(socketlib.AF_UNIX)
     sock.bind(str(tmp_path / "http.sock"))
     await server.listen_unix(sock)
@@ -568,7 +655,7 @@ async def test_cancelling_a_waiting_handler_reaches_the_handler(tmp_path):
             raise
 
     router = Router(waits_forever)
-    server = HTTPServer(router, 1 << 20)
+    server = HTTPServer(router)
     sock = socketlib.socket(socketlib.AF_UNIX)
     sock.bind(str(tmp_path / "http.sock"))
     await server.listen_unix(sock)
@@ -603,7 +690,7 @@ async def test_a_handler_that_times_out_before_its_first_wait_runs_in_a_task(tmp
         value = await asyncio.wait_for(asyncio.sleep(0, result=b"in time"), 5)
         return Response(200, value)
 
-    server = HTTPServer(Router(with_timeout), 1 << 20)
+    server = HTTPServer(Router(with_timeout))
     sock = socketlib.socket(socketlib.AF_UNIX)
     sock.bind(str(tmp_path / "http.sock"))
     await server.listen_unix(sock)

@@ -7,8 +7,10 @@ which delegates each recovery asked for. Metrics are the real Prometheus counter
 
 from __future__ import annotations
 
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from agent.core.metrics import Metrics
@@ -265,3 +267,62 @@ async def test_a_second_give_up_after_the_window_is_announced_again(monkeypatch:
 
     assert len(rig.swapper.prepared) == 2
     assert len(rig.sink.of_type("watchdog.gave_up")) == 2
+
+
+# -- a fault is confirmed with the known-good input before any recovery (issue 12, item 1) -------------------------
+KNOWN_GOOD = {"x": np.zeros((1, 4), np.float32)}
+
+
+async def test_failures_the_known_good_input_does_not_confirm_are_not_recovered() -> None:
+    rig = Rig()
+    served = rig.serve()
+    served.worker.known_good.warmed_up(KNOWN_GOOD)
+    rig.fail()  # e.g. failures that passed, or that a stream's odd input caused
+
+    await rig.watchdog.check()
+
+    assert rig.swapper.prepared == [] and rig.current() is served
+    assert served.stats.consecutive_failures == 0  # start over: the next fault is judged afresh
+    assert rig.sink.events == [] and rig.watchdog.recoveries == 0
+
+
+async def test_a_fault_the_known_good_input_confirms_is_recovered_and_the_input_kept() -> None:
+    rig = Rig()
+    served = rig.serve()
+    served.worker.known_good.warmed_up(KNOWN_GOOD)
+    fake_session(served).error = RuntimeError("device lost")
+    rig.fail()
+
+    await rig.watchdog.check()
+
+    new = rig.current()
+    assert new is not served and [e["action"] for e in rig.sink.of_type("watchdog.recovered")] == ["reload"]
+    assert new.worker.known_good.source == "warmup"  # the reload (warm-up skipped here) keeps it
+
+
+async def test_a_known_good_input_that_hangs_confirms_the_fault() -> None:
+    rig = Rig(WatchdogPolicy(stuck_after_s=0.2, failures_before_recovery=3, max_recoveries=3, window_s=600.0))
+    served = rig.serve()
+    served.worker.known_good.warmed_up(KNOWN_GOOD)
+    release = threading.Event()
+
+    def hang(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        release.wait(30)
+        return [np.zeros((1, 1), np.float32)]
+
+    fake_session(served)._run = hang  # type: ignore[method-assign]
+    rig.fail()
+    try:
+        await rig.watchdog.check()
+    finally:
+        release.set()
+    assert rig.current() is not served and rig.watchdog.recoveries == 1
+
+
+async def test_without_a_known_good_input_failures_alone_decide() -> None:
+    rig = Rig()
+    served = rig.serve()
+    assert served.worker.known_good.source == "none"
+    rig.fail()
+    await rig.watchdog.check()
+    assert rig.current() is not served and rig.watchdog.recoveries == 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.api.codec import as_contiguous, dumps, loads, to_array
+from agent.api.codec import MAX_DIMS, as_contiguous, dumps, loads, to_array
 from agent.api.datatypes import DATATYPES, datatype
 from agent.errors import RequestError
 from agent.models.served import ServedModel
@@ -54,15 +54,15 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
                 plans: Plans | None = None) -> InferRequest:
     """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it.
 
-    ``plans`` (owned by the caller) remembers binary headers already decoded, by their bytes.
+    Every field is type-checked (a wrong type is a 400, never a 500). ``plans`` (owned by the
+    caller) remembers binary headers already decoded, by their bytes.
     """
     if header_length is None:
         header, binary = loads(body), memoryview(b"")
     else:
-        try:
-            hlen = int(header_length)
-        except ValueError:
-            raise RequestError(f"{HEADER} must be an integer, got {header_length!r}") from None
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12):
+            raise RequestError(f"{HEADER} must be an integer, got {header_length[:40]!r}")
+        hlen = int(header_length)
         if not 0 < hlen <= len(body):
             raise RequestError(f"{HEADER} is {hlen} but the body has {len(body)} bytes")
         view = memoryview(body)
@@ -77,32 +77,46 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError("'inputs' must be a non-empty list")
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RequestError("'parameters' must be an object")
-    request = InferRequest({}, request_id=header.get("id"), binary_default=bool(params.get("binary_data_output")),
-                           raw_output=bool(params.get("raw_output")))
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError("'id' must be a string")
+    params = _parameters(header, "request")
+    request = InferRequest({}, request_id=request_id,
+                           binary_default=_flag(params, "binary_data_output", "request"),
+                           raw_output=_flag(params, "raw_output", "request"))
     offset = 0
     layout = []  # for the plan: where each binary input lies
+    binary_inputs = True
     for entry in inputs:
-        name, array, used = _input(entry, binary, offset)
+        name, array, used, from_binary = _input(entry, binary, offset)
         if name in request.feeds:
             raise RequestError(f"input '{name}' given twice")
         request.feeds[name] = array
         layout.append((name, array.dtype, array.shape, offset, array.size))
         offset += used
+        binary_inputs = binary_inputs and from_binary
     if offset != len(binary):
         raise RequestError(f"binary data has {len(binary) - offset} bytes not claimed by any input")
+    outputs = header.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise RequestError("'outputs' must be a list")
     known = {s.name for s in model.outputs}
-    for out in header.get("outputs") or []:
+    for out in outputs or []:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise RequestError("each requested output must be an object with a 'name'")
-        if out["name"] not in known:
-            raise RequestError(f"unknown output '{out['name']}' (model outputs: {', '.join(sorted(known))})")
-        oparams = out.get("parameters") or {}
-        request.outputs[out["name"]] = bool(oparams.get("binary_data", request.binary_default))
-    if plans is not None and header_length is not None and request.request_id is None and all(
-            "binary_data_size" in (e.get("parameters") or {}) for e in inputs):  # ids differ per request: no plan
+        out_name = out["name"]
+        if out_name not in known:
+            raise RequestError(f"unknown output '{out_name[:100]}' (model outputs: {', '.join(sorted(known))})")
+        where = f"output '{out_name}'"
+        oparams = _parameters(out, where)
+        if "classification" in oparams:
+            raise RequestError(f"{where}: the classification extension is not supported")
+        binary_data = oparams.get("binary_data", request.binary_default)
+        if not isinstance(binary_data, bool):
+            raise RequestError(f"{where}: parameters.binary_data must be true or false")
+        request.outputs[out_name] = binary_data
+    if plans is not None and header_length is not None and request.request_id is None and binary_inputs:
+        # ids differ per request: no plan for them
         if len(plans) >= _MAX_PLANS:
             plans.clear()
         plans[key] = _Plan(model.outputs, tuple(layout), len(binary), dict(request.outputs),
@@ -110,34 +124,74 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
     return request
 
 
-def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _parameters(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    params = entry.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RequestError(f"{where}: 'parameters' must be an object")
+    return params
+
+
+def _flag(params: dict[str, Any], name: str, where: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"{where}: parameters.{name} must be true or false")
+    return value
+
+
+_NO_PARAMETERS: dict[str, Any] = {}
+#: Largest dimension accepted in a request: LiteRT keeps dimensions in int32.
+MAX_DIM = 2**31 - 1
+#: A shape's size with its zero dimensions taken as 1: far above any real tensor, far below numpy's limit.
+MAX_NOMINAL_BYTES = 2**48
+
+
+def _shape(name: str, shape: Any) -> list[int]:
+    if type(shape) is list and len(shape) <= MAX_DIMS:
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                break
+        else:
+            return shape
+    raise RequestError(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers from 0 to {MAX_DIM}")
+
+
+def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int, bool]:
+    """(name, array, binary bytes used, whether it came from the binary part)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise RequestError("each input must be an object with a 'name'")
-    name = entry["name"]
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise RequestError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    name = entry["name"][:200]
+    shape = _shape(name, entry.get("shape"))
     dt_name = entry.get("datatype")
-    if dt_name not in DATATYPES:
-        raise RequestError(f"input '{name}': unsupported datatype {dt_name!r} (supported: {', '.join(DATATYPES)})")
+    if not isinstance(dt_name, str) or dt_name not in DATATYPES:
+        shown = dt_name[:40] if isinstance(dt_name, str) else dt_name if dt_name is None else type(dt_name).__name__
+        raise RequestError(f"input '{name}': unsupported datatype {shown!r} (supported: {', '.join(DATATYPES)})")
     dtype = DATATYPES[dt_name]
     count = math.prod(shape)
-    params = entry.get("parameters") or {}
+    if not count and math.prod(d or 1 for d in shape) * dtype.itemsize > MAX_NOMINAL_BYTES:
+        # Empty, but numpy could not even shape it (a non-empty shape is bounded by the data it needs).
+        raise RequestError(f"input '{name}': shape {shape} is beyond any tensor's size")
+    params = entry.get("parameters")
+    if params is None:
+        params = _NO_PARAMETERS
+    elif type(params) is not dict:
+        raise RequestError(f"input '{name}': 'parameters' must be an object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if type(size) is not int or size != count * dtype.itemsize:
             raise RequestError(f"input '{name}': binary_data_size {size!r} does not match shape {shape} of "
                                f"{dt_name} ({count * dtype.itemsize} bytes)")
         if offset + size > len(binary):
             raise RequestError(f"input '{name}': binary data is truncated ({len(binary) - offset} of {size} bytes)")
         array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
-        return name, array, size
+        return name, array, size, True
     if "data" not in entry:
         raise RequestError(f"input '{name}': needs 'data' or parameters.binary_data_size")
     array = to_array(name, entry["data"], dtype)
     if array.size != count:
         raise RequestError(f"input '{name}': 'data' has {array.size} elements but shape {shape} needs {count}")
-    return name, array.reshape(shape), 0
+    return name, array.reshape(shape), 0, False
 
 
 def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:

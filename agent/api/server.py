@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,11 +25,11 @@ import structlog
 from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
-from agent.api.http import Handler, HTTPServer, Request, Response, Router
+from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
 from agent.config import ApiSection
 from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
-from agent.errors import AgentError, RequestError
+from agent.errors import AgentError, ConfigError, RequestError
 from agent.models.stats import Timing
 from agent.operations import Operations
 
@@ -43,8 +44,9 @@ def _version(request: Request) -> int | None:
     raw = request.params.get("version")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise RequestError(f"version must be a positive integer, got {raw!r}")
+    # ASCII digits only ("²".isdigit() is true), and few of them (int() refuses over 4300 digits).
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or int(raw) < 1:
+        raise RequestError(f"version must be a positive integer, got {raw[:40]!r}")
     return int(raw)
 
 
@@ -147,7 +149,9 @@ class Routes:
     async def deploy(self, request: Request) -> Response:
         """Start installing a signed bundle; poll ``GET /v1/agent/deployments/{name}`` for progress."""
         body = loads(request.body) if request.body else {}
-        version = body.get("version") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise RequestError("request body must be a JSON object (or empty)")
+        version = body.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise RequestError("'version' must be a positive integer or null")
         record = await self.ops.deploy(request.params["name"], version)
@@ -175,9 +179,10 @@ class Routes:
     async def stream_results(self, request: Request) -> Response:
         """Live results as Server-Sent Events (``data: {json}``), until the client disconnects or the agent stops."""
         broadcaster = self.ops.stream_feed(request.params["name"])
-        queue = broadcaster.subscribe()
 
         async def events() -> AsyncIterator[bytes]:
+            # Subscribed once the answer is being written: a HEAD, or a client gone before, never is.
+            queue = broadcaster.subscribe()
             try:
                 yield b": connected\n\n"
                 while True:
@@ -231,11 +236,16 @@ async def _not_found(request: Request) -> Response:
 
 
 def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settings: ApiSection) -> HTTPServer:
+    """The API's routes on an HTTP server with ``settings``' limits.
+
+    Raises:
+        ConfigError: ``api.tcp_token_file`` is unreadable, empty, or readable by others.
+    """
     r = Routes(ops, models, metrics)
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
-    routes = [  # the predict paths first: the router tries patterns in order
+    data_plane = [  # the predict paths first: the router tries patterns in order
         ("POST", f"/v2/models/{name}/infer", r.v2_infer),
         ("POST", f"/v2/models/{name}{ver}/infer", r.v2_infer),
         ("POST", f"/v1/models/{name}:predict", r.v1_predict),
@@ -255,6 +265,9 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
         ("GET", f"/v2/models/{name}/ready", r.v2_model_ready),
         ("GET", f"/v2/models/{name}{ver}/ready", r.v2_model_ready),
         ("GET", "/metrics", r.metrics_text),
+    ]
+    # The agent's own endpoints: over TCP only with the bearer token (docs/api.md, "TCP").
+    control = [
         ("GET", "/v1/agent/status", r.agent_status),
         ("POST", "/v1/agent/results/{stream:[A-Za-z0-9][A-Za-z0-9_.-]*}", r.agent_result),
         ("GET", "/v1/agent/streams", r.streams),
@@ -266,9 +279,50 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
         ("POST", f"/v1/agent/models/{name}:rollback", r.rollback),
         ("GET", f"/v1/agent/deployments/{name}", r.deployment),
     ]
-    for method, path, handler in routes:
+    for method, path, handler in data_plane:
         router.add(method, path, _guard(handler))
-    return HTTPServer(router, settings.max_body_bytes)
+    for method, path, handler in control:
+        router.add(method, path, _guard(handler), control=True)
+    token = read_token(settings.tcp_token_file) if settings.tcp_token_file is not None else None
+    return HTTPServer(router, limits(settings), token=token)
+
+
+def limits(settings: ApiSection) -> Limits:
+    return Limits(max_body=settings.max_body_bytes, max_buffered=settings.max_buffered_bytes,
+                  max_url=settings.max_url_bytes, max_head=settings.max_header_bytes,
+                  max_headers=settings.max_headers, max_connections=settings.max_connections,
+                  header_timeout=settings.header_timeout_s, body_timeout=settings.body_timeout_s,
+                  keep_alive=settings.keep_alive_s, send_timeout=settings.send_timeout_s,
+                  max_unsent=settings.max_unsent_bytes)
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def read_token(path: Path) -> bytes:
+    """The TCP bearer token: the file's content, stripped; the file must be the service's alone.
+
+    Raises:
+        ConfigError: unreadable, a symlink or not a regular file, owned by another user, readable
+            or writable by group or others, or a token under 16 characters.
+    """
+    key = "api.tcp_token_file"
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file", key=key)
+        if info.st_mode & 0o077:
+            raise ConfigError(f"{path} has mode {stat.S_IMODE(info.st_mode):o}: it must be readable by the "
+                              "service only (chmod 600)", key=key)
+        if info.st_uid != os.geteuid():
+            raise ConfigError(f"{path} must be owned by the service's user (uid {os.geteuid()})", key=key)
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
+    if len(token) < MIN_TOKEN_CHARS or any(c <= 0x20 or c >= 0x7F for c in token):
+        raise ConfigError(f"{path}: the token must be at least {MIN_TOKEN_CHARS} printable ASCII characters "
+                          "without spaces", key=key)
+    return token
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:

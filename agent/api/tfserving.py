@@ -26,7 +26,13 @@ def parse_predict(body: bytes, model: ServedModel) -> tuple[dict[str, np.ndarray
     has_rows, has_cols = "instances" in request, "inputs" in request
     if has_rows == has_cols:
         raise RequestError("request must contain exactly one of 'instances' or 'inputs'")
-    raw = bool(request.get("raw_output", False))
+    raw = request.get("raw_output", False)
+    if not isinstance(raw, bool):
+        raise RequestError("'raw_output' must be true or false")
+    signature = request.get("signature_name")
+    if signature not in (None, "", "serving_default"):
+        shown = signature[:100] if isinstance(signature, str) else type(signature).__name__
+        raise RequestError(f"unknown signature_name {shown!r} (the model has 'serving_default')")
     specs = {s.name: s for s in model.inputs}
     if has_rows:
         return _rows(request["instances"], specs), "row", raw
@@ -40,7 +46,7 @@ def _rows(instances: Any, specs: dict[str, Any]) -> dict[str, np.ndarray]:
         feeds = {}
         for name in {k for row in instances for k in row}:
             if name not in specs:
-                raise RequestError(f"unknown input '{name}' (model inputs: {', '.join(sorted(specs))})")
+                raise RequestError(f"unknown input '{name[:100]}' (model inputs: {', '.join(sorted(specs))})")
             if any(name not in row for row in instances):
                 raise RequestError(f"input '{name}' is missing from some instances")
             feeds[name] = to_array(name, [row[name] for row in instances], json_dtype(specs[name]))
@@ -56,7 +62,7 @@ def _columns(inputs: Any, specs: dict[str, Any]) -> dict[str, np.ndarray]:
         feeds = {}
         for name, value in inputs.items():
             if name not in specs:
-                raise RequestError(f"unknown input '{name}' (model inputs: {', '.join(sorted(specs))})")
+                raise RequestError(f"unknown input '{name[:100]}' (model inputs: {', '.join(sorted(specs))})")
             feeds[name] = to_array(name, value, json_dtype(specs[name]))
         return feeds
     if len(specs) != 1:

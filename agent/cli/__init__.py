@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     def client_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--socket", help="agent socket (default: from --config / environment / defaults)")
         cmd.add_argument("--tcp", metavar="HOST:PORT", help="talk to the TCP listener instead")
+        cmd.add_argument("--token-file", help="bearer token for control commands over TCP "
+                                              "(default: the config's api.tcp_token_file)")
         cmd.add_argument("--config", help="config file used to find the socket")
         cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
@@ -87,7 +89,12 @@ def _client(args: argparse.Namespace) -> Any:
     from agent.client import AgentClient
 
     if args.tcp:
-        return AgentClient(tcp=args.tcp, timeout=args.timeout)
+        token_file = args.token_file or _load_config(args).api.tcp_token_file
+        try:
+            token = Path(token_file).read_text().strip() if token_file else None
+        except OSError as exc:
+            raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        return AgentClient(tcp=args.tcp, timeout=args.timeout, token=token)
     path = args.socket or _load_config(args).socket_path
     return AgentClient(path, timeout=args.timeout)
 

@@ -4,12 +4,19 @@ Recovery climbs a ladder per model version: reload on the same delegate, then fa
 the failing delegate to the next one in the device profile, then the CPU. At most
 ``max_recoveries`` within ``window_s``; past that it gives up (an event says so) and, if a
 call is still stuck, systemd's watchdog takes over because the agent stops pinging it.
+
+Failures in a row are a fault only once the model's known-good input fails too
+(``agent.models.probe``): the worker already asks after each failed call, and the watchdog asks
+once more before it reloads or falls back, so clients sending inputs the runtime refuses can
+never move a model off its accelerator. A model with no known-good input is judged by its
+failures alone, as before. A stuck call needs no confirmation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,8 +77,38 @@ class Watchdog:
         now = time.monotonic()
         for served in self.models.served():
             found = self.diagnose(served, now)
-            if found is not None:
-                await self.recover(served, *found)
+            if found is None:
+                continue
+            reason, stuck = found
+            if not stuck and await self.still_answers(served):
+                continue
+            await self.recover(served, reason, stuck)
+
+    async def still_answers(self, served: ServedModel) -> bool:
+        """Whether ``served`` answers its known-good input despite its failures (then they were not a
+        fault, or one that passed: its failures in a row start over). False when it fails, takes longer
+        than ``stuck_after_s``, or has no known-good input."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool | None] = loop.create_future()
+
+        def probe() -> None:  # its own thread: a hung call must not hold one of the loop's executor threads
+            try:
+                result: bool | None = served.answers_known_good()
+            except Exception:  # a probe that cannot run confirms nothing
+                log.exception("watchdog.probe_failed", model=served.name, version=served.version)
+                result = None
+            loop.call_soon_threadsafe(lambda: None if done.done() else done.set_result(result))
+
+        threading.Thread(target=probe, name=f"probe-{served.key}", daemon=True).start()
+        try:
+            answers = await asyncio.wait_for(asyncio.shield(done), self.policy.stuck_after_s)
+        except asyncio.TimeoutError:
+            answers = False
+        if answers:
+            served.stats.restarted()  # failures in a row start over, as after a restart
+            log.warning("watchdog.fault_not_confirmed", model=served.name, version=served.version,
+                        delegate=served.session.delegate, reason="the model answers its known-good input")
+        return bool(answers)
 
     async def recover(self, served: ServedModel, reason: str, stuck: bool) -> None:
         key = (served.name, served.version)
@@ -104,6 +141,7 @@ class Watchdog:
             self.sink.event({"type": "watchdog.recovery_failed", "model": served.name, "version": served.version,
                        "reason": str(exc)})
             return
+        new.worker.known_good.inherit(served.worker.known_good)
         if not self.models.replace(served, new, stuck=stuck):
             log.info("watchdog.recovery_moot", model=served.name, version=served.version,
                      reason="the version was unloaded meanwhile")

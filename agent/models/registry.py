@@ -308,6 +308,8 @@ class ModelRegistry:
             served.worker.run_sync(feeds)
         except AgentError as exc:
             log.warning("model.warmup_failed", model=served.name, version=served.version, reason=str(exc))
+            return
+        served.worker.known_good.warmed_up(feeds)  # what tells a model fault from a bad request (agent.models.probe)
 
     async def reload(self) -> dict[str, list[str]]:
         """Re-read the models directory: load what is new, unload what is gone or no longer wanted."""

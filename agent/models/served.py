@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError, InferenceError, RequestError
+from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
 from agent.models.store import ModelVersion
 from agent.models.tensors import check_feeds
@@ -36,6 +37,10 @@ class ServedModel:
     # While set (the installer's health window), answers are checked for NaN and infinity, except in
     # the outputs named here (the manifest's ``allow_nonfinite``); a hit counts in ``stats.nonfinite``.
     nonfinite_check: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        # Looked up where the version is when first needed: a deployment moves it after loading.
+        self.worker.known_good = KnownGood(lambda: self.source.directory)
 
     @property
     def stats(self) -> ModelStats:
@@ -74,7 +79,8 @@ class ServedModel:
 
     async def infer(self, feeds: Mapping[str, np.ndarray], *, raw_outputs: bool = False,
                     timing: Timing | None = None) -> Outputs:
-        """Raises RequestError for feeds that do not fit; InferenceError if the runtime fails.
+        """Raises InvalidInputError (a RequestError) for feeds that do not fit the model or that its
+        runtime refuses while its known-good input runs; InferenceError if the runtime fails.
 
         ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
         """
@@ -95,13 +101,26 @@ class ServedModel:
         """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
 
         Raises:
-            RequestError: the feeds do not fit (counted as rejected, like ``infer``).
+            RequestError: the feeds do not fit (counted as rejected, like ``infer``); the future
+                fails with InvalidInputError when the runtime refuses them, InferenceError when it fails.
         """
         started = self._admit(feeds)
         future = self.worker.submit_threadsafe(feeds)
         future.add_done_callback(lambda done: None if done.cancelled() else self._account(
             started, done.exception(), None if done.exception() else done.result()))
         return future
+
+    def answers_known_good(self) -> bool | None:
+        """Run the version's known-good input (blocking: it waits for the session): True if the model
+        answers it, False if it fails, None when the version has no known-good input."""
+        feeds = self.worker.known_good.feeds()
+        if feeds is None:
+            return None
+        try:
+            self.worker.run_sync(feeds)
+        except Exception:  # noqa: BLE001 - whatever the runtime raises, the model did not answer
+            return False
+        return True
 
     def close(self) -> None:
         """Stop the worker (queued requests finish first) and release the session. Blocks."""
@@ -113,7 +132,7 @@ class ServedModel:
             "name": self.name, "version": self.version, "state": "AVAILABLE", "runtime": self.runtime,
             "delegate": self.session.delegate, "fallbacks": list(self.session.report.fallbacks),
             "path": str(self.source.file), "batching": self.worker.batching_active,
-            "inline": self.worker.inline,
+            "inline": self.worker.inline, "known_good": self.worker.known_good.source,
             "inputs": [s.to_dict() for s in self.session.inputs],
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.stats.requests, "errors": self.stats.errors,

@@ -26,8 +26,9 @@ import numpy as np
 import structlog
 
 from agent.config import BatchingSection
-from agent.errors import InferenceError
+from agent.errors import InferenceError, InvalidInputError
 from agent.models.batching import BatchLayout
+from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
 from agent.runtimes import Session
 
@@ -76,6 +77,7 @@ class Worker:
         self.busy_since: float | None = None
         self._expected = 1  # requests in the last batch: what an adaptive gather waits for
         self._current: list[Job] = []
+        self.known_good = KnownGood()  # set by the served model (agent.models.probe)
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
 
@@ -253,8 +255,10 @@ class Worker:
         try:
             result: Outputs | BaseException = self.session.run(feeds, raw_outputs=raw)
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
-            return exc
+            return self._blame(exc, feeds)
         ended = time.perf_counter_ns()
+        if not self.known_good.settled:
+            self.known_good.answered(feeds)
         for timing in timings:
             if timing is not None:
                 timing.started, timing.ended = started, ended
@@ -263,6 +267,24 @@ class Worker:
             took = (ended - started) / 1e9
             self._call_s = took if self._call_s is None else 0.9 * self._call_s + 0.1 * took
         return result
+
+    def _blame(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> Exception:
+        """Whose fault a failed call is (the session lock is held): the model's if its known-good
+        input fails too, else the input's (400, and never counted against the model).
+
+        A request the runtime refuses, e.g. a shape its metadata allows but its graph does not,
+        must not make the watchdog reload the model or move it off its accelerator.
+        """
+        if not isinstance(exc, InferenceError):
+            return exc
+        probe = self.known_good.feeds()
+        if probe is None or probe is feeds:
+            return exc  # nothing to compare with: the runtime failed, as far as anyone can tell
+        try:
+            self.session.run(probe)
+        except Exception:  # noqa: BLE001 - the known-good input fails too: the model is at fault
+            return exc
+        return InvalidInputError(f"the model's runtime refused this input: {exc}")
 
     @classmethod
     def _finish(cls, job: Job, result: Outputs | BaseException) -> None:
