@@ -233,6 +233,7 @@ class StreamSection(_Section):
     autostart: bool = True
     snapshot_dir: ConfigPath | None = None  # save the frame of each published result here (JPEG)
     snapshot_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+    stall_after_s: float = Field(default=10.0, gt=0, le=86400)  # an open source silent this long is "stalled"
 
     @field_validator("model")
     @classmethod
