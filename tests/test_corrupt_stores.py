@@ -185,3 +185,17 @@ def test_api_starts_when_the_link_cannot(tmp_path, small_models, broker):
         assert blocker.read_bytes() == b"not a directory", "what is not a store is not moved"
     finally:
         assert agent.stop() == 0
+
+
+def test_api_starts_when_the_tls_files_are_missing(tmp_path, small_models, tls_broker):
+    """A certificate file lost with the SD card's last write: the link cannot even be built; the rest runs."""
+    missing = tmp_path / "gone" / "ca.crt"
+    agent = start_daemon(tmp_path / "agent", "--models-dir", str(small_models),
+                         env=agent_env(tls_broker.url, "dev-a", EDGE_AGENT_MQTT__CA_FILE=str(missing)))
+    try:
+        assert_serving(agent)
+        link = agent.client.status()["link"]
+        assert link["state"] == "unavailable" and link["last_error_code"] == "link_unavailable"
+        assert "No such file" in link["last_error"] or "ca.crt" in link["last_error"], link
+    finally:
+        assert agent.stop() == 0

@@ -366,9 +366,8 @@ stall_after_s = 1.0
                  what="the stalled log line (and event)")
         captured = stalled["captured"]
         os.write(fd, half_second)
-        resumed = wait_for(lambda: (s := stream_status(daemon, "mic"))["state"] == "running"
-                           and s["captured"] > captured and s, timeout=15, what="running again")
-        assert resumed["since_last_item_s"] < 1.0 + 15
+        wait_for(lambda: (s := stream_status(daemon, "mic"))["state"] == "running" and s["captured"] > captured,
+                 timeout=15, what="running again")
         wait_for(lambda: any('"stream.resumed"' in line for line in daemon.log_text().splitlines()),
                  what="the resumed log line")
     finally:
