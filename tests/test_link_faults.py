@@ -133,6 +133,36 @@ def test_outbox_is_the_only_replay_after_a_reconnect(tmp_path, broker):
         collector.close()
 
 
+def test_only_the_net_thread_writes_to_the_socket(tmp_path, broker):
+    """paho's packet writer has no lock, and a publish from another thread writes by itself unless an external
+    write hook is set: two writers put seq N+1 on the wire before N (seen once in a 6,000-result run), or
+    interleave packet bytes after a partial write. The sender, command responses and the birth all publish
+    from other threads; only ``mqtt-net`` may write."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    session = DeviceSession(LinkSettings(device_id="dev-1", broker=BrokerSettings(url=broker.url)), outbox)
+    writers: set[str] = set()
+    send = session.client._sock_send  # paho's one write path (private: this test pins the contract)
+
+    def recording(buf):
+        writers.add(threading.current_thread().name)
+        return send(buf)
+
+    session.client._sock_send = recording  # type: ignore[method-assign]
+    session.start()
+    try:
+        wait_for(lambda: session.connected, what="connected")
+        topic = session.topics.results("cam")
+        for i in range(20):
+            session.enqueue_many([("result", topic, {"i": i, "j": j}) for j in range(100)])
+            session.publish_now(session.topics.responses, {"id": f"r{i}", "ok": True})  # this (main) thread
+            session.set_birth({"i": i})
+        wait_for(lambda: outbox.stats().depth == 0, timeout=20, what="all acknowledged")
+        assert writers == {"mqtt-net"}
+    finally:
+        session.stop()
+        outbox.close()
+
+
 @pytest.mark.timeout(240)
 def test_results_arrive_in_seq_order_across_broker_restarts(tmp_path, small_models):
     broker = make_broker(tmp_path / "mq", persistence=True)
@@ -232,7 +262,7 @@ def test_client_certificate_from_another_ca_is_reported(tmp_path, small_models, 
         assert link["connect_failures"] >= 1 and link["last_error_at"] > 0
         assert set(link["connect_errors"]) == {"tls_failed"}
         failed = wait_for(lambda: log_events(agent, "mqtt.connect_failed"), what="the log line")
-        assert {f["code"] for f in failed} == {"tls_failed"} and "TLS failed" in failed[0]["reason"]
+        assert {f["code"] for f in failed} == {"tls_failed"} and "TLS" in failed[0]["reason"]
         assert any("unknown ca" in f["reason"].lower() for f in wait_for(
             lambda: [f for f in log_events(agent, "mqtt.connect_failed") if "unknown ca" in f["reason"].lower()],
             what="an attempt that received the broker's alert"))
@@ -311,6 +341,11 @@ def test_failure_reasons_are_classified():
     assert tls.code == "tls_failed" and "unknown ca" in tls.reason
     assert lost_error(None, "Unspecified error", before_connack=False).code == "connection_lost"
     assert lost_error(None, "Unspecified error", before_connack=True).code == "unreachable"
+    reset = lost_error("failed to receive on socket: [Errno 104] Connection reset by peer", "x", before_connack=True,
+                       over_tls=True)
+    assert reset.code == "tls_failed" and "rejected this client's certificate" in reset.reason
+    assert lost_error("[Errno 104] Connection reset by peer", "x", before_connack=False, over_tls=True).code \
+        == "connection_lost"
 
 
 def test_session_never_raises_on_sigkilled_broker(tmp_path):

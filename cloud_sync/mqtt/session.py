@@ -10,8 +10,15 @@ Many sessions in one process (the fleet simulator) can instead share one
 :class:`~cloud_sync.mqtt.hub.SessionHub` thread, which runs the same connect/backoff and
 sender steps for all of them; a real device keeps its own two threads.
 
-Three rules keep delivery ordered and honest:
+Four rules keep delivery ordered and honest:
 
+* **One thread writes to the socket.** paho's ``publish`` from any other thread would write
+  the packet itself unless an external write hook is set, and paho's packet writer has no
+  lock: two threads writing at once can put seq 194 on the wire before 193, interleave the
+  bytes of two packets after a partial write, or drive one TLS connection from two threads.
+  The session sets the hook, so a publish only queues the packet and wakes the ``mqtt-net``
+  thread's ``select``, and that thread alone writes (a :class:`SessionHub` is its sessions'
+  only writer the same way).
 * **The outbox is the only source of replay.** paho would resend, at the next CONNACK, every
   QoS 1 message it still holds (in flight without a PUBACK, or published while the link was
   down), interleaved with our replay. Before each connect those copies are dropped
@@ -126,18 +133,23 @@ def refusal_error(reason: Any) -> ConnectError:
     return ConnectError(code, f"connection refused by the broker: {text}")
 
 
-def lost_error(transport: str | None, reason: Any, *, before_connack: bool, tls: bool = False) -> ConnectError:
+def lost_error(transport: str | None, reason: Any, *, before_connack: bool, tls: bool = False,
+               over_tls: bool = False) -> ConnectError:
     """The connection ended: paho's transport error (a TLS alert, a reset) says more than its reason code.
 
-    ``tls``: that error was an ``ssl.SSLError``. A broker that rejects the client certificate
-    sends an alert ("unknown ca", "certificate required"), or, in a race, just closes the TLS
-    session ("EOF occurred in violation of protocol"): both before the CONNACK.
+    ``tls``: that error was an ``ssl.SSLError``; ``over_tls``: the connection was TLS. With TLS 1.3
+    the client's side of the handshake completes before the broker has checked the client's
+    certificate, so a broker that rejects it ends the session just after: with an alert
+    ("unknown ca", "certificate required"), or, in a race, a bare EOF or reset. Both come
+    before the CONNACK.
     """
-    if tls or (transport and ("SSL" in transport or "_ssl.c" in transport)):
-        if before_connack:
-            return ConnectError("tls_failed", f"TLS failed before the CONNACK (the broker may have rejected this "
-                                              f"client's certificate): {transport}")
-        return ConnectError("tls_failed", f"TLS failed: {transport}")
+    detail = transport or str(reason)
+    ssl_error = tls or (transport is not None and ("SSL" in transport or "_ssl.c" in transport))
+    if before_connack and (ssl_error or over_tls):
+        return ConnectError("tls_failed", f"TLS session ended before the CONNACK (the broker may have rejected "
+                                          f"this client's certificate): {detail}")
+    if ssl_error:
+        return ConnectError("tls_failed", f"TLS failed: {detail}")
     if before_connack:
         return ConnectError("unreachable", f"connection closed before the CONNACK: {transport or reason}")
     return ConnectError("connection_lost", f"disconnected: {transport or reason}")
@@ -162,6 +174,10 @@ def _error_logger(session: DeviceSession, client_id: str) -> logging.Logger:
     logger.propagate = False
     logger.addHandler(_TransportErrors(session))
     return logger
+
+
+def _net_thread_writes(_client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    """paho's external-write hook: nothing to do, the net thread's ``loop`` selects for writing itself."""
 
 
 IDLE_WAIT_S = 0.5  # the sender's longest nap: nothing to send, or not connected
@@ -201,6 +217,9 @@ class DeviceSession:
         self._client.enable_logger(_error_logger(self, client_id))
         will = orjson.dumps({"online": False, "device_id": settings.device_id})
         self._client.will_set(self.topics.state, will, qos=1, retain=True)
+        if hub is None:
+            # Publishes from other threads only queue and wake mqtt-net's select (see the module docstring).
+            self._client.on_socket_register_write = _net_thread_writes
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -332,7 +351,7 @@ class DeviceSession:
             self._on_disconnect(self._client, None, None, "connection lost", None)
         elif self._attempt_open and not self._stop.is_set():
             self._attempt_failed(lost_error(self._transport_error, "connection lost", before_connack=True,
-                                             tls=self._transport_tls))
+                                             tls=self._transport_tls, over_tls=self.broker.tls))
 
     def _attempt_failed(self, error: ConnectError) -> None:
         self._attempt_open = False
@@ -391,7 +410,7 @@ class DeviceSession:
             log.warning("mqtt.disconnected", code=error.code, reason=error.reason)
         elif self._attempt_open:
             self._attempt_failed(lost_error(self._transport_error, reason, before_connack=True,
-                                            tls=self._transport_tls))
+                                            tls=self._transport_tls, over_tls=self.broker.tls))
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
