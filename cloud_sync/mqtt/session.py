@@ -338,8 +338,11 @@ class DeviceSession:
         """
         self._transport_error, self._transport_tls = None, False
         self._attempt_open = True
-        with self._lock:  # no sender publish of an older generation can slip past the drop
-            connect(self._client, self.broker)
+        with self._lock:
+            # The generation was bumped when the last connection ended, so once the lock is ours no sender
+            # publish of that generation can follow the drop; a publish already under way has finished.
+            self._client.drop_out_messages()
+        connect(self._client, self.broker)
 
     def connect_failed(self, exc: BaseException) -> None:
         """The connect step raised: record and log why."""
