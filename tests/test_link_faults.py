@@ -184,7 +184,7 @@ def test_results_arrive_in_seq_order_across_broker_restarts(tmp_path, small_mode
         with collector.lock:
             arrivals = list(collector.arrivals)
         assert_first_arrivals_in_order(arrivals)
-        assert agent.client.status()["link"]["reconnects"] >= 4
+        assert agent.client.status()["link"]["reconnects"] >= 2, "the replay really crossed outages"
     finally:
         collector.close()
         agent.stop()
