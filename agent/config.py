@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -191,6 +191,8 @@ class MqttSection(_Section):
     max_command_bytes: int = Field(default=256 * 1024, ge=1024)
     telemetry_interval_s: float = Field(default=60.0, ge=1, le=86400)
     publish_window: int = Field(default=100, ge=1, le=10000)
+    refused_max_attempts: int = Field(default=5, ge=1, le=100)  # publishes the broker refuses, then dead-lettered
+    refused_backoff_s: float = Field(default=1.0, gt=0, le=3600)  # first retry of a refused publish; doubles
     outbox_max_messages: int = Field(default=100_000, ge=100)
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     # NORMAL survives a crash or SIGKILL; FULL also survives power loss, at an fsync per message.
@@ -281,6 +283,7 @@ class StreamSection(_Section):
     autostart: bool = True
     snapshot_dir: ConfigPath | None = None  # save the frame of each published result here (JPEG)
     snapshot_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+    stall_after_s: float = Field(default=10.0, gt=0, le=86400)  # an open source silent this long is "stalled"
 
     @field_validator("model")
     @classmethod
@@ -347,18 +350,57 @@ SETTABLE = {"mqtt.telemetry_interval_s", "logging.level"}
 
 
 def load_overrides(state_dir: Path) -> dict[str, Any]:
-    """Settings changed by ``set-config``, persisted across restarts."""
+    """Settings changed by ``set-config``, persisted across restarts.
+
+    A file that cannot be read or is not a JSON object is moved aside (``cloud_sync.stores``:
+    ``config-overrides.json.corrupt-TIMESTAMP``, reported as an event once the link is up) and
+    the agent runs on its own configuration. Keys that are not settable are ignored.
+    """
     path = state_dir / OVERRIDES_FILE
     try:
         data = orjson.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
-    except (OSError, orjson.JSONDecodeError) as exc:
-        import structlog
-
-        structlog.get_logger(__name__).warning("config.overrides_unreadable", path=str(path), reason=str(exc))
+    except OSError as exc:
+        discard_overrides(state_dir, f"unreadable: {exc.strerror or exc}")
         return {}
-    return {k: v for k, v in data.items() if k in SETTABLE} if isinstance(data, dict) else {}
+    except orjson.JSONDecodeError as exc:
+        discard_overrides(state_dir, f"not JSON: {exc}")
+        return {}
+    if not isinstance(data, dict):
+        discard_overrides(state_dir, f"not a JSON object but {type(data).__name__}")
+        return {}
+    return {k: v for k, v in data.items() if k in SETTABLE}
+
+
+def discard_overrides(state_dir: Path, reason: str) -> None:
+    """Move an unusable overrides file aside (never raises: the agent must start without it)."""
+    import structlog
+
+    from cloud_sync.stores import move_aside
+
+    path = state_dir / OVERRIDES_FILE
+    try:
+        move_aside(path, store="config_overrides", reason=reason)
+    except OSError as exc:
+        structlog.get_logger(__name__).error("config.overrides_unusable", path=str(path), reason=reason,
+                                             move_failed=str(exc))
+
+
+def with_overrides(config: Config, build: Callable[[Mapping[str, Any]], Config]) -> Config:
+    """``config`` rebuilt by ``build(overrides)`` with the persisted ``set-config`` overrides.
+
+    Overrides whose values no longer validate (a hand edit, a damaged file) are moved aside and
+    ``config`` is returned unchanged: a remote setting never stops the daemon from starting.
+    """
+    remote = load_overrides(config.agent.state_dir)
+    if not remote:
+        return config
+    try:
+        return build(remote)
+    except ConfigError as exc:
+        discard_overrides(config.agent.state_dir, f"invalid values: {exc}")
+        return config
 
 
 

@@ -34,6 +34,7 @@ from agent.pipelines.manager import StreamManager
 from agent.plugins import load_plugins
 from agent.systemd import Notifier
 from agent.version import __version__
+from cloud_sync.stores import QUARANTINE
 
 if TYPE_CHECKING:
     from agent.link import CloudLink
@@ -97,12 +98,20 @@ class Agent:
         if not self.models.ready:
             log.warning("agent.no_models", models_dir=str(info.models_dir))
         if config.mqtt.url:
-            # The link starts before the API and never blocks: a broker that is down only delays sync.
-            from agent.link import CloudLink  # paho and the command handlers only when a link is configured
+            # The link starts before the API and never blocks: a broker that is down only delays sync,
+            # and a link that cannot start at all (unusable state directory, TLS files) leaves the API up.
+            try:
+                from agent.link import CloudLink  # paho and the command handlers only when a link is configured
 
-            self.link = CloudLink(config.mqtt, config.agent.device_id, config.agent.state_dir, self.ops)
-            await self.link.start()
-            self.uplink.attach(self.link)
+                self.link = CloudLink(config.mqtt, config.agent.device_id, config.agent.state_dir, self.ops)
+                await self.link.start()
+            except Exception as exc:
+                log.exception("cloud.link_failed", reason=str(exc))
+                self.link = None
+                self.uplink.fail(f"{type(exc).__name__}: {exc}"[:500])
+            else:
+                self.uplink.attach(self.link)
+                QUARANTINE.attach(self.uplink.event)  # corrupt stores found so far, then as they are found
         for record in recovered:
             self.uplink.event({"type": f"deploy.{record.state}", "model": record.model, "version": record.version,
                                "previous": record.previous, "error": record.error})
@@ -137,6 +146,7 @@ class Agent:
         await self.deployer.stop()
         await self.server.stop(self.config.agent.shutdown_timeout_s)
         if self.link is not None:
+            QUARANTINE.attach(None)
             self.uplink.attach(None)
             await self.link.stop()
         await self.models.close()

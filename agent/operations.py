@@ -190,7 +190,9 @@ class Operations:
             OutboxFullError: the outbox is full and could not make room.
         """
         if self.uplink.link is None:
-            raise LinkNotConfiguredError("the cloud link is not configured (set [mqtt] url)")
+            failure = self.uplink.failure
+            raise LinkNotConfiguredError(f"the cloud link could not start: {failure}" if failure
+                                         else "the cloud link is not configured (set [mqtt] url)")
         if not isinstance(body, dict):
             raise RequestError("result must be a JSON object")
         seq = self.uplink.result(stream, body)

@@ -11,7 +11,8 @@ the caller should do:
 * :class:`DownloadError`: the transport failed. Retrying (resuming) makes sense.
 * :class:`RepositoryError`: a fleet-side repository or key problem (``edge-fleet``).
 * :class:`LinkError`: the MQTT link; :class:`CommandError` travels back to the fleet.
-* :class:`OutboxError`: the outbox database cannot be used.
+* :class:`StoreError`: a persistent store (outbox, command log) cannot be used; the daemon
+  moves it aside and starts a fresh one. :class:`OutboxError` is the outbox's.
 * :class:`UploadError`: a model upload (or a model file for ``bundle build``) was refused;
   nothing was published. One class per problem, each with its own ``code`` and HTTP ``status``.
 """
@@ -176,7 +177,49 @@ class CommandError(LinkError):
         super().__init__(message)
 
 
-class OutboxError(CloudSyncError):
+class ConnectError(LinkError):
+    """Why the MQTT session could not connect, or lost its connection (``code`` says which kind).
+
+    Codes: ``tls_failed`` (handshake or certificate), ``not_authorized`` and ``bad_credentials``
+    (the broker's CONNACK), ``connect_refused`` (any other CONNACK refusal), ``unreachable``
+    (DNS, TCP, timeouts), ``connection_lost`` (an established connection ended).
+    """
+
+    code = "connect_failed"
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+class PublishRefusedError(LinkError):
+    """The broker acknowledged a publish with a failure reason code (MQTT 5), e.g. an ACL denial."""
+
+    code = "publish_refused"
+
+    def __init__(self, reason: str, *, topic: str | None = None) -> None:
+        self.reason = reason
+        self.topic = topic
+        super().__init__(f"{topic}: {reason}" if topic else reason)
+
+
+class StoreError(CloudSyncError):
+    """A persistent store cannot be used: corrupt, unreadable, or not what it claims to be.
+
+    ``path`` names the file and ``reason`` says what is wrong; the owner of the store decides
+    whether to move the file aside (``cloud_sync.stores.move_aside``) and start a fresh one.
+    """
+
+    code = "store_error"
+
+    def __init__(self, reason: str, *, path: str | None = None, store: str = "store") -> None:
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{store} {path}: {reason}" if path else f"{store}: {reason}")
+
+
+class OutboxError(StoreError):
     """The outbox database cannot be used: corrupt, unreadable, closed, or an unexpected SQLite error.
 
     Disk full is *not* an ``OutboxError``: it is handled by dropping messages.
@@ -185,9 +228,7 @@ class OutboxError(CloudSyncError):
     code = "outbox_error"
 
     def __init__(self, reason: str, *, path: str | None = None) -> None:
-        self.reason = reason
-        self.path = path
-        super().__init__(f"outbox {path}: {reason}" if path else f"outbox: {reason}")
+        super().__init__(reason, path=path, store="outbox")
 
 
 # -- model uploads (fleet side: cloud_sync.fleet.publishing) ----------------------------------

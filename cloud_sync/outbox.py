@@ -4,7 +4,9 @@ Every result, telemetry sample and event is written to SQLite (WAL) before it is
 deleted only when the broker acknowledges it (PUBACK), so nothing is lost across broker
 outages, agent restarts or SIGKILL, and replay is in ``seq`` order. The queue is bounded on
 disk; when full it drops the least valuable, oldest messages first (results, then
-telemetry, then events) and counts every drop per kind in a persisted counter.
+telemetry, then events) and counts every drop per kind in a persisted counter. A message
+the broker refuses (an MQTT 5 PUBACK with a failure reason code) is kept and retried; after
+too many refusals it moves to a bounded dead-letter table, counted as well.
 
 This module owns one SQLite file and nothing else: it does not speak MQTT and must not
 import from ``agent``. One ``Outbox`` object per file; it is safe to share between threads.
@@ -39,7 +41,9 @@ KINDS: Final[tuple[Kind, ...]] = ("result", "telemetry", "event")
 DROPPED: Final = -1
 #: ``Outbox(MEMORY)`` keeps the queue in memory only: for the fleet simulator, never a device.
 MEMORY: Final = ":memory:"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+#: Refused messages kept in the dead-letter table (the oldest beyond go; the counter keeps counting).
+DEAD_LETTER_KEEP: Final = 1000
 
 _RANK: Final[dict[str, int]] = {kind: rank for rank, kind in enumerate(KINDS)}
 _SYNC_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
@@ -59,24 +63,42 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
-    seq     INTEGER PRIMARY KEY,
-    kind    TEXT NOT NULL,
-    topic   TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos     INTEGER NOT NULL,
-    retain  INTEGER NOT NULL
+    seq      INTEGER PRIMARY KEY,
+    kind     TEXT NOT NULL,
+    topic    TEXT NOT NULL,
+    payload  BLOB NOT NULL,
+    qos      INTEGER NOT NULL,
+    retain   INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (kind, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq      INTEGER PRIMARY KEY,
+    kind     TEXT NOT NULL,
+    topic    TEXT NOT NULL,
+    payload  BLOB NOT NULL,
+    reason   TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    at       REAL NOT NULL
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES
-    ('last_seq', 0), ('dropped.result', 0), ('dropped.telemetry', 0), ('dropped.event', 0);
+    ('last_seq', 0), ('dropped.result', 0), ('dropped.telemetry', 0), ('dropped.event', 0), ('dead_lettered', 0);
 """
-_OUR_TABLES: Final = frozenset({"meta", "messages", "messages_by_kind"})
+# Version 1 had no refusal count and no dead letters.
+_MIGRATE_FROM_1: Final = "ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;"
+_OUR_TABLES: Final = frozenset({"meta", "messages", "messages_by_kind", "dead_letters"})
+_MESSAGE_COLUMNS: Final = {1: ["seq", "kind", "topic", "payload", "qos", "retain"],
+                           2: ["seq", "kind", "topic", "payload", "qos", "retain", "attempts"]}
 
 _INSERT: Final = "INSERT INTO messages (seq, kind, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?, ?)"
 _SET_META: Final = "UPDATE meta SET value = ? WHERE key = ?"
 _SELECT_PENDING: Final = (
     "SELECT seq, kind, topic, payload, qos, retain FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
 )
+_INSERT_DEAD: Final = (
+    "INSERT OR REPLACE INTO dead_letters (seq, kind, topic, payload, reason, attempts, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ONE: Final = "SELECT seq, kind, topic, payload, qos, retain, attempts FROM messages WHERE seq = ?"
 _OLDEST_OF_KIND: Final = "SELECT seq, length(payload) FROM messages WHERE kind = ? ORDER BY seq"
 _DELETE_OLDEST: Final = "DELETE FROM messages WHERE kind = ? AND seq <= ?"
 # Only a constant run of "?" placeholders is interpolated here: no data ever reaches the SQL text.
@@ -97,6 +119,27 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A message the broker kept refusing, moved out of the queue (``dead_letters`` table)."""
+
+    seq: int
+    kind: Kind
+    topic: str
+    payload: bytes
+    reason: str
+    attempts: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What :meth:`Outbox.refuse` did: the message's refusals so far, and its dead letter if it moved."""
+
+    attempts: int
+    dead: DeadLetter | None = None
+
+
+@dataclass(frozen=True)
 class OutboxStats:
     """A snapshot of the queue for telemetry and ``status``."""
 
@@ -104,9 +147,12 @@ class OutboxStats:
     bytes: int
     last_seq: int
     dropped: dict[str, int]
+    dead_lettered: int = 0  # messages ever moved to the dead-letter table
+    dead_letters: int = 0  # of those, still kept there (at most DEAD_LETTER_KEEP)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"depth": self.depth, "bytes": self.bytes, "last_seq": self.last_seq, "dropped": dict(self.dropped)}
+        return {"depth": self.depth, "bytes": self.bytes, "last_seq": self.last_seq, "dropped": dict(self.dropped),
+                "dead_lettered": self.dead_lettered, "dead_letters": self.dead_letters}
 
 
 # (kind, topic, JSON body without "seq", qos, retain), validated and serialized outside the lock.
@@ -163,6 +209,8 @@ class Outbox:
         self._unlogged: dict[str, int] = dict.fromkeys(KINDS, 0)
         self._last_drop_log = -math.inf
         self._last_full_log = -math.inf
+        self._dead_lettered = 0
+        self._dead_letters = 0
         self._conn: sqlite3.Connection | None = self._open(sync, max_pages)
         log.info(
             "outbox.opened",
@@ -171,6 +219,7 @@ class Outbox:
             bytes=self._bytes,
             last_seq=self._last_seq,
             dropped=dict(self._dropped),
+            dead_lettered=self._dead_lettered,
             synchronous=sync,
         )
 
@@ -260,7 +309,88 @@ class Outbox:
     def stats(self) -> OutboxStats:
         """Return depth, payload bytes, last seq and per-kind drop counters (in memory, no I/O)."""
         with self._lock:
-            return OutboxStats(self._depth, self._bytes, self._last_seq, dict(self._dropped))
+            return OutboxStats(self._depth, self._bytes, self._last_seq, dict(self._dropped), self._dead_lettered,
+                               self._dead_letters)
+
+    def get(self, seqs: Iterable[int]) -> list[OutboxMessage]:
+        """The stored messages among ``seqs``, oldest first (unknown seqs are left out).
+
+        Raises:
+            OutboxError: the outbox is closed or the database cannot be read.
+        """
+        out = []
+        with self._lock:
+            conn = self._require_open()
+            try:
+                for seq in sorted(set(seqs)):
+                    row = conn.execute(_SELECT_ONE, (seq,)).fetchone()
+                    if row is not None:
+                        out.append(OutboxMessage(row[0], row[1], row[2], row[3], row[4], bool(row[5])))
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read messages: {exc}", path=str(self.path)) from exc
+        return out
+
+    def refuse(self, seq: int, reason: str, *, max_attempts: int) -> Refusal:
+        """The broker refused message ``seq``: count it; at ``max_attempts`` move it to the dead letters.
+
+        The count is persisted, so refusals add up across reconnects and restarts. An unknown
+        seq (acknowledged or dropped meanwhile) gives ``Refusal(0)``. A full disk is logged and
+        the refusal not counted (the message stays and is retried).
+
+        Raises:
+            OutboxError: the outbox is closed or SQLite failed for a reason other than disk full.
+        """
+        with self._lock:
+            conn = self._require_open()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(_SELECT_ONE, (seq,)).fetchone()
+                if row is None:
+                    conn.execute("COMMIT")
+                    return Refusal(0)
+                attempts = int(row[6]) + 1
+                dead = None
+                if attempts < max_attempts:
+                    conn.execute("UPDATE messages SET attempts = ? WHERE seq = ?", (attempts, seq))
+                else:
+                    dead = DeadLetter(seq, row[1], row[2], row[3], reason, attempts, time.time())
+                    conn.execute(_INSERT_DEAD, (seq, dead.kind, dead.topic, dead.payload, reason, attempts, dead.at))
+                    conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+                    conn.execute("DELETE FROM dead_letters WHERE seq NOT IN "
+                                 "(SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT ?)", (DEAD_LETTER_KEEP,))
+                    conn.execute(_SET_META, (self._dead_lettered + 1, "dead_lettered"))
+                    conn.execute(_SET_META, (self._last_seq, "last_seq"))
+                    kept = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                if not _is_full(exc):
+                    raise OutboxError(f"refuse failed: {exc}", path=str(self.path)) from exc
+                self._log_disk_full(exc, during="refuse")
+                return Refusal(0)
+            if dead is not None:
+                self._dead_lettered += 1
+                self._dead_letters = int(kept)
+                self._depth -= 1
+                self._bytes -= len(dead.payload)
+                log.warning("outbox.dead_lettered", path=str(self.path), seq=seq, kind=dead.kind, topic=dead.topic,
+                            reason=reason, attempts=attempts)
+            return Refusal(attempts, dead)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters, newest first.
+
+        Raises:
+            OutboxError: the outbox is closed or the database cannot be read.
+        """
+        with self._lock:
+            conn = self._require_open()
+            try:
+                rows = conn.execute("SELECT seq, kind, topic, payload, reason, attempts, at FROM dead_letters "
+                                    "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read dead letters: {exc}", path=str(self.path)) from exc
+        return [DeadLetter(*row) for row in rows]
 
     def close(self) -> None:
         """Flush the drop log and close the database; idempotent."""
@@ -320,11 +450,18 @@ class Outbox:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise OutboxError(f"schema version {version} is newer than this agent ({SCHEMA_VERSION})", path=where)
-        if version == 0:
-            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
-            if names - _OUR_TABLES:
-                raise OutboxError(f"not an outbox database (has {sorted(names - _OUR_TABLES)})", path=where)
-        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+        if names - _OUR_TABLES:
+            raise OutboxError(f"not an outbox database (has {sorted(names - _OUR_TABLES)})", path=where)
+        migrate = ""
+        if "messages" in names:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+            shapes = [_MESSAGE_COLUMNS[version]] if version in _MESSAGE_COLUMNS else list(_MESSAGE_COLUMNS.values())
+            if columns not in shapes:
+                raise OutboxError(f"not an outbox database (messages has columns {columns})", path=where)
+            if columns == _MESSAGE_COLUMNS[1]:
+                migrate = _MIGRATE_FROM_1
+        conn.executescript(f"BEGIN IMMEDIATE; {migrate} {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         # Catch corruption now, when the daemon can still move the file aside, rather than
         # in the middle of sending. Measured at ~0.1 s for a full 64 MiB outbox.
         # (A new in-memory queue cannot be corrupt, and the check's statement holds ~100 KiB.)
@@ -342,6 +479,8 @@ class Outbox:
         self._last_seq = max(int(meta.get("last_seq", 0)), int(max_seq))
         for kind in KINDS:
             self._dropped[kind] = int(meta.get(f"dropped.{kind}", 0))
+        self._dead_lettered = int(meta.get("dead_lettered", 0))
+        self._dead_letters = int(conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         if max_pages is not None:
             # SQLite never sets it below the current size of the file.

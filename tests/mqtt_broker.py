@@ -301,12 +301,31 @@ class Broker:
         self.stop()
         self.start()
 
+    def set_passwords(self, passwords: dict[str, str]) -> None:
+        """Replace the password file (brokers made with ``passwords=``); takes effect at :meth:`reload` or a restart."""
+        write_passwords(self.workdir / "passwords", passwords)
 
-def make_broker(workdir: Path, *, tls: bool = False, acl: str | None = None, persistence: bool = False) -> Broker:
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file, ACL and ``allow_anonymous`` without dropping clients."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("broker is not running")
+        self.proc.send_signal(signal.SIGHUP)
+
+
+def write_passwords(path: Path, passwords: dict[str, str]) -> None:
+    """A mosquitto password file: plain ``user:password`` lines, hashed in place by ``mosquitto_passwd -U``."""
+    path.write_text("".join(f"{user}:{password}\n" for user, password in passwords.items()))
+    tool = shutil.which("mosquitto_passwd") or str(Path(mosquitto_binary()).with_name("mosquitto_passwd"))
+    subprocess.run([tool, "-U", str(path)], check=True, capture_output=True, timeout=30)
+
+
+def make_broker(workdir: Path, *, tls: bool = False, acl: str | None = None, persistence: bool = False,
+                passwords: dict[str, str] | None = None) -> Broker:
     """Write the config (and the PKI, ACL) into ``workdir`` and return a stopped :class:`Broker`.
 
-    Plain brokers allow anonymous clients. TLS brokers require a client certificate signed by the test CA
-    and use its CN as the username (no anonymous clients); ``acl`` is the text of a mosquitto ACL file.
+    Plain brokers allow anonymous clients, unless ``passwords`` (user -> password) is given: then only those
+    users may connect. TLS brokers require a client certificate signed by the test CA and use its CN as the
+    username (no anonymous clients); ``acl`` is the text of a mosquitto ACL file.
     """
     workdir = Path(workdir).resolve()
     if any(c.isspace() for c in str(workdir)):
@@ -325,6 +344,9 @@ def make_broker(workdir: Path, *, tls: bool = False, acl: str | None = None, per
             "use_identity_as_username true",
             "allow_anonymous false",
         ]
+    elif passwords is not None:
+        write_passwords(workdir / "passwords", passwords)
+        lines += ["allow_anonymous false", f"password_file {workdir / 'passwords'}"]
     else:
         lines.append("allow_anonymous true")
     if acl is not None:

@@ -163,6 +163,8 @@ def test_commands(shared_link, name, args, ok, code, check):
     (b'{"id": "a1", "name": 7}', "bad_request", "'name'"),
     (b'{"id": "a2", "name": "ping", "args": [1]}', "bad_args", "'args' must be an object"),
     (b'{"id": "a3", "name": "ping", "pad": "' + b"x" * 3000 + b'"}', "too_large", "exceeds 2048"),
+    (b'{"id": "a4", "name": "set-config", "args": {"values": {"logging.level": "debug"}}, "device_id": "dev-2"}',
+     "wrong_device", "'dev-2'"),
 ])
 def test_malformed_commands_get_error_responses(shared_link, payload, code, fragment):
     agent, fleet = shared_link

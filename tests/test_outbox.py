@@ -61,6 +61,8 @@ def test_put_pending_ack_in_order(tmp_path: Path) -> None:
             "bytes": stats.bytes,
             "last_seq": 5,
             "dropped": {"result": 0, "telemetry": 0, "event": 0},
+            "dead_lettered": 0,
+            "dead_letters": 0,
         }
 
 
@@ -198,7 +200,8 @@ def test_bound_by_count_drops_results_then_telemetry_then_events(tmp_path: Path)
         assert ob.stats().dropped == {"result": 2, "telemetry": 4, "event": 1}
         assert ob.stats().depth == 6
         # Durable when the put commits (a SIGKILL now must not lose them), not only at close().
-        assert stored_meta(path) == {"last_seq": 13, "dropped.result": 2, "dropped.telemetry": 4, "dropped.event": 1}
+        assert stored_meta(path) == {"last_seq": 13, "dropped.result": 2, "dropped.telemetry": 4, "dropped.event": 1,
+                                    "dead_lettered": 0}
     with Outbox(path, max_messages=6) as ob:  # counters and contents persist
         assert ob.stats().dropped == {"result": 2, "telemetry": 4, "event": 1}
         assert ob.stats().depth == 6
@@ -510,7 +513,7 @@ def newer_schema(path: Path) -> None:
         (lambda p: (make_outbox(p), p.write_bytes(p.read_bytes()[: 4096 * 20])), "malformed|corrupt"),
         (scribble_index, "corrupt|malformed"),
         (foreign_db, "not an outbox database"),
-        (wrong_messages_table, "no such column"),
+        (wrong_messages_table, "not an outbox database"),
         (newer_schema, "schema version 99"),
         (lambda p: p.mkdir(), "not a regular file"),
     ],
@@ -572,3 +575,65 @@ def test_throughput_figures(tmp_path: Path) -> None:
     )
     assert put_rate > 2_000
     assert read_s + ack_s < 5
+
+
+# ---------------------------------------------------------------------------- refusals and dead letters
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+                       qos INTEGER NOT NULL, retain INTEGER NOT NULL);
+CREATE INDEX messages_by_kind ON messages (kind, seq);
+INSERT INTO meta VALUES ('last_seq', 7), ('dropped.result', 3), ('dropped.telemetry', 0), ('dropped.event', 0);
+INSERT INTO messages VALUES (5, 'result', 't/r', '{"seq":5}', 1, 0), (6, 'event', 't/e', '{"seq":6}', 1, 0);
+PRAGMA user_version = 1;
+"""
+
+
+def test_schema_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A device updated from an agent with schema version 1 keeps its queue, counters and seqs."""
+    path = tmp_path / "outbox.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.close()
+    with Outbox(path) as ob:
+        assert seqs_of(ob.pending()) == [5, 6]
+        assert ob.stats().dropped["result"] == 3 and ob.stats().dead_lettered == 0
+        assert ob.put("result", "t/r", {}) == 8
+        assert ob.refuse(5, "Not authorized", max_attempts=1).dead is not None
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == outbox_module.SCHEMA_VERSION
+    conn.close()
+
+
+def test_refused_message_stays_counts_attempts_then_is_dead_lettered(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as ob:
+        seq = ob.put("result", "t/denied", {"n": 1})
+        other = ob.put("result", "t/ok", {"n": 2})
+        assert ob.refuse(seq, "Not authorized", max_attempts=3) == outbox_module.Refusal(1)
+        assert seqs_of(ob.pending()) == [seq, other], "a refused message is not deleted"
+    with Outbox(path) as ob:  # the count survives a restart
+        assert ob.refuse(seq, "Not authorized", max_attempts=3).attempts == 2
+        outcome = ob.refuse(seq, "Not authorized", max_attempts=3)
+        assert outcome.attempts == 3 and outcome.dead is not None
+        assert outcome.dead.topic == "t/denied" and orjson.loads(outcome.dead.payload) == {"seq": seq, "n": 1}
+        assert seqs_of(ob.pending()) == [other]
+        assert ob.stats().depth == 1 and ob.stats().dead_lettered == 1 and ob.stats().dead_letters == 1
+        assert ob.refuse(seq, "again", max_attempts=3) == outbox_module.Refusal(0), "unknown seq"
+        assert [d.seq for d in ob.dead_letters()] == [seq] and ob.dead_letters()[0].reason == "Not authorized"
+        assert [m.seq for m in ob.get([other, seq, 999])] == [other]
+    with Outbox(path) as ob:
+        assert ob.stats().dead_lettered == 1 and ob.stats().last_seq == other
+        assert ob.put("event", "t/e", {}) == other + 1, "a dead-lettered seq is never reused"
+
+
+def test_dead_letter_table_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_module, "DEAD_LETTER_KEEP", 5)
+    with Outbox(tmp_path / "outbox.db") as ob:
+        seqs = ob.put_many([("result", "t/denied", {"i": i}) for i in range(12)])
+        for seq in seqs:
+            ob.refuse(seq, "Not authorized", max_attempts=1)
+        assert ob.stats().dead_lettered == 12 and ob.stats().dead_letters == 5
+        assert [d.seq for d in ob.dead_letters()] == seqs[::-1][:5], "the newest are kept"
+        assert ob.stats().depth == 0 and ob.stats().bytes == 0

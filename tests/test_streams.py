@@ -321,3 +321,80 @@ def test_speech_still_going_at_end_of_file_is_closed(tmp_path, samples, broker):
     assert [e["event"] for e in events] == ["speech_start", "speech_end"], events
     assert events[-1].get("end_of_stream") is True
     assert abs(events[-1]["end"] - (1.0 + len(cut) / 16000)) < 0.1, "the segment ends with the audio"
+
+
+def _open_fifo_writer(fifo: Path) -> int | None:
+    """The FIFO's write end once the agent has its read end open (ENXIO until then)."""
+    import os
+
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    os.set_blocking(fd, True)
+    return fd
+
+
+def test_silent_fifo_is_reported_stalled_then_running_again(tmp_path, samples):
+    """A FIFO whose writer stays connected but silent is not a healthy stream: after ``stall_after_s`` it is
+    ``stalled``, with the time since its last item and an event; audio flowing again makes it ``running``."""
+    import os
+
+    fifo = tmp_path / "mic.fifo"
+    os.mkfifo(fifo)
+    install(tmp_path / "models", samples, "silero_vad")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[stream.mic]
+model = "silero_vad"
+source = {{ type = "pcm", path = "{fifo}", sample_rate = 16000 }}
+pre = {VAD_PRE}
+post = {{ type = "vad", threshold = 0.5 }}
+stall_after_s = 1.0
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+    half_second = np.zeros(8000, "<i2").tobytes()
+    fd = wait_for(lambda: _open_fifo_writer(fifo), what="the agent's read end of the FIFO")
+    try:
+        os.write(fd, half_second)
+        wait_for(lambda: (s := stream_status(daemon, "mic"))["captured"] > 0 and s["state"] == "running",
+                 what="audio flowing")
+        stalled = wait_for(lambda: (s := stream_status(daemon, "mic"))["state"] == "stalled" and s, timeout=15,
+                           what="stalled while the writer is silent")
+        assert stalled["since_last_item_s"] >= 1.0 and stalled["error"] is None
+        wait_for(lambda: any('"stream.stalled"' in line for line in daemon.log_text().splitlines()),
+                 what="the stalled log line (and event)")
+        captured = stalled["captured"]
+        os.write(fd, half_second)
+        wait_for(lambda: (s := stream_status(daemon, "mic"))["state"] == "running" and s["captured"] > captured,
+                 timeout=15, what="running again")
+        wait_for(lambda: any('"stream.resumed"' in line for line in daemon.log_text().splitlines()),
+                 what="the resumed log line")
+    finally:
+        os.close(fd)
+        assert daemon.stop() == 0
+
+
+def test_finished_stream_reports_current_rates_and_totals_apart(tmp_path, samples):
+    """Rates are current (a sliding window), so a finished stream reports 0, not its average since start; the
+    totals are reported apart."""
+    wav = speech_wav(tmp_path / "speech.wav", "one two three")
+    install(tmp_path / "models", samples, "silero_vad")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[stream.mic]
+model = "silero_vad"
+source = {{ type = "wav", path = "{wav}", realtime = false }}
+pre = {VAD_PRE}
+post = {{ type = "vad", threshold = 0.5 }}
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+    try:
+        # inferred > 0 first: until its first inference a stream's current inference rate is 0 too
+        done = wait_for(lambda: (s := stream_status(daemon, "mic"))["state"] == "ended" and s["inferred"] > 0
+                        and s["input_fps"] == 0 and s["inferred_per_s"] == 0 and s, timeout=30,
+                        what="a finished stream at rate 0")
+        assert done["captured"] >= done["inferred"] > 0, "the totals stay"
+        assert done["rate_window_s"] > 0 and done["since_last_item_s"] is not None
+    finally:
+        assert daemon.stop() == 0

@@ -183,6 +183,44 @@ async def test_too_large_is_answered_with_a_null_id(rig: Rig) -> None:
     assert rig.log.get("big") is None
 
 
+async def test_too_large_answer_carries_the_payload_digest_for_311_callers(rig: Rig) -> None:
+    """MQTT 3.1.1 has no correlation data: the caller matches the id-less answer by what it sent."""
+    import hashlib
+
+    body = orjson.dumps({"id": "big", "name": "echo", "args": {"text": "y" * MAX_BYTES}})
+    await rig.send(None, raw=body)
+    [reply] = rig.replies
+    assert reply.topic == RESPONSES and reply.correlation is None and reply.payload["id"] is None
+    error = reply.payload["error"]
+    assert error["code"] == "too_large" and error["payload_bytes"] == len(body)
+    assert error["payload_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("topic", [COMMANDS, GROUP])
+async def test_a_command_naming_another_device_is_refused(rig: Rig, topic: str) -> None:
+    await rig.send({"id": "w1", "name": "echo", "args": {"text": "hi"}, "device_id": "dev-2"}, topic=topic,
+                   response_topic="fleet/replies/1", correlation=b"c")
+    [reply] = rig.replies
+    assert (reply.topic, reply.correlation) == ("fleet/replies/1", b"c")
+    assert reply.payload["id"] == "w1" and reply.payload["ok"] is False
+    assert reply.payload["error"]["code"] == "wrong_device" and "'dev-2'" in reply.payload["error"]["message"]
+    assert rig.calls == [], "never executed"
+    assert rig.log.get("w1") is None, "not remembered: the id is still free for its real addressee"
+
+
+async def test_a_command_naming_this_device_runs(rig: Rig) -> None:
+    await rig.send({"id": "r1", "name": "ping", "device_id": DEVICE})
+    assert rig.answers()[0]["ok"] is True and rig.calls == [("ping", None)]
+
+
+@pytest.mark.parametrize("device_id", [5, "", ["dev-1"], "x" * 257])
+async def test_a_malformed_device_id_is_a_bad_request(rig: Rig, device_id: Any) -> None:
+    await rig.send({"id": "m1", "name": "ping", "device_id": device_id})
+    [reply] = rig.replies
+    assert reply.payload["error"]["code"] == "bad_request" and "'device_id'" in reply.payload["error"]["message"]
+    assert rig.calls == []
+
+
 def test_parse_keeps_the_reply_address() -> None:
     command = parse(IncomingMessage(COMMANDS, b'{"id": "c1", "name": "ping", "args": null}', "r/t", b"\x01"),
                     MAX_BYTES)
@@ -316,6 +354,50 @@ def test_command_log_is_bounded(tmp_path: Path) -> None:
         assert log.get("c") == {"id": "c", "ok": True}
     finally:
         log.close()
+
+
+def _foreign_db(path: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE answered (id TEXT, body TEXT)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda p: p.write_bytes(bytes(range(256)) * 32), "not a database"),
+    (_foreign_db, "not a command log"),
+    (lambda p: p.mkdir(), "cannot open"),
+], ids=["garbage", "other-shape", "directory"])
+def test_unusable_command_log_raises_store_error_and_is_replaced(tmp_path: Path, damage, reason: str) -> None:
+    from cloud_sync.errors import StoreError
+    from cloud_sync.stores import Quarantine, open_or_replace
+
+    path = tmp_path / "commands.db"
+    damage(path)
+    with pytest.raises(StoreError, match=reason) as info:
+        CommandLog(path)
+    assert info.value.path == str(path)
+    quarantine = Quarantine()
+    log = open_or_replace(path, "command_log", lambda: CommandLog(path), quarantine=quarantine)
+    try:
+        log.put("a", {"id": "a"})
+        assert log.get("a") == {"id": "a"}
+    finally:
+        log.close()
+    [notice] = quarantine.reported
+    assert notice.store == "command_log" and Path(notice.moved_to).name.startswith("commands.db.corrupt-")
+    assert notice.reason == info.value.reason
+
+
+def test_command_log_failing_while_running_is_logged_not_raised(tmp_path: Path) -> None:
+    log = CommandLog(tmp_path / "c.db")
+    log.put("a", {"id": "a"})
+    log._db.execute("DROP TABLE answered")  # the store breaks under the running agent
+    assert log.get("a") is None  # treated as "not answered yet"
+    log.put("b", {"id": "b"})  # logged, not raised
+    log.close()
 
 
 # -- long-running commands ---------------------------------------------------------------------------------------

@@ -108,16 +108,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     # pretty tracebacks, ~12 MB) out of a long-running process's memory.
     for module in ("rich", "pygments"):
         sys.modules.setdefault(module, None)  # type: ignore[arg-type]
-    from agent.config import load_overrides
+    from agent.config import with_overrides
     from agent.daemon import run
     from agent.logs import configure_logging
 
     flags = {"models.dir": args.models_dir, "api.socket": args.socket, "api.tcp": args.tcp,
              "agent.profile": args.profile, "logging.format": args.log_format}
     config = _load_config(args, flags)
-    remote = load_overrides(config.agent.state_dir)  # set by the fleet with set-config
-    if remote:
-        config = _load_config(args, {**remote, **{k: v for k, v in flags.items() if v is not None}})
+    configure_logging(config.logging.level, config.logging.format)  # so a discarded overrides file is logged alike
+    # set by the fleet with set-config; an unusable file is moved aside, never fatal
+    config = with_overrides(config, lambda remote: _load_config(
+        args, {**remote, **{k: v for k, v in flags.items() if v is not None}}))
     configure_logging(config.logging.level, config.logging.format)
     return run(config)
 

@@ -28,9 +28,14 @@ class Uplink:
 
     def __init__(self) -> None:
         self.link: Link | None = None
+        self.failure: str | None = None  # why a configured link could not start
 
     def attach(self, link: Link | None) -> None:
         self.link = link
+
+    def fail(self, reason: str) -> None:
+        """The link is configured but could not start: status says why (the agent runs without it)."""
+        self.failure = reason
 
     def event(self, payload: Mapping[str, Any]) -> None:
         link = self.link
@@ -49,4 +54,9 @@ class Uplink:
     def status(self) -> dict[str, Any] | None:
         """The link's statistics, or None when no link is configured."""
         link = self.link
-        return link.status() if link is not None else None
+        if link is not None:
+            return link.status()
+        if self.failure is not None:
+            return {"link": {"connected": False, "state": "unavailable", "last_error": self.failure,
+                             "last_error_code": "link_unavailable"}, "outbox": None}
+        return None

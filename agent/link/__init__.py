@@ -4,25 +4,34 @@ operations facade (``agent.link.commands``).
 
 The transport lives in ``cloud_sync``; this package only knows what the agent reports. It is
 the ``Link`` the daemon attaches to the components' event sink once it has started.
+
+A corrupt outbox or command log is moved aside and replaced by a fresh one
+(``cloud_sync.stores``); the daemon reports it as an event once the link is attached. Sending
+never raises into the caller (a stream thread, the API): a store that fails while running is
+logged and the message counted as not stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 
 from agent.config import MqttSection
 from agent.link.commands import command_specs
+from cloud_sync.errors import OutboxError
 from cloud_sync.mqtt.commands import CommandLog, Dispatcher
 from cloud_sync.mqtt.session import DeviceSession, IncomingMessage
 from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
-from cloud_sync.outbox import Outbox
+from cloud_sync.outbox import DeadLetter, Outbox
+from cloud_sync.stores import open_or_replace
 
 if TYPE_CHECKING:
     from agent.operations import Operations
@@ -40,7 +49,11 @@ def link_settings(mqtt: MqttSection, device_id: str) -> LinkSettings:
         keepalive_s=mqtt.keepalive_s, backoff_min_s=mqtt.backoff_min_s, backoff_max_s=mqtt.backoff_max_s)
     return LinkSettings(device_id=device_id, prefix=mqtt.prefix, groups=mqtt.groups,
                         max_command_bytes=mqtt.max_command_bytes, telemetry_interval_s=mqtt.telemetry_interval_s,
-                        publish_window=mqtt.publish_window, broker=broker)
+                        publish_window=mqtt.publish_window, refused_max_attempts=mqtt.refused_max_attempts,
+                        refused_backoff_s=mqtt.refused_backoff_s, broker=broker)
+
+
+DEAD_LETTER_EVENT = "outbox.dead_lettered"
 
 
 class CloudLink:
@@ -50,11 +63,20 @@ class CloudLink:
         self.ops = ops
         self.settings = link_settings(mqtt, device_id)
         state = state_dir / "cloud"
-        self.outbox = Outbox(state / "outbox.db", max_messages=mqtt.outbox_max_messages,
-                             max_bytes=mqtt.outbox_max_bytes, synchronous=mqtt.outbox_synchronous)
-        self.commands_log = CommandLog(state / "commands.db")
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.session = DeviceSession(self.settings, self.outbox, on_message=self._incoming)
+        outbox_path, log_path = state / "outbox.db", state / "commands.db"
+        self.outbox = open_or_replace(outbox_path, "outbox", lambda: Outbox(
+            outbox_path, max_messages=mqtt.outbox_max_messages, max_bytes=mqtt.outbox_max_bytes,
+            synchronous=mqtt.outbox_synchronous))
+        try:
+            self.commands_log = open_or_replace(log_path, "command_log", lambda: CommandLog(log_path))
+            self.loop: asyncio.AbstractEventLoop | None = None
+            self.session = DeviceSession(self.settings, self.outbox, on_message=self._incoming,
+                                         on_dead_letter=self._dead_letter, on_connected=self._restored)
+        except BaseException:
+            self.outbox.close()
+            raise
+        self._store_failures = 0
+        self._last_store_log = -math.inf
         topics = self.session.topics
         own = {topics.commands} | {topics.group_commands(g) for g in self.settings.groups}
         self.dispatcher = Dispatcher(command_specs(ops), self.commands_log, self._reply, self.event,
@@ -99,11 +121,36 @@ class CloudLink:
         self.session.set_birth(self.birth())
 
     def event(self, payload: Mapping[str, Any]) -> None:
-        self.session.enqueue("event", self.session.topics.events, {"ts": time.time(), **payload})
+        self._enqueue("event", self.session.topics.events, {"ts": time.time(), **payload})
 
-    def result(self, stream: str, payload: Mapping[str, Any]) -> int:
-        return self.session.enqueue("result", self.session.topics.results(stream),
-                                    {"ts": time.time(), "stream": stream, **payload})
+    def result(self, stream: str, payload: Mapping[str, Any]) -> int | None:
+        """The result's seq; -1 (``DROPPED``) when the outbox is full, None when it failed (logged)."""
+        return self._enqueue("result", self.session.topics.results(stream),
+                             {"ts": time.time(), "stream": stream, **payload})
+
+    def _enqueue(self, kind: Any, topic: str, payload: Mapping[str, Any]) -> int | None:
+        try:
+            return self.session.enqueue(kind, topic, payload)
+        except OutboxError as exc:  # a disk error while running: the caller (a stream, the API) carries on
+            self._store_failures += 1
+            now = time.monotonic()
+            if now - self._last_store_log > 5:
+                self._last_store_log = now
+                log.error("cloud.outbox_failed", reason=exc.reason, failures=self._store_failures)
+            return None
+
+    def _dead_letter(self, dead: DeadLetter) -> None:
+        """Sender thread: the broker kept refusing a message; tell the fleet (unless that was such a notice)."""
+        if dead.topic == self.session.topics.events:
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                if orjson.loads(dead.payload).get("type") == DEAD_LETTER_EVENT:
+                    return  # never a notice about a notice: refused events would feed themselves
+        self.event({"type": DEAD_LETTER_EVENT, "message_seq": dead.seq, "kind": dead.kind, "topic": dead.topic,
+                    "reason": dead.reason, "attempts": dead.attempts})
+
+    def _restored(self, outage: Mapping[str, Any]) -> None:
+        """Net thread: connected again after failed attempts or a lost connection."""
+        self.event({"type": "link.restored", **outage})
 
     def status(self) -> dict[str, Any]:
         return {"link": self.session.stats(), "outbox": self.outbox.stats().to_dict()}

@@ -33,7 +33,8 @@ def spec_from_config(name: str, section: StreamSection) -> StreamSpec:
     source["type"] = section.source.type
     return StreamSpec(name=name, source=source, model=model, version=int(version) if version else None,
                       pre=section.pre, post=section.post, policy=section.results.model_dump(),
-                      snapshot_dir=section.snapshot_dir, snapshot_max_bytes=section.snapshot_max_bytes)
+                      snapshot_dir=section.snapshot_dir, snapshot_max_bytes=section.snapshot_max_bytes,
+                      stall_after_s=section.stall_after_s)
 
 
 class StreamManager:
@@ -56,7 +57,7 @@ class StreamManager:
             known = ", ".join(sorted(self.specs)) or "none"
             raise StreamError(f"no stream '{name}' in the config (streams: {known})")
         running = self.streams.get(name)
-        if running is not None and running.state in ("starting", "running", "reconnecting"):
+        if running is not None and running.state in ("starting", "running", "stalled", "reconnecting"):
             raise StreamError(f"stream '{name}' is already running")
         self._loop = asyncio.get_running_loop()
         stream = Stream(spec, self.models, self._emit, self.sink.event)

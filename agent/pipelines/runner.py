@@ -5,6 +5,11 @@ so results are never stale; audio is queued in order and an overflow is counted 
 reported, never silent. The model is looked up for every item, so a deployment's swap
 switches a running stream to the new version without stopping it; pre/post-processing is
 rebuilt only if the new version declares different processing.
+
+A source that is open but delivers nothing (a FIFO whose writer went quiet, a camera that
+froze) is reported ``stalled`` after ``stall_after_s``, with the time since its last item, and
+an event; rates (``input_fps``, ``inferred_per_s``) are current, over a sliding window, and the
+totals (``captured``, ``inferred``) are reported apart.
 """
 
 from __future__ import annotations
@@ -46,6 +51,14 @@ class StreamSpec:
     snapshot_dir: Path | None = None
     snapshot_max_bytes: int = 50 * 1024 * 1024
     audio_queue_s: float = 10.0
+    stall_after_s: float = 10.0
+
+    def stall_threshold(self) -> float:
+        """``stall_after_s``, but never less than three periods of a source paced slower than that (``fps``)."""
+        fps = self.source.get("fps")
+        if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0:
+            return max(self.stall_after_s, 3.0 / fps)
+        return self.stall_after_s
 
 
 def processing_specs(served: ServedModel, spec: StreamSpec) -> tuple[dict[str, Any], dict[str, Any], list[str] | None]:
@@ -72,11 +85,59 @@ def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
 
+RATE_WINDOW_S = 10  # rates are over the last 10 s: a current rate, not an average since start
+
+
+class RateMeter:
+    """Events per second over the last ``window_s`` seconds, in one-second buckets. Thread-safe.
+
+    The window starts no earlier than the meter did, so a stream two seconds old reports its
+    two-second rate; a source that stopped delivering decays to 0 within the window.
+    """
+
+    def __init__(self, window_s: int = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = max(int(window_s), 1)
+        self.clock = clock
+        self.started = clock()
+        self._buckets = [0] * self.window
+        self._head = int(self.started)  # the second the newest bucket counts
+        self._lock = threading.Lock()
+
+    def _advance(self, second: int) -> None:
+        if second <= self._head:
+            return
+        for s in range(max(self._head + 1, second - self.window + 1), second + 1):
+            self._buckets[s % self.window] = 0
+        self._head = second
+
+    def mark(self, n: int = 1) -> None:
+        now = self.clock()
+        with self._lock:
+            self._advance(int(now))
+            self._buckets[int(now) % self.window] += n
+
+    def rate(self) -> float:
+        now = self.clock()
+        with self._lock:
+            self._advance(int(now))
+            count = sum(self._buckets)
+        window_start = max(int(now) - self.window + 1, self.started)
+        span = now - window_start
+        return count / span if span > 1e-3 else 0.0
+
+
 class StreamMetrics:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.captured = 0
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.captured = 0  # totals since the stream started
         self.inferred = 0
+        self.capture_rate = RateMeter(clock=clock)
+        self.infer_rate = RateMeter(clock=clock)
+        self.last_item_at: float | None = None  # monotonic time of the last item the source delivered
+        self.opened_at: float | None = None  # ... and of the last (re)open of the source
+        self.capturing = False  # the capture thread is reading (False once the source ended or failed for good)
+        self.processing = False
         self.dropped_frames = 0
         self.audio_overflow_samples = 0
         self.results = 0
@@ -86,12 +147,32 @@ class StreamMetrics:
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
 
+    def item(self) -> None:
+        """The source delivered an item (capture thread)."""
+        self.captured += 1
+        self.capture_rate.mark()
+        self.last_item_at = self.clock()
+
+    def idle_for(self) -> float | None:
+        """Seconds since the last item, or since the source was (re)opened if that is later; None before it opened."""
+        marks = [t for t in (self.last_item_at, self.opened_at) if t is not None]
+        return self.clock() - max(marks) if marks else None
+
+    def since_last_item(self) -> float | None:
+        """Seconds since the last item (since the source opened when it never delivered one)."""
+        at = self.last_item_at if self.last_item_at is not None else self.opened_at
+        return self.clock() - at if at is not None else None
+
     def to_dict(self) -> dict[str, Any]:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
         recent = list(self.ages)  # one C-level copy: the stream thread appends meanwhile
         ages = np.asarray(recent) * 1e3 if recent else None
+        since = self.since_last_item()
         return {
-            "input_fps": round(self.captured / elapsed, 2), "inferred_per_s": round(self.inferred / elapsed, 2),
+            # current rates over the last RATE_WINDOW_S; 0 once the thread that counts them is done
+            "input_fps": round(self.capture_rate.rate(), 2) if self.capturing else 0.0,
+            "inferred_per_s": round(self.infer_rate.rate(), 2) if self.processing else 0.0,
+            "rate_window_s": RATE_WINDOW_S,
+            "since_last_item_s": round(since, 3) if since is not None else None,
             "captured": self.captured, "inferred": self.inferred, "dropped_frames": self.dropped_frames,
             "audio_overflow_samples": self.audio_overflow_samples, "results": self.results, "errors": self.errors,
             "reconnects": self.reconnects,
@@ -136,10 +217,13 @@ class Stream:
         self._reset = False
         self._threads: list[threading.Thread] = []
         self._source: Source | None = None
+        self._waiting_for_room = False  # backpressure: the capture thread waits for the model, not the source
+        self._stall_reported = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self._running.set()
+        self.metrics.capturing = self.metrics.processing = True  # until each thread ends
         self._threads = [threading.Thread(target=self._capture, name=f"capture-{self.spec.name}", daemon=True),
                          threading.Thread(target=self._process, name=f"stream-{self.spec.name}", daemon=True)]
         for thread in self._threads:
@@ -156,9 +240,18 @@ class Stream:
         self.state = "stopped" if self.state != "ended" else "ended"
         log.info("stream.stopped", stream=self.spec.name, **self.metrics.to_dict())
 
+    def stalled(self) -> bool:
+        """Open, not waiting for the model, and no item for longer than the stall threshold."""
+        idle = self.metrics.idle_for()
+        return (self.state in ("running", "stalled") and not self._waiting_for_room and idle is not None
+                and idle > self.spec.stall_threshold())
+
     def status(self) -> dict[str, Any]:
         served = self._served
-        return {"name": self.spec.name, "state": self.state, "error": self.error,
+        state = self.state
+        if state in ("running", "stalled"):  # computed here too: a source stuck in a blocking read cannot say so
+            state = "stalled" if self.stalled() else "running"
+        return {"name": self.spec.name, "state": state, "error": self.error,
                 "model": f"{served.name}@{served.version}" if served else self.spec.model,
                 "source": self.spec.source, **self.metrics.to_dict()}
 
@@ -173,12 +266,18 @@ class Stream:
                 source = self._source = create_source(self.spec.source)
                 source.shrink_to = self._shrink_to()
                 source.open()
+                self.metrics.opened_at = self.metrics.clock()
                 self._reset = True  # a reopened source starts over: fresh buffers and model state
                 self.state, self.error, backoff = "running", None, 0.5
                 while self._running.is_set():
                     item = source.read(0.5)
                     if item is not None:
+                        self.metrics.item()
+                        if self._stall_reported:
+                            self._stall_ended()
                         self._put(item)
+                    elif not self._stall_reported and self.stalled():
+                        self._stall_began()
             except SourceEnded:
                 self.state = "ended"
                 break
@@ -196,19 +295,42 @@ class Stream:
             finally:
                 if source is not None:
                     source.close()
+                if self._stall_reported:
+                    self._stall_ended()
+        self.metrics.capturing = False
         with self._lock:
             self._capture_done = True
             self._lock.notify_all()
 
+    def _stall_began(self) -> None:
+        self._stall_reported = True
+        self.state = "stalled"
+        since = self.metrics.since_last_item()
+        log.warning("stream.stalled", stream=self.spec.name, since_last_item_s=round(since or 0.0, 3),
+                    stall_after_s=self.spec.stall_threshold())
+        self.event({"type": "stream.stalled", "stream": self.spec.name,
+                    "since_last_item_s": round(since or 0.0, 3)})
+
+    def _stall_ended(self) -> None:
+        self._stall_reported = False
+        if self.state == "stalled":
+            self.state = "running"
+        log.info("stream.resumed", stream=self.spec.name)
+        self.event({"type": "stream.resumed", "stream": self.spec.name})
+
     def _put(self, item: Item) -> None:
-        self.metrics.captured += 1
         with self._lock:
             if self.backpressure:  # a file read as fast as possible: wait for room, lose nothing
                 room = (lambda: self._frame is None) if isinstance(item, Frame) else (
                     lambda: not self._audio or self._audio_samples + len(item.samples)
                     <= self.spec.audio_queue_s * item.sample_rate)
-                while not room() and self._running.is_set():
-                    self._lock.wait(0.1)
+                self._waiting_for_room = True
+                try:
+                    while not room() and self._running.is_set():
+                        self._lock.wait(0.1)
+                finally:
+                    self._waiting_for_room = False
+                    self.metrics.last_item_at = self.metrics.clock()  # idle time counts from the hand-over
             if isinstance(item, Frame):
                 if self._frame is not None:
                     self.metrics.dropped_frames += 1  # never process a stale frame
@@ -262,6 +384,12 @@ class Stream:
         return getattr(self._pre, "target_size", None)
 
     def _process(self) -> None:
+        try:
+            self._process_items()
+        finally:
+            self.metrics.processing = False
+
+    def _process_items(self) -> None:
         last_error = 0.0
         while self._running.is_set():
             item = self._take(0.0 if self._inflight else 0.5)
@@ -329,6 +457,7 @@ class Stream:
 
     def _finish(self, served: ServedModel, item: Item, prepared: Prepared, outputs: Mapping[str, np.ndarray]) -> None:
         self.metrics.inferred += 1
+        self.metrics.infer_rate.mark()
         self._last_item = item
         result = self._post(outputs, prepared.meta)
         if result is not None and self.policy.allow(result):

@@ -1,6 +1,7 @@
 """Commands from the fleet: parse and validate, run each id at most once, answer exactly once.
 
 Parsing is pure; the dispatcher owns idempotency (a bounded, persisted log of answered ids),
+the addressee check (a payload naming another ``device_id`` is refused ``wrong_device``),
 the reply address (MQTT 5 response topic + correlation data, else ``.../responses``) and the
 one mapping from errors to a response's ``error.code``: an ``EdgeError`` answers with its own
 stable ``code``, anything else is a bug and answers ``internal``. Arguments are validated once,
@@ -11,6 +12,7 @@ once and a final response when done.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import threading
 import time
@@ -23,7 +25,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from cloud_sync.errors import CommandError, EdgeError
+from cloud_sync.errors import CommandError, EdgeError, StoreError
 from cloud_sync.mqtt.session import IncomingMessage
 
 log = structlog.get_logger(__name__)
@@ -37,6 +39,7 @@ class Command:
     topic: str
     reply_topic: str | None
     correlation: bytes | None
+    device_id: str | None = None  # the addressee the payload names, if it names one
 
 
 Handler = Callable[[Command, Any], Awaitable[Any]]  # (command, its validated args model or None)
@@ -64,11 +67,14 @@ def parse(message: IncomingMessage, max_bytes: int) -> Command:
         raise CommandError("bad_request", "'id' must be a non-empty string of at most 128 characters")
     if not isinstance(name, str) or not name:
         raise CommandError("bad_request", "'name' must be a non-empty string")
+    device_id = body.get("device_id")
+    if device_id is not None and (not isinstance(device_id, str) or not device_id or len(device_id) > 256):
+        raise CommandError("bad_request", "'device_id' must be a non-empty string of at most 256 characters")
     if args is None:
         args = {}
     if not isinstance(args, dict):
         raise CommandError("bad_args", "'args' must be an object")
-    return Command(cid, name, args, message.topic, message.response_topic, message.correlation)
+    return Command(cid, name, args, message.topic, message.response_topic, message.correlation, device_id)
 
 
 def peek_id(payload: bytes) -> str | None:
@@ -95,28 +101,75 @@ def validate_args(spec: Spec, command: Command) -> BaseModel | None:
         raise CommandError("bad_args", f"args.{where}: {reason}") from None
 
 
+_ANSWERED_COLUMNS = ["id", "response", "at"]
+
+
 class CommandLog:
-    """Answered command ids with their final response: bounded, persisted in SQLite."""
+    """Answered command ids with their final response: bounded, persisted in SQLite.
+
+    Losing it costs only idempotency for the ids it held, so after opening, a read or write
+    that fails is logged and treated as "not answered" / "not stored", never raised.
+    """
 
     def __init__(self, path: Path, keep: int = 1000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, response BLOB, at REAL)")
+        """Open (or create) the log at ``path``.
+
+        Raises:
+            StoreError: the file is not a command log, is corrupt or cannot be opened; it is left
+                untouched (``cloud_sync.stores.open_or_replace`` moves it aside).
+        """
+        where = str(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create directory: {exc}", path=where, store="command log") from exc
+        try:
+            self._db = sqlite3.connect(where, check_same_thread=False, isolation_level=None, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open: {exc}", path=where, store="command log") from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+            if names - {"answered"}:
+                raise StoreError(f"not a command log (has {sorted(names - {'answered'})})", path=where,
+                                 store="command log")
+            self._db.execute("CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, response BLOB, at REAL)")
+            columns = [r[1] for r in self._db.execute("PRAGMA table_info(answered)")]
+            if columns != _ANSWERED_COLUMNS:
+                raise StoreError(f"not a command log (answered has columns {columns})", path=where,
+                                 store="command log")
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StoreError(f"corrupt database: {'; '.join(problems)}", path=where, store="command log")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"unreadable or corrupt database: {exc}", path=where, store="command log") from exc
+        except StoreError:
+            self._db.close()
+            raise
+        self.path = path
         self._lock = threading.Lock()
         self.keep = keep
 
     def get(self, cid: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute("SELECT response FROM answered WHERE id = ?", (cid,)).fetchone()
-        return orjson.loads(row[0]) if row else None
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT response FROM answered WHERE id = ?", (cid,)).fetchone()
+            response = orjson.loads(row[0]) if row else None
+        except (sqlite3.Error, orjson.JSONDecodeError, TypeError) as exc:
+            log.error("command_log.read_failed", path=str(self.path), id=cid, reason=str(exc))
+            return None
+        return response if isinstance(response, dict) else None
 
     def put(self, cid: str, response: Mapping[str, Any]) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?, ?)",
-                             (cid, orjson.dumps(response), time.time()))
-            self._db.execute("DELETE FROM answered WHERE id NOT IN "
-                             "(SELECT id FROM answered ORDER BY at DESC LIMIT ?)", (self.keep,))
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?, ?)",
+                                 (cid, orjson.dumps(response), time.time()))
+                self._db.execute("DELETE FROM answered WHERE id NOT IN "
+                                 "(SELECT id FROM answered ORDER BY at DESC LIMIT ?)", (self.keep,))
+        except sqlite3.Error as exc:
+            log.error("command_log.write_failed", path=str(self.path), id=cid, reason=str(exc))
 
     def close(self) -> None:
         with self._lock:
@@ -157,10 +210,28 @@ class Dispatcher:
         try:
             command = parse(message, self.max_bytes)
         except CommandError as exc:
-            cid = peek_id(message.payload) if len(message.payload) <= self.max_bytes else None
+            error: dict[str, Any] = exc.to_dict()
+            if exc.code == "too_large":
+                # The payload is not read, so the answer cannot name the id: MQTT 3.1.1 callers (no
+                # correlation data) match it by the SHA-256 and size of what they sent.
+                cid = None
+                error.update(payload_bytes=len(message.payload),
+                             payload_sha256=hashlib.sha256(message.payload).hexdigest())
+            else:
+                cid = peek_id(message.payload)
             log.warning("command.rejected", topic=message.topic, id=cid, code=exc.code, reason=exc.message)
             self._answer(None, message.response_topic, message.correlation,
-                         {"id": cid, "ok": False, "error": exc.to_dict(), "status": "done"})
+                         {"id": cid, "ok": False, "error": error, "status": "done"})
+            return
+        if command.device_id is not None and command.device_id != self.device_id:
+            # Delivered to this device's (or a group's) topic but addressed to someone else: a misrouted
+            # or replayed command is never executed here.
+            log.warning("command.rejected", topic=message.topic, id=command.id, code="wrong_device",
+                        addressee=command.device_id[:128])
+            error = CommandError("wrong_device", f"command addressed to device '{command.device_id[:128]}', "
+                                                 f"this is '{self.device_id}'").to_dict()
+            self._answer(command, command.reply_topic, command.correlation,
+                         {"id": command.id, "ok": False, "error": error, "status": "done"})
             return
         await self._dispatch(command)
 

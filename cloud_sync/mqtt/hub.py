@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
-from cloud_sync.mqtt.session import IDLE_WAIT_S, DeviceSession, SenderState, backoff, connect
+from cloud_sync.mqtt.session import IDLE_WAIT_S, DeviceSession, SenderState, backoff
 
 log = structlog.get_logger(__name__)
 
@@ -272,7 +272,7 @@ class SessionHub:
         """On a connector thread: TCP/TLS handshake and CONNECT queued; the hub takes it from there."""
         error: Exception | None = None
         try:
-            connect(slot.session.client, slot.session.broker)
+            slot.session.connect_once()
         except (OSError, ssl.SSLError, ValueError) as exc:
             error = exc
         with self._lock:
@@ -289,7 +289,7 @@ class SessionHub:
             return
         if error is not None:
             self.connect_failures += 1
-            session.last_error = f"connect failed: {error}"
+            session.connect_failed(error)
             self._retry(slot, after_connected=False)
             return
         self.connects += 1

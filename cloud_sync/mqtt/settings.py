@@ -58,4 +58,8 @@ class LinkSettings:
     max_command_bytes: int = 256 * 1024
     telemetry_interval_s: float = 60.0
     publish_window: int = 100  # QoS 1 messages in flight before waiting for PUBACKs
+    # A publish the broker refuses (MQTT 5 PUBACK reason >= 0x80, e.g. an ACL denial) is retried after
+    # refused_backoff_s, doubling up to the broker's backoff_max_s; at the last attempt it is dead-lettered.
+    refused_max_attempts: int = 5
+    refused_backoff_s: float = 1.0
     broker: BrokerSettings = field(default_factory=BrokerSettings)
