@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster for the fleet-service tests, and the ``db_url`` fixture.
 
 ``pg_server`` (session) runs Debian's ``initdb``/``pg_ctl`` in a fresh directory under /tmp on a
-free loopback port, with its Unix socket in that directory, and stops and deletes it at the end.
+free loopback port, with its Unix socket in that directory, and stops and deletes it at the end
+(:func:`pg_cluster`, which the benchmarks use too).
 ``initdb`` refuses to run as root, so as root every command runs as the ``postgres`` user that the
 ``postgresql`` package creates (``runuser -u postgres --``), in a directory that user owns.
 
@@ -13,6 +14,7 @@ machine without the package (``scripts/test`` installs it).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -46,6 +48,16 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
+    @contextlib.contextmanager
+    def database(self, prefix: str = "t") -> Iterator[str]:
+        """A new, empty database (its URL), dropped on exit."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        self.admin(f"CREATE DATABASE {name}")
+        try:
+            yield self.url(name)
+        finally:
+            self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     def admin(self, sql: str) -> None:
         import psycopg
 
@@ -58,10 +70,20 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    if os.environ.get("EDGE_TEST_NO_POSTGRES"):
-        pytest.skip("EDGE_TEST_NO_POSTGRES is set")
+#: The test cluster trades durability for speed; ``pg_cluster(durable=True)`` keeps fsync (benchmarks).
+FAST = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+#: Durable storage, commits not waiting for their WAL flush: the guarantee of SQLite's WAL with
+#: ``synchronous=NORMAL`` (a power cut may lose the last commits, never corrupt the database).
+DURABLE = "-c synchronous_commit=off"
+
+
+@contextlib.contextmanager
+def pg_cluster(*, durable: bool = False) -> Iterator[PgServer]:
+    """A new cluster in a temp dir on a free loopback port, stopped and deleted on exit.
+
+    Raises:
+        RuntimeError: PostgreSQL is not installed or did not start (with its log).
+    """
     bindir = pg_bin()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql, or run scripts/test)")
@@ -74,8 +96,8 @@ def pg_server() -> Iterator[PgServer]:
     try:
         subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", user, "-E",
                                      "UTF8", "--locale=C", "--no-sync"]), check=True, capture_output=True)
-        options = (f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories={root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        options = (f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories={root} "
+                   f"{DURABLE if durable else FAST} -c max_connections=200")
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(logfile), "-o", options,
                                      "-w", "-t", "30", "start"]), check=True, capture_output=True)
     except subprocess.CalledProcessError as exc:
@@ -90,6 +112,14 @@ def pg_server() -> Iterator[PgServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    if os.environ.get("EDGE_TEST_NO_POSTGRES"):
+        pytest.skip("EDGE_TEST_NO_POSTGRES is set")
+    with pg_cluster() as server:
+        yield server
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database on each backend: ``sqlite:///...`` or ``postgresql://...``."""
@@ -97,9 +127,5 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
     server: PgServer = request.getfixturevalue("pg_server")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    server.admin(f"CREATE DATABASE {name}")
-    try:
-        yield server.url(name)
-    finally:
-        server.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with server.database() as url:
+        yield url

@@ -119,6 +119,60 @@ def test_state_updates_the_device_and_its_groups_and_models(db: Database) -> Non
     assert others == 1  # the payload's device_id claimed nothing
 
 
+def statements(db: Database, batch: list) -> int:
+    """How many statements ``Store.write_batch`` sends to the database for ``batch``."""
+    sent: list[str] = []
+
+    def count_one(_conn, _cursor, statement, *_args) -> None:
+        sent.append(statement)
+
+    sa.event.listen(db.engine, "before_cursor_execute", count_one)
+    try:
+        Store(db).write_batch(batch, time.time())
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", count_one)
+    return len(sent)
+
+
+def test_a_batch_of_late_seqs_and_states_costs_the_same_statements_for_10_or_100_devices(db: Database) -> None:
+    # With several instances on a shared subscription each one gets every other message of a device, so most
+    # batches fill gaps of most devices, and every instance writes every device's state (births come with each
+    # telemetry sample). A statement or five per device, under the devices' row locks, made two instances on
+    # PostgreSQL wait on each other: a 1,000-device rollout took 43-165 s instead of 20 (bench/fleet.py).
+    counts = {}
+    for n in (10, 100):
+        devices = [f"dev-{n}-{i:03d}" for i in range(n)]
+        statements(db, [r for d in devices for r in results(d, 1, 3, 5)])  # opens gaps 2 and 4
+        births = [rec(f"devices/{d}/state", {"online": True, "agent_version": "1.2.0", "groups": ["lab", d],
+                                            "models": [{"name": "faces", "version": 3}], "health": {"cpu": i}})
+                  for i, d in enumerate(devices)]
+        counts[n] = statements(db, [*births, *(r for d in devices for r in results(d, 4, 2))])
+        assert all(gaps_of(db, d) == [] for d in devices)
+        with db.read() as conn:
+            rows = conn.execute(sa.select(s.devices.c.id, s.devices.c.health, s.devices.c.max_seq)
+                                .where(s.devices.c.id.in_(devices)).order_by(s.devices.c.id)).all()
+            groups = conn.execute(sa.select(s.device_groups.c.device_id, s.device_groups.c.group)
+                                  .where(s.device_groups.c.device_id.in_(devices))).all()
+            served = conn.execute(sa.select(sa.func.count()).select_from(s.device_models)
+                                  .where(s.device_models.c.device_id.in_(devices))).scalar_one()
+        assert [(r.health, r.max_seq) for r in rows] == [({"cpu": i}, 5) for i in range(n)]
+        assert sorted(groups) == sorted([(d, "lab") for d in devices] + [(d, d) for d in devices])
+        assert served == n
+    assert counts[100] == counts[10]
+    # the Last Will leaves out what it does not say (health stays a JSON object, not null), next to a birth
+    store = Store(db)
+    store.write_batch([rec("devices/dev-10-000/state", {"online": False}),
+                       rec("devices/dev-10-001/state", {"online": True, "groups": [], "models": []})], time.time())
+    with db.read() as conn:
+        will, birth = conn.execute(sa.select(s.devices.c.online, s.devices.c.health, s.devices.c.agent_version)
+                                   .where(s.devices.c.id.in_(["dev-10-000", "dev-10-001"]))
+                                   .order_by(s.devices.c.id)).all()
+        left = conn.execute(sa.select(sa.func.count()).select_from(s.device_groups)
+                            .where(s.device_groups.c.device_id == "dev-10-001")).scalar_one()
+    assert tuple(will) == (False, {"cpu": 0}, "1.2.0")
+    assert tuple(birth) == (True, {"cpu": 1}, "1.2.0") and left == 0
+
+
 def test_counters_without_rows_create_the_device(db: Database) -> None:
     counters = DeviceCounters()
     counters.rejected["dev-x"] = 2

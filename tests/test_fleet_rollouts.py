@@ -164,6 +164,23 @@ def test_a_killed_service_resumes_the_rollout_without_redeploying(fleet_factory,
     assert fleet.sim.counters.deploys_committed == 8
 
 
+def test_a_wave_larger_than_the_send_cap_goes_out_over_several_ticks(fleet_factory) -> None:
+    # A tick renews the lease: sending a 25,000-device wave in one took longer than the lease (bench/fleet.py).
+    fleet = fleet_factory(install_time_s=0.5)
+    fleet.runner = RolloutRunner(fleet.db, fleet.ctx.commands, "fleet-1", resend_s=1.0, send_max=3)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="8")  # one wave of 8
+    fleet.runner.tick()
+    first = fleet.rollouts.get(dep["id"])
+    assert first["counts"]["pending"] == 5
+    assert [d["device_id"] for d in first["devices"] if d["status"] != "pending"] == ["sim-0000", "sim-0001",
+                                                                                      "sim-0002"]
+    fleet.runner.tick()
+    assert fleet.rollouts.get(dep["id"])["counts"]["pending"] == 2
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 8
+    assert fleet.sim.counters.commands == 8  # each device ran its deploy once
+
+
 def test_a_command_that_may_not_have_gone_out_is_sent_again_with_the_same_id(fleet_factory) -> None:
     fleet = fleet_factory(devices=2)
     dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="2")

@@ -40,6 +40,9 @@ FINAL = ("succeeded", "failed", "timeout", "skipped")
 IN_FLIGHT = ("sending", "sent", "accepted")
 LEASE_S = 15.0
 RESEND_S = 30.0
+#: Deploy commands sent per deployment per tick: a tick renews the lease, and sending a 25,000-device wave at
+#: once took longer than the lease (45 s on a busy 2-vCPU machine), which would let another instance take over.
+SEND_MAX = 2000
 
 
 def command_id(deployment_id: str, device_id: str) -> str:
@@ -224,9 +227,10 @@ class RolloutRunner:
     """Drives the running deployments this instance holds the lease of; ``tick()`` is one pass."""
 
     def __init__(self, db: Database, commands: CommandService, owner: str, *, clock: Any = time.time,
-                 lease_s: float = LEASE_S, resend_s: float = RESEND_S) -> None:
+                 lease_s: float = LEASE_S, resend_s: float = RESEND_S, send_max: int = SEND_MAX) -> None:
         self.db = db
         self.resend_s = resend_s
+        self.send_max = send_max
         self.commands = commands
         self.owner = owner
         self.clock = clock
@@ -297,8 +301,10 @@ class RolloutRunner:
         # with a dead instance's session). A device answers a known id from its log, it does not run it again.
         to_send = [dev for dev, status in wave.items() if status == "pending" or (
             status in IN_FLIGHT and (fresh or sent_at[dev] is None or now - sent_at[dev] > self.resend_s))]
+        # at most send_max per tick (devices not contacted yet first); the rest go in the next ticks
+        to_send = sorted(to_send, key=lambda dev: (wave[dev] != "pending", dev))[:self.send_max]
         if to_send and self.commands.ingestor.connected:
-            for dev in self._send(dep, sorted(to_send)):
+            for dev in self._send(dep, to_send):
                 if wave[dev] in ("pending", "sending"):
                     wave[dev] = "sent"
         if now > started + dep.wave_timeout_s:

@@ -22,6 +22,11 @@ from cloud_sync.fleet.server.db import Database
 from cloud_sync.fleet.server.messages import Record, ResponseRecord, SeqRecord, StateRecord
 
 Range = tuple[int, int]
+#: Devices per gap lookup (an OR of per-device seq ranges; SQLite parses a chain of ORs as a tree at most
+#: 1,000 deep).
+FILL_LOOKUP_DEVICES = 100
+#: A JSON parameter whose None is SQL NULL (the column type writes None as JSON ``null``), for COALESCE.
+_JSON_OR_NULL = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 
 def open_gaps(max_seq: int, new_seqs: Iterable[int], *, first_contact: bool) -> tuple[list[Range], int]:
@@ -109,8 +114,8 @@ class Store:
                            and (r.device_id, r.seq) in new and isinstance(r.payload.get("id"), str)]
             if completions:
                 self._complete_commands(conn, completions, now, out)
-            for state in states.values():
-                self._apply_state(conn, state, now)
+            if states:
+                self._apply_states(conn, [states[d] for d in sorted(states)], now)
             if responses:
                 self._store_responses(conn, responses, now, out)
         return out
@@ -156,6 +161,7 @@ class Store:
                     latest_telemetry[r.device_id] = r
         gap_rows: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
+        fills: dict[str, list[int]] = {}
         for device_id in sorted(touched):
             row = current[device_id]
             seqs = new_by_device.get(device_id, [])
@@ -163,15 +169,17 @@ class Store:
             opened, new_max = open_gaps(max_seq, seqs, first_contact=max_seq == 0 and row.stored == 0)
             gap_rows += [{"device_id": device_id, "first_seq": a, "last_seq": b, "detected_at": now} for a, b in opened]
             out.gaps_opened += len(opened)
-            fills = [q for q in seqs if q <= max_seq]
-            if fills:
-                out.gaps_filled += self._fill(conn, device_id, fills)
+            late = [q for q in seqs if q <= max_seq]
+            if late:
+                fills[device_id] = late
             out.stored += len(seqs)
             duplicates = seen_by_device.get(device_id, 0) - len(seqs)
             out.duplicates += duplicates
             updates.append({"b_id": device_id, "b_max": new_max, "b_seen": now, "b_stored": len(seqs),
                             "b_dup": duplicates, "b_rej": counters.rejected.get(device_id, 0),
                             "b_drop": counters.dropped.get(device_id, 0)})
+        if fills:
+            out.gaps_filled += self._fill(conn, fills)
         if gap_rows:
             conn.execute(sa.insert(s.gaps), gap_rows)
         conn.execute(sa.update(d).where(d.c.id == sa.bindparam("b_id")).values(
@@ -184,46 +192,72 @@ class Store:
             conn.execute(sa.update(d).where(d.c.id == sa.bindparam("b_id")).values(
                 telemetry=sa.bindparam("b_t", type_=s.Json), telemetry_ts=sa.bindparam("b_ts")), tele)
 
-    def _fill(self, conn: sa.Connection, device_id: str, seqs: list[int]) -> int:
-        """Shrink or split the device's gaps that ``seqs`` fall in; returns how many seqs filled one."""
+    def _fill(self, conn: sa.Connection, fills: dict[str, list[int]]) -> int:
+        """Shrink or split the gaps that late seqs (``fills``: device -> seqs at or below its max_seq) fall in;
+        returns how many seqs filled one.
+
+        A few statements per batch whatever the number of devices: with several instances on a shared
+        subscription each gets every other message of a device, so most batches fill gaps of most devices,
+        and all of it runs under the devices' row locks, which the other instances are waiting for.
+        """
         g = s.gaps
-        rows = conn.execute(sa.select(g.c.id, g.c.first_seq, g.c.last_seq, g.c.detected_at).where(
-            g.c.device_id == device_id, g.c.first_seq <= max(seqs), g.c.last_seq >= min(seqs))).all()
+        devices = sorted(fills)
+        found: list[Any] = []
+        for i in range(0, len(devices), FILL_LOOKUP_DEVICES):
+            ranges = [sa.and_(g.c.device_id == dev, g.c.first_seq <= max(fills[dev]), g.c.last_seq >= min(fills[dev]))
+                      for dev in devices[i:i + FILL_LOOKUP_DEVICES]]
+            found += conn.execute(sa.select(g.c.id, g.c.device_id, g.c.first_seq, g.c.last_seq, g.c.detected_at)
+                                  .where(sa.or_(*ranges))).all()
         filled = 0
-        for row in rows:
-            inside = [q for q in seqs if row.first_seq <= q <= row.last_seq]
+        stale: list[int] = []
+        rest: list[dict[str, Any]] = []
+        for row in found:
+            inside = [q for q in fills[row.device_id] if row.first_seq <= q <= row.last_seq]
             if not inside:
                 continue
             filled += len(set(inside))
-            conn.execute(sa.delete(g).where(g.c.id == row.id))
-            rest = fill_gaps([(row.first_seq, row.last_seq)], inside)
-            if rest:
-                conn.execute(sa.insert(g), [{"device_id": device_id, "first_seq": a, "last_seq": b,
-                                             "detected_at": row.detected_at} for a, b in rest])
+            stale.append(row.id)
+            rest += [{"device_id": row.device_id, "first_seq": a, "last_seq": b, "detected_at": row.detected_at}
+                     for a, b in fill_gaps([(row.first_seq, row.last_seq)], inside)]
+        if stale:
+            conn.execute(sa.delete(g).where(g.c.id.in_(stale)))
+        if rest:
+            conn.execute(sa.insert(g), rest)
         return filled
 
-    def _apply_state(self, conn: sa.Connection, record: StateRecord, now: float) -> None:
-        st = record.state
-        values: dict[str, Any] = {"online": st.online, "state": record.payload, "state_at": now}
-        if st.online:  # an offline state may be the broker speaking (Last Will), not the device
-            values["last_seen"] = now
-        for key in ("agent_version", "profile", "health", "started_at"):
-            value = getattr(st, key)
-            if value is not None:
-                values[key] = value
-        conn.execute(sa.update(s.devices).where(s.devices.c.id == record.device_id).values(**values))
-        if st.groups is not None:
-            conn.execute(sa.delete(s.device_groups).where(s.device_groups.c.device_id == record.device_id))
-            if st.groups:
-                conn.execute(sa.insert(s.device_groups),
-                             [{"device_id": record.device_id, "group": g} for g in sorted(set(st.groups))])
-        if st.models is not None:
-            conn.execute(sa.delete(s.device_models).where(s.device_models.c.device_id == record.device_id))
-            models = {(m.name, m.version): m for m in st.models}
-            if models:
-                conn.execute(sa.insert(s.device_models), [
-                    {"device_id": record.device_id, "name": m.name, "version": m.version, "runtime": m.runtime,
-                     "delegate": m.delegate} for m in models.values()])
+    def _apply_states(self, conn: sa.Connection, records: Sequence[StateRecord], now: float) -> None:
+        """Each device's last state of the batch, in five statements whatever the number of devices: every
+        instance writes every state (the state topic is not shared) and devices republish it with each
+        telemetry sample. A field the state leaves out keeps its value (the Last Will has none)."""
+        d, g, m = s.devices, s.device_groups, s.device_models
+        conn.execute(sa.update(d).where(d.c.id == sa.bindparam("b_id")).values(
+            online=sa.bindparam("b_online"), state=sa.bindparam("b_state", type_=s.Json), state_at=now,
+            # an offline state may be the broker speaking (Last Will), not the device: last_seen stays
+            last_seen=sa.func.coalesce(sa.bindparam("b_seen", type_=s.Time), d.c.last_seen),
+            agent_version=sa.func.coalesce(sa.bindparam("b_version", type_=sa.String()), d.c.agent_version),
+            profile=sa.func.coalesce(sa.bindparam("b_profile", type_=sa.String()), d.c.profile),
+            health=sa.func.coalesce(sa.bindparam("b_health", type_=_JSON_OR_NULL), d.c.health),
+            started_at=sa.func.coalesce(sa.bindparam("b_started", type_=s.Time), d.c.started_at)), [
+            {"b_id": r.device_id, "b_online": r.state.online, "b_state": r.payload,
+             "b_seen": now if r.state.online else None, "b_version": r.state.agent_version,
+             "b_profile": r.state.profile, "b_health": r.state.health, "b_started": r.state.started_at}
+            for r in records])
+        grouped = [r for r in records if r.state.groups is not None]
+        if grouped:
+            conn.execute(sa.delete(g).where(g.c.device_id.in_([r.device_id for r in grouped])))
+            members = [{"device_id": r.device_id, "group": name}
+                       for r in grouped for name in sorted(set(r.state.groups or ()))]
+            if members:
+                conn.execute(sa.insert(g), members)
+        listed = [r for r in records if r.state.models is not None]
+        if listed:
+            conn.execute(sa.delete(m).where(m.c.device_id.in_([r.device_id for r in listed])))
+            served: list[dict[str, Any]] = [
+                {"device_id": r.device_id, "name": x.name, "version": x.version, "runtime": x.runtime,
+                 "delegate": x.delegate}
+                for r in listed for x in {(x.name, x.version): x for x in r.state.models or ()}.values()]
+            if served:
+                conn.execute(sa.insert(m), served)
 
     def _complete_commands(self, conn: sa.Connection, events: Sequence[SeqRecord], now: float,
                            out: BatchOutcome) -> None:
