@@ -1,0 +1,150 @@
+"""Live updates: Server-Sent Events that tell a page which of its parts changed, so it refetches them.
+
+The database is the only thing every instance shares, so change is detected there: each page kind
+has parts, each part a cheap *signature* query (index seeks, a few aggregates over one deployment or
+the devices table) whose value changes when what the part shows does. A stream polls its page's
+signatures every ``interval`` seconds (identical polls from several viewers of one page within
+``interval / 2`` share one query) and sends ``event: <part>`` when a signature differs from the one
+the page was rendered with (its ``d`` parameter, so nothing between render and connect is lost),
+at most once per part per ``min_gap``: a busy fleet refreshes the devices table once a second, not
+a thousand times. Streams end when the service stops (``closing``) or the browser goes away;
+``EventSource`` reconnects by itself. The number of open streams is capped (503 beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from cloud_sync.fleet.server import schema as s
+from cloud_sync.fleet.server.console import views
+from cloud_sync.fleet.server.db import Database
+
+Signature = Callable[[sa.Connection, str], Any]
+
+
+@dataclass(frozen=True)
+class Part:
+    signature: Signature
+    min_gap: float  # seconds between two events of this part
+
+
+def _overview(conn: sa.Connection, _key: str) -> Any:
+    d, t = s.devices, s.deployments
+    return (tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(d.c.last_seen), sa.func.max(d.c.state_at),
+                                         sa.func.sum(sa.case((d.c.online, 1), else_=0)))).one()),
+            conn.execute(sa.select(sa.func.max(t.c.updated_at))).scalar(),
+            conn.execute(sa.select(sa.func.max(s.gaps.c.id))).scalar())
+
+
+def _devices(conn: sa.Connection, _key: str) -> Any:
+    d = s.devices
+    row = conn.execute(sa.select(sa.func.count(), sa.func.max(d.c.last_seen), sa.func.max(d.c.state_at))).one()
+    return tuple(row)
+
+
+def _device(conn: sa.Connection, key: str) -> Any:
+    d = s.devices
+    row = conn.execute(sa.select(d.c.online, d.c.state_at, d.c.last_seen).where(d.c.id == key)).first()
+    return tuple(row) if row else None
+
+
+def _telemetry(conn: sa.Connection, key: str) -> Any:
+    return conn.execute(sa.select(s.devices.c.telemetry_ts).where(s.devices.c.id == key)).scalar()
+
+
+def _events(conn: sa.Connection, key: str) -> Any:
+    e = s.events
+    return conn.execute(sa.select(sa.func.max(e.c.id)).where(e.c.device_id == key)).scalar()
+
+
+def _deployments(conn: sa.Connection, _key: str) -> Any:
+    t = s.deployments
+    return tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(t.c.updated_at))).one())
+
+
+PAGES: dict[str, dict[str, Part]] = {
+    "overview": {"overview": Part(_overview, 2.0)},
+    "devices": {"devices": Part(_devices, 1.0)},
+    "device": {"device": Part(_device, 1.0), "telemetry": Part(_telemetry, 2.0), "events": Part(_events, 0.0),
+               "results": Part(views.results_signature, 0.0)},
+    "deployments": {"deployments": Part(_deployments, 1.0)},
+    "rollout": {"rollout": Part(views.rollout_signature, 0.0)},
+}
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def encode_digests(digests: Mapping[str, str]) -> str:
+    return ",".join(f"{k}:{v}" for k, v in digests.items())
+
+
+def decode_digests(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.split(",")[:16]:
+        key, _, value = item.partition(":")
+        out[key] = value
+    return out
+
+
+class LiveFeed:
+    """Signatures with a short shared cache, and the event streams built on them."""
+
+    def __init__(self, db: Database, *, interval: float = 0.25, max_streams: int = 200,
+                 closing: threading.Event | None = None) -> None:
+        self.db = db
+        self.interval = interval
+        self.max_streams = max_streams
+        self.closing = closing or threading.Event()
+        self.streams = 0
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+
+    def digests(self, page: str, key: str) -> dict[str, str]:
+        """Current signature digests of a page's parts (blocking: a thread). Unknown page: {}."""
+        parts = PAGES.get(page, {})
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get((page, key))
+            if hit is not None and now - hit[0] < self.interval / 2:
+                return hit[1]
+        with self.db.read() as conn:
+            values = {name: digest(part.signature(conn, key)) for name, part in parts.items()}
+        with self._lock:
+            if len(self._cache) > 1000:
+                self._cache.clear()
+            self._cache[(page, key)] = (now, values)
+        return values
+
+    async def stream(self, page: str, key: str, seen: Mapping[str, str],
+                     disconnected: Callable[[], Any]) -> AsyncIterator[str]:
+        """The SSE body: ``retry``, then an event per changed part, a comment every 15 s as keep-alive."""
+        parts = PAGES[page]
+        sent: dict[str, str] = dict(seen)
+        last_event = dict.fromkeys(parts, 0.0)
+        quiet_since = time.monotonic()
+        yield "retry: 1000\n\n"
+        while not self.closing.is_set():
+            if await disconnected():
+                return
+            current = await asyncio.to_thread(self.digests, page, key)
+            now = time.monotonic()
+            for name, value in current.items():
+                if sent.get(name) != value and now - last_event[name] >= parts[name].min_gap:
+                    sent[name] = value
+                    last_event[name] = now
+                    quiet_since = now
+                    yield f"event: {name}\ndata: {value}\n\n"
+            if now - quiet_since > 15:
+                quiet_since = now
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(self.interval)
