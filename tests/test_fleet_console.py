@@ -267,17 +267,17 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
                                             "payload": {"model": "vad", "version": v, "error": e}}
                                            for d, q, t, v, e in events])
     assert feed.digests("rollout", dep["id"]) != before
-    dep = rollouts.get(dep["id"])
+    dep = rollouts.get(dep["id"], with_devices=False)
     with db.read() as conn:
-        view = views.rollout_view(dep, views.install_states(conn, dep))
-    states = {d["device_id"]: (d["state"], (d["error"] or {}).get("code")) for w in view["wave_devices"] for d in w}
+        view = views.rollout_view(dep, views.rollout_states(conn, dep))
+    states = {d.device_id: (d.state, d.code) for w in view["wave_devices"] for d in w}
     assert states == {"dev-000": ("committed", None), "dev-001": ("failed", "test_vectors_failed"),
                       "dev-002": ("pending", None)}
-    assert [len(w) for w in view["wave_devices"]] == [1, 2]
-    assert views.device_state({"status": "timeout", "error": {"code": "timeout"}}, {"step": "downloading", "ts": 1,
-                                                                                   "error": None})["state"] == "timeout"
-    assert views.device_state({"status": "succeeded", "error": None}, {"step": "health", "ts": 1,
-                                                                        "error": None})["state"] == "committed"
+    assert [len(w) for w in view["wave_devices"]] == [1, 2] and view["tally"] == {"committed": 1, "failed": 1,
+                                                                                   "pending": 1}
+    assert views.shown_state("timeout", "downloading") == "timeout"  # the rollout gave up on it
+    assert views.shown_state("succeeded", "health") == "committed"  # the final answer came before the event
+    assert views.shown_state("sent", None) == "sent" and views.shown_state("sent", "verified") == "verified"
 
 
 def test_series_reads_thinned_samples(db: Database) -> None:

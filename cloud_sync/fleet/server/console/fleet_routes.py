@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_sync.fleet.server import queries
 from cloud_sync.fleet.server.console import live, series, views
-from cloud_sync.fleet.server.console.web import SECURITY_HEADERS, Con, Console, PostingOperator, User
+from cloud_sync.fleet.server.console.web import SECURITY_HEADERS, Con, Console, PostingOperator, User, json_response
 from cloud_sync.fleet.server.errors import BrokerUnavailableError, FleetServerError, RequestError
 
 router = APIRouter(include_in_schema=False)
@@ -120,12 +120,12 @@ def device_commands_fragment(console: Con, request: Request, _user: User, device
 
 
 @router.get("/ui/devices/{device_id}/series")
-def device_series(console: Con, _user: User, device_id: str,
+def device_series(console: Con, request: Request, _user: User, device_id: str,
                   range: Annotated[str, Query(max_length=8)] = series.DEFAULT_RANGE) -> Response:
     with console.ctx.db.read() as conn:
         queries.get_device(conn, device_id)
         data = series.series(conn, device_id, range, time.time())
-    return Response(orjson.dumps(data), media_type="application/json", headers=SECURITY_HEADERS)
+    return json_response(request, data)
 
 
 @router.post("/devices/{device_id}/command")
@@ -155,7 +155,7 @@ async def run_command(console: Con, request: Request, user: PostingOperator, dev
         return console.render(request, "command_result.html", status=exc.status, device_id=device_id, result=None,
                               error=exc)
     if wants_json:
-        return Response(orjson.dumps(result), media_type="application/json", headers=SECURITY_HEADERS)
+        return json_response(request, result)
     return console.render(request, "command_result.html", device_id=device_id, result=result, error=None)
 
 

@@ -268,41 +268,71 @@ def last_status(conn: sa.Connection, device_id: str) -> dict[str, Any] | None:
 _SHOWN = {"succeeded": "committed", "failed": "failed", "timeout": "timeout", "skipped": "skipped"}
 
 
-def install_states(conn: sa.Connection, dep: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each device's newest install event of this deployment's model and version since it was created."""
+@dataclass(frozen=True)
+class DeviceState:
+    """One row of a rollout page: the device's newest install step, or the rollout's own verdict."""
+
+    device_id: str
+    wave: int
+    state: str
+    code: str | None  # error code, when there is one
+    message: str | None
+    ts: float | None  # when the shown state was reached (device clock for steps)
+
+    def compact(self) -> list[Any]:
+        return [self.device_id, self.state, self.code, self.message, self.ts]
+
+
+def shown_state(status: str, step: str | None) -> str:
+    """The newest install step (``downloading`` ... ``committed``); the rollout's verdict when the device said
+    nothing (pending, sent, timeout, skipped) or the verdict is final and the device's last step is not."""
+    if status in FINAL and step not in DEPLOY_FINAL:
+        return _SHOWN[status]
+    return step or status
+
+
+def _error(value: Any) -> tuple[str | None, str | None]:
+    if not isinstance(value, dict):
+        return None, None
+    code, message = value.get("code"), value.get("message")
+    return (str(code) if code is not None else None), (str(message)[:300] if message is not None else None)
+
+
+def rollout_states(conn: sa.Connection, dep: Mapping[str, Any]) -> list[DeviceState]:
+    """Every device of the deployment with what its page row shows, in one query: the deployment's devices
+    joined with each one's newest install event of this model and version since the deployment began."""
     e, dd = s.events, s.deployment_devices
-    newest = (sa.select(sa.func.max(e.c.id).label("id"))
+    # ids grow with arrival: the events since the deployment began are those from the first one that arrived
+    # after it (one seek on received_at), so each device's index range starts there, not at its first event
+    first = sa.select(sa.func.min(e.c.id)).where(e.c.received_at >= dep["created_at"]).scalar_subquery()
+    newest = (sa.select(e.c.device_id, sa.func.max(e.c.id).label("id"))
               .join(dd, sa.and_(dd.c.device_id == e.c.device_id, dd.c.deployment_id == dep["id"]))
-              .where(e.c.type.in_(DEPLOY_TYPES), e.c.received_at >= dep["created_at"],
+              .where(e.c.id >= first, e.c.type.in_(DEPLOY_TYPES), e.c.received_at >= dep["created_at"],
                      e.c.payload["model"].as_string() == dep["model"],
                      e.c.payload["version"].as_integer() == int(dep["version"]))
               .group_by(e.c.device_id).subquery())
-    rows = conn.execute(sa.select(e.c.device_id, e.c.type, e.c.ts, e.c.payload).join(newest, newest.c.id == e.c.id))
-    return {r.device_id: {"step": r.type.removeprefix("deploy."), "ts": r.ts,
-                          "error": (r.payload or {}).get("error")} for r in rows}
+    rows = conn.execute(
+        sa.select(dd.c.device_id, dd.c.wave, dd.c.status, dd.c.error, dd.c.sent_at, dd.c.finished_at, e.c.type, e.c.ts,
+                  e.c.payload["error"].label("event_error"))
+        .select_from(dd.outerjoin(newest, newest.c.device_id == dd.c.device_id).outerjoin(e, e.c.id == newest.c.id))
+        .where(dd.c.deployment_id == dep["id"]).order_by(dd.c.wave, dd.c.device_id))
+    out = []
+    for device_id, wave, status, dd_error, sent_at, finished_at, kind, ts, event_error in rows:
+        step = kind.removeprefix("deploy.") if kind else None
+        state = shown_state(status, step)
+        code, message = _error(event_error) if event_error else _error(dd_error)
+        when = ts if step is not None and state == step else (finished_at or sent_at)
+        out.append(DeviceState(device_id, int(wave), state, code, message, when))
+    return out
 
 
-def device_state(device: Mapping[str, Any], event: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What the rollout page shows for a device: its newest install step, or the rollout's own verdict when
-    the device said nothing (pending, sent, timeout, skipped) or the verdict is newer than its last step."""
-    status = device["status"]
-    step = event["step"] if event else None
-    state = step or status
-    if status in FINAL and step not in DEPLOY_FINAL:
-        state = _SHOWN[status]
-    error = (event or {}).get("error") or device.get("error")
-    return {"state": state, "step": step, "status": status,
-            "error": error if isinstance(error, dict) else None, "ts": (event or {}).get("ts")}
-
-
-def rollout_view(dep: dict[str, Any], states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The deployment with its devices grouped by wave, each with its state; the reason it stopped."""
-    waves: list[list[dict[str, Any]]] = [[] for _ in range(int(dep["waves"]))]
+def rollout_view(dep: dict[str, Any], states: list[DeviceState]) -> dict[str, Any]:
+    """The deployment with its devices grouped by wave, and a tally of the states shown."""
+    waves: list[list[DeviceState]] = [[] for _ in range(int(dep["waves"]))]
     tally: dict[str, int] = {}
-    for dev in dep.get("devices") or []:
-        shown = {**dev, **device_state(dev, states.get(dev["device_id"]))}
-        waves[int(dev["wave"])].append(shown)
-        tally[shown["state"]] = tally.get(shown["state"], 0) + 1
+    for st in states:
+        waves[st.wave].append(st)
+        tally[st.state] = tally.get(st.state, 0) + 1
     return {**dep, "wave_devices": waves, "tally": dict(sorted(tally.items()))}
 
 

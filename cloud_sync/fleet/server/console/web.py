@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import jinja2
 import orjson
 from fastapi import Depends, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from cloud_sync.fleet.server.auth import Role
 from cloud_sync.fleet.server.console.sessions import COOKIE, ConsoleUser, SessionStore, same_secret
@@ -123,11 +123,20 @@ class Console:
         user: ConsoleUser | None = getattr(request.state, "console_user", None)
         html = self.env.get_template(name).render(request=request, user=user, now=time.time(),
                                                   uploads=self.catalogue.enabled, path=request.url.path, **values)
-        headers = dict(SECURITY_HEADERS)
-        started = getattr(request.state, "console_t0", None)
-        if started is not None:
-            headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
-        return HTMLResponse(html, status_code=status, headers=headers)
+        return HTMLResponse(html, status_code=status, headers=timed(request))
+
+
+def timed(request: Request, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The security headers, with ``Server-Timing`` since the login check when there was one."""
+    out = {**SECURITY_HEADERS, **(headers or {})}
+    started = getattr(request.state, "console_t0", None)
+    if started is not None:
+        out["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+    return out
+
+
+def json_response(request: Request, body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=timed(request))
 
 
 def get_console(request: Request) -> Console:

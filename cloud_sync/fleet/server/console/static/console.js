@@ -123,6 +123,71 @@
     load();
   }
 
+  // -- rollout page: the head is replaced, device rows are patched in place (1,000 rows stay cheap) ---------------
+  function ago(ts) {
+    if (!ts) return "\u2013";
+    const s = Math.max(0, Date.now() / 1000 - ts);
+    if (s >= 86400) return Math.floor(s / 86400) + " d ago";
+    if (s >= 3600) return Math.floor(s / 3600) + " h ago";
+    if (s >= 60) return Math.floor(s / 60) + " min ago";
+    return Math.floor(s) + " s ago";
+  }
+  function rollout() {
+    const box = document.getElementById("rollout");
+    if (!box) return;
+    const rows = new Map();
+    box.querySelectorAll("tr[data-device]").forEach((tr) => rows.set(tr.dataset.device, tr));
+    let busy = false, again = false;
+    async function load() {
+      if (busy) { again = true; return; }
+      busy = true;
+      try {
+        const response = await fetch(box.dataset.rollout, { credentials: "same-origin" });
+        if (response.status === 401) { toLogin(); return; }
+        if (!response.ok) return;
+        const body = await response.json();
+        document.getElementById("rollout-head-box").innerHTML = body.head;
+        for (const [id, state, code, message, ts] of body.devices) {
+          const tr = rows.get(id);
+          if (!tr) continue;
+          const cells = tr.cells;
+          if (tr.dataset.state !== state) {
+            tr.dataset.state = state;
+            const chip = cells[1].firstElementChild;
+            chip.className = "state state-" + state;
+            chip.textContent = state;
+          }
+          const error = cells[2];
+          if ((error.dataset.code || "") !== (code || "") || (error.dataset.message || "") !== (message || "")) {
+            error.dataset.code = code || "";
+            error.dataset.message = message || "";
+            error.textContent = "";
+            if (code || message) {
+              const c = document.createElement("code");
+              c.className = "error-code";
+              c.textContent = code || "";
+              const m = document.createElement("span");
+              m.className = "muted";
+              m.textContent = " " + (message || "").slice(0, 120);
+              error.append(c, m);
+            }
+          }
+          cells[3].dataset.ts = ts || "";
+          cells[3].textContent = ago(ts);
+        }
+        box.querySelectorAll("section[data-wave]").forEach((section) => {
+          section.classList.toggle("current", body.status === "running" && Number(section.dataset.wave) === body.current_wave + 1);
+        });
+        api.refreshed.rollout = (api.refreshed.rollout || 0) + 1;
+      } catch (_) { /* the next event tries again */ }
+      finally {
+        busy = false;
+        if (again) { again = false; load(); }
+      }
+    }
+    on("rollout", load);
+  }
+
   // -- command runner -------------------------------------------------------------------------------------------
   function commands() {
     const form = document.getElementById("command-form");
@@ -237,6 +302,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     login();
     plots();
+    rollout();
     commands();
     upload();
     live();
