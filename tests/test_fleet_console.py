@@ -368,3 +368,67 @@ def test_catalogue_lists_signed_bundles_with_their_test_vectors(tmp_path: Path, 
         assert [name for name, _ in listing.by_name()] == ["vad"]
     finally:
         env.close()
+
+
+def test_results_show_a_snapshot_only_when_it_is_an_image(console: Console) -> None:
+    now = time.time()
+    jpeg = "data:image/jpeg;base64,/9j/4AAQSkZJRg=="
+    with console.db.write() as conn:
+        conn.execute(sa.insert(s.devices), [{"id": "cam-1", "online": True, "first_seen": now, "last_seen": now}])
+        conn.execute(sa.insert(s.results), [
+            {"device_id": "cam-1", "seq": 1, "ts": now, "received_at": now, "stream": "door", "model": "faces@1",
+             "payload": {"snapshot": jpeg, "detections": [{"score": 0.9}]}},
+            {"device_id": "cam-1", "seq": 2, "ts": now, "received_at": now, "stream": "yard", "model": "faces@1",
+             "payload": {"snapshot": "data:text/html;base64,PHNjcmlwdD4=", "detections": []}}])
+    c = console.login("viewer")
+    html = c.get("/ui/devices/cam-1/results").text
+    assert f'src="{jpeg}"' in html and "data:text/html" not in html
+    assert 'data-stream="door"' in html and 'detections=[{&#34;score&#34;:0.9}]' in html
+
+
+def test_the_server_stops_promptly_with_live_views_open(tmp_path: Path, broker: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    database = Database(db)
+    database.migrate()
+    token = TokenStore(database).create("viewer", "v")[0]
+    database.dispose()
+    env = dict(os.environ, STATE_DIRECTORY=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_sync.fleet.cli", "server", "--broker", broker.url, "--db", db,
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=(tmp_path / "server.log").open("w"), text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        line = proc.stdout.readline()
+        assert line.startswith("edge-fleet server: console at http://127.0.0.1:"), line
+        base = line.split()[4].rstrip("/")
+        client = httpx.Client(base_url=base, timeout=10)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        assert client.post("/login", data={"csrf": csrf, "token": token}).status_code == 303
+        opened = threading.Event()
+        ended: list[str] = []
+
+        def watch() -> None:
+            with client.stream("GET", "/ui/live", params={"page": "devices"}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                opened.set()
+                ended.extend(r.iter_text())
+
+        reader = threading.Thread(target=watch, daemon=True)
+        reader.start()
+        assert opened.wait(10)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert time.monotonic() - started < 10  # the stream ended with the service, not at uvicorn's patience
+        reader.join(5)
+        assert ended and ended[0].startswith("retry:")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

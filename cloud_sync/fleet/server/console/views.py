@@ -72,7 +72,7 @@ def overview(conn: sa.Connection, now: float | None = None) -> dict[str, Any]:
 def results_since(conn: sa.Connection, since: float) -> int:
     """Results that arrived since ``since``: two index seeks (ids grow with arrival), not a count."""
     r = s.results
-    first = conn.execute(sa.select(sa.func.min(r.c.id)).where(r.c.received_at >= since)).scalar()
+    first = conn.execute(sa.select(r.c.id).where(r.c.received_at >= since).order_by(r.c.received_at).limit(1)).scalar()
     if first is None:
         return 0
     return int(conn.execute(sa.select(sa.func.max(r.c.id))).scalar_one()) - int(first) + 1
@@ -304,7 +304,8 @@ def rollout_states(conn: sa.Connection, dep: Mapping[str, Any]) -> list[DeviceSt
     e, dd = s.events, s.deployment_devices
     # ids grow with arrival: the events since the deployment began are those from the first one that arrived
     # after it (one seek on received_at), so each device's index range starts there, not at its first event
-    first = sa.select(sa.func.min(e.c.id)).where(e.c.received_at >= dep["created_at"]).scalar_subquery()
+    first = (sa.select(e.c.id).where(e.c.received_at >= dep["created_at"]).order_by(e.c.received_at).limit(1)
+             .scalar_subquery())
     newest = (sa.select(e.c.device_id, sa.func.max(e.c.id).label("id"))
               .join(dd, sa.and_(dd.c.device_id == e.c.device_id, dd.c.deployment_id == dep["id"]))
               .where(e.c.id >= first, e.c.type.in_(DEPLOY_TYPES), e.c.received_at >= dep["created_at"],
