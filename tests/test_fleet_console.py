@@ -21,9 +21,10 @@ from cloud_sync.fleet.server import schema as s
 from cloud_sync.fleet.server.api import create_app
 from cloud_sync.fleet.server.auth import TokenStore
 from cloud_sync.fleet.server.config import load_settings
-from cloud_sync.fleet.server.console import console_url, live, login_link, mount, series, views
+from cloud_sync.fleet.server.console import console_url, installs, live, login_link, mount, series, views
 from cloud_sync.fleet.server.console.auth_routes import safe_next
 from cloud_sync.fleet.server.console.catalogue import Catalogue
+from cloud_sync.fleet.server.console.installs import InstallTracker
 from cloud_sync.fleet.server.console.sessions import COOKIE, SessionStore
 from cloud_sync.fleet.server.context import ServerContext
 from cloud_sync.fleet.server.db import Database
@@ -237,7 +238,7 @@ def test_latest_results_per_stream_and_signatures(db: Database) -> None:
         conn.execute(sa.insert(s.results), [{"device_id": "dev-001", "seq": q, "ts": q, "received_at": q,
                                              "stream": "cam" if q % 2 else "mic", "payload": {"q": q}}
                                             for q in range(1, 21)])
-    feed = live.LiveFeed(db, interval=0.0)
+    feed = live.LiveFeed(db, interval=0.0, min_gap=0.0)
     before = feed.digests("device", "dev-001")
     with db.read() as conn:
         latest = views.latest_results(conn, "dev-001", per_stream=3)
@@ -256,7 +257,7 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
     rollouts = Rollouts(db)
     dep = rollouts.create(model="vad", version=2, devices=["dev-000", "dev-001", "dev-002"], canary="1",
                           wave_size="2", created_by="t")
-    feed = live.LiveFeed(db, interval=0.0)
+    feed = live.LiveFeed(db, interval=0.0, min_gap=0.0)
     before = feed.digests("rollout", dep["id"])
     now = time.time() + 1
     events = [("dev-000", 1, "deploy.downloading", 2, None), ("dev-000", 2, "deploy.committed", 2, None),
@@ -268,13 +269,22 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
                                            for d, q, t, v, e in events])
     assert feed.digests("rollout", dep["id"]) != before
     dep = rollouts.get(dep["id"], with_devices=False)
+    tracker = InstallTracker(overlap_s=5.0, rescan_s=3600)
     with db.read() as conn:
-        view = views.rollout_view(dep, views.rollout_states(conn, dep))
+        view = views.rollout_view(dep, views.rollout_states(conn, dep, tracker.newest(conn, dep)))
     states = {d.device_id: (d.state, d.code) for w in view["wave_devices"] for d in w}
     assert states == {"dev-000": ("committed", None), "dev-001": ("failed", "test_vectors_failed"),
                       "dev-002": ("pending", None)}
     assert [len(w) for w in view["wave_devices"]] == [1, 2] and view["tally"] == {"committed": 1, "failed": 1,
                                                                                    "pending": 1}
+    # the tracker reads only what arrived since its last look (with an overlap), and keeps the newest
+    with db.write() as conn:
+        conn.execute(sa.insert(s.events), [{"device_id": "dev-002", "seq": 9, "ts": now + 9, "received_at": now + 9,
+                                            "type": "deploy.verified", "payload": {"model": "vad", "version": 2}}])
+    with db.read() as conn:
+        again = {st.device_id: st.state for st in views.rollout_states(conn, dep, tracker.newest(conn, dep))}
+        assert again == {"dev-000": "committed", "dev-001": "failed", "dev-002": "verified"}
+        assert [i.event_id for i in installs.read_installs(conn, dep, now + 5)] == [5]  # only what is new
     assert views.shown_state("timeout", "downloading") == "timeout"  # the rollout gave up on it
     assert views.shown_state("succeeded", "health") == "committed"  # the final answer came before the event
     assert views.shown_state("sent", None) == "sent" and views.shown_state("sent", "verified") == "verified"
@@ -317,7 +327,7 @@ def test_series_arithmetic() -> None:
 
 def test_live_stream_names_changed_parts_once(db: Database) -> None:
     _fleet(db, 1)
-    feed = live.LiveFeed(db, interval=0.01)
+    feed = live.LiveFeed(db, interval=0.01, min_gap=0.0)
     seen = feed.digests("devices", "")
 
     async def run() -> list[str]:
@@ -432,3 +442,23 @@ def test_the_server_stops_promptly_with_live_views_open(tmp_path: Path, broker: 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_poke_makes_streams_look_at_once(db: Database) -> None:
+    _fleet(db, 1)
+    feed = live.LiveFeed(db, interval=30.0, min_gap=0.0)  # polling alone would take 30 s
+
+    async def run() -> list[str]:
+        stream = feed.stream("device", "dev-000", feed.digests("device", "dev-000"), _never)
+        assert await stream.__anext__() == "retry: 1000\n\n"
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.1)  # the stream has looked once and waits
+        with db.write() as conn:
+            conn.execute(sa.insert(s.events), [{"device_id": "dev-000", "seq": 1, "ts": 1.0, "received_at": 1.0,
+                                                "type": "x", "payload": {}}])
+        feed.poke()  # what the ingestor does after each batch it stores
+        first = await asyncio.wait_for(waiting, 5)
+        await stream.aclose()
+        return [first]
+
+    assert asyncio.run(run()) == [f"event: events\ndata: {feed.digests('device', 'dev-000')['events']}\n\n"]

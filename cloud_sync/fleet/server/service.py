@@ -187,7 +187,8 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         assert ctx.ingestor is not None
         tls = settings.tls
         app = create_app(ctx, extra=uploads)
-        mount_console(app, ctx, publish=publish, closing=ctx.closing)
+        console = mount_console(app, ctx, publish=publish, closing=ctx.closing)
+        ctx.ingestor.on_stored = console.live.poke  # live views look at once instead of at their next poll
         config = uvicorn.Config(app, log_config=None, access_log=settings.api.access_log,
                                 lifespan="off", server_header=False, timeout_keep_alive=5,
                                 limit_concurrency=settings.api.max_connections,

@@ -117,7 +117,7 @@ async def start(console: Con, request: Request, user: PostingOperator) -> Respon
 def _rollout(console: Console, dep_id: str) -> dict[str, Any]:
     dep = console.ctx.rollouts.get(dep_id, with_devices=False)
     with console.ctx.db.read() as conn:
-        return views.rollout_view(dep, views.rollout_states(conn, dep))
+        return views.rollout_view(dep, views.rollout_states(conn, dep, console.installs.newest(conn, dep)))
 
 
 @router.get("/deployments/{dep_id}")

@@ -2,9 +2,10 @@
 
 The database is the only thing every instance shares, so change is detected there: each page kind
 has parts, each part a cheap *signature* query (index seeks, a few aggregates over one deployment or
-the devices table) whose value changes when what the part shows does. A stream polls its page's
-signatures every ``interval`` seconds (identical polls from several viewers of one page within
-``interval / 2`` share one query) and sends ``event: <part>`` when a signature differs from the one
+the devices table) whose value changes when what the part shows does. A stream looks at its page's
+signatures as soon as this instance's ingestion commits a batch (:meth:`LiveFeed.poke`), and every
+``interval`` seconds anyway for what other instances and the rollout runner change (viewers of one
+page looking within ``min_gap / 2`` share one query), and sends ``event: <part>`` when a signature differs from the one
 the page was rendered with (its ``d`` parameter, so nothing between render and connect is lost),
 at most once per part per ``min_gap``: a busy fleet refreshes the devices table once a second, not
 a thousand times. Streams end when the service stops (``closing``) or the browser goes away;
@@ -14,10 +15,11 @@ a thousand times. Streams end when the service stops (``closing``) or the browse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,51 +102,80 @@ class LiveFeed:
     """Signatures with a short shared cache, and the event streams built on them."""
 
     def __init__(self, db: Database, *, interval: float = 0.25, max_streams: int = 200,
-                 closing: threading.Event | None = None) -> None:
+                 closing: threading.Event | None = None, min_gap: float = 0.05) -> None:
         self.db = db
         self.interval = interval
+        self.min_gap = min_gap  # between two looks of one stream, however often it is poked
         self.max_streams = max_streams
         self.closing = closing or threading.Event()
         self.streams = 0
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._wakers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
-    def digests(self, page: str, key: str) -> dict[str, str]:
-        """Current signature digests of a page's parts (blocking: a thread). Unknown page: {}."""
+    def poke(self) -> None:
+        """Something was stored (any thread): every stream looks now rather than at its next poll. Changes
+        stored by other instances are still seen by polling."""
+        for loop, event in list(self._wakers):
+            with contextlib.suppress(RuntimeError):  # that loop is closing
+                loop.call_soon_threadsafe(event.set)
+
+    def digests(self, page: str, key: str, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Current signature digests of a page's parts (all, or ``names``); blocking: call from a thread.
+        Viewers of one page within ``min_gap / 2`` share one query per part. Unknown page: {}."""
         parts = PAGES.get(page, {})
+        wanted = [n for n in (parts if names is None else names) if n in parts]
         now = time.monotonic()
+        out: dict[str, str] = {}
         with self._lock:
-            hit = self._cache.get((page, key))
-            if hit is not None and now - hit[0] < self.interval / 2:
-                return hit[1]
-        with self.db.read() as conn:
-            values = {name: digest(part.signature(conn, key)) for name, part in parts.items()}
-        with self._lock:
-            if len(self._cache) > 1000:
-                self._cache.clear()
-            self._cache[(page, key)] = (now, values)
-        return values
+            for name in wanted:
+                hit = self._cache.get((page, key, name))
+                if hit is not None and now - hit[0] < self.min_gap / 2:
+                    out[name] = hit[1]
+        missing = [n for n in wanted if n not in out]
+        if missing:
+            with self.db.read() as conn:
+                fresh = {name: digest(parts[name].signature(conn, key)) for name in missing}
+            with self._lock:
+                if len(self._cache) > 5000:
+                    self._cache.clear()
+                for name, value in fresh.items():
+                    self._cache[(page, key, name)] = (now, value)
+            out.update(fresh)
+        return out
 
     async def stream(self, page: str, key: str, seen: Mapping[str, str],
                      disconnected: Callable[[], Any]) -> AsyncIterator[str]:
-        """The SSE body: ``retry``, then an event per changed part, a comment every 15 s as keep-alive."""
+        """The SSE body: ``retry``, then an event per changed part, a comment every 15 s as keep-alive.
+        A part is looked at only when its ``min_gap`` since its last event has passed."""
         parts = PAGES[page]
         sent: dict[str, str] = dict(seen)
         last_event = dict.fromkeys(parts, 0.0)
-        quiet_since = time.monotonic()
-        yield "retry: 1000\n\n"
-        while not self.closing.is_set():
-            if await disconnected():
-                return
-            current = await asyncio.to_thread(self.digests, page, key)
-            now = time.monotonic()
-            for name, value in current.items():
-                if sent.get(name) != value and now - last_event[name] >= parts[name].min_gap:
-                    sent[name] = value
-                    last_event[name] = now
+        quiet_since = last_look = time.monotonic()
+        wake = asyncio.Event()
+        entry = (asyncio.get_running_loop(), wake)
+        self._wakers.add(entry)
+        try:
+            yield "retry: 1000\n\n"
+            while not self.closing.is_set():
+                if await disconnected():
+                    return
+                now = time.monotonic()
+                due = [name for name, part in parts.items() if now - last_event[name] >= part.min_gap]
+                current = await asyncio.to_thread(self.digests, page, key, due) if due else {}
+                last_look = now = time.monotonic()
+                for name, value in current.items():
+                    if sent.get(name) != value:
+                        sent[name] = value
+                        last_event[name] = now
+                        quiet_since = now
+                        yield f"event: {name}\ndata: {value}\n\n"
+                if now - quiet_since > 15:
                     quiet_since = now
-                    yield f"event: {name}\ndata: {value}\n\n"
-            if now - quiet_since > 15:
-                quiet_since = now
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(self.interval)
+                    yield ": keep-alive\n\n"
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.interval)
+                await asyncio.sleep(max(0.0, last_look + self.min_gap - time.monotonic()))
+        finally:
+            self._wakers.discard(entry)

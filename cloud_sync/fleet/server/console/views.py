@@ -298,31 +298,30 @@ def _error(value: Any) -> tuple[str | None, str | None]:
     return (str(code) if code is not None else None), (str(message)[:300] if message is not None else None)
 
 
-def rollout_states(conn: sa.Connection, dep: Mapping[str, Any]) -> list[DeviceState]:
-    """Every device of the deployment with what its page row shows, in one query: the deployment's devices
-    joined with each one's newest install event of this model and version since the deployment began."""
-    e, dd = s.events, s.deployment_devices
-    # ids grow with arrival: the events since the deployment began are those from the first one that arrived
-    # after it (one seek on received_at), so each device's index range starts there, not at its first event
-    first = (sa.select(e.c.id).where(e.c.received_at >= dep["created_at"]).order_by(e.c.received_at).limit(1)
-             .scalar_subquery())
-    newest = (sa.select(e.c.device_id, sa.func.max(e.c.id).label("id"))
-              .join(dd, sa.and_(dd.c.device_id == e.c.device_id, dd.c.deployment_id == dep["id"]))
-              .where(e.c.id >= first, e.c.type.in_(DEPLOY_TYPES), e.c.received_at >= dep["created_at"],
-                     e.c.payload["model"].as_string() == dep["model"],
-                     e.c.payload["version"].as_integer() == int(dep["version"]))
-              .group_by(e.c.device_id).subquery())
-    rows = conn.execute(
-        sa.select(dd.c.device_id, dd.c.wave, dd.c.status, dd.c.error, dd.c.sent_at, dd.c.finished_at, e.c.type, e.c.ts,
-                  e.c.payload["error"].label("event_error"))
-        .select_from(dd.outerjoin(newest, newest.c.device_id == dd.c.device_id).outerjoin(e, e.c.id == newest.c.id))
-        .where(dd.c.deployment_id == dep["id"]).order_by(dd.c.wave, dd.c.device_id))
+@dataclass(frozen=True)
+class Install:
+    """A device's install event: its step (``downloading``, ..., ``committed``, ``failed``) and error."""
+
+    event_id: int
+    device_id: str
+    step: str
+    ts: float
+    error: dict[str, Any] | None
+
+
+def rollout_states(conn: sa.Connection, dep: Mapping[str, Any], newest: Mapping[str, Install]) -> list[DeviceState]:
+    """Every device of the deployment with what its page row shows, from its rollout status and ``newest``,
+    its newest install event (see :class:`~.installs.InstallTracker`)."""
+    dd = s.deployment_devices
+    rows = conn.execute(sa.select(dd.c.device_id, dd.c.wave, dd.c.status, dd.c.error, dd.c.sent_at, dd.c.finished_at)
+                        .where(dd.c.deployment_id == dep["id"]).order_by(dd.c.wave, dd.c.device_id))
     out = []
-    for device_id, wave, status, dd_error, sent_at, finished_at, kind, ts, event_error in rows:
-        step = kind.removeprefix("deploy.") if kind else None
+    for device_id, wave, status, dd_error, sent_at, finished_at in rows:
+        install = newest.get(device_id)
+        step = install.step if install else None
         state = shown_state(status, step)
-        code, message = _error(event_error) if event_error else _error(dd_error)
-        when = ts if step is not None and state == step else (finished_at or sent_at)
+        code, message = _error(install.error) if install and install.error else _error(dd_error)
+        when = install.ts if install and state == step else (finished_at or sent_at)
         out.append(DeviceState(device_id, int(wave), state, code, message, when))
     return out
 

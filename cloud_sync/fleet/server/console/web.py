@@ -24,6 +24,7 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
 from cloud_sync.fleet.server.auth import Role
+from cloud_sync.fleet.server.console.installs import InstallTracker
 from cloud_sync.fleet.server.console.sessions import COOKIE, ConsoleUser, SessionStore, same_secret
 from cloud_sync.fleet.server.context import ServerContext
 from cloud_sync.fleet.server.errors import ForbiddenError
@@ -115,6 +116,7 @@ class Console:
         self.sessions = SessionStore(ctx.db, ctx.tokens)
         self.catalogue = catalogue
         self.live = live
+        self.installs = InstallTracker()
         self.env = templates()
         self.secure_cookies = secure_cookies
 
