@@ -7,9 +7,10 @@ unless ``--db`` names an empty PostgreSQL database), the fleet simulator's devic
 0.1 results/s each) and, for the latency, Debian's Chromium driven by Playwright.
 
 1. Pages: a logged-in keep-alive client times each page (the overview, the devices table in several
-   shapes, the fragment the live table refetches, a device page, a 1,000-device rollout) while the fleet
-   keeps sending; reported as the client's wall time and the server's own ``Server-Timing`` (from the
-   login check to the rendered page), p50 / p99. Target: p99 <= 150 ms for the overview and devices page.
+   shapes, the fragment the live table refetches, a device page, a 1,000-device rollout), interleaved
+   round by round, while the fleet keeps sending; reported as the client's wall time and the server's
+   own ``Server-Timing`` (from the login check to the rendered page), p50 / p99. Target: p99 <= 150 ms
+   for the overview and the devices page.
 2. Event to screen: a rollout to every device (one wave; the simulated installs take ``--install-time``
    seconds, so the page keeps changing under the measurement) is open in Chromium; a probe device
    publishes one install step at a time and the page notes (MutationObserver, ``Date.now()``) when the
@@ -27,12 +28,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+import sqlalchemy as sa
 
 from cloud_sync.fleet.server.auth import TokenStore
 from cloud_sync.fleet.server.config import normalize_db_url
@@ -61,23 +64,29 @@ class Console:
         r = self.client.post("/login", data={"csrf": csrf.group(1), "token": token, "next": "/"})
         assert r.status_code == 303, r.text
 
-    def time(self, name: str, path: str, n: int) -> None:
-        for _ in range(10):  # warm: templates compiled, connections in the pool
-            self.client.get(path).raise_for_status()
-        wall, server = [], []
-        size = 0
+    def pages(self, pages: list[tuple[str, str]], n: int) -> None:
+        """Each page ``n`` times, interleaved (one of each per round) so that load from elsewhere on the
+        machine falls on every page alike."""
+        for _name, path in pages:
+            for _ in range(10):  # warm: templates compiled, connections in the pool
+                self.client.get(path).raise_for_status()
+        wall: dict[str, list[float]] = {path: [] for _, path in pages}
+        server: dict[str, list[float]] = {path: [] for _, path in pages}
+        size: dict[str, int] = {}
         for _ in range(n):
-            t = time.perf_counter()
-            r = self.client.get(path)
-            wall.append((time.perf_counter() - t) * 1000)
-            r.raise_for_status()
-            size = len(r.content)
-            timing = re.search(r"dur=([\d.]+)", r.headers.get("server-timing", ""))
-            if timing:
-                server.append(float(timing.group(1)))
-        srv = f"server p50 {pct(server, .5):6.1f} p99 {pct(server, .99):6.1f}" if server else "server      -"
-        print(f"  {name:<44} wall p50 {pct(wall, .5):6.1f} p99 {pct(wall, .99):6.1f} ms   {srv} ms  {size:>8} bytes",
-              flush=True)
+            for _name, path in pages:
+                t = time.perf_counter()
+                r = self.client.get(path)
+                wall[path].append((time.perf_counter() - t) * 1000)
+                r.raise_for_status()
+                size[path] = len(r.content)
+                timing = re.search(r"dur=([\d.]+)", r.headers.get("server-timing", ""))
+                if timing:
+                    server[path].append(float(timing.group(1)))
+        for name, path in pages:
+            w, s = wall[path], server[path]
+            print(f"  {name:<44} wall p50 {pct(w, .5):6.1f} p99 {pct(w, .99):6.1f} ms   "
+                  f"server p50 {pct(s, .5):6.1f} p99 {pct(s, .99):6.1f} ms  {size[path]:>8} bytes", flush=True)
 
 
 def start_server(work: Path, broker_url: str, db: str) -> tuple[subprocess.Popen[str], str]:
@@ -107,13 +116,41 @@ def online(base: str, token: str) -> int:
     return count
 
 
-def event_latency(base: str, token: str, broker_url: str, dep_id: str, probe: RawDevice, events: int) -> list[float]:
+class Stored:
+    """When the probe's events are in the database (a reader of its own, polling every 5 ms): splits the
+    latency into ingestion (MQTT, batching, commit) and the console (noticing, reading, drawing)."""
+
+    def __init__(self, db_url: str) -> None:
+        self.engine = sa.create_engine(normalize_db_url(db_url))
+        self.at: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        q = sa.text("SELECT seq FROM events WHERE device_id = 'probe-0' ORDER BY id DESC LIMIT 5")
+        while not self.stop.is_set():
+            with self.engine.connect() as conn:
+                now = time.time() * 1000
+                for (seq,) in conn.execute(q):
+                    self.at.setdefault(int(seq), now)
+            self.stop.wait(0.005)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.engine.dispose()
+
+
+def event_latency(base: str, token: str, broker_url: str, dep_id: str, probe: RawDevice, events: int,
+                  stored: Stored) -> tuple[list[float], list[float]]:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     args = [*(["--no-sandbox"] if os.geteuid() == 0 else []), "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     latencies: list[float] = []
+    ingest: list[float] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=args)
         page = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base).new_page()
@@ -141,8 +178,10 @@ def event_latency(base: str, token: str, broker_url: str, dep_id: str, probe: Ra
             page.wait_for_function("([n, step]) => shown.length > n && shown[shown.length - 1][0] === step",
                                    arg=[seen, step], timeout=10_000)
             latencies.append(page.evaluate("shown[shown.length - 1][1]") - t0)
+            if 10 + i in stored.at:
+                ingest.append(stored.at[10 + i] - t0)
         browser.close()
-    return latencies
+    return latencies, ingest
 
 
 def main() -> None:
@@ -155,6 +194,8 @@ def main() -> None:
     p.add_argument("--no-browser", action="store_true", help="pages only")
     args = p.parse_args()
 
+    print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+          f"({os.cpu_count()} CPUs)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="console-bench-"))
     broker = make_broker(work / "mosquitto")
     broker.start()
@@ -182,31 +223,37 @@ def main() -> None:
         console = Console(base, tokens["viewer"])
         n = args.requests
         print(f"console pages, {n} requests each, one keep-alive client, the fleet sending meanwhile:", flush=True)
-        console.time("overview  /", "/", n)
-        console.time("devices   /devices (page of 50, by id)", "/devices", n)
-        console.time("devices   sorted by CPU, descending", "/devices?sort=cpu&dir=desc", n)
-        console.time("devices   group + online filter", "/devices?group=g1&online=yes", n)
-        console.time("devices   page 10 of 50", "/devices?page=10", n)
-        console.time("devices   page of 200, sorted by last seen", "/devices?per_page=200&sort=last_seen&dir=desc",
-                     n)
-        console.time("live refetch of the table  /ui/devices", "/ui/devices", n)
-        console.time("overview fragment  /ui/overview", "/ui/overview", n)
-        console.time("device page  /devices/sim-0005", "/devices/sim-0005", n // 3)
-        console.time("device plot data, 1 h", "/ui/devices/sim-0005/series?range=1h", n // 3)
+        console.pages([("overview  /", "/"),
+                       ("devices   /devices (page of 50, by id)", "/devices"),
+                       ("devices   sorted by CPU, descending", "/devices?sort=cpu&dir=desc"),
+                       ("devices   group + online filter", "/devices?group=g1&online=yes"),
+                       ("devices   page 10 of 50", "/devices?page=10"),
+                       ("devices   page of 200, sorted by last seen", "/devices?per_page=200&sort=last_seen&dir=desc"),
+                       ("live refetch of the table  /ui/devices", "/ui/devices"),
+                       ("overview fragment  /ui/overview", "/ui/overview"),
+                       ("device page  /devices/sim-0005", "/devices/sim-0005"),
+                       ("device plot data, 1 h", "/ui/devices/sim-0005/series?range=1h")], n)
         op = httpx.post(f"{base}/api/deployments", headers={"Authorization": f"Bearer {tokens['operator']}"},
                         json={"group": "bench", "model": "vad", "version": 2, "canary": "100%", "wave_timeout_s": 3600},
                         timeout=60)
         op.raise_for_status()
         dep_id = op.json()["id"]
         time.sleep(3)
-        console.time(f"rollout page, {args.devices + 1} devices in one wave", f"/deployments/{dep_id}", n // 5)
-        console.time("rollout fragment (the live refetch)", f"/ui/deployments/{dep_id}", n // 5)
+        console.pages([(f"rollout page, {args.devices + 1} devices in one wave", f"/deployments/{dep_id}"),
+                       ("rollout update (the live refetch, JSON)", f"/ui/deployments/{dep_id}")], max(20, n // 5))
         if not args.no_browser:
             print(f"event to screen: probe-0's install steps on the rollout page of {args.devices + 1} devices, "
                   f"while the simulated installs run ({args.events} events)", flush=True)
-            lat = event_latency(base, tokens["viewer"], broker.url, dep_id, probe, args.events)
-            print(f"  device event -> rollout page shows it   p50 {pct(lat, .5):6.0f} ms  p99 {pct(lat, .99):6.0f} ms"
-                  f"  max {max(lat):6.0f} ms", flush=True)
+            stored = Stored(db_url)
+            try:
+                lat, ingest = event_latency(base, tokens["viewer"], broker.url, dep_id, probe, args.events, stored)
+            finally:
+                stored.close()
+            for name, values in (("device event -> rollout page shows it", lat),
+                                 ("  of which: -> in the database", ingest)):
+                print(f"  {name:<40} p50 {pct(values, .5):6.0f} ms  p99 {pct(values, .99):6.0f} ms"
+                      f"  max {max(values):6.0f} ms  ({len(values)} events)", flush=True)
+        print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
     finally:
         probe.close()
         sim.stop()

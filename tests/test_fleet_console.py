@@ -238,7 +238,7 @@ def test_latest_results_per_stream_and_signatures(db: Database) -> None:
         conn.execute(sa.insert(s.results), [{"device_id": "dev-001", "seq": q, "ts": q, "received_at": q,
                                              "stream": "cam" if q % 2 else "mic", "payload": {"q": q}}
                                             for q in range(1, 21)])
-    feed = live.LiveFeed(db, interval=0.0, min_gap=0.0)
+    feed = live.LiveFeed(db, interval=0.0, look_gap=0.0)
     before = feed.digests("device", "dev-001")
     with db.read() as conn:
         latest = views.latest_results(conn, "dev-001", per_stream=3)
@@ -257,7 +257,7 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
     rollouts = Rollouts(db)
     dep = rollouts.create(model="vad", version=2, devices=["dev-000", "dev-001", "dev-002"], canary="1",
                           wave_size="2", created_by="t")
-    feed = live.LiveFeed(db, interval=0.0, min_gap=0.0)
+    feed = live.LiveFeed(db, interval=0.0, look_gap=0.0)
     before = feed.digests("rollout", dep["id"])
     now = time.time() + 1
     events = [("dev-000", 1, "deploy.downloading", 2, None), ("dev-000", 2, "deploy.committed", 2, None),
@@ -284,7 +284,16 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
     with db.read() as conn:
         again = {st.device_id: st.state for st in views.rollout_states(conn, dep, tracker.newest(conn, dep))}
         assert again == {"dev-000": "committed", "dev-001": "failed", "dev-002": "verified"}
-        assert [i.event_id for i in installs.read_installs(conn, dep, now + 5)] == [5]  # only what is new
+        assert [i.event_id for i in installs.read_installs(conn, dep, 5)] == [5]  # only what is new
+        assert installs.first_id_since(conn, now + 5) == 5 and installs.first_id_since(conn, now + 60) is None
+    # a batch stamped long before it committed (a busy database) is still seen: the read starts after the
+    # highest id of the last look, not at a time
+    with db.write() as conn:
+        conn.execute(sa.insert(s.events), [{"device_id": "dev-002", "seq": 10, "ts": now + 10,
+                                            "received_at": now - 3600, "type": "deploy.loaded",
+                                            "payload": {"model": "vad", "version": 2}}])
+    with db.read() as conn:
+        assert tracker.newest(conn, {**dep, "created_at": now - 7200})["dev-002"].step == "loaded"
     assert views.shown_state("timeout", "downloading") == "timeout"  # the rollout gave up on it
     assert views.shown_state("succeeded", "health") == "committed"  # the final answer came before the event
     assert views.shown_state("sent", None) == "sent" and views.shown_state("sent", "verified") == "verified"
@@ -327,7 +336,7 @@ def test_series_arithmetic() -> None:
 
 def test_live_stream_names_changed_parts_once(db: Database) -> None:
     _fleet(db, 1)
-    feed = live.LiveFeed(db, interval=0.01, min_gap=0.0)
+    feed = live.LiveFeed(db, interval=0.01, look_gap=0.0)
     seen = feed.digests("devices", "")
 
     async def run() -> list[str]:
@@ -446,7 +455,7 @@ def test_the_server_stops_promptly_with_live_views_open(tmp_path: Path, broker: 
 
 def test_a_poke_makes_streams_look_at_once(db: Database) -> None:
     _fleet(db, 1)
-    feed = live.LiveFeed(db, interval=30.0, min_gap=0.0)  # polling alone would take 30 s
+    feed = live.LiveFeed(db, interval=30.0, look_gap=0.0)  # polling alone would take 30 s
 
     async def run() -> list[str]:
         stream = feed.stream("device", "dev-000", feed.digests("device", "dev-000"), _never)

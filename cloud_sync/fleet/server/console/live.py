@@ -4,12 +4,13 @@ The database is the only thing every instance shares, so change is detected ther
 has parts, each part a cheap *signature* query (index seeks, a few aggregates over one deployment or
 the devices table) whose value changes when what the part shows does. A stream looks at its page's
 signatures as soon as this instance's ingestion commits a batch (:meth:`LiveFeed.poke`), and every
-``interval`` seconds anyway for what other instances and the rollout runner change (viewers of one
-page looking within ``min_gap / 2`` share one query), and sends ``event: <part>`` when a signature differs from the one
-the page was rendered with (its ``d`` parameter, so nothing between render and connect is lost),
-at most once per part per ``min_gap``: a busy fleet refreshes the devices table once a second, not
-a thousand times. Streams end when the service stops (``closing``) or the browser goes away;
-``EventSource`` reconnects by itself. The number of open streams is capped (503 beyond).
+``interval`` seconds anyway for what other instances and the rollout runner change; viewers of one
+page looking within ``look_gap / 2`` of each other share one query. It sends ``event: <part>`` when a
+signature differs from the one the page was rendered with (its ``d`` parameter, so nothing between
+render and connect is lost), at most once per part per the part's ``min_gap``: a busy fleet refreshes
+the devices table once a second and a busy rollout four times a second, not once per stored batch.
+Streams end when the service stops (``closing``) or the browser goes away; ``EventSource``
+reconnects by itself. The number of open streams is capped (503 beyond).
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ def _deployments(conn: sa.Connection, _key: str) -> Any:
 PAGES: dict[str, dict[str, Part]] = {
     "overview": {"overview": Part(_overview, 2.0)},
     "devices": {"devices": Part(_devices, 1.0)},
-    "device": {"device": Part(_device, 1.0), "telemetry": Part(_telemetry, 2.0), "events": Part(_events, 0.0),
-               "results": Part(views.results_signature, 0.0)},
+    "device": {"device": Part(_device, 1.0), "telemetry": Part(_telemetry, 2.0), "events": Part(_events, 0.25),
+               "results": Part(views.results_signature, 0.25)},
     "deployments": {"deployments": Part(_deployments, 1.0)},
-    "rollout": {"rollout": Part(views.rollout_signature, 0.0)},
+    # a busy 1,000-device rollout changes with every batch: the first change goes out at once, the next ones
+    # at most four times a second (each makes the page read every device's state)
+    "rollout": {"rollout": Part(views.rollout_signature, 0.25)},
 }
 
 
@@ -102,10 +105,10 @@ class LiveFeed:
     """Signatures with a short shared cache, and the event streams built on them."""
 
     def __init__(self, db: Database, *, interval: float = 0.25, max_streams: int = 200,
-                 closing: threading.Event | None = None, min_gap: float = 0.05) -> None:
+                 closing: threading.Event | None = None, look_gap: float = 0.05) -> None:
         self.db = db
         self.interval = interval
-        self.min_gap = min_gap  # between two looks of one stream, however often it is poked
+        self.look_gap = look_gap  # between two looks of one stream, however often it is poked
         self.max_streams = max_streams
         self.closing = closing or threading.Event()
         self.streams = 0
@@ -122,7 +125,7 @@ class LiveFeed:
 
     def digests(self, page: str, key: str, names: Iterable[str] | None = None) -> dict[str, str]:
         """Current signature digests of a page's parts (all, or ``names``); blocking: call from a thread.
-        Viewers of one page within ``min_gap / 2`` share one query per part. Unknown page: {}."""
+        Viewers of one page within ``look_gap / 2`` share one query per part. Unknown page: {}."""
         parts = PAGES.get(page, {})
         wanted = [n for n in (parts if names is None else names) if n in parts]
         now = time.monotonic()
@@ -130,7 +133,7 @@ class LiveFeed:
         with self._lock:
             for name in wanted:
                 hit = self._cache.get((page, key, name))
-                if hit is not None and now - hit[0] < self.min_gap / 2:
+                if hit is not None and now - hit[0] < self.look_gap / 2:
                     out[name] = hit[1]
         missing = [n for n in wanted if n not in out]
         if missing:
@@ -176,6 +179,6 @@ class LiveFeed:
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.interval)
-                await asyncio.sleep(max(0.0, last_look + self.min_gap - time.monotonic()))
+                await asyncio.sleep(max(0.0, last_look + self.look_gap - time.monotonic()))
         finally:
             self._wakers.discard(entry)
