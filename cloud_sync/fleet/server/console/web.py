@@ -163,10 +163,11 @@ def same_origin(request: Request) -> bool:
     """A browser's ``Origin`` (or ``Referer``) names this host; requests that send neither pass (CSRF
     tokens still apply). Behind a proxy that rewrites ``Host``, the CSRF token is the check."""
     origin = request.headers.get("origin") or request.headers.get("referer")
-    if not origin or origin == "null":
-        return origin != "null"
-    host = request.headers.get("host", "")
-    return urlsplit(origin).netloc == host
+    if not origin:
+        return True
+    if origin == "null":  # an opaque origin (sandboxed frame, data: URL): never ours
+        return False
+    return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def _role_check(user: ConsoleUser, role: Role) -> None:
