@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"edge-fleet server: API at {url}/api (OpenAPI {url}/api/openapi.json, docs {url}/api/docs)",
               flush=True)
+        print(f"edge-fleet server: console at {url}/ (log in with an API token: edge-fleet server token create "
+              "--role viewer|operator|admin)", flush=True)
 
     asyncio.run(run_server(settings, ready=ready))
     return 0

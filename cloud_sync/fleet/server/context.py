@@ -6,6 +6,7 @@ client; see ``api/__init__.py`` for how a module adds a router.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -30,6 +31,7 @@ class ServerContext:
     ingestor: Ingestor | None = None  # None in API-only tests
     commands: CommandService | None = None
     started_at: float = field(default_factory=time.time)
+    closing: threading.Event = field(default_factory=threading.Event)  # set when the service starts to stop
     rollouts: Rollouts = field(init=False)
 
     def __post_init__(self) -> None:

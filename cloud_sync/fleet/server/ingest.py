@@ -107,6 +107,7 @@ class Ingestor:
         self.db = db
         self.store = Store(db)
         self.on_response = on_response
+        self.on_stored: Callable[[], None] | None = None  # after each committed batch (the console's live views)
         self.clock = clock
         self.client_id = settings.mqtt_client_id
         self.topics = Topics(settings.prefix, settings.response_topic)
@@ -298,6 +299,8 @@ class Ingestor:
             if self.on_response is not None:
                 for cid, device_id, payload in outcome.responses:
                     self.on_response(cid, device_id, payload)
+        if self.on_stored is not None and outcomes:
+            self.on_stored()
         log.debug("fleet.ingest.batch", size=len(batch), stored=sum(o.stored for o in outcomes))
 
     def _reject(self, exc: Rejected, topic: str, counters: DeviceCounters) -> None:

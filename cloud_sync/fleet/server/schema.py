@@ -194,3 +194,15 @@ deployment_devices = sa.Table(
     sa.Column("error", Json),
     sa.Index(None, "deployment_id", "wave"),
 )
+
+# -- web console (migration 0003) -------------------------------------------------------------------------
+console_sessions = sa.Table(
+    "console_sessions", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # sha256 hex of the cookie's secret (never stored)
+    sa.Column("token_id", BigId, sa.ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),  # the session's CSRF token, sent back in every form
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Index(None, "expires_at"),
+    sa.Index(None, "token_id"),
+)

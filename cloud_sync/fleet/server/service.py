@@ -1,9 +1,10 @@
 """``edge-fleet server``: wires the parts and runs them until SIGTERM/SIGINT.
 
-Start order: migrate the database, start ingestion (MQTT), serve the API; the API address is printed
-once the socket listens. Stop order (either signal): stop accepting requests and finish those in
-flight, stop ingestion (the batch in hand is committed and acknowledged if it can be; the rest stays
-with the broker), close the database. This is the only module that knows every part.
+Start order: migrate the database, start ingestion (MQTT), serve the API and the web console; their
+addresses are printed once the socket listens. Stop order (either signal): end the console's live
+streams, stop accepting requests and finish those in flight, stop ingestion (the batch in hand is
+committed and acknowledged if it can be; the rest stays with the broker), close the database. This
+is the only module that knows every part.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -27,12 +28,17 @@ from cloud_sync.fleet.server.api import create_app
 from cloud_sync.fleet.server.auth import Role, TokenStore, require
 from cloud_sync.fleet.server.commands import CommandService
 from cloud_sync.fleet.server.config import ServerSettings, with_client_id
+from cloud_sync.fleet.server.console import console_url
+from cloud_sync.fleet.server.console import mount as mount_console
 from cloud_sync.fleet.server.context import ServerContext
 from cloud_sync.fleet.server.db import Database
 from cloud_sync.fleet.server.errors import ConfigError
 from cloud_sync.fleet.server.ingest import Ingestor
 from cloud_sync.fleet.server.retention import Retention
 from cloud_sync.fleet.server.rollouts import RolloutRunner
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet.publishing import PublishSettings
 
 log = structlog.get_logger(__name__)
 
@@ -111,19 +117,18 @@ async def _retention(retention: Retention, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def upload_routers(settings: ServerSettings) -> list[APIRouter]:
-    """The ``POST /api/models`` router when ``[server.publish]`` is configured (admin role), checked now:
-    the repository must exist and the online keys must be able to sign.
+def publish_settings(settings: ServerSettings) -> PublishSettings | None:
+    """What uploads (API and console) and the console's catalogue need, when ``[server.publish]`` is
+    configured, checked now: the repository must exist and the online keys must be able to sign.
 
     Raises:
         ConfigError: bad limits, no repository at ``repo_dir``, or keys that cannot sign.
     """
     pub = settings.publish
     if not pub.enabled:
-        return []
+        return None
     from cloud_sync.errors import CloudSyncError
     from cloud_sync.fleet.publishing import PublishSettings, UploadLimits
-    from cloud_sync.fleet.upload_api import models_router
 
     try:
         limits = UploadLimits(**pub.limits)
@@ -138,6 +143,20 @@ def upload_routers(settings: ServerSettings) -> list[APIRouter]:
     except CloudSyncError as exc:
         raise ConfigError(str(exc), key="server.publish.repo_dir") from None
     log.info("fleet.server.uploads", repo=str(pub.repo_dir))
+    return publish
+
+
+def upload_routers(settings: ServerSettings, publish: PublishSettings | None = None) -> list[APIRouter]:
+    """The ``POST /api/models`` router (admin role) when ``[server.publish]`` is configured.
+
+    Raises:
+        ConfigError: see :func:`publish_settings`.
+    """
+    publish = publish or publish_settings(settings)
+    if publish is None:
+        return []
+    from cloud_sync.fleet.upload_api import models_router
+
     return [models_router(publish, require(Role.admin))]
 
 
@@ -158,7 +177,8 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         StorageError: the database cannot be reached or migrated.
     """
     settings = with_client_id(settings)
-    uploads = upload_routers(settings)
+    publish = publish_settings(settings)
+    uploads = upload_routers(settings, publish)
     db = Database(settings.db_url, busy_timeout_ms=settings.db_busy_timeout_ms, pool_size=settings.db_pool_size)
     try:
         await asyncio.to_thread(db.migrate)
@@ -166,7 +186,10 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
         ctx = build(settings, db)
         assert ctx.ingestor is not None
         tls = settings.tls
-        config = uvicorn.Config(create_app(ctx, extra=uploads), log_config=None, access_log=settings.api.access_log,
+        app = create_app(ctx, extra=uploads)
+        console = mount_console(app, ctx, publish=publish, closing=ctx.closing)
+        ctx.ingestor.on_stored = console.live.poke  # live views look at once instead of at their next poll
+        config = uvicorn.Config(app, log_config=None, access_log=settings.api.access_log,
                                 lifespan="off", server_header=False, timeout_keep_alive=5,
                                 limit_concurrency=settings.api.max_connections,
                                 ssl_certfile=str(tls.certfile) if tls.certfile else None,
@@ -192,7 +215,8 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
             await asyncio.sleep(0.02)
         if server.started:
             url = _url(settings, sock)
-            log.info("fleet.server.started", api=f"{url}/api", db=repr(db), broker=settings.broker.url,
+            log.info("fleet.server.started", api=f"{url}/api", console=console_url(url), db=repr(db),
+                     broker=settings.broker.url,
                      client_id=ctx.ingestor.client_id)
             if ready is not None:
                 ready(url)
@@ -200,6 +224,7 @@ async def run_server(settings: ServerSettings, *, ready: Callable[[str], None] |
             await asyncio.wait({api, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         log.info("fleet.server.stopping")
+        ctx.closing.set()  # ends the console's live streams, which would keep uvicorn waiting
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(api), 10)
