@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 
@@ -25,19 +29,63 @@ def _rows(db: Path, sql: str, *args: object) -> list[tuple]:
         conn.close()
 
 
+def _log_in_to_the_console(console: str, token: str) -> str:
+    """The console's devices page, after logging in with the demo's token through the login form."""
+    with httpx.Client(base_url=console, timeout=30) as web:
+        form = web.get("/login")
+        assert form.status_code == 200
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert csrf, form.text
+        done = web.post("/login", data={"csrf": csrf.group(1), "token": token, "next": "/devices"})
+        assert done.status_code == 303 and done.headers["location"] == "/devices", done.text
+        page = web.get("/devices")
+        assert page.status_code == 200
+        return page.text
+
+
 def test_demo_runs_the_whole_loop_through_the_fleet_service(tmp_path, samples):
+    """With --serve, as a person would: the loop, the console up with a working token, Ctrl-C."""
     workdir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=180, check=False)
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
-    assert "Traceback" not in out + proc.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(workdir), "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving: web console" in line:
+                serving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not serving.wait(0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        served = re.search(r"serving: web console (http://127\.0\.0\.1:\d+/)  token (\S+)", "".join(lines))
+        assert served, "".join(lines)
+        devices_page = _log_in_to_the_console(served.group(1), served.group(2))
+        assert "demo-device" in devices_page and "sim-0000" in devices_page
+        assert proc.poll() is None, "--serve keeps everything up"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out + err
+    assert "Traceback" not in out + err
     for step in range(1, 11):
         assert f"[{step}/10]" in out
     # the service's address, printed
     api = re.search(r"API +(http://127\.0\.0\.1:\d+)/api", out)
     assert api, out
     assert f"OpenAPI  {api.group(1)}/api/openapi.json" in out
+    assert f"web console {api.group(1)}/   log in with the admin token" in out
     # uploaded through the service, published with the online keys only
     assert "published vad/vad-1.bundle" in out and "1 test vector" in out
     assert not list((workdir / "online-keys").glob("root/*.pem")) and list((workdir / "keys").glob("root/*.pem"))

@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the end-to-end demo on this machine (see README)")
     demo.add_argument("--workdir", default=".demo", help="where the demo keeps its files (default: .demo)")
+    demo.add_argument("--serve", action="store_true",
+                      help="after the loop, keep the devices and the fleet service (web console) up until Ctrl-C")
+    demo.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                      help="the fleet service's (and console's) address (default: 127.0.0.1 on a free port)")
     return p
 
 
@@ -262,7 +266,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.cli.demo import run_demo
 
-    return run_demo(Path(args.workdir))
+    return run_demo(Path(args.workdir), serve=args.serve, listen=args.listen)
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict, "stats": cmd_stats,

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -55,8 +56,11 @@ def _say(text: str) -> None:
     print(f"      {text}", flush=True)
 
 
-def run_demo(workdir: Path) -> int:
+def run_demo(workdir: Path, *, serve: bool = False, listen: str = "127.0.0.1:0") -> int:
     """Run the demo in ``workdir`` (emptied first); 0 if the whole loop ran and everything stopped cleanly.
+
+    ``serve``: after the loop, keep everything running (the console to look at) until Ctrl-C or SIGTERM.
+    ``listen``: the fleet service's address (the console's; port 0 picks a free one).
 
     Raises:
         AgentError: a step failed (the message names it); everything started so far is stopped first.
@@ -69,14 +73,17 @@ def run_demo(workdir: Path) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    return _Demo(workdir).run()
+    return _Demo(workdir, serve=serve, listen=listen).run()
 
 
 class _Demo:
     """The demo's state: what it started (stopped in :meth:`stop`, whatever happened) and where."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, serve: bool = False, listen: str = "127.0.0.1:0") -> None:
         self.workdir = workdir
+        self.serve = serve
+        self.listen = listen
+        self.console = self.token = ""
         self.started = time.monotonic()
         self.after_fetch = self.started
         self.broker: Child | None = None
@@ -98,10 +105,14 @@ class _Demo:
 
     def run(self) -> int:
         steps = (self.fetch_models, self.start_broker, self.make_repository, self.start_service, self.start_devices,
-                 self.upload, self.deploy, self.predict_and_stream, self.list_fleet)
+                 self.upload, self.deploy, self.predict_and_stream, self.list_fleet, self.keep_serving)
+        interrupted = False
         try:
             for self.step, step in enumerate(steps, start=1):
                 step()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\n      interrupted: stopping what the demo started", flush=True)
         except Exception as exc:  # one line for the user, with the likely cause; --verbose shows the chain
             hint = self._exited()
             if isinstance(exc, ChildExitedError) or (isinstance(exc, AgentError) and not hint):
@@ -113,7 +124,7 @@ class _Demo:
             clean = self.stop()
         if not clean:
             raise AgentError("something did not stop cleanly; see the logs above")
-        return 0
+        return 130 if interrupted else 0
 
     # -- 1-3: models, broker, keys and repository -----------------------------------------------------------
 
@@ -155,7 +166,7 @@ class _Demo:
         config = self.path("fleet.toml")
         state = self.path("fleet")
         config.write_text(
-            f'[server]\nstate_dir = "{state}"\ndb = "sqlite:///{state / "fleet.db"}"\nlisten = "127.0.0.1:0"\n'
+            f'[server]\nstate_dir = "{state}"\ndb = "sqlite:///{state / "fleet.db"}"\nlisten = "{self.listen}"\n'
             'log_format = "json"\n'
             '[server.ingest]\nbatch_ms = 20\n'
             f'[server.publish]\nrepo_dir = "{self.path("repo")}"\nkeys_dir = "{self.path("online-keys")}"\n'
@@ -191,7 +202,9 @@ class _Demo:
                    "the fleet service to connect to the broker")
         _say(f"API      {base}/api   (log {self.rel(self.service.log)})")
         _say(f"OpenAPI  {base}/api/openapi.json, interactive docs {base}/api/docs")
-        _say("web console: not in this release yet (it comes with the next issue); everything below uses the API")
+        self.console = f"{base}/"
+        self.token = token
+        _say(f"web console {self.console}   log in with the admin token {token}")
 
     # -- 5: the devices --------------------------------------------------------------------------------------
 
@@ -376,6 +389,23 @@ class _Demo:
             _say(f"{d['id']:<12} online={d['online']!s:<5} agent {d['agent_version']:<12} {d['profile']:<8} "
                  f"models={models:<38} cpu={health.get('cpu_percent', 0):.0f}% "
                  f"mem={health.get('memory_percent', 0):.0f}% stored={d['counters']['stored']}")
+
+    def keep_serving(self) -> None:
+        """With ``--serve``: everything stays up for a look in the browser until Ctrl-C or SIGTERM."""
+        if not self.serve:
+            _say(f"(./scripts/demo --serve keeps the devices and the console at {self.console} up to look at)")
+            return
+        stop = threading.Event()
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            _say(f"serving: web console {self.console}  token {self.token}")
+            _say(f"         API {self.console}api/docs; the agent's socket {self.rel(self.path('agent.sock'))}; "
+                 "Ctrl-C stops everything")
+            while not stop.wait(1.0):
+                self._check_alive()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def _check_alive(self) -> None:
         """Raises: AgentError if a child process died (no point waiting for it)."""

@@ -55,7 +55,9 @@ class Child:
     def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.log = name, log
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env)
+            # a session of its own: Ctrl-C reaches the demo, which stops its children in order
+            self.proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
