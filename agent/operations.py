@@ -95,9 +95,11 @@ class Operations:
                 for m in self.models.served()]
 
     def model_counters(self) -> list[dict[str, Any]]:
-        """Per-model counters for telemetry."""
+        """Per-model counters for telemetry, with the latency of the calls since the previous sample
+        (taking it starts the next interval: telemetry is its one caller)."""
         return [{"name": m.name, "version": m.version, "requests": m.stats.requests, "errors": m.stats.errors,
-                 "delegate": m.session.delegate} for m in self.models.served()]
+                 "delegate": m.session.delegate, "latency_ms": m.stats.latency_window()}
+                for m in self.models.served()]
 
     def stuck_workers(self, threshold_s: float | None = None) -> list[str]:
         """Models whose inference call has run longer than the in-process watchdog can fix

@@ -275,7 +275,16 @@ def test_device_page_plots_real_telemetry_and_live_results(world: World, login: 
     # face detection runs on every frame of the stream: its request rate, from the cumulative counter, is positive
     page.wait_for_function("() => (edgeConsole.plots['plot-requests']?.data[1] || []).some(v => v > 0)",
                            timeout=30 * SECONDS)
-    expect(page.locator("#plot-latency")).to_contain_text("does not report per-model latency")
+    # and its call latency per telemetry interval (the agent's latency_ms), p50 and p99 series
+    page.wait_for_function("() => (edgeConsole.plots['plot-latency']?.data || []).slice(1)"
+                           ".some(series => series.some(v => v > 0))", timeout=30 * SECONDS)
+    latency = page.evaluate("() => edgeConsole.plots['plot-latency'].data")
+    p50 = latency[1 + 2 * sorted(page.evaluate("() => Object.keys(edgeConsole.series.models)")).index("face_detection")]
+    sent = {round(row["ts"], 3): (m["latency_ms"] or {}).get("p50")
+            for row in world.api("GET", "/api/telemetry?device=edge-real&order=desc&limit=1000").json()["items"]
+            for m in row["payload"]["models"] if m["name"] == "face_detection"}
+    plotted = [(t, v) for t, v in zip(latency[0], p50, strict=True) if v is not None]
+    assert plotted and all(sent.get(round(t, 3), "missing") == v for t, v in plotted), (plotted, sent)
 
     results = page.locator('#results .stream[data-stream="cam"] li')
     expect(results.first).to_be_visible(timeout=20 * SECONDS)

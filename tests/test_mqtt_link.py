@@ -426,6 +426,7 @@ def test_edge_fleet_cli(tmp_path, small_models, broker):
         assert out.returncode == 0 and out.stdout.count("telemetry {") == 2
         telemetry = json.loads(out.stdout.splitlines()[0].split(" ", 1)[1])
         assert telemetry["system"]["memory"]["percent"] > 0 and telemetry["outbox"]["depth"] >= 0
+        assert telemetry["models"] and all("latency_ms" in m for m in telemetry["models"])
         out = fleet_cli("deploy", "--broker", broker.url, "okay_nabu@2", "--to", "dev-1", "--timeout", "10")
         assert out.returncode == 1 and "failed: 1" in out.stdout
         config = tmp_path / "fleet.toml"

@@ -244,7 +244,13 @@ def test_inventory_and_counters(rig: Rig) -> None:
     assert rig.ops.inventory() == [{"name": "vad", "version": 1, "runtime": "onnx",
                                     "delegate": "XnnpackExecutionProvider"}]
     assert rig.ops.model_counters() == [{"name": "vad", "version": 1, "requests": 4, "errors": 1,
-                                         "delegate": "XnnpackExecutionProvider"}]
+                                         "delegate": "XnnpackExecutionProvider",
+                                         "latency_ms": {"p50": 1.0, "p99": 1.0, "count": 3}}]
+    # each telemetry sample covers the calls since the previous one
+    assert rig.ops.model_counters()[0]["latency_ms"] is None
+    drive(served.stats, ok=99, latency_s=0.002)
+    drive(served.stats, ok=1, latency_s=0.050)
+    assert rig.ops.model_counters()[0]["latency_ms"] == {"p50": 2.0, "p99": 50.0, "count": 100}
 
 
 async def test_reload_announces_the_new_inventory(rig: Rig) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class ModelStats:
         # Agent time of answered predicts, in LATENCY_BUCKETS (the last slot is +Inf), and their sum.
         self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
+        self._window_from = 0  # ``successes`` when telemetry last took the latency window
 
     # -- calls ---------------------------------------------------------------------------
     def admitted(self) -> None:
@@ -92,6 +94,21 @@ class ModelStats:
             self.errors += 1
             if runtime_failure:
                 self.consecutive_failures += 1
+
+    def latency_window(self) -> dict[str, float] | None:
+        """Call latency p50/p99 (ms) of the successes since the previous call, or None if there were none.
+
+        Telemetry's one reader takes it once per sample, so a plot of it shows each interval on its
+        own (at most the last 1,024 calls of an interval are kept).
+        """
+        with self._lock:
+            new, self._window_from = self.successes - self._window_from, self.successes
+            recent = sorted(itertools.islice(reversed(self.latencies), min(new, len(self.latencies))))
+        if not recent:
+            return None
+        def at(q: float) -> float:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))] * 1000, 3)
+        return {"p50": at(0.5), "p99": at(0.99), "count": new}
 
     def answered_nonfinite(self) -> None:
         with self._lock:
