@@ -1,6 +1,6 @@
 """The fleet service at fleet scale: ingestion, 1,000 devices online, staged rollouts, API latency.
 
-    .venv/bin/python bench/fleet.py [--runs 3] [--quick] [--sections ingest,scale,rollout,api] [--no-postgres]
+    .venv/bin/python bench/fleet.py [--runs 3] [--quick] [--sections ingest,scale,rollout,api,console] [--no-postgres]
 
 Everything real on loopback: mosquitto (tests/mqtt_broker.py), ``edge-fleet server`` processes,
 SQLite files and a throwaway PostgreSQL cluster (tests/pg_fixture.py ``pg_cluster(durable=True)``:
@@ -24,6 +24,10 @@ process of its own), devices' own outboxes (``DeviceSession`` + ``Outbox``). Sec
   per row of every table afterwards.
 - api: p50/p99 of the devices list (a page, all 1,000) and a 24 h telemetry series downsampled
   (bench/fleet_server.py ``run_api``), on SQLite.
+- console: the web console with the same N devices (bench/fleet_console.py, run as a child process
+  so that its fleet is fresh): server time (Server-Timing) and client time of the overview, the
+  devices page in several shapes, a device page and a rollout page, p50/p99; and the time from a
+  device's install event to the rollout page in Chromium showing it (skipped without chromium).
 
 Medians over ``--runs`` (each run on a fresh broker, database and simulator); the load average is
 printed with every table. A full run takes about 15 minutes on 2 quiet vCPUs (24 minutes at a load
@@ -39,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -577,12 +582,23 @@ def section_api(args: argparse.Namespace) -> None:
           ["request", "p50", "p95", "p99", "p99 runs", "bytes", "target p99 <= 100 ms"], rows)
 
 
+def section_console(args: argparse.Namespace) -> None:
+    """bench/fleet_console.py in a child process: its own broker, service and fleet of ``--devices``."""
+    browser = shutil.which("chromium") is not None
+    print(f"\n== console: {args.devices} simulated devices, SQLite, {args.api_calls} requests per page"
+          f"{'' if browser else ' (no chromium: pages only)'}; {load()}", flush=True)
+    command = [sys.executable, str(Path(__file__).with_name("fleet_console.py")), "--devices", str(args.devices),
+               "--requests", str(args.api_calls), "--events", "30" if args.quick else "100",
+               *([] if browser else ["--no-browser"])]
+    subprocess.run(command, check=True)
+
+
 # -- main ----------------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (fresh everything each), default 3")
     p.add_argument("--quick", action="store_true", help="one run, smaller ingestion, fewer API calls")
-    p.add_argument("--sections", default="ingest,scale,rollout,api", help="comma-separated subset")
+    p.add_argument("--sections", default="ingest,scale,rollout,api,console", help="comma-separated subset")
     p.add_argument("--devices", type=int, default=1000, help="simulated devices for scale and rollout")
     p.add_argument("--ingest-devices", type=int, default=10)
     p.add_argument("--per-device", type=int, default=5000, help="results per device outbox (ingest)")
@@ -601,7 +617,7 @@ def main() -> None:
         args.runs, args.per_device, args.api_calls, args.window = 1, 2000, 200, 15.0
         args.drain_results, args.drain_seconds = 20000, 10.0
     sections = set(args.sections.split(","))
-    unknown = sections - {"ingest", "scale", "rollout", "api"}
+    unknown = sections - {"ingest", "scale", "rollout", "api", "console"}
     if unknown:
         p.error(f"unknown sections: {', '.join(sorted(unknown))}")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
@@ -620,6 +636,8 @@ def main() -> None:
             section_api(args)
         if rollout or ingest:
             section_storage(rollout, ingest)
+    if "console" in sections:
+        section_console(args)
     print(f"\ntotal {time.monotonic() - started:.0f} s; {load()}")
 
 

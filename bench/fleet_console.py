@@ -21,6 +21,7 @@ unless ``--db`` names an empty PostgreSQL database), the fleet simulator's devic
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 import sqlalchemy as sa
+import structlog
 
 from cloud_sync.fleet.server.auth import TokenStore
 from cloud_sync.fleet.server.config import normalize_db_url
@@ -193,6 +195,7 @@ def main() -> None:
     p.add_argument("--db", help="an empty database (default: a new SQLite file)")
     p.add_argument("--no-browser", action="store_true", help="pages only")
     args = p.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))  # the simulator's logs
 
     print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
           f"({os.cpu_count()} CPUs)", flush=True)
