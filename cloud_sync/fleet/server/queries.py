@@ -73,7 +73,9 @@ def _device_summaries(conn: sa.Connection, rows: list[Any]) -> list[dict[str, An
             models[row.device_id].append({"name": row.name, "version": row.version, "runtime": row.runtime,
                                           "delegate": row.delegate})
     # by position, not name: a 1,000-device page reads 16,000 fields (getattr on a Row costs ~4x)
-    at = {k: i for i, k in enumerate(rows[0]._fields)} if rows else {}
+    if not rows:
+        return []
+    at = {k: i for i, k in enumerate(rows[0]._fields)}
     cols = [(k, at[k]) for k in _DEVICE_COLUMNS]
     counters = [(k, at[k]) for k in _COUNTERS]
     return [{**{k: r[i] for k, i in cols}, "groups": groups[r.id], "models": models[r.id],
