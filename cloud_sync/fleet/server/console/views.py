@@ -193,17 +193,7 @@ def devices_page(conn: sa.Connection, q: DeviceQuery) -> tuple[list[dict[str, An
     rows = list(conn.execute(sa.select(d.c.id, d.c.online, d.c.last_seen, d.c.state_at, d.c.agent_version,
                                        d.c.profile, d.c.health).where(*where).order_by(*order)
                              .limit(q.per_page).offset((q.page - 1) * q.per_page)))
-    ids = [r.id for r in rows]
-    groups: dict[str, list[str]] = {i: [] for i in ids}
-    models: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
-    if ids:
-        g, m = s.device_groups, s.device_models
-        for r in conn.execute(sa.select(g.c.device_id, g.c.group).where(g.c.device_id.in_(ids))
-                              .order_by(g.c.device_id, g.c.group)):
-            groups[r.device_id].append(r.group)
-        for r in conn.execute(sa.select(m).where(m.c.device_id.in_(ids)).order_by(m.c.device_id, m.c.name)):
-            models[r.device_id].append({"name": r.name, "version": r.version, "runtime": r.runtime,
-                                        "delegate": r.delegate})
+    groups, models = queries.groups_and_models(conn, [r.id for r in rows])
     return [{**r._mapping, "health": r.health or {}, "groups": groups[r.id], "models": models[r.id]}
             for r in rows], total
 
