@@ -46,8 +46,9 @@ def _log_in_to_the_console(console: str, token: str) -> str:
 def test_demo_runs_the_whole_loop_through_the_fleet_service(tmp_path, samples):
     """With --serve, as a person would: the loop, the console up with a working token, Ctrl-C."""
     workdir = tmp_path / "demo"
+    errors = (tmp_path / "demo-stderr.txt").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(workdir), "--serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=errors, text=True)
     lines: list[str] = []
     serving = threading.Event()
 
@@ -70,13 +71,16 @@ def test_demo_runs_the_whole_loop_through_the_fleet_service(tmp_path, samples):
         assert "demo-device" in devices_page and "sim-0000" in devices_page
         assert proc.poll() is None, "--serve keeps everything up"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=90)
+        proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    reader.join(10)
+    reader.join(30)  # the one reader of stdout: everything the demo printed, to its end
+    assert not reader.is_alive()
     out = "".join(lines)
+    errors.seek(0)
+    err = errors.read()
     assert proc.returncode == 0, out + err
     assert "Traceback" not in out + err
     for step in range(1, 11):

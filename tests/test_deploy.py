@@ -363,7 +363,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path], mq
         max_member_bytes=MAX_MEMBER,
         max_members=MAX_MEMBERS,
         max_bundle_bytes=MAX_BUNDLE,
-        download_rate_grace_s=1.0,
+        download_rate_grace_s=5.0,  # long enough for a loaded machine's loopback, short for the drip test
     )
     # Disk full needs its own config; it serves vad v1 copied in place, no deployment needed.
     install(base / "dev-small-models", samples, "silero_vad", as_name="vad")
@@ -798,20 +798,17 @@ def drip(handler: Any) -> bool:
 def test_slow_mirror_fails_the_deploy_and_frees_the_model(world: World) -> None:
     """Issue 12 item 6: a mirror dripping a byte every 2 s kept the deploy "downloading" and the model's
     deploy lock held (409 busy) indefinitely. Now the download fails (``download_failed``) once the average
-    rate is under the minimum (grace 1 s here), and the next deploy of the model is accepted at once."""
+    rate is under the minimum (grace 5 s here), and the next deploy of the model is accepted at once."""
     n = next(world.versions)
     client = world.main.daemon.client
     publish(world, n)
     serve(world.env, _target(world, n), drip)
     try:
-        started = time.monotonic()
-        record = deploy(client, n, timeout=30)
-        took = time.monotonic() - started
+        record = deploy(client, n, timeout=60)  # the drip alone would take hours
     finally:
         world.env.set_hook(None)
     assert (record["state"], record["error"]["code"]) == ("failed", "download_failed"), record
     assert "bytes/s on average" in record["error"]["message"]
-    assert took < 10, took
     # The lock is free: the next deployment starts (202) and runs to its own end (this version is not published).
     record = deploy(client, n + 1000)
     assert (record["state"], record["error"]["code"]) == ("failed", "not_found"), record
