@@ -7,7 +7,14 @@
   "use strict";
   const api = (window.edgeConsole = { plots: {}, refreshed: {}, stream: null });
   const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
-  const toLogin = () => { location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search); };
+  // A live part answered 401 (session ended elsewhere): to the login page, back here afterwards. Not while
+  // a form is being submitted (logout): its own answer decides where the browser goes.
+  let leaving = false;
+  document.addEventListener("submit", (event) => { if (!event.defaultPrevented) leaving = true; });
+  window.addEventListener("pageshow", () => { leaving = false; });  // back to this page from the history
+  const toLogin = () => {
+    if (!leaving) location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+  };
 
   // -- live parts -------------------------------------------------------------------------------------------
   const running = new WeakMap();
