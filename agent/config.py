@@ -253,6 +253,19 @@ class UpdatesSection(_Section):
         return value
 
 
+class ShadowSection(_Section):
+    """Shadow deployments (docs/shadow.md): how much live traffic a candidate sees, its worker's
+    share of the CPU, and the defaults of the optional policy (a deploy command may override them)."""
+
+    sample: float = Field(default=0.1, gt=0, le=1)  # fraction of answered requests and stream items mirrored
+    queue_size: int = Field(default=8, ge=1, le=4096)  # samples waiting for the shadow; more are dropped
+    threads: int = Field(default=1, ge=1, le=256)  # the candidate's runtime threads (it runs on its own thread)
+    nice: int = Field(default=10, ge=0, le=19)  # added to the shadow thread's nice value (Linux)
+    min_samples: int = Field(default=200, ge=1)  # the policy judges after this many compared samples
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # under it: discarded (None: no policy)
+    max_latency_ratio: float | None = Field(default=None, gt=0)  # shadow p50 / serving p50 over it: discarded
+
+
 class WatchdogSection(_Section):
     enabled: bool = True
     stuck_after_s: float = Field(default=10.0, gt=0, le=3600)  # one inference call longer than this is stuck
@@ -308,6 +321,7 @@ class Config(_Section):
     mqtt: MqttSection = Field(default_factory=MqttSection)
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
+    shadow: ShadowSection = Field(default_factory=ShadowSection)
     stream: dict[str, StreamSection] = Field(default_factory=dict)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None

@@ -23,7 +23,7 @@ from agent.core.metrics import Metrics
 from agent.core.uplink import Uplink
 from agent.deploy.installer import STEP_HOOKS, Deployer, DeviceFacts
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
-from agent.health.gauges import AgentFamilies, ModelFamilies, SystemFamilies
+from agent.health.gauges import AgentFamilies, ModelFamilies, ShadowFamilies, SystemFamilies
 from agent.health.monitor import SystemMonitor
 from agent.health.system import AUTO, release_free_heap, resolve_nvidia_smi
 from agent.health.watchdog import Watchdog, WatchdogPolicy
@@ -69,7 +69,7 @@ class Agent:
         self.deployer = Deployer(config.updates, models_dir=config.models_dir, state_dir=config.agent.state_dir,
                                  models=self.models, sink=self.uplink,
                                  device=DeviceFacts(__version__, frozenset(a.kind for a in hardware.accelerators)),
-                                 step_hooks=STEP_HOOKS, cache_dir=config.cache_dir)
+                                 step_hooks=STEP_HOOKS, cache_dir=config.cache_dir, shadow=config.shadow)
         w = config.watchdog
         self.watchdog = Watchdog(WatchdogPolicy(w.stuck_after_s, w.failures_before_recovery, w.max_recoveries,
                                                 w.window_s), self.models, self.uplink, self.metrics)
@@ -78,7 +78,8 @@ class Agent:
                          choice.reason, threads, hardware.to_dict())
         nvidia_smi = resolve_nvidia_smi(AUTO)  # once: a driver installed later needs a restart anyway
         self.metrics.sources += [SystemFamilies(config.agent.hardware_root, config.agent.state_dir, nvidia_smi),
-                                 ModelFamilies(self.models), AgentFamilies(self.streams.status, self.uplink.status)]
+                                 ModelFamilies(self.models), AgentFamilies(self.streams.status, self.uplink.status),
+                                 ShadowFamilies(self.deployer.shadows.describe)]
         monitor = SystemMonitor(config.agent.hardware_root, config.agent.state_dir, nvidia_smi)
         self.ops = Operations(info, models=self.models, deployer=self.deployer, streams=self.streams,
                               monitor=monitor, uplink=self.uplink, state_dir=config.agent.state_dir,

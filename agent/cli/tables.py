@@ -131,6 +131,27 @@ def status_tables(status: dict[str, Any]) -> None:
                        str(s.get("input_fps", "-")), str(s.get("inferred", "-")),
                        str(s.get("dropped_frames", "-")), ages, str(s.get("results", "-")), str(s.get("errors", "-")))
         _console().print(st)
+    shadows = status.get("shadows") or []
+    if shadows:
+        shadows_table(shadows)
+
+
+def shadows_table(shadows: list[dict[str, Any]]) -> None:
+    """Each shadow against its serving version: agreement, the kind's figures, latency p50/p99, drops."""
+    table = _table(title="shadows", title_justify="left")
+    for col in ("model", "shadow / serving", "state", "kind", "compared", "dropped", "errors", "agreement",
+                "figures", "latency p50/p99 ms (serving | shadow)"):
+        table.add_column(col)
+    for s in shadows:
+        figures = ", ".join(f"{k} {v:g}" for k, v in (s.get("metrics") or {}).items() if v is not None)
+        lat = s.get("latency_ms") or {}
+        served, shadow = lat.get("serving") or {}, lat.get("shadow") or {}
+        latency = (f"{served.get('p50') or '-'}/{served.get('p99') or '-'} | "
+                   f"{shadow.get('p50') or '-'}/{shadow.get('p99') or '-'}")
+        agreement = "-" if s.get("agreement") is None else f"{s['agreement']:.4f}"
+        table.add_row(s["model"], f"{s['version']} / {s['serving_version']}", s["state"], s["kind"],
+                      str(s["compared"]), str(s["dropped"]), str(s["errors"]), agreement, figures or "-", latency)
+    _console().print(table)
 
 
 def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:

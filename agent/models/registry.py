@@ -182,6 +182,7 @@ class ModelRegistry:
         if self.find(old.name, old.version) is not old:
             return False
         new.worker.stats = old.worker.stats  # statistics are per model version, across restarts
+        new.mirror = old.mirror  # a shadow keeps mirroring the restarted version
         new.stats.restarted()
         models = self._models_copy()
         models.setdefault(old.name, {})[old.version] = new
@@ -238,12 +239,13 @@ class ModelRegistry:
         for entry in wanted:
             await self.load(entry)
 
-    def _load_session(self, entry: ModelVersion, delegates: Sequence[DelegateSpec] | None) -> ServedModel:
+    def _load_session(self, entry: ModelVersion, delegates: Sequence[DelegateSpec] | None,
+                      threads: int | None = None) -> ServedModel:
         """Blocking: the runtime session and its worker."""
         opts = self.options(entry.name)
         backend = get_backend(entry.runtime)
         specs = self.delegates_for(entry.runtime) if delegates is None else delegates
-        session = backend.load(entry.file, specs, threads=opts.threads or self.threads,
+        session = backend.load(entry.file, specs, threads=threads or opts.threads or self.threads,
                                options={"inter_op_threads": self.runtime.inter_op_threads,
                                         "allow_spinning": self.runtime.allow_spinning,
                                         "memory_arena": self.runtime.memory_arena, "cache_dir": self.cache_dir})
@@ -253,17 +255,18 @@ class ModelRegistry:
         return ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
 
     async def prepare(self, entry: ModelVersion, warm_up: bool = True,
-                      delegates: Sequence[DelegateSpec] | None = None) -> ServedModel:
+                      delegates: Sequence[DelegateSpec] | None = None, threads: int | None = None) -> ServedModel:
         """Load one version and start its worker in a thread, without serving it yet.
 
-        ``delegates`` overrides the profile's list (the watchdog falls back past a bad one).
+        ``delegates`` overrides the profile's list (the watchdog falls back past a bad one);
+        ``threads`` the runtime threads (a shadow version runs on fewer).
 
         Raises:
             AgentError: the runtime is missing or the model failed on every delegate.
         """
 
         def load() -> ServedModel:
-            served = self._load_session(entry, delegates)
+            served = self._load_session(entry, delegates, threads)
             if warm_up:
                 self.warm_up(served)
             return served

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ class ServedModel:
     # While set (the installer's health window), answers are checked for NaN and infinity, except in
     # the outputs named here (the manifest's ``allow_nonfinite``); a hit counts in ``stats.nonfinite``.
     nonfinite_check: frozenset[str] | None = None
+    # While a shadow version runs beside this one (agent.models.shadow): offered each answered request.
+    mirror: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, Any] | None], None] | None = None
 
     def __post_init__(self) -> None:
         # Looked up where the version is when first needed: a deployment moves it after loading.
@@ -95,9 +97,12 @@ class ServedModel:
             self._account(started, exc)
             raise
         self._account(started, None, outputs)
+        if self.mirror is not None and not raw_outputs:
+            self.mirror(feeds, outputs, None)
         return outputs
 
-    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
+    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray],
+                         meta: Mapping[str, Any] | None = None) -> concurrent.futures.Future[Outputs]:
         """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
 
         Raises:
@@ -106,9 +111,16 @@ class ServedModel:
         """
         started = self._admit(feeds)
         future = self.worker.submit_threadsafe(feeds)
-        future.add_done_callback(lambda done: None if done.cancelled() else self._account(
-            started, done.exception(), None if done.exception() else done.result()))
+        future.add_done_callback(lambda done: None if done.cancelled() else self._done(started, feeds, done, meta))
         return future
+
+    def _done(self, started: float, feeds: Mapping[str, np.ndarray], done: concurrent.futures.Future[Outputs],
+              meta: Mapping[str, Any] | None) -> None:
+        error = done.exception()
+        outputs = None if error else done.result()
+        self._account(started, error, outputs)
+        if outputs is not None and self.mirror is not None:
+            self.mirror(feeds, outputs, meta)
 
     def answers_known_good(self) -> bool | None:
         """Run the version's known-good input (blocking: it waits for the session): True if the model
