@@ -240,3 +240,41 @@ def test_shadow_arguments_are_checked(world: Any) -> None:
         assert status == 404 and answer["code"] == "no_shadow", answer
     out = cli(daemon, "deploy", NAME, "--sample", "0.5")
     assert out.returncode == 2 and "--sample applies to --shadow only" in out.stderr, out
+
+
+def test_stream_items_are_mirrored_with_their_times(tmp_path: Path, samples: dict[str, Path]) -> None:
+    """A Silero VAD stream over real speech: a shadow of the same model (a signed bundle whose manifest
+    says ``vad``) sees the stream's windows with their times, and its speech events agree."""
+    from tests.media import speech_wav
+    from tests.test_streams import VAD_PRE, stream_status
+
+    env = DeployEnv.create(tmp_path / "tuf", samples)
+    try:
+        env.publish_silero("vad", 2, manifest_extra={"postprocess": {"type": "vad", "threshold": 0.5}})
+        (tmp_path / "models" / "vad" / "1").mkdir(parents=True)
+        env.copy_model("silero_vad", tmp_path / "models" / "vad" / "1" / "model.onnx")
+        wav = speech_wav(tmp_path / "speech.wav", "one two three, and then a long pause before four")
+        extra = (f'[shadow]\nsample = 1.0\nqueue_size = 4096\n[stream.mic]\nmodel = "vad"\n'
+                 f'source = {{ type = "wav", path = "{wav}", realtime = true }}\npre = {VAD_PRE}\n'
+                 'post = { type = "vad", threshold = 0.5 }\nautostart = false\n')
+        config = env.agent_config(tmp_path / "agent.toml", extra=extra)
+        daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+        try:
+            client = daemon.client
+            status, started = api(client, "POST", "/v1/agent/models/vad:deploy", {"version": 2, "mode": "shadow"})
+            assert status == 202, started
+            wait_for(lambda: api(client, "GET", "/v1/agent/deployments/vad")[1]["state"] == "shadowing", 60,
+                     "the shadow")
+            assert api(client, "POST", "/v1/agent/streams/mic:start")[0] == 200
+            wait_for(lambda: stream_status(daemon, "mic")["state"] == "ended", 60, "the WAV to end")
+            shadow = wait_for(lambda: next((s for s in api(client, "GET", "/v1/agent/shadows")[1]["shadows"]
+                                            if s["queue_depth"] == 0 and s["compared"] > 0), None), 30, "the queue")
+            m = shadow["metrics"]
+            print(f"\nSilero VAD stream shadowed by itself: {shadow['compared']} windows, events {m}")
+            assert shadow["kind"] == "events" and shadow["dropped"] == 0 and shadow["errors"] == 0
+            assert shadow["compared"] == stream_status(daemon, "mic")["inferred"]
+            assert m["events_serving"] >= 1 and m["event_f1"] == 1.0 and m["decision_agreement"] == 1.0
+        finally:
+            daemon.stop()
+    finally:
+        env.close()
