@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
     models = base / "models" / NAME / "1"
     models.mkdir(parents=True)
     shutil.copyfile(model_path, models / f"model{model_path.suffix}")
-    config = env.agent_config(base / "agent.toml", extra="[runtime]\nthreads = 1\n")
+    shadow = f"[shadow]\nnice = {args.nice}\nqueue_size = {args.queue}\n"
+    config = env.agent_config(base / "agent.toml", extra="[runtime]\nthreads = 1\n" + shadow)
     daemon = start_daemon(base / "agent", "--config", str(config), "--models-dir", str(base / "models"))
     feeds_path = base / "feeds.npz"
     np.savez(feeds_path, **feeds)
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace, base: Path) -> None:
             for condition in order:
                 if condition == "with":
                     shadow_on(client, r + 2, args.sample)
+                time.sleep(args.settle)  # the deploy's (or discard's) own work is over before measuring
                 lat = block(daemon, args, feeds_path, base)
                 results[condition].append(lat)
                 if condition == "with":
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace, base: Path) -> None:
         env.close()
     load_after = os.getloadavg()
     print(f"\nmodel {args.model}, {args.rate:g} req/s over {args.clients} paced clients, {args.seconds:g} s blocks, "
-          f"{args.rounds} rounds, sample {args.sample}")
+          f"{args.rounds} rounds, sample {args.sample}, shadow nice {args.nice}, queue {args.queue}")
     summary = {}
     for condition, blocks in results.items():
         oks = [b[~np.isnan(b)] * 1e3 for b in blocks]
@@ -194,6 +196,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="each block's length")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--sample", type=float, default=0.1)
+    p.add_argument("--nice", type=int, default=10, help="[shadow] nice")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds between a deploy/discard and a block")
+    p.add_argument("--queue", type=int, default=8, help="[shadow] queue_size")
     args = p.parse_args()
     import logging
 
