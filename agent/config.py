@@ -142,6 +142,21 @@ class WarmupSection(_Section):
     values: dict[str, float] = Field(default_factory=dict)
 
 
+class InstancesSection(_Section):
+    """``[model.NAME] instances = { min = 1, max = 4 }``: the workers (each with its own runtime session)
+    the scaler keeps this model between when ``[scaling] enabled``; ``max`` defaults to the CPU budget
+    divided by the model's threads."""
+
+    min: int = Field(default=1, ge=1, le=64)
+    max: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _order(self) -> InstancesSection:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
 class ModelSection(_Section):
     default_version: int | None = Field(default=None, ge=1)
     versions: Literal["latest", "all"] | tuple[int, ...] = "latest"
@@ -151,6 +166,7 @@ class ModelSection(_Section):
     inline_max_us: int = Field(default=2000, ge=0, le=100_000)
     batching: BatchingSection = Field(default_factory=BatchingSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
+    instances: InstancesSection = Field(default_factory=InstancesSection)
 
 
 class ModelsSection(_Section):
@@ -266,6 +282,20 @@ class ShadowSection(_Section):
     max_latency_ratio: float | None = Field(default=None, gt=0)  # shadow p50 / serving p50 over it: discarded
 
 
+class ScalingSection(_Section):
+    """Elastic instances (docs/configuration.md, "Elastic instances"); off unless ``enabled``."""
+
+    enabled: bool = False
+    interval_s: float = Field(default=1.0, gt=0, le=60)  # how often the scaler looks
+    window_s: float = Field(default=5.0, gt=0, le=3600)  # queue waits judged over this window
+    scale_up_wait_ms: float = Field(default=5.0, gt=0)  # p95 queue wait over it adds an instance
+    min_requests: int = Field(default=20, ge=1)  # ... if the window holds at least this many requests
+    idle_s: float = Field(default=60.0, gt=0)  # no queueing for this long removes an instance
+    max_temp_c: float | None = None  # hot past this (or a thermal zone's own trip point): back to min
+    memory_budget_mb: int | None = Field(default=None, ge=1)  # process RSS within 90 % of it: no growth
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # runtime threads in all; default: CPUs
+
+
 class WatchdogSection(_Section):
     enabled: bool = True
     stuck_after_s: float = Field(default=10.0, gt=0, le=3600)  # one inference call longer than this is stuck
@@ -322,6 +352,7 @@ class Config(_Section):
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
     shadow: ShadowSection = Field(default_factory=ShadowSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
     stream: dict[str, StreamSection] = Field(default_factory=dict)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None

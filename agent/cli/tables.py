@@ -66,7 +66,8 @@ def _shape(tensors: list[dict[str, Any]]) -> str:
 
 def models_table(status: dict[str, Any], detail: bool = False) -> None:
     table = _table(title="models", title_justify="left")
-    for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "requests", "errors"):
+    for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "instances", "requests",
+                "errors"):
         table.add_column(col)
     if detail:
         table.add_column("inputs")
@@ -75,7 +76,7 @@ def models_table(status: dict[str, Any], detail: bool = False) -> None:
         default = " (default)" if m.get("default") else ""
         row = [m["name"], f"{m['version']}{default}", m["state"], m.get("runtime", "-"), m.get("delegate", "-"),
                "on" if m.get("batching") else "off", "yes" if m.get("inline") else "no",
-               str(m.get("requests", "-")), str(m.get("errors", "-"))]
+               str(m.get("instances", "-")), str(m.get("requests", "-")), str(m.get("errors", "-"))]
         if detail:
             row += [_shape(m.get("inputs", [])), _shape(m.get("outputs", []))]
         table.add_row(*row)

@@ -67,6 +67,8 @@ class ModelFamilies:
         info = GaugeMetricFamily("edge_agent_model_info", "Loaded model versions with runtime and delegate",
                                  labels=["model", "version", "runtime", "delegate"])
         loaded = GaugeMetricFamily("edge_agent_models_loaded", "Model versions loaded", value=len(served))
+        instances = GaugeMetricFamily("edge_agent_model_instances", "Workers (runtime sessions) of a model version",
+                                      labels=["model", "version"])
         for m in served:
             version = str(m.version)
             for (protocol, code), count in sorted(m.stats.answers().items()):
@@ -76,7 +78,8 @@ class ModelFamilies:
             buckets, total = m.stats.batch_histogram()
             batch.add_metric([m.name, version], buckets, total)
             info.add_metric([m.name, version, m.runtime, m.session.delegate], 1)
-        return [requests, latency, batch, info, loaded]
+            instances.add_metric([m.name, version], len(m.pool) if m.pool is not None else 1)
+        return [requests, latency, batch, info, loaded, instances]
 
 
 class AgentFamilies:

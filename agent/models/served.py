@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError, InferenceError, RequestError
+from agent.models.instances import Instances
 from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
 from agent.models.store import ModelVersion
@@ -39,6 +40,8 @@ class ServedModel:
     nonfinite_check: frozenset[str] | None = None
     # While a shadow version runs beside this one (agent.models.shadow): offered each answered request.
     mirror: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, Any] | None], None] | None = None
+    # With elastic instances on ([scaling] enabled): this version's workers, its own first (agent.models.instances).
+    pool: Instances | None = None
 
     def __post_init__(self) -> None:
         # Looked up where the version is when first needed: a deployment moves it after loading.
@@ -87,15 +90,22 @@ class ServedModel:
         ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
         """
         started = self._admit(feeds)
+        pool = self.pool
+        worker = self.worker if pool is None else pool.pick()
+        if pool is not None and timing is None:
+            timing = Timing(time.perf_counter_ns())  # its queue wait is what the scaler judges
         if timing is not None:
             timing.submitted = time.perf_counter_ns()
         try:
-            outputs = self.worker.run_inline(feeds, raw_outputs, timing)
+            outputs = worker.run_inline(feeds, raw_outputs, timing)
             if outputs is None:
-                outputs = await self.worker.submit(feeds, raw_outputs, timing)
+                outputs = await worker.submit(feeds, raw_outputs, timing)
         except AgentError as exc:
             self._account(started, exc)
             raise
+        finally:
+            if pool is not None:
+                pool.done(worker, _waited(timing))
         self._account(started, None, outputs)
         if self.mirror is not None and not raw_outputs:
             self.mirror(feeds, outputs, None)
@@ -110,7 +120,11 @@ class ServedModel:
                 fails with InvalidInputError when the runtime refuses them, InferenceError when it fails.
         """
         started = self._admit(feeds)
-        future = self.worker.submit_threadsafe(feeds)
+        pool = self.pool
+        worker = self.worker if pool is None else pool.pick()
+        future = worker.submit_threadsafe(feeds)
+        if pool is not None:
+            future.add_done_callback(lambda _done: pool.done(worker, None))
         future.add_done_callback(lambda done: None if done.cancelled() else self._done(started, feeds, done, meta))
         return future
 
@@ -135,7 +149,10 @@ class ServedModel:
         return True
 
     def close(self) -> None:
-        """Stop the worker (queued requests finish first) and release the session. Blocks."""
+        """Stop the workers (queued requests finish first) and release the sessions. Blocks."""
+        for extra in (self.pool.workers[1:] if self.pool is not None else ()):
+            extra.stop()
+            extra.session.close()
         self.worker.stop()
         self.session.close()
 
@@ -148,7 +165,15 @@ class ServedModel:
             "inputs": [s.to_dict() for s in self.session.inputs],
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.stats.requests, "errors": self.stats.errors,
+            "instances": len(self.pool) if self.pool is not None else 1,
         }
+
+
+def _waited(timing: Timing | None) -> float | None:
+    """Seconds a request waited for its worker (0 inline), None if it never ran."""
+    if timing is None or not timing.started or not timing.submitted:
+        return None
+    return max(0, timing.started - timing.submitted) / 1e9
 
 
 def all_finite(outputs: Mapping[str, np.ndarray], allowed: frozenset[str] = frozenset()) -> bool:
