@@ -166,3 +166,79 @@ def test_throttling_flags_and_active_trip_points(tmp_path: Path) -> None:
     assert device_hot(root) is None
     (firmware / "get_throttled").write_text("50005\n")  # under-voltage and throttled now
     assert "throttled" in (device_hot(root) or "")
+
+
+def test_end_to_end_in_the_daemon(tmp_path: Path, samples: dict[str, Path], broker: Any) -> None:
+    """A real daemon: API clients drive a scale-up, seen in status, `edge-agent models`, /metrics and an
+    MQTT event; idle again, it scales down; no request fails."""
+    import subprocess
+    import sys
+    import threading
+
+    from agent.client import AgentClient
+    from cloud_sync.fleet.console import FleetClient
+    from cloud_sync.mqtt.settings import BrokerSettings
+    from tests.conftest import start_daemon, wait_for
+
+    dest = tmp_path / "models" / NAME / "1" / "model.tflite"
+    dest.parent.mkdir(parents=True)
+    shutil.copyfile(samples["face_detection"], dest)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "el-1"
+[mqtt]
+url = "{broker.url}"
+[scaling]
+enabled = true
+interval_s = 0.1
+window_s = 1.0
+scale_up_wait_ms = 0.5
+min_requests = 10
+idle_s = 1.0
+[model.{NAME}]
+inline_max_us = 0
+threads = 1
+instances = {{ min = 1, max = 2 }}
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+    stop = threading.Event()
+    failures: list[str] = []
+    ok = [0]
+
+    def client() -> None:
+        feeds = {"input": np.random.default_rng(1).random((1, 128, 128, 3), dtype=np.float32)}
+        with AgentClient(daemon.socket, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    c.infer(NAME, feeds)
+                    ok[0] += 1
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    def instances() -> int:
+        return next(m["instances"] for m in daemon.client.status()["models"] if m["name"] == NAME)
+
+    try:
+        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
+            fleet.subscribe(["edge/v1/devices/el-1/events"])
+            threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                wait_for(lambda: instances() == 2, 60, "two instances under load")
+                out = subprocess.run([sys.executable, "-m", "agent.cli", "models", "--socket", str(daemon.socket)],
+                                     capture_output=True, text=True, timeout=60, check=False)
+                assert out.returncode == 0 and "instances" in out.stdout, out
+                assert f'edge_agent_model_instances{{model="{NAME}",version="1"}} 2.0' in daemon.client.metrics()
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(30)
+            wait_for(lambda: instances() == 1, 30, "one instance when idle")
+            seen = [m.json() for m in fleet.messages(5, quiet=0.5)]
+            scaled = [e for e in seen if isinstance(e, dict) and e.get("type") == "instances.scaled"]
+            assert [(e["from"], e["to"]) for e in scaled][:2] == [(1, 2), (2, 1)], scaled
+        assert ok[0] > 100 and not failures, failures[:3]
+    finally:
+        daemon.stop()
