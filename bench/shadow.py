@@ -94,6 +94,12 @@ def client_loop(socket_path: str, rate: float, seconds: float, feeds_path: str, 
     np.save(out_path, np.array(lat))
 
 
+def loop_ns(pid: int) -> int:
+    """Nanoseconds the agent's main (event-loop) thread has run: what the serving path costs it,
+    whatever else the machine does (``/proc/PID/task/PID/schedstat``)."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+
+
 def block(daemon: Daemon, args: argparse.Namespace, feeds_path: Path, work: Path) -> np.ndarray:
     procs, outs = [], []
     for i in range(args.clients):
@@ -143,6 +149,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
     np.savez(feeds_path, **feeds)
     client = daemon.client
     results: dict[str, list[np.ndarray]] = {"without": [], "with": []}
+    loop_us: dict[str, list[float]] = {"without": [], "with": []}
+    pid = daemon.proc.pid
     compared, dropped = [], []
     load_before = os.getloadavg()
     try:
@@ -153,7 +161,9 @@ def run(args: argparse.Namespace, base: Path) -> None:
                 if condition == "with":
                     shadow_on(client, r + 2, args.sample)
                 time.sleep(args.settle)  # the deploy's (or discard's) own work is over before measuring
+                before = loop_ns(pid)
                 lat = block(daemon, args, feeds_path, base)
+                loop_us[condition].append((loop_ns(pid) - before) / 1e3 / len(lat))
                 results[condition].append(lat)
                 if condition == "with":
                     s = api(client, "GET", "/v1/agent/shadows")["shadows"][0]
@@ -179,7 +189,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
         summary[condition] = (p50, p99)
         print(f"{condition:>8} shadow: median of block p50 {p50:.3f} ms, p99 {p99:.3f} ms; pooled p50 "
               f"{np.percentile(pooled, 50):.3f} ms p99 {np.percentile(pooled, 99):.3f} ms; "
-              f"{len(pooled)} ok, {failed} failed")
+              f"{len(pooled)} ok, {failed} failed; event-loop thread CPU per call (median of blocks) "
+              f"{statistics.median(loop_us[condition]):.1f} µs")
     change50 = summary["with"][0] / summary["without"][0] - 1
     change99 = summary["with"][1] / summary["without"][1] - 1
     print(f"change with a shadow: p50 {change50:+.1%}, p99 {change99:+.1%}")

@@ -54,6 +54,12 @@ def _frozen(models: Mapping[str, Mapping[int, ServedModel]], failures: Mapping[t
     return _Snapshot(models, MappingProxyType(dict(failures)), MappingProxyType(dict(active)), served)
 
 
+def _stop_workers(workers: Sequence[Worker]) -> None:
+    for worker in workers:
+        worker.stop()
+        worker.session.close()
+
+
 class ModelRegistry:
     """The served models (``ModelCatalog`` for readers, ``ModelSwapper`` for the deployer and watchdog)."""
 
@@ -191,6 +197,10 @@ class ModelRegistry:
         self._change(models)
         if stuck:
             old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")
+            extras = old.pool.workers[1:] if old.pool is not None else ()
+            if extras:  # the restarted version starts again from one instance; the scaler grows it again
+                threading.Thread(target=_stop_workers, args=(extras,), name=f"close-{old.key}-instances",
+                                 daemon=True).start()
         else:
             threading.Thread(target=old.close, name=f"close-{old.key}", daemon=True).start()
         return True
