@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import queue
 import random
 import threading
 import time
@@ -82,8 +81,14 @@ class Shadow:
         self.offered = self.dropped = self.errors = 0
         self.last_error: str | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1024)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()  # the comparator's figures, read by status while the thread adds
+        # The hand-over shares no lock with the shadow thread: a deque (atomic appends and pops) and a
+        # pipe to wake it. A lower-priority thread preempted while holding a queue's mutex would make
+        # the serving thread that offers the next sample wait until it runs again (priority inversion).
+        self.queue_size = queue_size
+        self._items: collections.deque[Any] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._figures: tuple[dict[str, float | None], float | None, int] = (comparator.metrics(), None, 0)
         self._random = random.Random().random  # noqa: S311 - sampling, not security
         self._active = True
         self._thread = threading.Thread(target=self._run, name=f"shadow-{candidate.key}", daemon=True)
@@ -100,9 +105,17 @@ class Shadow:
         if self.serving.mirror == self.offer:
             self.serving.mirror = None
         if self._thread.is_alive():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(_STOP, timeout=timeout)
+            self._items.appendleft(_STOP)
+            self._wake()
             self._thread.join(timeout)
+        if not self._thread.is_alive() and self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe already wakes the thread
+            os.write(self._wake_w, b"\0")
 
     # -- hot path (any thread) --------------------------------------------------------------------
     def offer(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
@@ -111,14 +124,12 @@ class Shadow:
         if not self._active or self._random() >= self.policy.sample:
             return
         self.offered += 1
-        if self._queue.full():
+        if len(self._items) >= self.queue_size:
             self.dropped += 1
             return
-        item = ({k: np.array(v, copy=True) for k, v in feeds.items()}, dict(outputs), dict(meta) if meta else None)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self.dropped += 1
+        self._items.append(({k: np.array(v, copy=True) for k, v in feeds.items()}, dict(outputs),
+                            dict(meta) if meta else None))
+        self._wake()
 
     # -- mirror thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -128,27 +139,34 @@ class Shadow:
                 me = threading.get_native_id()
                 os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + self.nice))
         while True:
-            item = self._queue.get()
+            if not self._items:
+                os.read(self._wake_r, 4096)  # blocks without the GIL until an offer writes
+                continue
+            item = self._items.popleft()
             if item is _STOP:
                 return
             if not self._active:
                 continue
-            feeds, served_outputs, meta = item
-            started = time.perf_counter()
-            try:
-                outputs = self.candidate.worker.run_sync(feeds)
-                took = time.perf_counter() - started
-                with self._lock:
-                    self.comparator.add(served_outputs, outputs, meta)
-                    self._latencies.append(took)
-            except Exception as exc:  # noqa: BLE001 - a shadow's failure is a figure, never the serving path's
-                self.errors += 1
-                if self.last_error is None or self.errors % 100 == 1:
-                    log.warning("shadow.sample_failed", model=self.name, version=self.candidate.version,
-                                reason=str(exc)[:300])
-                self.last_error = str(exc)[:300]
-                continue
-            self._judge()
+            self._compare(*item)
+
+    def _compare(self, feeds: Mapping[str, np.ndarray], served_outputs: Mapping[str, np.ndarray],
+                 meta: Mapping[str, Any] | None) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.candidate.worker.run_sync(feeds)
+            took = time.perf_counter() - started
+            self.comparator.add(served_outputs, outputs, meta)
+            self._latencies.append(took)
+        except Exception as exc:  # noqa: BLE001 - a shadow's failure is a figure, never the serving path's
+            self.errors += 1
+            if self.last_error is None or self.errors % 100 == 1:
+                log.warning("shadow.sample_failed", model=self.name, version=self.candidate.version,
+                            reason=str(exc)[:300])
+            self.last_error = str(exc)[:300]
+            return
+        # Readers (status, /metrics) take this snapshot: they never wait for this thread.
+        self._figures = (self.comparator.metrics(), self.comparator.agreement, self.comparator.samples)
+        self._judge()
 
     def _judge(self) -> None:
         """The policy's verdict once it has ``min_samples``: discard below ``min_agreement`` or over
@@ -183,17 +201,15 @@ class Shadow:
         return shadow / serving
 
     def describe(self) -> dict[str, Any]:
-        with self._lock:
-            metrics = self.comparator.metrics()
-            agreement, samples = self.comparator.agreement, self.comparator.samples
-            shadow_times = list(self._latencies)
+        metrics, agreement, samples = self._figures
+        shadow_times = list(self._latencies)
         ratio = self.latency_ratio()
         return {
             "model": self.name, "version": self.candidate.version, "serving_version": self.serving.version,
             "state": self.state, "kind": self.comparator.kind, "deployment": self.deployment,
             "started_at": self.started_at, "sample": self.policy.sample, "policy": self.policy.to_dict(),
             "offered": self.offered, "compared": samples, "dropped": self.dropped, "errors": self.errors,
-            "queue_depth": self._queue.qsize(), "last_error": self.last_error,
+            "queue_depth": len(self._items), "last_error": self.last_error,
             "agreement": None if agreement is None else round(agreement, 6), "metrics": metrics,
             "latency_ms": {"serving": _percentiles(self._serving_times()), "shadow": _percentiles(shadow_times)},
             "latency_ratio": None if ratio is None else round(ratio, 4),
@@ -202,9 +218,10 @@ class Shadow:
 
     def summary(self) -> dict[str, Any]:
         """The birth message's line: which candidate, against which version, how it agrees so far."""
+        _metrics, agreement, samples = self._figures
         return {"model": self.name, "version": self.candidate.version, "serving_version": self.serving.version,
-                "state": self.state, "kind": self.comparator.kind, "compared": self.comparator.samples,
-                "agreement": None if self.comparator.agreement is None else round(self.comparator.agreement, 4)}
+                "state": self.state, "kind": self.comparator.kind, "compared": samples,
+                "agreement": None if agreement is None else round(agreement, 4)}
 
 
 class Shadows:
