@@ -293,7 +293,8 @@ class ScalingSection(_Section):
     idle_s: float = Field(default=60.0, gt=0)  # no queueing for this long removes an instance
     max_temp_c: float | None = None  # hot past this (or a thermal zone's own trip point): back to min
     memory_budget_mb: int | None = Field(default=None, ge=1)  # process RSS within 90 % of it: no growth
-    cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # runtime threads in all; default: CPUs
+    # Runtime threads of all instances together; default: the device profile's threads, else the CPU count.
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
 
 class WatchdogSection(_Section):

@@ -76,7 +76,7 @@ class Agent:
                                                 w.window_s), self.models, self.uplink, self.metrics)
         self.scaler = Scaler(config.scaling, self.models, self.uplink,
                              options=lambda n: config.model_options(n).instances,
-                             hardware_root=config.agent.hardware_root)
+                             hardware_root=config.agent.hardware_root, cpu_budget=choice.profile.threads)
         self.streams = StreamManager(config.stream, self.models, self.uplink)
         info = AgentInfo(__version__, config.agent.device_id, config.models_dir, config.source, choice.profile.name,
                          choice.reason, threads, hardware.to_dict())

@@ -166,6 +166,8 @@ def test_shadow_quantized_then_wrong_candidate(world: Any) -> None:
         text = cli(daemon, "status")
         assert text.returncode == 0 and "shadows" in text.stdout and "top1_agreement" in text.stdout, text
         assert "classification" in cli(daemon, "shadows").stdout
+        reply = fleet.command("dev1", "shadows", timeout=30)
+        assert reply["ok"] and reply["result"]["shadows"][0]["kind"] == "classification", reply
 
         def fleet_sees_shadow() -> bool:
             drain(fleet, seen)
@@ -274,6 +276,35 @@ def test_stream_items_are_mirrored_with_their_times(tmp_path: Path, samples: dic
             assert shadow["kind"] == "events" and shadow["dropped"] == 0 and shadow["errors"] == 0
             assert shadow["compared"] == stream_status(daemon, "mic")["inferred"]
             assert m["events_serving"] >= 1 and m["event_f1"] == 1.0 and m["decision_agreement"] == 1.0
+        finally:
+            daemon.stop()
+    finally:
+        env.close()
+
+
+def test_a_shadow_does_not_outlive_the_agent(tmp_path: Path, samples: dict[str, Path]) -> None:
+    """Stopping the agent discards its shadow (files and all); the next start serves the old version alone."""
+    env = DeployEnv.create(tmp_path / "tuf", samples)
+    float_model = classifier(tmp_path / "src" / "float.onnx")
+    models = tmp_path / "models"
+    (models / NAME / "1").mkdir(parents=True)
+    (models / NAME / "1" / "model.onnx").write_bytes(float_model.read_bytes())
+    bundle(env, quantized(float_model, tmp_path / "src" / "int8.onnx"), 2)
+    config = env.agent_config(tmp_path / "agent.toml")
+    args = ("--config", str(config), "--models-dir", str(models))
+    try:
+        daemon = start_daemon(tmp_path / "agent", *args)
+        assert api(daemon.client, "POST", f"/v1/agent/models/{NAME}:deploy", {"version": 2, "mode": "shadow"})[0] == 202
+        wait_for(lambda: record(daemon.client)["state"] == "shadowing", 60, "the shadow")
+        assert list((models / NAME).glob(".staging-2"))
+        assert daemon.stop() == 0
+        daemon = start_daemon(tmp_path / "agent", *args)
+        try:
+            final = record(daemon.client)
+            assert final["state"] == "discarded" and final["error"]["message"] == "the agent stopped", final
+            assert api(daemon.client, "GET", "/v1/agent/shadows")[1]["shadows"] == []
+            assert default_version(daemon.client) == 1 and not list((models / NAME).glob(".staging-*"))
+            assert sorted(p.name for p in (models / NAME).iterdir()) == ["1"]
         finally:
             daemon.stop()
     finally:

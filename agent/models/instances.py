@@ -178,7 +178,8 @@ class Scaler:
         self.sink = sink
         self.options = options
         self.root = hardware_root
-        self.cpu_budget = cpu_budget or settings.cpu_threads or os.cpu_count() or 1
+        # [scaling] cpu_threads, else the device profile's thread budget, else the CPU count.
+        self.cpu_budget = settings.cpu_threads or cpu_budget or os.cpu_count() or 1
         self.rss = rss
         self.blocked: dict[str, str] = {}  # model key -> why it may not grow now
 
