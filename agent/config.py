@@ -276,6 +276,8 @@ class ShadowSection(_Section):
     sample: float = Field(default=0.1, gt=0, le=1)  # fraction of answered requests and stream items mirrored
     queue_size: int = Field(default=8, ge=1, le=4096)  # samples waiting for the shadow; more are dropped
     threads: int = Field(default=1, ge=1, le=256)  # the candidate's runtime threads (it runs on its own thread)
+    # Run the candidate (and the comparison) in a child process: it then shares no GIL with serving.
+    process: bool = True
     nice: int = Field(default=10, ge=0, le=19)  # added to the shadow thread's nice value (Linux)
     min_samples: int = Field(default=200, ge=1)  # the policy judges after this many compared samples
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # under it: discarded (None: no policy)

@@ -201,3 +201,33 @@ def test_a_busy_shadow_drops_and_never_holds_the_caller(pair: Any) -> None:
     finally:
         gate.set()
         shadow.stop()
+
+
+def test_the_shadow_process_runs_and_compares_in_its_own_process(pair: Any) -> None:
+    from agent.errors import AgentError
+    from agent.models.shadow_process import ShadowProcess
+
+    serving, candidate = pair
+    proc = ShadowProcess({"file": str(candidate.source.file), "runtime": "onnx", "delegates": [], "threads": 1,
+                          "post": {"type": "classification"}, "labels": None,
+                          "serving_outputs": list(serving.outputs), "options": {}}, nice=5)
+    decisions: list[tuple[str, str, str]] = []
+    shadow = Shadow(serving, candidate, ClassificationComparator("probabilities"),
+                    ShadowPolicy(sample=1.0, min_samples=40, min_agreement=0.9), decide=lambda *d: decisions.append(d),
+                    queue_size=1000, nice=0, process=proc)
+    shadow.start()
+    try:
+        assert proc.proc.pid != 0 and proc.delegate == "CPUExecutionProvider"
+        for row in inputs(50):
+            shadow.offer({"input": row}, serving.worker.run_sync({"input": row}))
+        wait_for(lambda: decisions, 20, "a decision from the child's figures")
+        d = shadow.describe()
+        assert d["process"] == proc.proc.pid and d["kind"] == "classification" and d["compared"] >= 40
+        assert d["agreement"] >= 0.9 and d["metrics"]["top1_agreement"] == d["agreement"]
+        with pytest.raises(AgentError, match="input"):  # a failed sample is reported, the child lives on
+            proc.compare({"wrong": np.zeros((1, 64), np.float32)}, {"probabilities": np.zeros((1, 10))}, None)
+        took, figures = proc.compare({"input": inputs(1)[0]}, serving.worker.run_sync({"input": inputs(1)[0]}), None)
+        assert took > 0 and figures[2] > d["compared"] - 1
+    finally:
+        shadow.stop()
+    assert proc.proc.poll() is not None  # stopped with the shadow

@@ -361,8 +361,20 @@ class Deployer:
         except PipelineError as exc:  # the serving version's outputs do not fit: compare tensors
             log.warning("shadow.raw_comparison", model=name, reason=str(exc))
             comparator = RawComparator()
+        process = None
+        if self.shadow_cfg.process:
+            from agent.models.shadow_process import ShadowProcess
+
+            init = {"file": str(candidate.source.file), "runtime": candidate.runtime,
+                    "delegates": [(d.name, d.library, dict(d.options)) for d in self.models.delegates_for(
+                                  candidate.runtime) if d.name == candidate.session.delegate],
+                    "threads": self.shadow_cfg.threads, "post": post, "labels": labels,
+                    "serving_outputs": list(serving.outputs),
+                    "options": {"allow_spinning": False, "memory_arena": False, "inter_op_threads": 1}}
+            process = await asyncio.to_thread(ShadowProcess, init, nice=self.shadow_cfg.nice)
         shadow = Shadow(serving, candidate, comparator, policy, decide=self._decide,
-                        queue_size=self.shadow_cfg.queue_size, nice=self.shadow_cfg.nice, deployment=record.id)
+                        queue_size=self.shadow_cfg.queue_size, nice=0 if process else self.shadow_cfg.nice,
+                        deployment=record.id, process=process)
         self._shadowed[name] = attempt
         self.shadows.add(shadow)
         await self._step(record, "shadowing", serving_version=serving.version, kind=comparator.kind,

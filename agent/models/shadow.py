@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 
 from agent.models.agreement import Comparator
+from agent.models.shadow_process import ShadowProcess
 
 if TYPE_CHECKING:
     from agent.models.served import ServedModel
@@ -67,7 +68,8 @@ class Shadow:
     """One candidate version mirroring its model's serving version. ``offer`` is safe from any thread."""
 
     def __init__(self, serving: ServedModel, candidate: ServedModel, comparator: Comparator, policy: ShadowPolicy,
-                 *, decide: Decide, queue_size: int = 8, nice: int = 10, deployment: str | None = None) -> None:
+                 *, decide: Decide, queue_size: int = 8, nice: int = 10, deployment: str | None = None,
+                 process: ShadowProcess | None = None) -> None:
         self.name = candidate.name
         self.serving, self.candidate = serving, candidate
         self.comparator = comparator
@@ -75,6 +77,8 @@ class Shadow:
         self.decide = decide
         self.nice = nice
         self.deployment = deployment
+        # The candidate runs in this child process (and compares there) when given; else on this thread.
+        self.process = process
         self.started_at = time.time()
         self.state = "mirroring"  # then "promoting" or "discarded"
         self.decision: dict[str, str] | None = None
@@ -108,6 +112,8 @@ class Shadow:
             self._items.appendleft(_STOP)
             self._wake()
             self._thread.join(timeout)
+        if self.process is not None:
+            self.process.close()
         if not self._thread.is_alive() and self._wake_w >= 0:
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -153,9 +159,13 @@ class Shadow:
                  meta: Mapping[str, Any] | None) -> None:
         started = time.perf_counter()
         try:
-            outputs = self.candidate.worker.run_sync(feeds)
-            took = time.perf_counter() - started
-            self.comparator.add(served_outputs, outputs, meta)
+            if self.process is not None:
+                took, figures = self.process.compare(feeds, served_outputs, meta)
+            else:
+                outputs = self.candidate.worker.run_sync(feeds)
+                took = time.perf_counter() - started
+                self.comparator.add(served_outputs, outputs, meta)
+                figures = (self.comparator.metrics(), self.comparator.agreement, self.comparator.samples)
             self._latencies.append(took)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure is a figure, never the serving path's
             self.errors += 1
@@ -165,17 +175,19 @@ class Shadow:
             self.last_error = str(exc)[:300]
             return
         # Readers (status, /metrics) take this snapshot: they never wait for this thread.
-        self._figures = (self.comparator.metrics(), self.comparator.agreement, self.comparator.samples)
+        self._figures = figures
         self._judge()
 
     def _judge(self) -> None:
         """The policy's verdict once it has ``min_samples``: discard below ``min_agreement`` or over
         ``max_latency_ratio``, else promote. Handed to ``decide`` once."""
         policy = self.policy
-        if not policy.automatic or self.decision is not None or self.comparator.samples < policy.min_samples:
+        _metrics, agreement, samples = self._figures
+        if not policy.automatic or self.decision is not None or samples < policy.min_samples:
             return
-        agreement, ratio = self.comparator.agreement, self.latency_ratio()
-        action, reason = "promote", f"agreement {agreement:.4f} after {self.comparator.samples} samples"
+        ratio = self.latency_ratio()
+        shown = None if agreement is None else round(agreement, 4)
+        action, reason = "promote", f"agreement {shown} after {samples} samples"
         if policy.min_agreement is not None and (agreement is None or agreement < policy.min_agreement):
             action, reason = "discard", (f"agreement {agreement if agreement is None else round(agreement, 4)} is "
                                          f"under min_agreement {policy.min_agreement}")
@@ -213,7 +225,8 @@ class Shadow:
             "agreement": None if agreement is None else round(agreement, 6), "metrics": metrics,
             "latency_ms": {"serving": _percentiles(self._serving_times()), "shadow": _percentiles(shadow_times)},
             "latency_ratio": None if ratio is None else round(ratio, 4),
-            "delegate": self.candidate.session.delegate, "decision": self.decision,
+            "delegate": self.process.delegate if self.process is not None else self.candidate.session.delegate,
+            "process": self.process.proc.pid if self.process is not None else None, "decision": self.decision,
         }
 
     def summary(self) -> dict[str, Any]:
