@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, base: Path) -> None:
     models = base / "models" / NAME / "1"
     models.mkdir(parents=True)
     shutil.copyfile(model_path, models / f"model{model_path.suffix}")
-    shadow = f"[shadow]\nnice = {args.nice}\nqueue_size = {args.queue}\n"
+    shadow = f"[shadow]\nnice = {args.nice}\nqueue_size = {args.queue}\nprocess = {str(not args.in_process).lower()}\n"
     config = env.agent_config(base / "agent.toml", extra="[runtime]\nthreads = 1\n" + shadow)
     daemon = start_daemon(base / "agent", "--config", str(config), "--models-dir", str(base / "models"))
     feeds_path = base / "feeds.npz"
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace, base: Path) -> None:
         env.close()
     load_after = os.getloadavg()
     print(f"\nmodel {args.model}, {args.rate:g} req/s over {args.clients} paced clients, {args.seconds:g} s blocks, "
-          f"{args.rounds} rounds, sample {args.sample}, shadow nice {args.nice}, queue {args.queue}")
+          f"{args.rounds} rounds, sample {args.sample}, shadow nice {args.nice}, queue {args.queue}, "
+          f"{'in-process (thread)' if args.in_process else 'own process'}")
     summary = {}
     for condition, blocks in results.items():
         oks = [b[~np.isnan(b)] * 1e3 for b in blocks]
@@ -208,6 +209,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--sample", type=float, default=0.1)
     p.add_argument("--nice", type=int, default=10, help="[shadow] nice")
+    p.add_argument("--in-process", action="store_true", help="[shadow] process = false: the shadow on a thread")
     p.add_argument("--settle", type=float, default=2.0, help="seconds between a deploy/discard and a block")
     p.add_argument("--queue", type=int, default=8, help="[shadow] queue_size")
     args = p.parse_args()
