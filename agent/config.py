@@ -142,6 +142,21 @@ class WarmupSection(_Section):
     values: dict[str, float] = Field(default_factory=dict)
 
 
+class InstancesSection(_Section):
+    """``[model.NAME] instances = { min = 1, max = 4 }``: the workers (each with its own runtime session)
+    the scaler keeps this model between when ``[scaling] enabled``; ``max`` defaults to the CPU budget
+    divided by the model's threads."""
+
+    min: int = Field(default=1, ge=1, le=64)
+    max: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _order(self) -> InstancesSection:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
 class ModelSection(_Section):
     default_version: int | None = Field(default=None, ge=1)
     versions: Literal["latest", "all"] | tuple[int, ...] = "latest"
@@ -151,6 +166,7 @@ class ModelSection(_Section):
     inline_max_us: int = Field(default=2000, ge=0, le=100_000)
     batching: BatchingSection = Field(default_factory=BatchingSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
+    instances: InstancesSection = Field(default_factory=InstancesSection)
 
 
 class ModelsSection(_Section):
@@ -253,6 +269,36 @@ class UpdatesSection(_Section):
         return value
 
 
+class ShadowSection(_Section):
+    """Shadow deployments (docs/shadow.md): how much live traffic a candidate sees, its worker's
+    share of the CPU, and the defaults of the optional policy (a deploy command may override them)."""
+
+    sample: float = Field(default=0.1, gt=0, le=1)  # fraction of answered requests and stream items mirrored
+    queue_size: int = Field(default=8, ge=1, le=4096)  # samples waiting for the shadow; more are dropped
+    threads: int = Field(default=1, ge=1, le=256)  # the candidate's runtime threads (it runs on its own thread)
+    # Run the candidate (and the comparison) in a child process: it then shares no GIL with serving.
+    process: bool = True
+    nice: int = Field(default=10, ge=0, le=19)  # added to the shadow thread's nice value (Linux)
+    min_samples: int = Field(default=200, ge=1)  # the policy judges after this many compared samples
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # under it: discarded (None: no policy)
+    max_latency_ratio: float | None = Field(default=None, gt=0)  # shadow p50 / serving p50 over it: discarded
+
+
+class ScalingSection(_Section):
+    """Elastic instances (docs/configuration.md, "Elastic instances"); off unless ``enabled``."""
+
+    enabled: bool = False
+    interval_s: float = Field(default=1.0, gt=0, le=60)  # how often the scaler looks
+    window_s: float = Field(default=5.0, gt=0, le=3600)  # queue waits judged over this window
+    scale_up_wait_ms: float = Field(default=5.0, gt=0)  # p95 queue wait over it adds an instance
+    min_requests: int = Field(default=20, ge=1)  # ... if the window holds at least this many requests
+    idle_s: float = Field(default=60.0, gt=0)  # no queueing for this long removes an instance
+    max_temp_c: float | None = None  # hot past this (or a thermal zone's own trip point): back to min
+    memory_budget_mb: int | None = Field(default=None, ge=1)  # process RSS within 90 % of it: no growth
+    # Runtime threads of all instances together; default: the device profile's threads, else the CPU count.
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)
+
+
 class WatchdogSection(_Section):
     enabled: bool = True
     stuck_after_s: float = Field(default=10.0, gt=0, le=3600)  # one inference call longer than this is stuck
@@ -308,6 +354,8 @@ class Config(_Section):
     mqtt: MqttSection = Field(default_factory=MqttSection)
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
+    shadow: ShadowSection = Field(default_factory=ShadowSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
     stream: dict[str, StreamSection] = Field(default_factory=dict)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: str | None = None

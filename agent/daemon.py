@@ -23,11 +23,12 @@ from agent.core.metrics import Metrics
 from agent.core.uplink import Uplink
 from agent.deploy.installer import STEP_HOOKS, Deployer, DeviceFacts
 from agent.hardware import DeviceProfile, HardwareInfo, ProfileChoice, detect, load_profiles, select_profile
-from agent.health.gauges import AgentFamilies, ModelFamilies, SystemFamilies
+from agent.health.gauges import AgentFamilies, ModelFamilies, ShadowFamilies, SystemFamilies
 from agent.health.monitor import SystemMonitor
 from agent.health.system import AUTO, release_free_heap, resolve_nvidia_smi
 from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.logs import configure_logging
+from agent.models.instances import Scaler
 from agent.models.registry import ModelRegistry
 from agent.operations import AgentInfo, Operations
 from agent.pipelines.manager import StreamManager
@@ -65,20 +66,24 @@ class Agent:
         self.models = ModelRegistry(config.models_dir, model_options=config.model,
                                     versions_policy=config.models.versions, runtime=config.runtime,
                                     delegates=choice.profile.runtimes, threads=threads, metrics=self.metrics,
-                                    cache_dir=config.cache_dir)
+                                    cache_dir=config.cache_dir, elastic=config.scaling.enabled)
         self.deployer = Deployer(config.updates, models_dir=config.models_dir, state_dir=config.agent.state_dir,
                                  models=self.models, sink=self.uplink,
                                  device=DeviceFacts(__version__, frozenset(a.kind for a in hardware.accelerators)),
-                                 step_hooks=STEP_HOOKS, cache_dir=config.cache_dir)
+                                 step_hooks=STEP_HOOKS, cache_dir=config.cache_dir, shadow=config.shadow)
         w = config.watchdog
         self.watchdog = Watchdog(WatchdogPolicy(w.stuck_after_s, w.failures_before_recovery, w.max_recoveries,
                                                 w.window_s), self.models, self.uplink, self.metrics)
+        self.scaler = Scaler(config.scaling, self.models, self.uplink,
+                             options=lambda n: config.model_options(n).instances,
+                             hardware_root=config.agent.hardware_root, cpu_budget=choice.profile.threads)
         self.streams = StreamManager(config.stream, self.models, self.uplink)
         info = AgentInfo(__version__, config.agent.device_id, config.models_dir, config.source, choice.profile.name,
                          choice.reason, threads, hardware.to_dict())
         nvidia_smi = resolve_nvidia_smi(AUTO)  # once: a driver installed later needs a restart anyway
         self.metrics.sources += [SystemFamilies(config.agent.hardware_root, config.agent.state_dir, nvidia_smi),
-                                 ModelFamilies(self.models), AgentFamilies(self.streams.status, self.uplink.status)]
+                                 ModelFamilies(self.models), AgentFamilies(self.streams.status, self.uplink.status),
+                                 ShadowFamilies(self.deployer.shadows.describe)]
         monitor = SystemMonitor(config.agent.hardware_root, config.agent.state_dir, nvidia_smi)
         self.ops = Operations(info, models=self.models, deployer=self.deployer, streams=self.streams,
                               monitor=monitor, uplink=self.uplink, state_dir=config.agent.state_dir,
@@ -86,6 +91,7 @@ class Agent:
         self.server: HTTPServer = build_server(self.ops, self.models, self.metrics, config.api)
         self.link: CloudLink | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._scaler_task: asyncio.Task[None] | None = None
         self._bound = False
 
     async def start(self) -> None:
@@ -117,6 +123,8 @@ class Agent:
                                "previous": record.previous, "error": record.error})
         if config.watchdog.enabled:
             self._watchdog_task = asyncio.get_running_loop().create_task(self.watchdog.run(), name="model-watchdog")
+        if config.scaling.enabled:
+            self._scaler_task = asyncio.get_running_loop().create_task(self.scaler.run(), name="instance-scaler")
         sock = bind_unix_socket(config.socket_path, config.api.socket_mode)
         self._bound = True
         await self.server.listen_unix(sock)
@@ -143,6 +151,8 @@ class Agent:
         await self.streams.stop_all()  # before the API and models go: streams infer through them
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
+        if self._scaler_task is not None:
+            self._scaler_task.cancel()
         await self.deployer.stop()
         await self.server.stop(self.config.agent.shutdown_timeout_s)
         if self.link is not None:

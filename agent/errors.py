@@ -192,6 +192,12 @@ class DeploymentNotFoundError(NotFoundError):
     """No deployment record for that model."""
 
 
+class ShadowNotFoundError(NotFoundError):
+    """No shadow version of that model is running (promote, discard)."""
+
+    code = "no_shadow"
+
+
 class PipelineError(AgentError):
     """A pipeline part is misconfigured or cannot work with this model (never installed/started)."""
 

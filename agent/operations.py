@@ -126,6 +126,7 @@ class Operations:
             "system": system.to_dict(),
             "deployments": [r.to_dict() for r in deployments],
             "streams": self.streams.status(),
+            "shadows": self.shadows(),
         }
 
     # -- models -------------------------------------------------------------------------------------------
@@ -135,22 +136,60 @@ class Operations:
         self.uplink.inventory_changed()
         return changes
 
-    async def deploy(self, name: str, version: int | None) -> Deployment:
-        """Start installing a signed bundle; it runs on in the background.
+    async def deploy(self, name: str, version: int | None, mode: str = "swap",
+                     shadow: Mapping[str, Any] | None = None) -> Deployment:
+        """Start installing a signed bundle; it runs on in the background. ``mode`` ``shadow``: run it
+        beside the serving version (``shadow`` overrides ``[shadow]``'s sample and policy).
 
         Raises:
-            DeployError: one is already running for this model (``busy``).
+            DeployError: one is already running for this model, or a shadow of it (``busy``).
         """
-        return await self.deployer.start(name, version)
+        policy = self.deployer.policy(dict(shadow or {})) if mode == "shadow" else None
+        return await self.deployer.start(name, version, mode, policy)
 
-    async def deploy_and_wait(self, name: str, version: int | None) -> Deployment:
-        """Install a signed bundle and return its committed record.
+    async def deploy_and_wait(self, name: str, version: int | None, mode: str = "swap",
+                              shadow: Mapping[str, Any] | None = None) -> Deployment:
+        """Install a signed bundle and return its committed record (a shadow's once it mirrors).
 
         Raises:
             DeployError: it could not start, failed, or was rolled back (``code`` says why).
         """
-        await self.deployer.start(name, version)
+        await self.deploy(name, version, mode, shadow)
         return await self.deployer.wait(name)
+
+    # -- shadows ------------------------------------------------------------------------------------------
+    def shadows(self) -> list[dict[str, Any]]:
+        """Every running shadow with its agreement, latency and drop figures (``GET /v1/agent/shadows``)."""
+        return self.deployer.shadows.describe()
+
+    def shadow_summary(self) -> list[dict[str, Any]]:
+        """The birth message's short form."""
+        return self.deployer.shadows.summary()
+
+    def promote(self, name: str) -> Deployment:
+        """Swap the shadow in (the normal swap and health window), in the background.
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name``; DeployError (``busy``): already being promoted.
+        """
+        return self.deployer.promote_start(name)
+
+    async def promote_and_wait(self, name: str) -> Deployment:
+        """Promote the shadow and return the committed record.
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name``; DeployError: it was rolled back (``code`` says why).
+        """
+        self.deployer.promote_start(name)
+        return await self.deployer.wait(name)
+
+    async def discard(self, name: str) -> dict[str, Any]:
+        """Stop the shadow and remove its files; returns its last figures.
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name``; DeployError (``busy``): being promoted.
+        """
+        return await self.deployer.discard(name)
 
     async def deployment(self, name: str) -> dict[str, Any]:
         """The latest deployment record of ``name`` and whether it is still running.

@@ -232,7 +232,7 @@ class FakeSwapper:
         return list(self.profile.get(runtime, ()))
 
     async def prepare(self, entry: ModelVersion, warm_up: bool = True,
-                      delegates: Sequence[DelegateSpec] | None = None) -> ServedModel:
+                      delegates: Sequence[DelegateSpec] | None = None, threads: int | None = None) -> ServedModel:
         self.prepared.append(PrepareCall(entry, warm_up, None if delegates is None else [d.name for d in delegates]))
         self.calls.append(("prepare", entry.name, entry.version))
         await asyncio.sleep(0)  # loading happens in a thread: other tasks run meanwhile

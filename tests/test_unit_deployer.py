@@ -173,6 +173,34 @@ def test_recover_without_previous_version_leaves_no_active(world: World) -> None
     assert len(world.rejected(1)) == 1
 
 
+def test_recover_discards_an_interrupted_shadow(world: World) -> None:
+    """A shadow does not outlive the process: its staged files go, the serving version stays."""
+    world.put(1)
+    world.set_active(1)
+    world.put_staging(2)
+    world.store.save(Deployment(NAME, 2, 1, state="shadowing", mode="shadow"))
+
+    [record] = world.deployer().recover()
+
+    assert (record.state, record.mode, record.error["code"] if record.error else None) == \
+        ("discarded", "shadow", "interrupted")
+    assert world.entries() == {"1", ".active"} and world.active() == "1"
+    assert world.store.load(NAME) == record
+
+
+async def test_shadow_refuses_a_model_that_serves_nothing_and_promote_needs_a_shadow(world: World) -> None:
+    from agent.errors import ShadowNotFoundError
+
+    deployer = world.deployer()
+    with pytest.raises(DeployError) as err:
+        await deployer.start(NAME, 2, "shadow")
+    assert err.value.code == "not_serving"
+    with pytest.raises(ShadowNotFoundError):
+        deployer.promote_start(NAME)
+    with pytest.raises(ShadowNotFoundError):
+        await deployer.discard(NAME)
+
+
 def test_recover_of_a_record_without_version_only_finalises_it(world: World) -> None:
     world.put(1)
     world.set_active(1)

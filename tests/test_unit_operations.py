@@ -285,7 +285,7 @@ async def test_status_without_a_link(rig: Rig) -> None:
     status = await rig.ops.status()
 
     assert set(status) == {"agent", "profile", "hardware", "models", "link", "outbox", "system", "deployments",
-                           "streams"}
+                           "streams", "shadows"}
     agent = status["agent"]
     assert {k: agent[k] for k in ("version", "device_id", "listeners", "config")} == {
         "version": "1.2.3", "device_id": "dev-1", "listeners": ["unix:/run/agent.sock"], "config": None}
@@ -297,6 +297,7 @@ async def test_status_without_a_link(rig: Rig) -> None:
     assert status["system"] == {"cpu_percent": 1.5, "memory": {"used": 1}}
     assert [(d["model"], d["state"]) for d in status["deployments"]] == [("vad", "committed")]
     assert status["streams"] == [{"name": "mic", "state": "stopped", "model": "vad"}]
+    assert status["shadows"] == []
     assert rig.monitor.snapshots == 1
     orjson.dumps(status)  # what the API and the status command send
 

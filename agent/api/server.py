@@ -26,6 +26,7 @@ from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
+from agent.api.shadow import shadow_args
 from agent.config import ApiSection
 from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
@@ -154,8 +155,19 @@ class Routes:
         version = body.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise RequestError("'version' must be a positive integer or null")
-        record = await self.ops.deploy(request.params["name"], version)
+        mode, shadow = shadow_args(body)
+        record = await self.ops.deploy(request.params["name"], version, mode, shadow)
         return _json(record.to_dict(), 202)
+
+    async def shadows(self, _request: Request) -> Response:
+        return _json({"shadows": self.ops.shadows()})
+
+    async def promote(self, request: Request) -> Response:
+        """Swap the shadow in; poll ``GET /v1/agent/deployments/{name}`` for the health window's outcome."""
+        return _json(self.ops.promote(request.params["name"]).to_dict(), 202)
+
+    async def discard(self, request: Request) -> Response:
+        return _json(await self.ops.discard(request.params["name"]))
 
     async def deployment(self, request: Request) -> Response:
         return _json(await self.ops.deployment(request.params["name"]))
@@ -278,6 +290,9 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
         ("POST", f"/v1/agent/models/{name}:deploy", r.deploy),
         ("POST", f"/v1/agent/models/{name}:rollback", r.rollback),
         ("GET", f"/v1/agent/deployments/{name}", r.deployment),
+        ("GET", "/v1/agent/shadows", r.shadows),
+        ("POST", f"/v1/agent/models/{name}:promote", r.promote),
+        ("POST", f"/v1/agent/models/{name}:discard", r.discard),
     ]
     for method, path, handler in data_plane:
         router.add(method, path, _guard(handler))

@@ -62,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--version", type=int, help="bundle version (default: the latest)")
     dep.add_argument("--no-wait", action="store_true", help="return once the deployment has started")
     dep.add_argument("--wait-timeout", type=float, default=900.0, help="seconds to follow it (default 900)")
+    dep.add_argument("--shadow", action="store_true",
+                     help="run it beside the serving version on a sample of live traffic instead of swapping it in")
+    dep.add_argument("--sample", type=float, help="shadow: fraction of requests mirrored (default: [shadow] sample)")
+    dep.add_argument("--min-samples", type=int, help="shadow policy: judge after this many compared samples")
+    dep.add_argument("--min-agreement", type=float, help="shadow policy: discard under this agreement, else promote")
+    dep.add_argument("--max-latency-ratio", type=float,
+                     help="shadow policy: discard when shadow p50 / serving p50 is over this")
+    client_args(sub.add_parser("shadows", help="running shadow versions: agreement, latency, drops"))
+    for verb, text in (("promote", "swap the shadow version in (with the health window)"),
+                       ("discard", "stop the shadow version and remove it")):
+        cmd = sub.add_parser(verb, help=text)
+        client_args(cmd)
+        cmd.add_argument("model", help="model name")
+        if verb == "promote":
+            cmd.add_argument("--no-wait", action="store_true", help="return once the swap has started")
+            cmd.add_argument("--wait-timeout", type=float, default=900.0, help="seconds to follow it (default 900)")
     rb = sub.add_parser("rollback", help="serve the previous version of a model again")
     client_args(rb)
     rb.add_argument("model", help="model name")
@@ -192,31 +208,94 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
-    import time
+def _shadow_body(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.shadow:
+        given = [f for f in ("sample", "min_samples", "min_agreement", "max_latency_ratio")
+                 if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} applies to --shadow only")
+        return {}
+    policy = {f: getattr(args, f) for f in ("sample", "min_samples", "min_agreement", "max_latency_ratio")
+              if getattr(args, f) is not None}
+    return {"mode": "shadow", **({"shadow": policy} if policy else {})}
 
+
+def cmd_deploy(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        body = orjson.dumps({"version": args.version})
+        body = orjson.dumps({"version": args.version, **_shadow_body(args)})
         status, _, data = client.request("POST", f"/v1/agent/models/{args.model}:deploy", body)
         started = client._decode(status, data)
         if args.no_wait:
             print(f"deployment {started['id']} of {args.model} started")
             return 0
-        seen, deadline = 0, time.monotonic() + args.wait_timeout
+        return _follow(client, args.model, started["id"], args.wait_timeout, shadow=args.shadow)
+
+
+def _follow(client: Any, model: str, deployment: str, timeout: float, *, shadow: bool = False,
+            seen: int = 0) -> int:
+    """Print a deployment's steps until it ends (or, for a shadow, until it mirrors)."""
+    import time
+
+    ends = ("committed", "rolled_back", "failed", "discarded", *(("shadowing",) if shadow else ()))
+    with client:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status, _, data = client.request("GET", f"/v1/agent/deployments/{args.model}")
+            status, _, data = client.request("GET", f"/v1/agent/deployments/{model}")
             record = client._decode(status, data)
-            if record.get("id") != started["id"]:
-                raise AgentError(f"another deployment of {args.model} replaced this one: {record.get('id')}")
+            if record.get("id") != deployment:
+                raise AgentError(f"another deployment of {model} replaced this one: {record.get('id')}")
             for state, _ts in record["history"][seen:]:
-                print(f"{args.model}@{record.get('version') or '?'}: {state}", flush=True)
+                print(f"{model}@{record.get('version') or '?'}: {state}", flush=True)
             seen = len(record["history"])
-            if record["state"] in ("committed", "rolled_back", "failed") and not record.get("running"):
+            if record["state"] in ends and not record.get("running"):
                 if record.get("error"):
                     raise AgentError(f"{record['state']}: {record['error']['code']}: {record['error']['message']}")
+                if record["state"] == "shadowing":
+                    print(f"{model}@{record.get('version')} runs as a shadow of version {record.get('previous')}: "
+                          f"see `edge-agent shadows`, then `edge-agent promote|discard {model}`")
                 return 0
             time.sleep(0.25)
-    raise AgentError(f"the deployment did not finish within {args.wait_timeout:g} s (it goes on in the agent)")
+    raise AgentError(f"the deployment did not finish within {timeout:g} s (it goes on in the agent)")
+
+
+def cmd_shadows(args: argparse.Namespace) -> int:
+    from agent.cli.tables import shadows_table
+
+    with _client(args) as client:
+        status, _, data = client.request("GET", "/v1/agent/shadows")
+        shadows = client._decode(status, data)["shadows"]
+    if args.json:
+        _print_json(shadows)
+    elif shadows:
+        shadows_table(shadows)
+    else:
+        print("no shadow versions running")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    client = _client(args)
+    with client:
+        status, _, data = client.request("POST", f"/v1/agent/models/{args.model}:promote", b"")
+        record = client._decode(status, data)
+    print(f"{args.model}@{record.get('version')}: promoting (was a shadow of version {record.get('previous')})",
+          flush=True)
+    if args.no_wait:
+        return 0
+    return _follow(client, args.model, record["id"], args.wait_timeout, seen=len(record["history"]))
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status, _, data = client.request("POST", f"/v1/agent/models/{args.model}:discard", b"")
+        result = client._decode(status, data)
+    if args.json:
+        _print_json(result)
+        return 0
+    shadow = result.get("shadow") or {}
+    print(f"{args.model}@{result['version']}: discarded after {shadow.get('compared', 0)} compared samples "
+          f"(agreement {shadow.get('agreement')})")
+    return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -270,7 +349,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "models": cmd_status, "predict": cmd_predict, "stats": cmd_stats,
-            "detect": cmd_detect, "demo": cmd_demo, "deploy": cmd_deploy, "rollback": cmd_rollback}
+            "detect": cmd_detect, "demo": cmd_demo, "deploy": cmd_deploy, "rollback": cmd_rollback,
+            "shadows": cmd_shadows, "promote": cmd_promote, "discard": cmd_discard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

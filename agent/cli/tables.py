@@ -66,7 +66,8 @@ def _shape(tensors: list[dict[str, Any]]) -> str:
 
 def models_table(status: dict[str, Any], detail: bool = False) -> None:
     table = _table(title="models", title_justify="left")
-    for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "requests", "errors"):
+    for col in ("name", "version", "state", "runtime", "delegate", "batching", "inline", "instances", "requests",
+                "errors"):
         table.add_column(col)
     if detail:
         table.add_column("inputs")
@@ -75,7 +76,7 @@ def models_table(status: dict[str, Any], detail: bool = False) -> None:
         default = " (default)" if m.get("default") else ""
         row = [m["name"], f"{m['version']}{default}", m["state"], m.get("runtime", "-"), m.get("delegate", "-"),
                "on" if m.get("batching") else "off", "yes" if m.get("inline") else "no",
-               str(m.get("requests", "-")), str(m.get("errors", "-"))]
+               str(m.get("instances", "-")), str(m.get("requests", "-")), str(m.get("errors", "-"))]
         if detail:
             row += [_shape(m.get("inputs", [])), _shape(m.get("outputs", []))]
         table.add_row(*row)
@@ -131,6 +132,27 @@ def status_tables(status: dict[str, Any]) -> None:
                        str(s.get("input_fps", "-")), str(s.get("inferred", "-")),
                        str(s.get("dropped_frames", "-")), ages, str(s.get("results", "-")), str(s.get("errors", "-")))
         _console().print(st)
+    shadows = status.get("shadows") or []
+    if shadows:
+        shadows_table(shadows)
+
+
+def shadows_table(shadows: list[dict[str, Any]]) -> None:
+    """Each shadow against its serving version: agreement, the kind's figures, latency p50/p99, drops."""
+    table = _table(title="shadows", title_justify="left")
+    for col in ("model", "shadow / serving", "state", "kind", "compared", "dropped", "errors", "agreement",
+                "figures", "latency p50/p99 ms (serving | shadow)"):
+        table.add_column(col)
+    for s in shadows:
+        figures = ", ".join(f"{k} {v:g}" for k, v in (s.get("metrics") or {}).items() if v is not None)
+        lat = s.get("latency_ms") or {}
+        served, shadow = lat.get("serving") or {}, lat.get("shadow") or {}
+        latency = (f"{served.get('p50') or '-'}/{served.get('p99') or '-'} | "
+                   f"{shadow.get('p50') or '-'}/{shadow.get('p99') or '-'}")
+        agreement = "-" if s.get("agreement") is None else f"{s['agreement']:.4f}"
+        table.add_row(s["model"], f"{s['version']} / {s['serving_version']}", s["state"], s["kind"],
+                      str(s["compared"]), str(s["dropped"]), str(s["errors"]), agreement, figures or "-", latency)
+    _console().print(table)
 
 
 def _health_rows(status: dict[str, Any]) -> list[tuple[str, str]]:

@@ -80,7 +80,7 @@ class ModelSwapper(ModelCatalog, Protocol):
         """The device profile's delegate order for ``runtime``."""
 
     async def prepare(self, entry: ModelVersion, warm_up: bool = True,
-                      delegates: Sequence[DelegateSpec] | None = None) -> ServedModel:
+                      delegates: Sequence[DelegateSpec] | None = None, threads: int | None = None) -> ServedModel:
         """Load one version in a thread and start its worker, without serving it.
 
         Raises:

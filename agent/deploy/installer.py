@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from agent.config import UpdatesSection
+from agent.config import ShadowSection, UpdatesSection
 from agent.core.ports import EventSink, ModelSwapper
 from agent.deploy.health import HealthPolicy, verdict
-from agent.deploy.state import Deployment, DeploymentStore
-from agent.errors import AgentError, DeployError
+from agent.deploy.state import SHADOW, Deployment, DeploymentStore
+from agent.errors import AgentError, DeployError, PipelineError, ShadowNotFoundError
 from agent.health.system import release_free_heap
+from agent.models.shadow import Shadow, ShadowPolicy, Shadows
 from agent.models.store import ACTIVE, ModelVersion
 from agent.runtimes import get_backend
 from cloud_sync.errors import CloudSyncError, cap_message
@@ -53,6 +54,17 @@ class DeviceFacts:
     accelerators: frozenset[str] = frozenset()
 
 
+@dataclass
+class _Attempt:
+    """What one install has made so far: what undoing it must take away."""
+
+    record: Deployment
+    staging: Path | None = None
+    candidate: ServedModel | None = None
+    manifest: Manifest | None = None
+    swapped: bool = False
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("+", maxsplit=1)[0].split(".") if p.isdigit())
 
@@ -65,8 +77,13 @@ class Deployer:
 
     def __init__(self, settings: UpdatesSection, *, models_dir: Path, state_dir: Path, models: ModelSwapper,
                  sink: EventSink, device: DeviceFacts, step_hooks: Sequence[StepHook] = (),
-                 updater: BundleUpdater | None = None, cache_dir: Path | None = None) -> None:
+                 updater: BundleUpdater | None = None, cache_dir: Path | None = None,
+                 shadow: ShadowSection | None = None) -> None:
         self.cfg = settings
+        self.shadow_cfg = shadow or ShadowSection()
+        self.shadows = Shadows()  # candidates running beside their serving version (docs/shadow.md)
+        self._shadowed: dict[str, _Attempt] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.models_dir = models_dir
         self.state_dir = state_dir
         self.cache_dir = cache_dir or settings.cache_dir or state_dir / "cache"
@@ -122,14 +139,18 @@ class Deployer:
         await self._hooks(record)
 
     # -- running deployments ---------------------------------------------------------------------------------
-    async def start(self, name: str, version: int | None) -> Deployment:
+    async def start(self, name: str, version: int | None, mode: str = "swap",
+                    policy: ShadowPolicy | None = None) -> Deployment:
         """Begin a deployment and run it in the background; follow it with ``record``/``running``.
+        ``mode`` ``shadow`` stops after the tests and runs the candidate beside the serving version.
 
         Raises:
-            DeployError: one is already running for this model (``busy``).
+            DeployError: one is already running for this model, or a shadow of it (``busy``); a
+                shadow of a model that serves nothing (``not_serving``).
         """
-        record = await self.begin(name, version)
-        task = asyncio.get_running_loop().create_task(self.run(record), name=f"deploy-{name}")
+        self._loop = asyncio.get_running_loop()
+        record = await self.begin(name, version, mode)
+        task = asyncio.get_running_loop().create_task(self.run(record, policy), name=f"deploy-{name}")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures live in the record
         self.tasks[name] = task
         return record
@@ -153,6 +174,9 @@ class Deployer:
         for task in self.tasks.values():
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, timeout)
+        for shadow in self.shadows.all():
+            with contextlib.suppress(AgentError):
+                await self.discard(shadow.name, "the agent stopped", by="stop")
 
     # -- deploy ---------------------------------------------------------------------------------------------
     async def deploy(self, name: str, version: int | None = None) -> Deployment:
@@ -163,105 +187,287 @@ class Deployer:
         """
         return await self.run(await self.begin(name, version))
 
-    async def begin(self, name: str, version: int | None) -> Deployment:
+    async def begin(self, name: str, version: int | None, mode: str = "swap") -> Deployment:
         """Persist a new deployment record (state ``started``) so callers can follow it at once.
 
         Raises:
-            DeployError: a deployment of this model is already running.
+            DeployError: a deployment or a shadow of this model is already running (``busy``); a
+                shadow of a model that serves nothing (``not_serving``).
         """
         lock = self._locks.setdefault(name, asyncio.Lock())
         if lock.locked() or name in self._begun:
             raise DeployError("busy", f"a deployment of '{name}' is already running")
+        self._refuse_if_shadowed(name)
+        if mode == "shadow" and not self.models.versions(name):
+            raise DeployError("not_serving", f"'{name}' serves no version for a shadow to run beside")
         self._begun.add(name)  # before the first wait: a second caller meanwhile is refused
         try:
             previous = self.models.default_version(name) if self.models.versions(name) else None
-            record = Deployment(name, version, previous)
+            record = Deployment(name, version, previous, mode=mode)
             await asyncio.to_thread(self.store.save, record)
         except BaseException:
             self._begun.discard(name)
             raise
         return record
 
-    async def run(self, record: Deployment) -> Deployment:
+    async def run(self, record: Deployment, policy: ShadowPolicy | None = None) -> Deployment:
         async with self._locks.setdefault(record.model, asyncio.Lock()):
             self._begun.discard(record.model)
-            return await self._deploy(record)
+            attempt = _Attempt(record)
 
-    async def _deploy(self, record: Deployment) -> Deployment:
-        models = self.models
-        name, version, previous = record.model, record.version, record.previous
-        staging: Path | None = None
-        candidate: ServedModel | None = None
-        swapped = False
+            async def steps() -> Deployment:
+                await self._install(attempt)
+                if record.mode == "shadow":
+                    return await self._start_shadow(attempt, policy or self._default_policy())
+                return await self._swap(attempt)
+
+            return await self._guarded(attempt, steps)
+
+    async def _guarded(self, attempt: _Attempt, steps: Callable[[], Awaitable[Deployment]]) -> Deployment:
+        """Run ``steps``; any failure undoes what ``attempt`` made and ends the record (failed or rolled back)."""
+        record = attempt.record
+        name = record.model
         try:
-            self._event(record)
-            await self._hooks(record)  # begin() saved this step itself
-            updater = self.updater()
-            await asyncio.to_thread(updater.refresh)  # new metadata every time: find() alone never refreshes again
-            info = await asyncio.to_thread(updater.find, name, version)
-            record.version = info.version
-            if info.version == previous:
-                raise DeployError("already_active", f"'{name}' version {info.version} is already serving")
-            self._check_disk(info.length)
-            await self._step(record, "downloading", bytes=info.length)
-            bundle = await asyncio.to_thread(updater.download, name, info.version)
-            await self._step(record, "verified")  # TUF checked signatures, length and hashes
-            from cloud_sync.bundles.archive import ExtractLimits, extract_bundle  # only when installing
-
-            staging = self.models_dir / name / f".staging-{info.version}"
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-            limits = ExtractLimits(max_member_bytes=self.cfg.max_member_bytes,
-                                   max_total_bytes=self.cfg.max_bundle_bytes * 4, max_members=self.cfg.max_members)
-            try:
-                manifest = await asyncio.to_thread(extract_bundle, bundle, staging, limits)
-            finally:
-                bundle.unlink(missing_ok=True)  # extracted or refused: the archive is not needed again
-            self._check_manifest(manifest, name, info.version)
-            await self._step(record, "staged")
-            entry = ModelVersion(name, info.version, staging, staging / manifest.model, manifest.runtime)
-            candidate = await models.prepare(entry, warm_up=False)
-            await self._step(record, "loaded", delegate=candidate.session.delegate)
-            self._check_processing(manifest, candidate)
-            await asyncio.to_thread(self._run_test_vectors, candidate, manifest, staging)
-            await self._step(record, "tested", vectors=len(manifest.test_vectors))
-            final = await asyncio.to_thread(self._promote, staging, name, info.version)
-            staging = None
-            candidate.source = ModelVersion(name, info.version, final, final / manifest.model, manifest.runtime)
-            models.register(candidate)
-            await asyncio.to_thread(self._write_active, name, info.version)
-            candidate.nonfinite_check = manifest.nonfinite_outputs()  # NaN answers count as errors in the window
-            models.set_active(name, info.version)  # the swap: new requests go to the new version
-            swapped = True
-            await self._step(record, "swapped")
-            self.sink.inventory_changed()
-            await self._step(record, "health", window_s=self.cfg.health_window_s)
-            reason = await self._health_window(candidate, previous)
-            if reason:
-                raise DeployError("health_regression", reason)
-            candidate.nonfinite_check = None
-            record.state = "committed"
-            await asyncio.to_thread(self.store.save, record)
-            self._event(record)
-            log.info("deploy.committed", model=name, version=info.version, previous=previous)
-            await self._gc(name, info.version, previous)
-            release_free_heap()  # the old version's memory and the staging churn
-            return record
+            return await steps()
         except (AgentError, CloudSyncError, OSError) as exc:
             code = getattr(exc, "code", "io_error") if not isinstance(exc, OSError) else "io_error"
             message = cap_message(str(exc))  # a hostile bundle's names end up in errors: never whole
-            await self._undo(record, candidate, staging, swapped, code, message)
+            await self._undo(record, attempt.candidate, attempt.staging, attempt.swapped, code, message)
+            outcome = "rolled back" if attempt.swapped else "failed"
             raise DeployError(code, cap_message(f"deploy of {name}@{record.version or 'latest'} "
-                                                f"{'rolled back' if swapped else 'failed'}: {message}")) from exc
+                                                f"{outcome}: {message}")) from exc
         except asyncio.CancelledError:
-            await asyncio.shield(self._undo(record, candidate, staging, swapped, "cancelled", "the agent stopped"))
+            await asyncio.shield(self._undo(record, attempt.candidate, attempt.staging, attempt.swapped, "cancelled",
+                                            "the agent stopped"))
             raise
         except Exception as exc:  # a bug must still leave the device serving and the record final
             message = cap_message(f"{type(exc).__name__}: {exc}")
             log.error("deploy.internal_error", model=name, version=record.version, error=message,
                       traceback=cap_message("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                                             16 * 1024))
-            await self._undo(record, candidate, staging, swapped, "internal", message)
+            await self._undo(record, attempt.candidate, attempt.staging, attempt.swapped, "internal", message)
             raise DeployError("internal", cap_message(f"deploy of {name} failed: {message}")) from exc
+
+    async def _install(self, attempt: _Attempt) -> None:
+        """Download, verify, stage, load and test: everything short of serving."""
+        record, models = attempt.record, self.models
+        name, version, previous = record.model, record.version, record.previous
+        self._event(record)
+        await self._hooks(record)  # begin() saved this step itself
+        updater = self.updater()
+        await asyncio.to_thread(updater.refresh)  # new metadata every time: find() alone never refreshes again
+        info = await asyncio.to_thread(updater.find, name, version)
+        record.version = info.version
+        if info.version == previous:
+            raise DeployError("already_active", f"'{name}' version {info.version} is already serving")
+        self._check_disk(info.length)
+        await self._step(record, "downloading", bytes=info.length)
+        bundle = await asyncio.to_thread(updater.download, name, info.version)
+        await self._step(record, "verified")  # TUF checked signatures, length and hashes
+        from cloud_sync.bundles.archive import ExtractLimits, extract_bundle  # only when installing
+
+        staging = attempt.staging = self.models_dir / name / f".staging-{info.version}"
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+        limits = ExtractLimits(max_member_bytes=self.cfg.max_member_bytes,
+                               max_total_bytes=self.cfg.max_bundle_bytes * 4, max_members=self.cfg.max_members)
+        try:
+            manifest = await asyncio.to_thread(extract_bundle, bundle, staging, limits)
+        finally:
+            bundle.unlink(missing_ok=True)  # extracted or refused: the archive is not needed again
+        self._check_manifest(manifest, name, info.version)
+        attempt.manifest = manifest
+        await self._step(record, "staged")
+        entry = ModelVersion(name, info.version, staging, staging / manifest.model, manifest.runtime)
+        # A shadow runs on its own thread with few runtime threads: the serving version keeps the CPU.
+        if record.mode == "shadow":
+            candidate = await models.prepare(entry, warm_up=False, threads=self.shadow_cfg.threads)
+        else:
+            candidate = await models.prepare(entry, warm_up=False)
+        attempt.candidate = candidate
+        await self._step(record, "loaded", delegate=candidate.session.delegate)
+        self._check_processing(manifest, candidate)
+        await asyncio.to_thread(self._run_test_vectors, candidate, manifest, staging)
+        await self._step(record, "tested", vectors=len(manifest.test_vectors))
+
+    async def _swap(self, attempt: _Attempt, *, reload: bool = False) -> Deployment:
+        """Promote the staged files, serve the candidate, watch the health window, commit.
+
+        ``reload``: load the version again from its final place with the normal runtime threads
+        (a promoted shadow ran on fewer)."""
+        record, models = attempt.record, self.models
+        manifest, candidate, staging = attempt.manifest, attempt.candidate, attempt.staging
+        assert manifest is not None and candidate is not None and staging is not None and record.version is not None
+        name, version, previous = record.model, record.version, record.previous
+        final = await asyncio.to_thread(self._promote, staging, name, version)
+        attempt.staging = None
+        entry = ModelVersion(name, version, final, final / manifest.model, manifest.runtime)
+        if reload:
+            attempt.candidate = None
+            await asyncio.to_thread(candidate.close)
+            candidate = attempt.candidate = await models.prepare(entry)
+        candidate.source = entry
+        models.register(candidate)
+        await asyncio.to_thread(self._write_active, name, version)
+        candidate.nonfinite_check = manifest.nonfinite_outputs()  # NaN answers count as errors in the window
+        models.set_active(name, version)  # the swap: new requests go to the new version
+        attempt.swapped = True
+        await self._step(record, "swapped")
+        self.sink.inventory_changed()
+        await self._step(record, "health", window_s=self.cfg.health_window_s)
+        reason = await self._health_window(candidate, previous)
+        if reason:
+            raise DeployError("health_regression", reason)
+        candidate.nonfinite_check = None
+        record.state = "committed"
+        await asyncio.to_thread(self.store.save, record)
+        self._event(record)
+        log.info("deploy.committed", model=name, version=version, previous=previous)
+        await self._gc(name, version, previous)
+        release_free_heap()  # the old version's memory and the staging churn
+        return record
+
+    # -- shadows ----------------------------------------------------------------------------------------
+    def _refuse_if_shadowed(self, name: str) -> None:
+        shadow = self.shadows.get(name)
+        if shadow is not None:
+            raise DeployError("busy", f"a shadow of '{name}' (version {shadow.candidate.version}) is running: "
+                                      "promote or discard it first")
+
+    def _default_policy(self) -> ShadowPolicy:
+        c = self.shadow_cfg
+        return ShadowPolicy(c.sample, c.min_samples, c.min_agreement, c.max_latency_ratio)
+
+    def policy(self, overrides: dict[str, Any] | None) -> ShadowPolicy:
+        """``[shadow]``'s defaults with a deploy command's overrides (None values keep the default)."""
+        base = self._default_policy()
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        return ShadowPolicy(**{**base.to_dict(), **given})
+
+    async def _start_shadow(self, attempt: _Attempt, policy: ShadowPolicy) -> Deployment:
+        """The candidate passed its tests: it now answers a sample of live traffic, beside the serving one."""
+        from agent.models.agreement import RawComparator, make_comparator
+
+        record, candidate, manifest = attempt.record, attempt.candidate, attempt.manifest
+        assert candidate is not None and manifest is not None and attempt.staging is not None
+        name = record.model
+        if not self.models.versions(name):
+            raise DeployError("not_serving", f"'{name}' no longer serves a version for the shadow to run beside")
+        serving = self.models.get(name)
+        record.previous = serving.version
+        post = manifest.postprocess.model_dump() if manifest.postprocess is not None else None
+        labels = await asyncio.to_thread(_labels, attempt.staging, manifest)
+        try:
+            comparator = make_comparator(post, serving.outputs, candidate.outputs, labels)
+        except PipelineError as exc:  # the serving version's outputs do not fit: compare tensors
+            log.warning("shadow.raw_comparison", model=name, reason=str(exc))
+            comparator = RawComparator()
+        process = None
+        if self.shadow_cfg.process:
+            from agent.models.shadow_process import ShadowProcess
+
+            init = {"file": str(candidate.source.file), "runtime": candidate.runtime,
+                    "delegates": [(d.name, d.library, dict(d.options)) for d in self.models.delegates_for(
+                                  candidate.runtime) if d.name == candidate.session.delegate],
+                    "threads": self.shadow_cfg.threads, "post": post, "labels": labels,
+                    "serving_outputs": list(serving.outputs),
+                    "options": {"allow_spinning": False, "memory_arena": False, "inter_op_threads": 1}}
+            process = await asyncio.to_thread(ShadowProcess, init, nice=self.shadow_cfg.nice)
+        shadow = Shadow(serving, candidate, comparator, policy, decide=self._decide,
+                        queue_size=self.shadow_cfg.queue_size, nice=0 if process else self.shadow_cfg.nice,
+                        deployment=record.id, process=process)
+        self._shadowed[name] = attempt
+        self.shadows.add(shadow)
+        await self._step(record, "shadowing", serving_version=serving.version, kind=comparator.kind,
+                         sample=policy.sample)
+        shadow.start()
+        self.sink.inventory_changed()
+        log.info("shadow.started", model=name, version=record.version, serving_version=serving.version,
+                 kind=comparator.kind, policy=policy.to_dict())
+        return record
+
+    def _decide(self, name: str, action: str, reason: str) -> None:
+        """A shadow's policy decided (its own thread): promote or discard on the event loop."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        def act() -> None:
+            if action == "promote":
+                with contextlib.suppress(AgentError):
+                    self.promote_start(name, by="policy")
+            else:
+                task = loop.create_task(self.discard(name, reason, by="policy"), name=f"discard-{name}")
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        loop.call_soon_threadsafe(act)
+
+    def promote_start(self, name: str, by: str = "command") -> Deployment:
+        """Swap a shadow in (the normal swap with its health window), in the background.
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name`` is running.
+            DeployError: it is already being promoted (``busy``).
+        """
+        shadow, attempt = self.shadows.get(name), self._shadowed.get(name)
+        if shadow is None or attempt is None:
+            raise ShadowNotFoundError(f"no shadow of '{name}' is running")
+        if shadow.state != "mirroring":
+            raise DeployError("busy", f"the shadow of '{name}' is already {shadow.state}")
+        shadow.state = "promoting"
+        shadow.decision = shadow.decision or {"action": "promote", "reason": "promote requested", "by": by}
+        self._loop = asyncio.get_running_loop()
+        task = self._loop.create_task(self._promote_shadow(shadow, attempt), name=f"promote-{name}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.tasks[name] = task
+        return attempt.record
+
+    async def _promote_shadow(self, shadow: Shadow, attempt: _Attempt) -> Deployment:
+        name = shadow.name
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            figures = shadow.describe()
+            await asyncio.to_thread(shadow.stop)
+            self.shadows.pop(name)
+            self._shadowed.pop(name, None)
+            record = attempt.record
+            record.previous = self.models.default_version(name) if self.models.versions(name) else None
+            log.info("shadow.promoted", model=name, version=record.version, agreement=figures["agreement"],
+                     compared=figures["compared"], by=(shadow.decision or {}).get("by"))
+            self.sink.event({"type": "shadow.promoted", "model": name, "version": record.version,
+                             "previous": record.previous, "decision": shadow.decision, "shadow": _brief(figures)})
+            return await self._guarded(attempt, lambda: self._swap(attempt, reload=True))
+
+    async def discard(self, name: str, reason: str = "discard requested", by: str = "command") -> dict[str, Any]:
+        """Stop a shadow and remove its files; the serving version is untouched.
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name`` is running.
+            DeployError: it is being promoted (``busy``).
+        """
+        shadow, attempt = self.shadows.get(name), self._shadowed.get(name)
+        if shadow is None or attempt is None:
+            raise ShadowNotFoundError(f"no shadow of '{name}' is running")
+        if shadow.state != "mirroring":
+            raise DeployError("busy", f"the shadow of '{name}' is already {shadow.state}")
+        shadow.state = "discarded"
+        shadow.decision = shadow.decision if by == "policy" else {"action": "discard", "reason": reason, "by": by}
+        self.shadows.pop(name)
+        self._shadowed.pop(name, None)
+        figures = shadow.describe()
+        await asyncio.to_thread(shadow.stop)
+        if attempt.candidate is not None:
+            await asyncio.to_thread(attempt.candidate.close)
+        if attempt.staging is not None:
+            await asyncio.to_thread(shutil.rmtree, attempt.staging, True)
+        record = attempt.record
+        record.state = "discarded"
+        record.error = {"code": "policy" if by == "policy" else "manual", "message": cap_message(reason)}
+        await asyncio.to_thread(self.store.save, record)
+        self._event(record, shadow=_brief(figures))
+        self.sink.inventory_changed()
+        log.info("shadow.discarded", model=name, version=record.version, reason=reason, by=by,
+                 agreement=figures["agreement"], compared=figures["compared"])
+        return {"model": name, "version": record.version, "discarded": True, "reason": reason, "by": by,
+                "shadow": figures}
 
     def _check_disk(self, length: int) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -466,6 +672,7 @@ class Deployer:
         """
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            self._refuse_if_shadowed(name)
             models = self.models
             if not models.versions(name):
                 raise DeployError("not_found", f"model '{name}' is not loaded")
@@ -509,7 +716,9 @@ class Deployer:
             if version is not None:
                 shutil.rmtree(self.models_dir / name / f".staging-{version}", ignore_errors=True)
             interrupted = record.state
-            if record.state in ("swapped", "health") or (record.state == "tested" and version is not None):
+            if record.state in SHADOW:  # a shadow is an experiment: it does not outlive the process
+                record.state = "discarded"
+            elif record.state in ("swapped", "health") or (record.state == "tested" and version is not None):
                 active_now = (self.models_dir / name / ACTIVE)
                 if version is not None and (record.state != "tested" or active_now.exists()
                                             or (self.models_dir / name / str(version)).exists()):
@@ -524,3 +733,17 @@ class Deployer:
             log.warning("deploy.recovered", model=name, version=version, interrupted=interrupted,
                         state=record.state)
         return undone
+
+
+def _brief(figures: dict[str, Any]) -> dict[str, Any]:
+    """What an event carries of a shadow's figures."""
+    return {k: figures[k] for k in ("kind", "compared", "dropped", "errors", "agreement", "metrics", "latency_ms",
+                                    "latency_ratio", "serving_version")}
+
+
+def _labels(root: Path, manifest: Manifest) -> list[str] | None:
+    labels = getattr(manifest, "labels", None)
+    if not labels:
+        return None
+    path = root / labels
+    return path.read_text().splitlines() if path.is_file() else None

@@ -20,14 +20,15 @@ import structlog
 
 from cloud_sync.errors import cap_message
 from cloud_sync.fsutil import write_atomic
-from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_STEPS
+from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_MODES, DEPLOY_STEPS, SHADOW_FINAL, SHADOW_STEPS
 from cloud_sync.stores import move_aside
 
 log = structlog.get_logger(__name__)
 
 # Steps in order (the MQTT contract's names). A record whose state is not final was interrupted.
 STEPS = DEPLOY_STEPS
-FINAL = DEPLOY_FINAL
+FINAL = (*DEPLOY_FINAL, *SHADOW_FINAL)
+SHADOW = SHADOW_STEPS
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Deployment:
     updated_at: float = field(default_factory=time.time)
     history: list[list[Any]] = field(default_factory=list)  # [state, timestamp]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    mode: str = "swap"  # "shadow": runs beside the serving version until promoted or discarded
 
     @property
     def final(self) -> bool:
@@ -57,7 +59,7 @@ class Deployment:
         if "model" not in data:
             raise ValueError("missing 'model'")
         record = cls(model=data["model"], version=data.get("version"), previous=data.get("previous"),
-                     **{k: data[k] for k in ("state", "error", "started_at", "updated_at", "history", "id")
+                     **{k: data[k] for k in ("state", "error", "started_at", "updated_at", "history", "id", "mode")
                         if k in data})
         record._check()
         if isinstance(record.error, dict) and isinstance(record.error.get("message"), str):
@@ -73,7 +75,8 @@ class Deployment:
             "model": isinstance(self.model, str) and bool(self.model),
             "version": self.version is None or integer(self.version),
             "previous": self.previous is None or integer(self.previous),
-            "state": self.state in STEPS or self.state in FINAL,
+            "state": self.state in STEPS or self.state in FINAL or self.state in SHADOW,
+            "mode": self.mode in DEPLOY_MODES,
             "error": self.error is None or isinstance(self.error, dict),
             "started_at": isinstance(self.started_at, (int, float)) and not isinstance(self.started_at, bool),
             "updated_at": isinstance(self.updated_at, (int, float)) and not isinstance(self.updated_at, bool),

@@ -67,6 +67,8 @@ class ModelFamilies:
         info = GaugeMetricFamily("edge_agent_model_info", "Loaded model versions with runtime and delegate",
                                  labels=["model", "version", "runtime", "delegate"])
         loaded = GaugeMetricFamily("edge_agent_models_loaded", "Model versions loaded", value=len(served))
+        instances = GaugeMetricFamily("edge_agent_model_instances", "Workers (runtime sessions) of a model version",
+                                      labels=["model", "version"])
         for m in served:
             version = str(m.version)
             for (protocol, code), count in sorted(m.stats.answers().items()):
@@ -76,7 +78,8 @@ class ModelFamilies:
             buckets, total = m.stats.batch_histogram()
             batch.add_metric([m.name, version], buckets, total)
             info.add_metric([m.name, version, m.runtime, m.session.delegate], 1)
-        return [requests, latency, batch, info, loaded]
+            instances.add_metric([m.name, version], len(m.pool) if m.pool is not None else 1)
+        return [requests, latency, batch, info, loaded, instances]
 
 
 class AgentFamilies:
@@ -126,3 +129,38 @@ class AgentFamilies:
         for kind, n in o["dropped"].items():
             dropped.add_metric([kind], n)
         return [up, reconnects, depth, dropped]
+
+
+class ShadowFamilies:
+    """Shadow versions against their serving versions: samples compared and dropped, agreement and
+    the kind's figures, both versions' runtime-call latency quantiles."""
+
+    def __init__(self, shadows: Callable[[], list[dict[str, Any]]]) -> None:
+        self.shadows = shadows
+
+    def __call__(self) -> list[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["model", "version", "serving_version"]
+        compared = CounterMetricFamily("edge_agent_shadow_compared", "Mirrored samples compared", labels=labels)
+        dropped = CounterMetricFamily("edge_agent_shadow_dropped", "Samples dropped: the shadow's queue was full",
+                                      labels=labels)
+        errors = CounterMetricFamily("edge_agent_shadow_errors", "Samples the shadow failed on", labels=labels)
+        agreement = GaugeMetricFamily("edge_agent_shadow_agreement", "Agreement figures by kind",
+                                      labels=[*labels, "kind", "metric"])
+        latency = GaugeMetricFamily("edge_agent_shadow_latency_seconds", "Runtime-call latency quantiles",
+                                    labels=[*labels, "role", "quantile"])
+        for s in self.shadows():
+            key = [s["model"], str(s["version"]), str(s["serving_version"])]
+            compared.add_metric(key, s["compared"])
+            dropped.add_metric(key, s["dropped"])
+            errors.add_metric(key, s["errors"])
+            figures = {"agreement": s["agreement"], **(s.get("metrics") or {})}
+            for metric, value in figures.items():
+                if value is not None:
+                    agreement.add_metric([*key, s["kind"], metric], float(value))
+            for role, quantiles in (s.get("latency_ms") or {}).items():
+                for q, value in quantiles.items():
+                    if value is not None:
+                        latency.add_metric([*key, role, "0.5" if q == "p50" else "0.99"], value / 1e3)
+        return [compared, dropped, errors, agreement, latency]

@@ -115,7 +115,8 @@ class CloudLink:
     def birth(self) -> dict[str, Any]:
         info = self.ops.info
         return {"agent_version": info.version, "profile": info.profile, "health": self.health,
-                "started_at": info.started_at, "groups": list(self.settings.groups), "models": self.ops.inventory()}
+                "started_at": info.started_at, "groups": list(self.settings.groups), "models": self.ops.inventory(),
+                "shadows": self.ops.shadow_summary()}
 
     def inventory_changed(self) -> None:
         self.session.set_birth(self.birth())
@@ -158,7 +159,8 @@ class CloudLink:
     def telemetry(self, system: Mapping[str, Any] | None = None) -> dict[str, Any]:
         info = self.ops.info
         return {"ts": time.time(), "uptime_s": round(time.time() - info.started_at, 3), "system": system,
-                "models": self.ops.model_counters(), **self.status(), "streams": self.ops.stream_status()}
+                "models": self.ops.model_counters(), **self.status(), "streams": self.ops.stream_status(),
+                "shadows": self.ops.shadows()}
 
     async def _telemetry(self) -> None:
         while True:

@@ -26,7 +26,17 @@ def command_specs(ops: Operations) -> dict[str, Spec]:
         return await ops.reload()
 
     async def deploy(_c: Command, a: ModelArgs) -> dict[str, Any]:
-        return (await ops.deploy_and_wait(a.model, a.version)).to_dict()
+        shadow = a.shadow.model_dump() if a.shadow is not None else None
+        return (await ops.deploy_and_wait(a.model, a.version, a.mode, shadow)).to_dict()
+
+    async def promote(_c: Command, a: RollbackArgs) -> dict[str, Any]:
+        return (await ops.promote_and_wait(a.model)).to_dict()
+
+    async def discard(_c: Command, a: RollbackArgs) -> dict[str, Any]:
+        return await ops.discard(a.model)
+
+    async def shadows(_c: Command, _a: None) -> dict[str, Any]:
+        return {"shadows": ops.shadows()}
 
     async def rollback(_c: Command, a: RollbackArgs) -> dict[str, Any]:
         return await ops.rollback(a.model)
@@ -46,6 +56,9 @@ def command_specs(ops: Operations) -> dict[str, Spec]:
         "reload": Spec(reload, long_running=True),
         "deploy": Spec(deploy, ModelArgs, long_running=True),
         "rollback": Spec(rollback, RollbackArgs, long_running=True),
+        "promote": Spec(promote, RollbackArgs, long_running=True),
+        "discard": Spec(discard, RollbackArgs),
+        "shadows": Spec(shadows),
         "set-config": Spec(set_config, SetConfigArgs),
         "stream-start": Spec(stream, StreamArgs),
         "stream-stop": Spec(stream, StreamArgs),

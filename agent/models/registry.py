@@ -27,6 +27,7 @@ from agent.config import ModelSection, RuntimeSection
 from agent.core.metrics import Metrics
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.hardware import DelegateSpec
+from agent.models.instances import Instances
 from agent.models.served import LoadFailure, ServedModel
 from agent.models.store import ModelVersion, active_version, scan
 from agent.models.worker import Worker
@@ -53,14 +54,21 @@ def _frozen(models: Mapping[str, Mapping[int, ServedModel]], failures: Mapping[t
     return _Snapshot(models, MappingProxyType(dict(failures)), MappingProxyType(dict(active)), served)
 
 
+def _stop_workers(workers: Sequence[Worker]) -> None:
+    for worker in workers:
+        worker.stop()
+        worker.session.close()
+
+
 class ModelRegistry:
     """The served models (``ModelCatalog`` for readers, ``ModelSwapper`` for the deployer and watchdog)."""
 
     def __init__(self, models_dir: Path, *, model_options: Mapping[str, ModelSection],
                  versions_policy: Literal["latest", "all"], runtime: RuntimeSection,
                  delegates: Mapping[str, Sequence[DelegateSpec]], threads: int | None, metrics: Metrics,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, elastic: bool = False) -> None:
         self.models_dir = models_dir
+        self.elastic = elastic  # [scaling] enabled: each version gets an instance pool (agent.models.instances)
         self.model_options = model_options
         self.versions_policy = versions_policy
         self.runtime = runtime
@@ -182,12 +190,17 @@ class ModelRegistry:
         if self.find(old.name, old.version) is not old:
             return False
         new.worker.stats = old.worker.stats  # statistics are per model version, across restarts
+        new.mirror = old.mirror  # a shadow keeps mirroring the restarted version
         new.stats.restarted()
         models = self._models_copy()
         models.setdefault(old.name, {})[old.version] = new
         self._change(models)
         if stuck:
             old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")
+            extras = old.pool.workers[1:] if old.pool is not None else ()
+            if extras:  # the restarted version starts again from one instance; the scaler grows it again
+                threading.Thread(target=_stop_workers, args=(extras,), name=f"close-{old.key}-instances",
+                                 daemon=True).start()
         else:
             threading.Thread(target=old.close, name=f"close-{old.key}", daemon=True).start()
         return True
@@ -238,32 +251,37 @@ class ModelRegistry:
         for entry in wanted:
             await self.load(entry)
 
-    def _load_session(self, entry: ModelVersion, delegates: Sequence[DelegateSpec] | None) -> ServedModel:
+    def _load_session(self, entry: ModelVersion, delegates: Sequence[DelegateSpec] | None,
+                      threads: int | None = None) -> ServedModel:
         """Blocking: the runtime session and its worker."""
         opts = self.options(entry.name)
         backend = get_backend(entry.runtime)
         specs = self.delegates_for(entry.runtime) if delegates is None else delegates
-        session = backend.load(entry.file, specs, threads=opts.threads or self.threads,
+        session = backend.load(entry.file, specs, threads=threads or opts.threads or self.threads,
                                options={"inter_op_threads": self.runtime.inter_op_threads,
                                         "allow_spinning": self.runtime.allow_spinning,
                                         "memory_arena": self.runtime.memory_arena, "cache_dir": self.cache_dir})
         # Only the CPU runs inline: a hung accelerator call must stall one worker thread, never the event loop.
         inline_us = opts.inline_max_us if session.delegate == backend.cpu_delegate else 0
         worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching, inline_max_us=inline_us)
-        return ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
+        served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
+        if self.elastic:
+            served.pool = Instances(worker)
+        return served
 
     async def prepare(self, entry: ModelVersion, warm_up: bool = True,
-                      delegates: Sequence[DelegateSpec] | None = None) -> ServedModel:
+                      delegates: Sequence[DelegateSpec] | None = None, threads: int | None = None) -> ServedModel:
         """Load one version and start its worker in a thread, without serving it yet.
 
-        ``delegates`` overrides the profile's list (the watchdog falls back past a bad one).
+        ``delegates`` overrides the profile's list (the watchdog falls back past a bad one);
+        ``threads`` the runtime threads (a shadow version runs on fewer).
 
         Raises:
             AgentError: the runtime is missing or the model failed on every delegate.
         """
 
         def load() -> ServedModel:
-            served = self._load_session(entry, delegates)
+            served = self._load_session(entry, delegates, threads)
             if warm_up:
                 self.warm_up(served)
             return served
@@ -329,6 +347,48 @@ class ModelRegistry:
         self._change(failures={k: v for k, v in self._snap.failures.items() if k in wanted})
         log.info("models.reloaded", added=added, removed=removed, failed=failed)
         return {"added": added, "removed": removed, "failed": failed}
+
+    # -- instances (the scaler; event loop only) --------------------------------------------
+    def instance_threads(self, served: ServedModel) -> int:
+        return self.options(served.name).threads or self.threads or 1
+
+    async def add_instance(self, served: ServedModel) -> None:
+        """One more session of ``served`` on the delegate it runs on, sharing its statistics.
+
+        Raises:
+            AgentError: the session could not be loaded.
+        """
+        pool = served.pool
+        if pool is None:
+            raise AgentError(f"{served.key} has no instance pool ([scaling] enabled is off)")
+        same = [d for d in self.delegates_for(served.runtime) if d.name == served.session.delegate]
+        extra = await asyncio.to_thread(self._load_session, served.source, same or None)
+        worker = extra.worker
+        worker.stats = served.stats
+        worker.known_good = served.worker.known_good
+        worker.name = f"{served.key}#{len(pool) + 1}"
+        if self.find(served.name, served.version) is not served:  # unloaded meanwhile
+            await asyncio.to_thread(extra.close)
+            return
+        pool.add(worker)
+
+    async def remove_instance(self, served: ServedModel) -> bool:
+        """Take the newest extra instance out of rotation and stop it once nothing holds it."""
+        pool = served.pool
+        worker = pool.pop() if pool is not None else None
+        if pool is None or worker is None:
+            return False
+        deadline = time.monotonic() + 30
+        while pool.holding(worker) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        pool.forget(worker)
+
+        def stop() -> None:
+            worker.stop()
+            worker.session.close()
+
+        await asyncio.to_thread(stop)
+        return True
 
     async def close(self) -> None:
         """Stop every worker and release every session (in threads); nothing is served afterwards."""

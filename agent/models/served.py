@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from agent.errors import AgentError, InferenceError, RequestError
+from agent.models.instances import Instances
 from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
 from agent.models.store import ModelVersion
@@ -37,6 +38,10 @@ class ServedModel:
     # While set (the installer's health window), answers are checked for NaN and infinity, except in
     # the outputs named here (the manifest's ``allow_nonfinite``); a hit counts in ``stats.nonfinite``.
     nonfinite_check: frozenset[str] | None = None
+    # While a shadow version runs beside this one (agent.models.shadow): offered each answered request.
+    mirror: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, Any] | None], None] | None = None
+    # With elastic instances on ([scaling] enabled): this version's workers, its own first (agent.models.instances).
+    pool: Instances | None = None
 
     def __post_init__(self) -> None:
         # Looked up where the version is when first needed: a deployment moves it after loading.
@@ -85,19 +90,29 @@ class ServedModel:
         ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
         """
         started = self._admit(feeds)
+        pool = self.pool
+        worker = self.worker if pool is None else pool.pick()
+        if pool is not None and timing is None:
+            timing = Timing(time.perf_counter_ns())  # its queue wait is what the scaler judges
         if timing is not None:
             timing.submitted = time.perf_counter_ns()
         try:
-            outputs = self.worker.run_inline(feeds, raw_outputs, timing)
+            outputs = worker.run_inline(feeds, raw_outputs, timing)
             if outputs is None:
-                outputs = await self.worker.submit(feeds, raw_outputs, timing)
+                outputs = await worker.submit(feeds, raw_outputs, timing)
         except AgentError as exc:
             self._account(started, exc)
             raise
+        finally:
+            if pool is not None:
+                pool.done(worker, _waited(timing))
         self._account(started, None, outputs)
+        if self.mirror is not None and not raw_outputs:
+            self.mirror(feeds, outputs, None)
         return outputs
 
-    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
+    def infer_threadsafe(self, feeds: Mapping[str, np.ndarray],
+                         meta: Mapping[str, Any] | None = None) -> concurrent.futures.Future[Outputs]:
         """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
 
         Raises:
@@ -105,10 +120,21 @@ class ServedModel:
                 fails with InvalidInputError when the runtime refuses them, InferenceError when it fails.
         """
         started = self._admit(feeds)
-        future = self.worker.submit_threadsafe(feeds)
-        future.add_done_callback(lambda done: None if done.cancelled() else self._account(
-            started, done.exception(), None if done.exception() else done.result()))
+        pool = self.pool
+        worker = self.worker if pool is None else pool.pick()
+        future = worker.submit_threadsafe(feeds)
+        if pool is not None:
+            future.add_done_callback(lambda _done: pool.done(worker, None))
+        future.add_done_callback(lambda done: None if done.cancelled() else self._done(started, feeds, done, meta))
         return future
+
+    def _done(self, started: float, feeds: Mapping[str, np.ndarray], done: concurrent.futures.Future[Outputs],
+              meta: Mapping[str, Any] | None) -> None:
+        error = done.exception()
+        outputs = None if error else done.result()
+        self._account(started, error, outputs)
+        if outputs is not None and self.mirror is not None:
+            self.mirror(feeds, outputs, meta)
 
     def answers_known_good(self) -> bool | None:
         """Run the version's known-good input (blocking: it waits for the session): True if the model
@@ -123,7 +149,10 @@ class ServedModel:
         return True
 
     def close(self) -> None:
-        """Stop the worker (queued requests finish first) and release the session. Blocks."""
+        """Stop the workers (queued requests finish first) and release the sessions. Blocks."""
+        for extra in (self.pool.workers[1:] if self.pool is not None else ()):
+            extra.stop()
+            extra.session.close()
         self.worker.stop()
         self.session.close()
 
@@ -136,7 +165,15 @@ class ServedModel:
             "inputs": [s.to_dict() for s in self.session.inputs],
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.stats.requests, "errors": self.stats.errors,
+            "instances": len(self.pool) if self.pool is not None else 1,
         }
+
+
+def _waited(timing: Timing | None) -> float | None:
+    """Seconds a request waited for its worker (0 inline), None if it never ran."""
+    if timing is None or not timing.started or not timing.submitted:
+        return None
+    return max(0, timing.started - timing.submitted) / 1e9
 
 
 def all_finite(outputs: Mapping[str, np.ndarray], allowed: frozenset[str] = frozenset()) -> bool:

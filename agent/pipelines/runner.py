@@ -433,7 +433,7 @@ class Stream:
         (``update``), so they go one at a time through ``_handle``.
         """
         prepared = next(iter(self._pre(frame)))  # overlaps the frames in flight
-        self._inflight.append((served.infer_threadsafe(prepared.feeds), prepared, frame, served))
+        self._inflight.append((served.infer_threadsafe(prepared.feeds, prepared.meta), prepared, frame, served))
         if len(self._inflight) > _FRAMES_IN_FLIGHT:
             future, previous, item, model = self._inflight.popleft()
             self._finish(model, item, previous, future.result(timeout=30))  # overlaps the next inference
@@ -471,7 +471,7 @@ class Stream:
     def _handle(self, served: ServedModel, item: Item) -> None:
         started = time.perf_counter()
         for prepared in self._pre(item):
-            future = served.infer_threadsafe(prepared.feeds)
+            future = served.infer_threadsafe(prepared.feeds, prepared.meta)
             outputs = future.result(timeout=30)
             self._pre.update(outputs)  # state for the next window: never overlap stateful windows
             self._finish(served, item, prepared, outputs)
