@@ -28,6 +28,7 @@ Usage: python bench/predict_overhead.py [--rounds 20] [--per-round 100] [--secon
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -64,7 +65,8 @@ def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
                                ("silero_vad_batched", "silero_vad", "model.onnx"),
-                               ("face_detection", "face_detection", "model.tflite")):
+                               ("face_detection", "face_detection", "model.tflite"),
+                               ("ocr_cls", "ocr_cls", "model.onnx"), ("ocr_det", "ocr_det", "model.onnx")):
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
     config = work / "agent.toml"
@@ -88,11 +90,26 @@ def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes
     raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()}")
 
 
-def raw_silero() -> ort.InferenceSession:
+def raw_session(sample: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
-    return ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(fetch(sample)), so, providers=["CPUExecutionProvider"])
+
+
+def raw_silero() -> ort.InferenceSession:
+    return raw_session("silero_vad")
+
+
+#: The worker-path models (slower than ``inline_max_us``: every request goes through the model's
+#: thread) and their inputs: RapidOCR's text-direction classifier on a 48x320 crop (~2 ms here)
+#: and its text detector on a 192x192 image (~7 ms).
+WORKER_MODELS = {"ocr_cls": (1, 3, 48, 320), "ocr_det": (1, 3, 192, 192)}
+
+
+def ocr_feeds(model: str, batch: int = 1) -> dict[str, np.ndarray]:
+    shape = (batch, *WORKER_MODELS[model][1:])
+    return {"x": np.random.default_rng(2).uniform(-1, 1, shape).astype(np.float32)}
 
 
 FLOOR_REQUEST, FLOOR_REPLY = 3800, 1400  # bytes: about a Silero v2 binary request and its answer, with HTTP
@@ -283,6 +300,105 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> tuple[list[Row], P
     return rows, inside
 
 
+def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> None:
+    """The worker path, one client: raw runtime against v2 binary through the agent, interleaved
+    round by round (each round's two blocks are close in time, so the per-round ratio is the
+    steadiest figure), then the agent's own overhead per request from its statistics."""
+    client = AgentClient(sock)
+    raw = {m: raw_session(m) for m in WORKER_MODELS}
+    feeds = {m: ocr_feeds(m) for m in WORKER_MODELS}
+    modes: dict[tuple[str, str], Callable[[], object]] = {}
+    for m in WORKER_MODELS:
+        modes[(m, "raw runtime")] = functools.partial(raw[m].run, None, feeds[m])
+        modes[(m, "v2 binary")] = functools.partial(client.infer, m, feeds[m])
+    for fn in modes.values():
+        for _ in range(20):
+            fn()
+    samples: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
+    medians: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
+    for r in range(rounds):
+        for key in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+            block = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                modes[key]()
+                block.append(time.perf_counter() - t0)
+            samples[key].extend(block)
+            medians[key].append(float(np.median(block)))
+    print(f"\nWorker path, one client (µs), {rounds}x{per_round} calls per mode, interleaved; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'model':<10}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'per-round ratio':>17}")
+    for m in WORKER_MODELS:
+        raw_p50 = float(np.median(samples[(m, "raw runtime")])) * 1e6
+        for mode in ("raw runtime", "v2 binary"):
+            arr = np.asarray(samples[(m, mode)]) * 1e6
+            p50 = float(np.median(arr))
+            extra = "" if mode == "raw runtime" else (
+                f"{p50 - raw_p50:>14.0f}{p50 / raw_p50:>8.3f}"
+                f"{np.median(np.divide(medians[(m, mode)], medians[(m, 'raw runtime')])):>17.3f}")
+            print(f"{m:<10}{mode:<13}{p50:>9.0f}{np.percentile(arr, 99):>9.0f}{extra}")
+    print("\nInside the agent, one v2 binary request at a time (statistics read after each call), µs;"
+          " overhead = total - infer")
+    print(f"{'model':<10}{'overhead p50':>14}{'p99':>8}{'input p50':>11}{'queue p50':>11}{'output p50':>12}"
+          f"{'infer p50':>11}")
+    for m in WORKER_MODELS:
+        per: dict[str, list[float]] = {p: [] for p in PHASES}
+        before = phase_totals(client, m)
+        for _ in range(calls):
+            client.infer(m, feeds[m])
+            after = phase_totals(client, m)
+            delta, before = after - before, after
+            if delta[0] == 1:
+                for i, p in enumerate(PHASES):
+                    per[p].append(delta[1 + i] / 1000)
+        over = np.subtract(per["success"], per["compute_infer"])
+        print(f"{m:<10}{np.median(over):>14.0f}{np.percentile(over, 99):>8.0f}"
+              + "".join(f"{np.median(per[p]):>{w}.0f}" for p, w in (("compute_input", 11), ("queue", 11),
+                                                                    ("compute_output", 12), ("compute_infer", 11))))
+    client.close()
+
+
+def _ocr_client(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock)
+    feeds = ocr_feeds(model)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    done = 0
+    while time.time() < stop_at:
+        client.infer(model, feeds)
+        done += 1
+    out.put(done)
+
+
+def worker_path_clients(sock: Path, clients: int, seconds: float) -> None:
+    """The agent's overhead per request with ``clients`` client processes at once (statistics
+    extension, means over the run): input + output, the queue apart (it is the wait for the model)."""
+    print(f"\nInside the agent, {clients} clients for {seconds:.0f} s per model, mean µs per request; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'model':<10}{'requests/s':>11}{'input':>8}{'queue':>8}{'infer':>8}{'output':>8}"
+          f"{'input+output':>14}")
+    client = AgentClient(sock)
+    ctx = mp.get_context("fork")
+    for m in WORKER_MODELS:
+        before = phase_totals(client, m)
+        out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+        start_at = time.time() + 0.5 + clients * 0.02
+        procs = [ctx.Process(target=_ocr_client, args=(str(sock), m, start_at + seconds, start_at, out))
+                 for _ in range(clients)]
+        for p in procs:
+            p.start()
+        total = sum(out.get(timeout=seconds + 60) for _ in procs)
+        for p in procs:
+            p.join()
+        delta = phase_totals(client, m) - before
+        means = delta[1:] / max(delta[0], 1) / 1000
+        phase = dict(zip(PHASES, means, strict=True))
+        print(f"{m:<10}{total / seconds:>11.0f}{phase['compute_input']:>8.0f}{phase['queue']:>8.0f}"
+              f"{phase['compute_infer']:>8.0f}{phase['compute_output']:>8.0f}"
+              f"{phase['compute_input'] + phase['compute_output']:>14.0f}")
+    client.close()
+
+
 def _client_loop(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     client = AgentClient(sock)
     feeds = silero_feeds()
@@ -360,6 +476,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
+    parser.add_argument("--section", choices=("all", "worker"), default="all",
+                        help="worker: only the worker-path tables (OCR models, 1 and 8 clients)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
@@ -367,6 +485,10 @@ def main() -> None:
         try:
             sock = work / "agent.sock"
             raw = {"silero_vad": 0.0}
+            if args.section == "worker":
+                worker_path(sock, args.rounds, args.per_round)
+                worker_path_clients(sock, 8, args.seconds)
+                return
             if not args.throughput_only:
                 rows, inside = latency_table(sock, args.rounds, args.per_round)
                 raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}

@@ -31,6 +31,7 @@ from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
 from agent.errors import AgentError, ConfigError, RequestError
 from agent.models.stats import Timing
+from agent.models.worker import Outputs
 from agent.operations import Operations
 
 log = structlog.get_logger(__name__)
@@ -89,9 +90,16 @@ class Routes:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v1", request) as timing:
             feeds, fmt, raw = tfserving.parse_predict(request.body, model)
-            outputs = await model.infer(feeds, raw_outputs=raw, timing=timing)
-            body = dumps(tfserving.format_predict(outputs, fmt))
-        return Response(200, body, sent=functools.partial(model.stats.succeeded, timing))
+            sent = functools.partial(model.stats.succeeded, timing)
+            direct = request.direct
+
+            def answer(outputs: Outputs) -> Response:
+                response = Response(200, dumps(tfserving.format_predict(outputs, fmt)), sent=sent)
+                if direct is not None:
+                    direct.send(response)
+                return response
+
+            return await model.infer_then(feeds, answer, raw_outputs=raw, timing=timing)
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
@@ -119,12 +127,22 @@ class Routes:
         with self._observed(model, "v2", request) as timing:
             parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model,
                                      self._plans)
-            outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output, timing=timing)
-            body, header_length = oip.format_infer(model, parsed, outputs)
-        sent = functools.partial(model.stats.succeeded, timing)
-        if header_length is None:
-            return Response(200, body, sent=sent)
-        return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)}, sent=sent)
+            sent = functools.partial(model.stats.succeeded, timing)
+            direct = request.direct
+
+            def answer(outputs: Outputs) -> Response:
+                """Formatted, and written when it can be, by the thread that ran the model."""
+                body, header_length = oip.format_infer(model, parsed, outputs)
+                if header_length is None:
+                    response = Response(200, body, sent=sent)
+                else:
+                    response = Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)},
+                                        sent=sent)
+                if direct is not None:
+                    direct.send(response)
+                return response
+
+            return await model.infer_then(parsed.feeds, answer, raw_outputs=parsed.raw_output, timing=timing)
 
     async def v2_stats(self, request: Request) -> Response:
         """Triton's statistics extension: cumulative counts and nanoseconds per model version."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from agent.models.store import ModelVersion
 from agent.models.tensors import check_feeds
 from agent.models.worker import Outputs, Worker
 from agent.runtimes import Session, TensorSpec
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -84,18 +86,33 @@ class ServedModel:
 
         ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
         """
+        return await self.infer_then(feeds, _same, raw_outputs=raw_outputs, timing=timing)
+
+    async def infer_then(self, feeds: Mapping[str, np.ndarray], then: Callable[[Outputs], R], *,
+                         raw_outputs: bool = False, timing: Timing | None = None) -> R:
+        """``then(outputs)``, run on the thread that ran the model: the worker's, or the caller's for
+        an inline run. Raises what ``infer`` raises, and what ``then`` raises."""
         started = self._admit(feeds)
         if timing is not None:
             timing.submitted = time.perf_counter_ns()
+        answered = False
+
+        def finish(outputs: Outputs) -> R:
+            nonlocal answered
+            answered = True
+            self._account(started, None, outputs)
+            return then(outputs)
+
         try:
             outputs = self.worker.run_inline(feeds, raw_outputs, timing)
-            if outputs is None:
-                outputs = await self.worker.submit(feeds, raw_outputs, timing)
+            if outputs is not None:
+                return finish(outputs)
+            result: R = await self.worker.submit(feeds, raw_outputs, timing, then=finish)
         except AgentError as exc:
-            self._account(started, exc)
+            if not answered:  # the model failed (not ``then``)
+                self._account(started, exc)
             raise
-        self._account(started, None, outputs)
-        return outputs
+        return result
 
     def infer_threadsafe(self, feeds: Mapping[str, np.ndarray]) -> concurrent.futures.Future[Outputs]:
         """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
@@ -137,6 +154,10 @@ class ServedModel:
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.stats.requests, "errors": self.stats.errors,
         }
+
+
+def _same(outputs: Outputs) -> Outputs:
+    return outputs
 
 
 def all_finite(outputs: Mapping[str, np.ndarray], allowed: frozenset[str] = frozenset()) -> bool:

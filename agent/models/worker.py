@@ -1,8 +1,11 @@
 """One inference thread per loaded model version, with optional dynamic batching.
 
 ONNX Runtime and LiteRT release the GIL while they compute, so a thread per model lets
-the event loop keep parsing requests. Results are handed back with
-``call_soon_threadsafe``; a job whose client went away is skipped, never run.
+the event loop keep parsing requests. A job may carry ``then``, run on the worker thread
+with its outputs: the API formats and writes its answer there (``agent.api.http.DirectAnswer``),
+so a client waits for one thread's wake-up, not two. Results are then handed back with one
+``call_soon_threadsafe`` per batch (the loop's bookkeeping, off the client's path); a job whose
+client went away is skipped, never run.
 
 The hop to the thread and back costs ~100 µs of wake-ups on a small board, as much as a
 small model's whole inference. So a quick model on the CPU, with batching off, runs on the
@@ -47,6 +50,9 @@ class Job:
     size: int | None = None
     key: tuple[object, ...] | None = None
     timing: Timing | None = None  # stamped with the runtime call's start and end
+    # Run on the worker thread with the outputs (e.g. to format and write the answer); what it
+    # returns, or raises, is the future's result instead of the outputs.
+    then: Callable[[Outputs], Any] | None = None
 
 
 _STOP = object()
@@ -86,10 +92,11 @@ class Worker:
         return self.batching is not None
 
     def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
-               timing: Timing | None = None) -> asyncio.Future[Outputs]:
+               timing: Timing | None = None, then: Callable[[Outputs], Any] | None = None) -> asyncio.Future[Any]:
+        """The outputs, or with ``then`` what ``then(outputs)`` returns, run on the worker thread."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outputs] = loop.create_future()
-        self._enqueue(Job(feeds, raw_outputs, loop, future, timing=timing))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._enqueue(Job(feeds, raw_outputs, loop, future, timing=timing, then=then))
         return future
 
     def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
@@ -293,8 +300,14 @@ class Worker:
     @staticmethod
     def _finish_all(results: list[tuple[Job, Outputs | BaseException]]) -> None:
         """Hand results back: one event-loop wake-up for all of a batch's requests, not one each."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Outputs | BaseException]]] = {}
-        for job, result in results:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, outcome in results:
+            result: Any = outcome
+            if job.then is not None and not isinstance(outcome, BaseException) and not job.future.done():
+                try:
+                    result = job.then(outcome)
+                except Exception as exc:  # noqa: BLE001 - goes to the waiting client, never kills the thread
+                    result = exc
             if job.loop is None:
                 _deliver([(job, result)])
             else:
@@ -303,7 +316,7 @@ class Worker:
             loop.call_soon_threadsafe(_deliver, delivered)
 
 
-def _deliver(results: list[tuple[Job, Outputs | BaseException]]) -> None:
+def _deliver(results: list[tuple[Job, Any]]) -> None:
     for job, result in results:
         if job.future.done():
             continue
