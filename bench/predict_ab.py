@@ -4,7 +4,8 @@ Starts one agent from each tree (``--before DIR``, ``--after DIR``, default: thi
 same models and config as ``bench/predict_overhead.py`` (``[runtime] threads = 1``), then, round
 after round, makes ``--per-round`` calls of each mode on one agent and then on the other (the
 order alternating each round), so machine noise hits both alike. Modes: Silero VAD (ONNX, runs
-inline) and face detection (LiteRT) over TF Serving v1 JSON, OIP v2 JSON and OIP v2 binary, plus
+inline) and face detection (LiteRT) over TF Serving v1 JSON, OIP v2 JSON and OIP v2 binary, the
+OCR classifier and detector (the worker path) over OIP v2 binary, plus
 ``GET /v2/health/live``. Prints the median and p99 per mode and agent, and the change of the median
 (also as the median of the per-round changes, each round's two blocks being close in time);
 and the CPU time per call of the agent's event-loop thread (which parses, routes, decodes,
@@ -41,7 +42,8 @@ CONFIG = "[runtime]\nthreads = 1\n"
 def start(tree: Path, work: Path) -> subprocess.Popen[bytes]:
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
-                               ("face_detection", "face_detection", "model.tflite")):
+                               ("face_detection", "face_detection", "model.tflite"),
+                               ("ocr_cls", "ocr_cls", "model.onnx"), ("ocr_det", "ocr_det", "model.onnx")):
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
     (work / "agent.toml").write_text(CONFIG)
@@ -75,12 +77,17 @@ def modes(client: AgentClient) -> dict[str, Callable[[], object]]:
            "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
     vad_lists = {k: v.tolist() for k, v in vad.items()}
     image = np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    crop = np.random.default_rng(2).uniform(-1, 1, (1, 3, 48, 320)).astype(np.float32)
+    page = np.random.default_rng(2).uniform(-1, 1, (1, 3, 192, 192)).astype(np.float32)
     return {
         "silero v1 JSON": lambda: client.predict("silero_vad", vad_lists),
         "silero v2 JSON": lambda: client.infer("silero_vad", vad, binary=False),
         "silero v2 binary": lambda: client.infer("silero_vad", vad),
         "face v2 JSON": lambda: client.infer("face_detection", {"input": image}, binary=False),
         "face v2 binary": lambda: client.infer("face_detection", {"input": image}),
+        # The worker path (slower than inline_max_us): ~2 ms and ~7 ms per call here.
+        "ocr_cls v2 binary": lambda: client.infer("ocr_cls", {"x": crop}),
+        "ocr_det v2 binary": lambda: client.infer("ocr_det", {"x": page}),
         "health": lambda: client.request("GET", "/v2/health/live"),
     }
 
@@ -126,7 +133,7 @@ def main() -> None:
                         cpu[(label, mode)].append((loop_ns(loops[label]) - before) / args.per_round / 1e9)
                         rounds[(label, mode)].append(float(np.median(block)))
             print(f"\nPredict latency (µs), {args.rounds} rounds x {args.per_round} calls per mode and agent, "
-                  "interleaved; one client, batch 1")
+                  f"interleaved; one client, batch 1; load average {os.getloadavg()[0]:.2f}")
             print(f"  before: {trees['before']}\n  after:  {trees['after']}")
             print(f"{'mode':<18}{'before p50':>11}{'after p50':>11}{'change':>9}{'paired':>9}{'before p99':>12}"
                   f"{'after p99':>11}{'loop CPU before':>16}{'after':>8}{'change':>9}{'paired':>9}")

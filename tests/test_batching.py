@@ -70,10 +70,10 @@ def make_worker() -> Iterator[MakeWorker]:
 
     def make(
         session: Session, batching: BatchingSection | None = None, sizes: list[int] | None = None, name: str = "vad",
-        inline_max_us: int = 0,
+        inline_max_us: int = 0, inline_max_bytes: int = 256 * 1024,
     ) -> Worker:
         worker = Worker(name, session, batching, on_batch=None if sizes is None else sizes.append,
-                        inline_max_us=inline_max_us)
+                        inline_max_us=inline_max_us, inline_max_bytes=inline_max_bytes)
         workers.append(worker)
         return worker
 
@@ -447,6 +447,28 @@ async def test_slow_or_batched_models_never_run_inline(
     assert [w.inline for w in (off, slow, batched)] == [False, False, False]
     assert off.run_inline(vad_feeds(1, seed=1)) is None
     assert batched.run_inline(vad_feeds(1, seed=1)) is None  # queued requests must be able to coalesce
+
+
+async def test_only_small_requests_run_inline(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    """A quick model given a large batch is not quick: a request whose inputs total more than
+    ``inline_max_bytes`` goes to the worker thread, and its time does not make the model slow."""
+    small, large = vad_feeds(1, seed=730), vad_feeds(64, seed=731)  # 3.3 KB and 213 KB of inputs
+    limit = 16 * 1024
+    assert sum(v.nbytes for v in small.values()) <= limit < sum(v.nbytes for v in large.values())
+    worker = make_worker(silero, None, inline_max_us=1_000_000, inline_max_bytes=limit)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)
+    assert worker.inline is True
+
+    assert worker.run_inline(large) is None  # submit instead
+    assert_same(await asyncio.wait_for(worker.submit(large), 10), alone.run(large))
+    got = worker.run_inline(small)
+    assert got is not None
+    assert_same(got, alone.run(small))
+
+    # A large request (~0.1 s, 6.6 MB) leaves the model's measured speed alone.
+    speed = worker._call_s
+    await asyncio.wait_for(worker.submit(vad_feeds(2000, seed=732)), 20)
+    assert worker._call_s == speed
 
 
 async def test_inline_failure_raises_to_the_caller(silero: Session, make_worker: MakeWorker) -> None:

@@ -13,7 +13,7 @@ from agent.runtimes import TensorSpec
 JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
-def loads(body: bytes | memoryview) -> Any:
+def loads(body: bytes | bytearray | memoryview) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

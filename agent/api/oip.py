@@ -50,7 +50,15 @@ Plans = dict[tuple[str, int, bytes], _Plan]  # by model name, version and header
 _MAX_PLANS = 256
 
 
-def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
+def json_bytes(body: bytes | bytearray, header_length: str | None) -> int:
+    """How much of an infer request's body is JSON (all of it without the binary extension)."""
+    if header_length is None:
+        return len(body)
+    return int(header_length) if header_length.isascii() and header_length.isdigit() and len(header_length) <= 12 \
+        else 0  # (refused by ``parse_infer``)
+
+
+def parse_infer(body: bytes | bytearray, header_length: str | None, model: ServedModel,
                 plans: Plans | None = None) -> InferRequest:
     """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it.
 

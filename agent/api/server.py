@@ -65,11 +65,13 @@ def _guard(handler: Handler) -> Handler:
 
 
 class Routes:
-    def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics) -> None:
+    def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics, *,
+                 json_offload_bytes: int = 128 * 1024) -> None:
         self.ops = ops
         self.models = models
         self.metrics = metrics
         self._plans: oip.Plans = {}  # binary infer headers already decoded
+        self.json_offload_bytes = json_offload_bytes  # larger JSON is decoded on a thread
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -89,7 +91,10 @@ class Routes:
     async def v1_predict(self, request: Request) -> Response:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v1", request) as timing:
-            feeds, fmt, raw = tfserving.parse_predict(request.body, model)
+            if len(request.body) > self.json_offload_bytes:
+                feeds, fmt, raw = await asyncio.to_thread(tfserving.parse_predict, request.body, model)
+            else:
+                feeds, fmt, raw = tfserving.parse_predict(request.body, model)
             sent = functools.partial(model.stats.succeeded, timing)
             direct = request.direct
 
@@ -125,8 +130,11 @@ class Routes:
     async def v2_infer(self, request: Request) -> Response:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v2", request) as timing:
-            parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model,
-                                     self._plans)
+            body, header_length = request.body, request.headers.get("inference-header-content-length")
+            if oip.json_bytes(body, header_length) > self.json_offload_bytes:
+                parsed = await asyncio.to_thread(oip.parse_infer, body, header_length, model)
+            else:
+                parsed = oip.parse_infer(body, header_length, model, self._plans)
             sent = functools.partial(model.stats.succeeded, timing)
             direct = request.direct
 
@@ -259,7 +267,7 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     Raises:
         ConfigError: ``api.tcp_token_file`` is unreadable, empty, or readable by others.
     """
-    r = Routes(ops, models, metrics)
+    r = Routes(ops, models, metrics, json_offload_bytes=settings.json_offload_bytes)
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"

@@ -18,7 +18,7 @@ _TF_DTYPES = {
 }
 
 
-def parse_predict(body: bytes, model: ServedModel) -> tuple[dict[str, np.ndarray], str, bool]:
+def parse_predict(body: bytes | bytearray, model: ServedModel) -> tuple[dict[str, np.ndarray], str, bool]:
     """Returns (feeds, "row"|"columnar", raw_output)."""
     request = loads(body)
     if not isinstance(request, dict):

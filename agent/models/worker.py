@@ -9,8 +9,9 @@ client went away is skipped, never run.
 
 The hop to the thread and back costs ~100 µs of wake-ups on a small board, as much as a
 small model's whole inference. So a quick model on the CPU, with batching off, runs on the
-caller's thread when its worker is idle (``run_inline``); a lock keeps the session to one
-caller at a time either way.
+caller's thread when its worker is idle and the request's inputs are small (``run_inline``,
+``inline_max_bytes``: a quick model given a large batch is not quick); a lock keeps the session
+to one caller at a time either way.
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ class Worker:
 
     def __init__(self, name: str, session: Session, batching: BatchingSection | None = None, *,
                  on_batch: Callable[[int], None] | None = None, inline_max_us: int = 0,
-                 stats: ModelStats | None = None) -> None:
+                 inline_max_bytes: int = 256 * 1024, stats: ModelStats | None = None) -> None:
         self.name = name
         self.session = session
         self.stats = stats or ModelStats()
         self._lock = threading.Lock()  # one call in the session at a time: LiteRT interpreters are not thread-safe
         self._inline_max_s = inline_max_us / 1e6
+        self.inline_max_bytes = inline_max_bytes
         self._call_s: float | None = None  # recent single-request call time (moving average)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: collections.deque[Any] = collections.deque()
@@ -119,14 +121,16 @@ class Worker:
 
     @property
     def inline(self) -> bool:
-        """Whether idle-time requests run on the caller's thread (quick CPU model, no batching)."""
+        """Whether idle-time requests with small inputs run on the caller's thread (quick CPU
+        model, no batching)."""
         return self.batching is None and self._call_s is not None and self._call_s <= self._inline_max_s
 
     def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
                    timing: Timing | None = None) -> Outputs | None:
-        """Run on the caller's thread if the model is quick and nothing is queued or running;
-        None means "submit instead". Raises what the session raises."""
-        if not self.inline or self._held or not self._queue.empty() or not self._lock.acquire(blocking=False):
+        """Run on the caller's thread if the model is quick, the inputs small (``inline_max_bytes``)
+        and nothing is queued or running; None means "submit instead". Raises what the session raises."""
+        if (not self.inline or self._held or not self._queue.empty() or payload_bytes(feeds) > self.inline_max_bytes
+                or not self._lock.acquire(blocking=False)):
             return None
         try:
             self.busy_since = time.monotonic()
@@ -270,7 +274,8 @@ class Worker:
             if timing is not None:
                 timing.started, timing.ended = started, ended
         self.stats.executed(rows, ended - started)
-        if len(timings) == 1:
+        if len(timings) == 1 and payload_bytes(feeds) <= self.inline_max_bytes:
+            # (Large requests never run inline: their time says nothing about the others'.)
             took = (ended - started) / 1e9
             self._call_s = took if self._call_s is None else 0.9 * self._call_s + 0.1 * took
         return result
@@ -314,6 +319,11 @@ class Worker:
                 by_loop.setdefault(job.loop, []).append((job, result))
         for loop, delivered in by_loop.items():
             loop.call_soon_threadsafe(_deliver, delivered)
+
+
+def payload_bytes(feeds: Mapping[str, np.ndarray]) -> int:
+    """What a request's input tensors hold, in bytes."""
+    return sum(value.nbytes for value in feeds.values())
 
 
 def _deliver(results: list[tuple[Job, Any]]) -> None:
