@@ -134,6 +134,7 @@ class AgentClient:
                 self.close()
                 if attempt or fresh:
                     raise ClientError(f"cannot reach the agent at {self.target}: {exc}") from exc
+                continue  # the agent closed a kept-alive connection: once more on a new one
             except (OSError, httptools.HttpParserError) as exc:
                 self.close()
                 raise ClientError(f"request to the agent at {self.target} failed: {exc}") from exc

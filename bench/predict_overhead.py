@@ -61,7 +61,8 @@ def face_image() -> np.ndarray:
     return np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
 
 
-def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes]:
+def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None) -> subprocess.Popen[bytes]:
+    """The agent of this source tree, or of ``tree`` (another checkout, for a before/after run)."""
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
                                ("silero_vad_batched", "silero_vad", "model.onnx"),
@@ -74,9 +75,12 @@ def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes
                       "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
                       f"max_queue_delay_us = {queue_delay_us}\n")
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
                              str(models), "--socket", str(work / "agent.sock"), "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"), env=env)
+                            stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"), env=env,
+                            cwd=tree)
     client = AgentClient(work / "agent.sock")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -399,6 +403,68 @@ def worker_path_clients(sock: Path, clients: int, seconds: float) -> None:
     client.close()
 
 
+def _health_probe(sock: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies = []
+    while time.time() < stop_at:
+        t0 = time.perf_counter()
+        client.request("GET", "/v2/health/live")
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.002)
+    out.put(("health", latencies))
+
+
+#: Silero VAD rows of about 20 MB as v2 binary (3,328 bytes a row) and 25 MB as JSON.
+BIG_BINARY_ROWS, BIG_JSON_ROWS = 6000, 1900
+
+
+def _big_client(sock: str, binary: bool, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock, timeout=300)
+    feeds = silero_feeds(BIG_BINARY_ROWS if binary else BIG_JSON_ROWS)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    done = 0
+    while time.time() < stop_at:
+        client.infer("silero_vad", feeds, binary=binary)
+        done += 1
+    out.put(("binary" if binary else "json", done))
+
+
+def health_stall(sock: Path, seconds: float) -> None:
+    """``GET /v2/health/live`` every 2 ms from its own process, alone and then while two other
+    clients send Silero VAD (a quick model, inline for small requests) ~20 MB v2 binary and
+    ~25 MB JSON predicts back to back."""
+    import orjson
+
+
+    binary_mb = sum(v.nbytes for v in silero_feeds(BIG_BINARY_ROWS).values()) / 1e6
+    json_mb = len(orjson.dumps({k: v.tolist() for k, v in silero_feeds(BIG_JSON_ROWS).items()})) / 1e6
+    print(f"\nHealth checks while large predicts are served (µs); {seconds:.0f} s per phase; "
+          f"binary body {binary_mb:.1f} MB, JSON body ~{json_mb:.1f} MB")
+    print(f"{'phase':<24}{'checks':>8}{'p50':>9}{'p99':>9}{'max':>9}{'binary':>8}{'JSON':>6}{'load':>7}")
+    with AgentClient(sock) as client:  # a few small calls: Silero is timed as quick (inline)
+        for _ in range(20):
+            client.infer("silero_vad", silero_feeds())
+    ctx = mp.get_context("fork")
+    for phase, big in (("alone", ()), ("20 MB binary", (True,)), ("25 MB JSON", (False,)),
+                       ("20 MB bin + 25 MB JSON", (True, False))):
+        out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+        start_at = time.time() + 1.0
+        stop_at = start_at + seconds
+        procs = [ctx.Process(target=_health_probe, args=(str(sock), stop_at, start_at, out))]
+        procs += [ctx.Process(target=_big_client, args=(str(sock), b, stop_at, start_at, out)) for b in big]
+        for proc in procs:
+            proc.start()
+        results = dict(out.get(timeout=seconds + 300) for _ in procs)
+        for proc in procs:
+            proc.join()
+        lat = np.asarray(results["health"]) * 1e6
+        print(f"{phase:<24}{len(lat):>8}{np.median(lat):>9.0f}{np.percentile(lat, 99):>9.0f}{lat.max():>9.0f}"
+              f"{results.get('binary', 0):>8}{results.get('json', 0):>6}{os.getloadavg()[0]:>7.2f}")
+
+
 def _client_loop(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     client = AgentClient(sock)
     feeds = silero_feeds()
@@ -476,15 +542,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
-    parser.add_argument("--section", choices=("all", "worker"), default="all",
-                        help="worker: only the worker-path tables (OCR models, 1 and 8 clients)")
+    parser.add_argument("--section", choices=("all", "worker", "stall"), default="all",
+                        help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
+                             "stall: only the health checks under large predicts")
+    parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
-        proc = start_agent(work, args.queue_delay_us)
+        proc = start_agent(work, args.queue_delay_us, args.tree)
         try:
             sock = work / "agent.sock"
             raw = {"silero_vad": 0.0}
+            if args.section == "stall":
+                health_stall(sock, args.seconds)
+                return
             if args.section == "worker":
                 worker_path(sock, args.rounds, args.per_round)
                 worker_path_clients(sock, 8, args.seconds)

@@ -768,8 +768,11 @@ class HTTPServer:
     ``token``: the bearer token that control routes need over TCP (None: TCP serves no control route).
     """
 
-    def __init__(self, router: Router, limits: Limits | None = None, *, token: bytes | None = None) -> None:
+    def __init__(self, router: Router, limits: Limits | None = None, *, token: bytes | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
+        """``on_stop``: called once every connection is closed (the routes' helpers)."""
         self.router = router
+        self.on_stop = on_stop
         self.limits = limits or Limits()
         self.token = token
         self.connections: set[_Connection] = set()
@@ -875,3 +878,5 @@ class HTTPServer:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self.on_stop is not None:
+            self.on_stop()

@@ -12,6 +12,7 @@ import numpy as np
 
 from agent.api.codec import MAX_DIMS, as_contiguous, dumps, loads, to_array
 from agent.api.datatypes import DATATYPES, datatype
+from agent.api.offload import encoded
 from agent.errors import RequestError
 from agent.models.served import ServedModel
 
@@ -59,14 +60,15 @@ def json_bytes(body: bytes | bytearray, header_length: str | None) -> int:
 
 
 def parse_infer(body: bytes | bytearray, header_length: str | None, model: ServedModel,
-                plans: Plans | None = None) -> InferRequest:
+                plans: Plans | None = None, decoded: Any = None) -> InferRequest:
     """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it.
 
     Every field is type-checked (a wrong type is a 400, never a 500). ``plans`` (owned by the
-    caller) remembers binary headers already decoded, by their bytes.
+    caller) remembers binary headers already decoded, by their bytes. ``decoded``: the JSON part,
+    already decoded (``agent.api.offload.JsonDecoder``).
     """
     if header_length is None:
-        header, binary = loads(body), memoryview(b"")
+        header, binary = loads(body) if decoded is None else decoded, memoryview(b"")
     else:
         if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12):
             raise RequestError(f"{HEADER} must be an integer, got {header_length[:40]!r}")
@@ -79,7 +81,7 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
         plan = plans.get(key) if plans is not None else None
         if plan is not None and plan.specs is model.outputs and plan.size == len(binary):
             return plan.request(binary)
-        header = loads(key[2])
+        header = loads(key[2]) if decoded is None else decoded
     if not isinstance(header, dict):
         raise RequestError("request body must be a JSON object")
     inputs = header.get("inputs")
@@ -214,7 +216,7 @@ def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, n
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = value.reshape(-1)
+            entry["data"] = encoded(value.reshape(-1))
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": entries}
     if request.request_id is not None:

@@ -26,6 +26,7 @@ from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
+from agent.api.offload import JsonDecoder
 from agent.config import ApiSection
 from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
@@ -71,7 +72,8 @@ class Routes:
         self.models = models
         self.metrics = metrics
         self._plans: oip.Plans = {}  # binary infer headers already decoded
-        self.json_offload_bytes = json_offload_bytes  # larger JSON is decoded on a thread
+        self.json_offload_bytes = json_offload_bytes  # larger JSON is decoded in a helper process
+        self.decoder = JsonDecoder()
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -91,10 +93,9 @@ class Routes:
     async def v1_predict(self, request: Request) -> Response:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v1", request) as timing:
-            if len(request.body) > self.json_offload_bytes:
-                feeds, fmt, raw = await asyncio.to_thread(tfserving.parse_predict, request.body, model)
-            else:
-                feeds, fmt, raw = tfserving.parse_predict(request.body, model)
+            body = request.body
+            decoded = await self.decoder.decode(body) if len(body) > self.json_offload_bytes else None
+            feeds, fmt, raw = tfserving.parse_predict(body, model, decoded)
             sent = functools.partial(model.stats.succeeded, timing)
             direct = request.direct
 
@@ -131,8 +132,10 @@ class Routes:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v2", request) as timing:
             body, header_length = request.body, request.headers.get("inference-header-content-length")
-            if oip.json_bytes(body, header_length) > self.json_offload_bytes:
-                parsed = await asyncio.to_thread(oip.parse_infer, body, header_length, model)
+            size = oip.json_bytes(body, header_length)
+            if size > self.json_offload_bytes:  # decoded in the helper process (agent.api.offload)
+                decoded = await self.decoder.decode(body if header_length is None else body[:size])
+                parsed = oip.parse_infer(body, header_length, model, None, decoded)
             else:
                 parsed = oip.parse_infer(body, header_length, model, self._plans)
             sent = functools.partial(model.stats.succeeded, timing)
@@ -310,7 +313,7 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     for method, path, handler in control:
         router.add(method, path, _guard(handler), control=True)
     token = read_token(settings.tcp_token_file) if settings.tcp_token_file is not None else None
-    return HTTPServer(router, limits(settings), token=token)
+    return HTTPServer(router, limits(settings), token=token, on_stop=r.decoder.close)
 
 
 def limits(settings: ApiSection) -> Limits:
