@@ -542,9 +542,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
-    parser.add_argument("--section", choices=("all", "worker", "stall"), default="all",
+    parser.add_argument("--section", choices=("all", "worker", "stall", "batching"), default="all",
                         help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
-                             "stall: only the health checks under large predicts")
+                             "stall: only the health checks under large predicts; batching: only Silero's batch "
+                             "costs and the throughput tables")
     parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
@@ -560,7 +561,7 @@ def main() -> None:
                 worker_path(sock, args.rounds, args.per_round)
                 worker_path_clients(sock, 8, args.seconds)
                 return
-            if not args.throughput_only:
+            if not args.throughput_only and args.section == "all":
                 rows, inside = latency_table(sock, args.rounds, args.per_round)
                 raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}
                 print(f"\nLatency (µs), {args.rounds}x{args.per_round} calls per mode, interleaved; one client, "

@@ -444,9 +444,37 @@ async def test_slow_or_batched_models_never_run_inline(
     await asyncio.wait_for(asyncio.gather(off.submit(vad_feeds(1, seed=0)), batched.submit(vad_feeds(1, seed=0)),
                                           slow.submit({"input": np.zeros((1, 128, 128, 3), np.float32)})), 10)
 
-    assert [w.inline for w in (off, slow, batched)] == [False, False, False]
+    assert [w.inline for w in (off, slow)] == [False, False]
     assert off.run_inline(vad_feeds(1, seed=1)) is None
-    assert batched.run_inline(vad_feeds(1, seed=1)) is None  # queued requests must be able to coalesce
+    assert batched.run_inline(vad_feeds(1, seed=1)) is None  # through ``submit``: requests must be able to coalesce
+
+
+async def test_batching_model_runs_a_lone_request_inline_and_batches_the_others(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    """With batching on, a request that arrives alone in its turn of the event loop runs on the
+    loop's thread (nothing to batch it with); requests that arrive together are batched."""
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=0), sizes, inline_max_us=1_000_000)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)  # times the model
+    assert worker.inline is True
+    threads: list[str] = []
+
+    def where(outputs: Outputs) -> Outputs:
+        threads.append(threading.current_thread().name)
+        return outputs
+
+    feeds = vad_feeds(1, seed=740)
+    assert_same(await asyncio.wait_for(worker.submit(feeds, then=where), 10), alone.run(feeds))
+    assert threads == [threading.current_thread().name]  # inline, on this (the loop's) thread
+
+    threads.clear()
+    sizes.clear()
+    many = [vad_feeds(1, seed=750 + i) for i in range(6)]
+    got = await asyncio.wait_for(asyncio.gather(*(worker.submit(f, then=where) for f in many)), 10)
+    for f, g in zip(many, got, strict=True):
+        assert_same(g, alone.run(f))
+    assert set(threads) == {"infer-vad"} and sum(sizes) == 6 and max(sizes) > 1  # batched on the worker
 
 
 async def test_only_small_requests_run_inline(silero: Session, alone: Session, make_worker: MakeWorker) -> None:

@@ -85,6 +85,8 @@ class Worker:
         self.busy_since: float | None = None
         self._expected = 1  # requests in the last batch: what an adaptive gather waits for
         self._current: list[Job] = []
+        self._turn: list[Job] = []  # batching: requests of this turn of the event loop (``submit``)
+        self._stopped = False
         self.known_good = KnownGood()  # set by the served model (agent.models.probe)
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
@@ -98,8 +100,42 @@ class Worker:
         """The outputs, or with ``then`` what ``then(outputs)`` returns, run on the worker thread."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._enqueue(Job(feeds, raw_outputs, loop, future, timing=timing, then=then))
+        job = Job(feeds, raw_outputs, loop, future, timing=timing, then=then)
+        if self.batching is not None and self.inline:
+            # Held to the end of this turn of the event loop: requests that arrived together are
+            # batched on the worker thread; one that came alone runs inline (``_end_turn``).
+            self._turn.append(job)
+            if len(self._turn) == 1:
+                loop.call_soon(self._end_turn)
+            return future
+        self._enqueue(job)
         return future
+
+    def _end_turn(self) -> None:
+        """On the event loop, once per turn with requests for a quick batching model: a lone
+        request runs inline when the worker is idle (nothing to batch it with, so no hop to the
+        thread and back); requests that came together go to the worker thread to be batched."""
+        jobs, self._turn = self._turn, []
+        if len(jobs) == 1 and not self._stopped:
+            job = jobs[0]
+            if job.future.cancelled():
+                return
+            if (payload_bytes(job.feeds) <= self.inline_max_bytes and not self._held and self._queue.empty()
+                    and self._lock.acquire(blocking=False)):
+                try:
+                    self.busy_since = time.monotonic()
+                    result = self._call(job.feeds, job.raw_outputs, 1, [job.timing])
+                finally:
+                    self.busy_since = None
+                    self._lock.release()
+                self._on_batch(1)
+                _deliver([(job, _then(job, result))])
+                return
+        for job in jobs:
+            if self._stopped:
+                job.future.set_exception(InferenceError(f"model {self.name} was unloaded"))
+            else:
+                self._enqueue(job)
 
     def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
                           raw_outputs: bool = False) -> concurrent.futures.Future[Outputs]:
@@ -121,16 +157,16 @@ class Worker:
 
     @property
     def inline(self) -> bool:
-        """Whether idle-time requests with small inputs run on the caller's thread (quick CPU
-        model, no batching)."""
-        return self.batching is None and self._call_s is not None and self._call_s <= self._inline_max_s
+        """Whether idle-time requests with small inputs run on the caller's thread (a quick CPU
+        model; with batching, only a request that arrives alone in its turn of the event loop)."""
+        return self._call_s is not None and self._call_s <= self._inline_max_s
 
     def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
                    timing: Timing | None = None) -> Outputs | None:
         """Run on the caller's thread if the model is quick, the inputs small (``inline_max_bytes``)
         and nothing is queued or running; None means "submit instead". Raises what the session raises."""
-        if (not self.inline or self._held or not self._queue.empty() or payload_bytes(feeds) > self.inline_max_bytes
-                or not self._lock.acquire(blocking=False)):
+        if (self.batching is not None or not self.inline or self._held or not self._queue.empty()
+                or payload_bytes(feeds) > self.inline_max_bytes or not self._lock.acquire(blocking=False)):
             return None
         try:
             self.busy_since = time.monotonic()
@@ -144,6 +180,7 @@ class Worker:
         return result
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopped = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -307,18 +344,23 @@ class Worker:
         """Hand results back: one event-loop wake-up for all of a batch's requests, not one each."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
         for job, outcome in results:
-            result: Any = outcome
-            if job.then is not None and not isinstance(outcome, BaseException) and not job.future.done():
-                try:
-                    result = job.then(outcome)
-                except Exception as exc:  # noqa: BLE001 - goes to the waiting client, never kills the thread
-                    result = exc
+            result = _then(job, outcome)
             if job.loop is None:
                 _deliver([(job, result)])
             else:
                 by_loop.setdefault(job.loop, []).append((job, result))
         for loop, delivered in by_loop.items():
             loop.call_soon_threadsafe(_deliver, delivered)
+
+
+def _then(job: Job, outcome: Outputs | BaseException) -> Any:
+    """What the job's future gets: ``job.then(outputs)`` when it has one (or what it raised)."""
+    if job.then is None or isinstance(outcome, BaseException) or job.future.done():
+        return outcome
+    try:
+        return job.then(outcome)
+    except Exception as exc:  # noqa: BLE001 - goes to the waiting client, never kills the thread
+        return exc
 
 
 def payload_bytes(feeds: Mapping[str, np.ndarray]) -> int:
