@@ -491,19 +491,61 @@ def throughput(sock: Path, model: str, clients: int, seconds: float) -> float:
     return total / seconds
 
 
+def throughput_ab(sock: Path, clients: int, seconds: float, rounds: int) -> tuple[float, float, float]:
+    """Silero VAD requests/s at ``clients`` clients, unbatched and batched in alternating windows
+    of ``seconds / rounds``: (median unbatched, median batched, median of the per-round ratios)."""
+    plain, batched = [], []
+    window = seconds / rounds
+    for r in range(rounds):
+        order = ("silero_vad", "silero_vad_batched") if r % 2 == 0 else ("silero_vad_batched", "silero_vad")
+        for model in order:
+            (plain if model == "silero_vad" else batched).append(throughput(sock, model, clients, window))
+    return (float(np.median(plain)), float(np.median(batched)),
+            float(np.median(np.divide(batched, plain))))
+
+
+def one_client_ab(sock: Path, rounds: int, per_round: int) -> None:
+    """One client, v2 binary Silero, unbatched against batched, interleaved round by round."""
+    client = AgentClient(sock)
+    feeds = silero_feeds()
+    calls = {m: functools.partial(client.infer, m, feeds) for m in ("silero_vad", "silero_vad_batched")}
+    for fn in calls.values():
+        for _ in range(50):
+            fn()
+    samples: dict[str, list[float]] = {m: [] for m in calls}
+    medians: dict[str, list[float]] = {m: [] for m in calls}
+    for r in range(rounds):
+        for m in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            block = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                calls[m]()
+                block.append(time.perf_counter() - t0)
+            samples[m].extend(block)
+            medians[m].append(float(np.median(block)))
+    client.close()
+    plain, batched = (np.asarray(samples[m]) * 1e6 for m in calls)
+    ratio = float(np.median(np.divide(medians["silero_vad_batched"], medians["silero_vad"])))
+    print(f"\nOne client, Silero v2 binary latency (µs), {rounds}x{per_round} calls each, interleaved; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'':<12}{'p50':>8}{'p99':>8}")
+    print(f"{'unbatched':<12}{np.median(plain):>8.0f}{np.percentile(plain, 99):>8.0f}")
+    print(f"{'batched':<12}{np.median(batched):>8.0f}{np.percentile(batched, 99):>8.0f}"
+          f"   batched/unbatched latency, median of per-round ratios: {ratio:.3f}")
+
+
 def batch_costs(sizes: tuple[int, ...] = (1, 4, 8, 16, 32), calls: int = 200) -> list[tuple[int, float]]:
     """Raw Silero time per row at each batch size: the most dynamic batching can save."""
     session = raw_silero()
-    out = []
-    for size in sizes:
-        feeds = silero_feeds(size)
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        out.append((size, float(np.median(times)) * 1e6 / size))
-    return out
+    feeds = {size: silero_feeds(size) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(calls // 10):  # interleaved: noise hits every size alike
+        for size in sizes:
+            for _ in range(10):
+                t0 = time.perf_counter()
+                session.run(None, feeds[size])
+                times[size].append(time.perf_counter() - t0)
+    return [(size, float(np.median(times[size])) * 1e6 / size) for size in sizes]
 
 
 def worker_throughput(clients: int, batching: bool, seconds: float, queue_delay_us: int) -> float:
@@ -546,6 +588,8 @@ def main() -> None:
                         help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
                              "stall: only the health checks under large predicts; batching: only Silero's batch "
                              "costs and the throughput tables")
+    parser.add_argument("--throughput-rounds", type=int, default=4,
+                        help="alternating unbatched/batched windows per client count (of --seconds in all)")
     parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
@@ -588,13 +632,15 @@ def main() -> None:
             for size, per_row in costs:
                 print(f"{size:>8}{per_row:>10.0f}{costs[0][1] / per_row:>10.2f}")
             raw_rate = f"raw runtime single-thread: {1e6 / raw['silero_vad']:.0f}/s" if raw["silero_vad"] else ""
-            print(f"\nThroughput, Silero VAD, v2 binary, requests/s over {args.seconds:.0f} s; batching "
+            print(f"\nThroughput, Silero VAD, v2 binary, requests/s, median of {args.throughput_rounds} "
+                  f"alternating windows per mode over {args.seconds:.0f} s; batching "
                   f"max_queue_delay_us={args.queue_delay_us} ({raw_rate})")
-            print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
+            print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}{'per-round ratio':>17}{'load':>7}")
             for clients in (1, 8, 32):
-                plain = throughput(sock, "silero_vad", clients, args.seconds)
-                batched = throughput(sock, "silero_vad_batched", clients, args.seconds)
-                print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}")
+                plain, batched, ratio = throughput_ab(sock, clients, args.seconds, args.throughput_rounds)
+                print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}{ratio:>17.2f}"
+                      f"{os.getloadavg()[0]:>7.2f}")
+            one_client_ab(sock, args.rounds, args.per_round)
             print(f"\nThroughput, Silero VAD, model worker alone (no HTTP, one process), requests/s over "
                   f"{args.seconds:.0f} s")
             print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
