@@ -36,7 +36,8 @@ from agent.client import AgentClient
 from agent.errors import ClientError
 from agent.samples import fetch
 
-CONFIG = "[runtime]\nthreads = 1\n"
+# The OCR models measure the worker path: never inline, even when one call is under 2 ms.
+CONFIG = "[runtime]\nthreads = 1\n[model.ocr_cls]\ninline_max_us = 0\n[model.ocr_det]\ninline_max_us = 0\n"
 
 
 def start(tree: Path, work: Path) -> subprocess.Popen[bytes]:
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--modes", help="comma-separated substrings: only the modes whose name has one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-ab-") as tmp:
         trees = {"before": args.before.resolve(), "after": args.after.resolve()}
@@ -109,13 +111,14 @@ def main() -> None:
                 procs[label] = start(tree, work)
                 clients[label] = AgentClient(work / "agent.sock")
                 calls[label] = modes(clients[label])
-            names = list(calls["before"])
+            names = [m for m in calls["before"]
+                     if not args.modes or any(part.strip() in m for part in args.modes.split(","))]
             samples: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             cpu: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             rounds: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             loops = {label: Path(f"/proc/{proc.pid}/task/{proc.pid}/schedstat") for label, proc in procs.items()}
             for label in trees:  # warm-up
-                for fn in calls[label].values():
+                for fn in (calls[label][m] for m in names):
                     for _ in range(50):
                         fn()
             for r in range(args.rounds):

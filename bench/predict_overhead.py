@@ -73,7 +73,9 @@ def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None)
     config = work / "agent.toml"
     config.write_text("[runtime]\nthreads = 1\n"
                       "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
-                      f"max_queue_delay_us = {queue_delay_us}\n")
+                      f"max_queue_delay_us = {queue_delay_us}\n"
+                      # The OCR models measure the worker path: never inline, even when one call is under 2 ms.
+                      "[model.ocr_cls]\ninline_max_us = 0\n[model.ocr_det]\ninline_max_us = 0\n")
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
     if tree is not None:
         env["PYTHONPATH"] = str(tree)

@@ -66,6 +66,7 @@ def agent(tmp_path_factory, samples) -> Daemon:
     (models / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
     config = work / "agent.toml"
     config.write_text("[api]\nmax_body_bytes = 2000000\n[model.silero_vad]\nversions = \"all\"\n"
+                      "inline_max_us = 100000\n"  # quick even on a loaded machine
                       "[model.silero_vad.batching]\nenabled = true\nmax_queue_delay_us = 2000\n")
     daemon = start_daemon(work, "--config", str(config), "--models-dir", str(models))
     yield daemon
@@ -713,8 +714,9 @@ async def test_a_handler_that_times_out_before_its_first_wait_runs_in_a_task(tmp
 
 async def test_answers_written_by_another_thread_stay_whole_and_in_order(tmp_path):
     """A handler's answer written by the thread that computed it (``DirectAnswer``, as the model
-    workers do): pipelined requests behind it are answered after it, in order; an answer larger
-    than the socket takes at once is finished by the event loop; a HEAD never goes that way."""
+    workers do for predicts, POST): pipelined requests behind it are answered after it, in order;
+    an answer larger than the socket takes at once is finished by the event loop; a HEAD or a GET
+    never goes that way."""
     import asyncio
     import socket as socketlib
 
@@ -737,8 +739,9 @@ async def test_answers_written_by_another_thread_stay_whole_and_in_order(tmp_pat
         return Response(200, b"at-once")
 
     router = Router(at_once)
+    router.add("POST", "/thread", threaded)
+    router.add("POST", "/big", threaded)
     router.add("GET", "/thread", threaded)
-    router.add("GET", "/big", threaded)
     server = HTTPServer(router)
     sock = socketlib.socket(socketlib.AF_UNIX)
     sock.bind(str(tmp_path / "http.sock"))
@@ -755,15 +758,18 @@ async def test_answers_written_by_another_thread_stay_whole_and_in_order(tmp_pat
             return data
 
     def get(path: str, method: str = "GET") -> bytes:
-        return f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        return f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+
+    def post(path: str) -> bytes:
+        return get(path, "POST")
 
     data = await asyncio.wait_for(asyncio.to_thread(
-        exchange, [get("/thread"), get("/other"), get("/thread"), get("/other")], 4), 10)
+        exchange, [post("/thread"), get("/other"), post("/thread"), get("/other")], 4), 10)
     bodies = [part.rsplit(b"\r\n\r\n", 1)[1] for part in data.split(b"HTTP/1.1 ")[1:]]
     assert bodies == [b"from-thread", b"at-once", b"from-thread", b"at-once"]
     assert used[0], "the first answer is written by its thread"
 
-    data = await asyncio.wait_for(asyncio.to_thread(exchange, [get("/big"), get("/other")], 2), 20)
+    data = await asyncio.wait_for(asyncio.to_thread(exchange, [post("/big"), get("/other")], 2), 20)
     head, _, rest = data.partition(b"\r\n\r\n")
     assert f"Content-Length: {len(big)}".encode() in head
     assert rest[: len(big)] == big and rest[len(big):].endswith(b"at-once")
@@ -772,6 +778,9 @@ async def test_answers_written_by_another_thread_stay_whole_and_in_order(tmp_pat
     data = await asyncio.wait_for(asyncio.to_thread(exchange, [get("/thread", "HEAD"), get("/other")], 2), 10)
     assert data.count(b"HTTP/1.1 200") == 2 and b"from-thread" not in data
     assert used == [False], "a HEAD is answered by the event loop, without the body"
+    used.clear()
+    data = await asyncio.wait_for(asyncio.to_thread(exchange, [get("/thread")], 1), 10)
+    assert data.endswith(b"from-thread") and used == [False], "only predicts (POST) are answered by threads"
     await server.stop(1)
 
 

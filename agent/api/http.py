@@ -148,11 +148,12 @@ class DirectAnswer:
     the event loop writes after the handler returns (``written`` tells it how much went).
     """
 
-    __slots__ = ("_lock", "_open", "_server", "_sock", "at", "data", "keep_alive", "written")
+    __slots__ = ("_lock", "_loop_thread", "_open", "_server", "_sock", "at", "data", "keep_alive", "written")
 
     def __init__(self, sock: socket.socket, lock: threading.Lock, keep_alive: bool, server: HTTPServer) -> None:
         self._sock = sock
         self._lock = lock
+        self._loop_thread = threading.get_ident()  # made on the event loop's thread
         self._open = True
         self._server = server
         self.keep_alive = keep_alive
@@ -161,9 +162,10 @@ class DirectAnswer:
         self.at = 0  # time.perf_counter_ns() when the write began
 
     def send(self, response: Response) -> None:
-        """Write ``response`` (once; from any thread); the event loop writes whatever is left.
-        A failed write writes nothing: the event loop's write then meets the error itself."""
-        if response.stream is not None:
+        """Write ``response`` (once; from any thread but the event loop's, which writes its answers
+        itself); the event loop writes whatever is left. A failed write writes nothing: the event
+        loop's write then meets the error itself."""
+        if response.stream is not None or threading.get_ident() == self._loop_thread:
             return
         keep_alive = self.keep_alive and not self._server.stopping
         data = encode(response, keep_alive)
@@ -241,7 +243,9 @@ class _Refused(Exception):  # noqa: N818 - a signal, not an error
     """Raised from a parser callback to stop parsing a request that has been answered with an error."""
 
 
-_IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection is reading: between requests, a head, a body
+_IDLE, _HEAD, _BODY = 0, 1, 2
+#: Body bytes past which chunks are gathered in one growing buffer rather than joined at the end.
+_GROW_IN_PLACE = 1024 * 1024  # what a connection is reading: between requests, a head, a body
 
 
 def _lacks_version(data: bytes) -> bool:
@@ -279,9 +283,9 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.header_count = 0
         self.head_size = 0
-        # The body read so far: its first chunk as is; from a second one on, a bytearray that grows in
-        # place (a large body is never joined in one go on the event loop: 20 MB took ~10 ms).
-        self.body: bytes | bytearray = b""
+        # The body read so far: its chunks; past _GROW_IN_PLACE bytes, one bytearray that grows in place
+        # (a large body is never joined in one go on the event loop: 20 MB took ~10 ms).
+        self.body: list[bytes] | bytearray = []
         self.chunks = 0  # chunks of the body (httptools calls ``on_body`` once per chunk)
         self.body_size = 0
         self.held = 0  # of the server's body budget, for the body being read
@@ -404,7 +408,7 @@ class _Connection(asyncio.Protocol):
         self.reading, self.wire = _HEAD, 0
         self.counting, self.fresh = not self.fresh, False
         self.url, self.headers, self.header_count, self.head_size = b"", {}, 0, 0
-        self.body, self.chunks, self.body_size, self.chunked, self.too_large = b"", 0, 0, False, False
+        self.body, self.chunks, self.body_size, self.chunked, self.too_large = [], 0, 0, False, False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -476,12 +480,16 @@ class _Connection(asyncio.Protocol):
         if size > self.held:  # a chunked body reserves as it grows
             self._reserve(size - self.held)
         chunks = self.chunks = self.chunks + 1
-        if chunks == 1:
-            self.body = chunk
+        body = self.body
+        if isinstance(body, list):
+            if size <= _GROW_IN_PLACE:
+                body.append(chunk)
+            else:
+                grown = self.body = bytearray()
+                for part in body:
+                    grown += part
+                grown += chunk
         else:
-            body = self.body
-            if type(body) is bytes:
-                body = self.body = bytearray(body)
             body += chunk  # in place
         if self.chunked and chunks > 1024 and size < 64 * chunks:
             # One Python call per chunk: tiny chunks would keep the loop busy within a single read.
@@ -500,10 +508,11 @@ class _Connection(asyncio.Protocol):
             raise _Refused from None
         self.reading = _IDLE  # answering: no read deadline
         method = self.parser.get_method().decode("ascii")
-        body = self.body
+        parts = self.body
+        body = parts if isinstance(parts, bytearray) else parts[0] if len(parts) == 1 else b"".join(parts)
         request = Request(method, (parsed.path or b"/").decode("utf-8", "replace"), self.headers, body,
                           received=self.received, held=self.held)
-        self.body, self.chunks, self.held = b"", 0, 0
+        self.body, self.chunks, self.held = [], 0, 0
         keep_alive = self.keep_alive
         if self.parser.should_upgrade():  # ignored (RFC 9110 allows it): answered, then closed
             self.upgrade_answered, keep_alive = True, False
@@ -532,7 +541,7 @@ class _Connection(asyncio.Protocol):
     def _too_large(self) -> None:
         """Answer 413 at once and drop the rest of the body (closed once it has been read)."""
         self.too_large = True
-        self.body, self.chunks = b"", 0
+        self.body, self.chunks = [], 0
         self.server.release(self.held)
         self.held = 0
         self._send_error(PayloadTooLargeError(f"request body exceeds the limit of {self.limits.max_body} bytes"))
@@ -702,9 +711,9 @@ class _Connection(asyncio.Protocol):
     def _direct(self, request: Request, keep_alive: bool) -> DirectAnswer | None:
         """A ``DirectAnswer`` for ``request``, when nothing unsent is queued on the connection."""
         transport = self.transport
-        if (request.method == "HEAD" or transport is None or self.write_paused or transport.is_closing()
+        if (request.method != "POST" or transport is None or self.write_paused or transport.is_closing()
                 or transport.get_write_buffer_size()):
-            return None
+            return None  # (the answers that threads compute are predicts: POST)
         sock = self.direct_sock
         if sock is None:
             raw = transport.get_extra_info("socket")
