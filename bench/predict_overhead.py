@@ -314,9 +314,16 @@ def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> No
     raw = {m: raw_session(m) for m in WORKER_MODELS}
     feeds = {m: ocr_feeds(m) for m in WORKER_MODELS}
     modes: dict[tuple[str, str], Callable[[], object]] = {}
+    def reconnecting(model: str) -> None:
+        """What the client did before it kept its connection (httptools reset keep-alive): one
+        connection per request."""
+        client.infer(model, feeds[model])
+        client.close()
+
     for m in WORKER_MODELS:
         modes[(m, "raw runtime")] = functools.partial(raw[m].run, None, feeds[m])
         modes[(m, "v2 binary")] = functools.partial(client.infer, m, feeds[m])
+        modes[(m, "v2 reconnect")] = functools.partial(reconnecting, m)
     for fn in modes.values():
         for _ in range(20):
             fn()
@@ -336,7 +343,7 @@ def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> No
     print(f"{'model':<10}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'per-round ratio':>17}")
     for m in WORKER_MODELS:
         raw_p50 = float(np.median(samples[(m, "raw runtime")])) * 1e6
-        for mode in ("raw runtime", "v2 binary"):
+        for mode in ("raw runtime", "v2 binary", "v2 reconnect"):
             arr = np.asarray(samples[(m, mode)]) * 1e6
             p50 = float(np.median(arr))
             extra = "" if mode == "raw runtime" else (

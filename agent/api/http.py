@@ -123,14 +123,23 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 def encode(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     """Status line, headers and (unless answering a HEAD) the body."""
+    head = encode_head(response, keep_alive)
+    return head if head_only else head + response.body
+
+
+def encode_head(response: Response, keep_alive: bool) -> bytes:
+    """Status line and headers."""
     head = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}",
             f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
     if not keep_alive:
         head.append("Connection: close")
     if response.headers:
         head.extend(f"{k}: {v}" for k, v in response.headers.items())
-    data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-    return data if head_only else data + response.body
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+#: Answers larger than this are written as head and body, without joining them into one copy.
+_JOIN_MAX = 64 * 1024
 
 
 class DirectAnswer:
@@ -157,7 +166,7 @@ class DirectAnswer:
         self._open = True
         self._server = server
         self.keep_alive = keep_alive
-        self.data: bytes | None = None  # what ``send`` wrote (all of the answer), once it did
+        self.data: tuple[bytes, bytes] | None = None  # what ``send`` wrote (head, body), once it did
         self.written = 0  # of ``data``, bytes the kernel took
         self.at = 0  # time.perf_counter_ns() when the write began
 
@@ -168,7 +177,7 @@ class DirectAnswer:
         if response.stream is not None or threading.get_ident() == self._loop_thread:
             return
         keep_alive = self.keep_alive and not self._server.stopping
-        data = encode(response, keep_alive)
+        head, body = encode_head(response, keep_alive), response.body
         with self._lock:
             if not self._open:
                 return
@@ -176,12 +185,12 @@ class DirectAnswer:
             # Stamped as the write begins: a client that the write wakes may run before it returns.
             at = time.perf_counter_ns()
             try:
-                written = self._sock.send(data, socket.MSG_DONTWAIT)
+                written = self._sock.sendmsg([head, body], (), socket.MSG_DONTWAIT)  # no copy into one buffer
             except (BlockingIOError, InterruptedError):
                 written = 0
             except OSError:
                 return  # reset or closed: nothing went; the event loop's write finds out
-            self.keep_alive, self.data, self.written, self.at = keep_alive, data, written, at
+            self.keep_alive, self.data, self.written, self.at = keep_alive, (head, body), written, at
 
     def close(self) -> None:
         """No more writes by ``send`` (the event loop's, before it writes to the connection)."""
@@ -681,12 +690,20 @@ class _Connection(asyncio.Protocol):
                     return
                 if direct is not None and direct.data is not None:  # written by the thread that computed it
                     keep_alive = keep_alive and direct.keep_alive
-                    if direct.written < len(direct.data):
-                        transport.write(memoryview(direct.data)[direct.written:])
+                    head, body = direct.data
+                    written = direct.written
+                    if written < len(head):
+                        transport.writelines([memoryview(head)[written:], body])
+                    elif written < len(head) + len(body):
+                        transport.write(memoryview(body)[written - len(head):])
                     sent = direct.at
+                elif len(response.body) > _JOIN_MAX and not head_only:
+                    head = encode_head(response, keep_alive)
+                    sent = time.perf_counter_ns()  # as the write begins (it may wake the client first)
+                    transport.writelines([head, response.body])
                 else:
                     data = encode(response, keep_alive, head_only)
-                    sent = time.perf_counter_ns()  # as the write begins (it may wake the client first)
+                    sent = time.perf_counter_ns()
                     transport.write(data)
                 self.answered = True
                 if response.sent is not None:
