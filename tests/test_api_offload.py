@@ -23,8 +23,18 @@ def test_sliced_encoding_is_the_same_json(shape: tuple[int, ...]) -> None:
     assert dumps(fragments(doc)) == dumps(doc)
 
 
+def spilled() -> set[str]:
+    import tempfile
+    from pathlib import Path
+
+    from agent.api import offload
+
+    return {p.name for p in Path(offload._SPILL_DIR or tempfile.gettempdir()).glob("edge-agent-json-*")}
+
+
 async def test_helper_process_decodes_like_the_loop() -> None:
     decoder = JsonDecoder(timeout=60)
+    before = spilled()
     try:
         rows = np.random.default_rng(1).standard_normal((300, 576)).astype(np.float32)
         body = orjson.dumps({"inputs": [{"name": "input", "shape": [300, 576], "datatype": "FP32",
@@ -48,6 +58,7 @@ async def test_helper_process_decodes_like_the_loop() -> None:
         strings = await asyncio.wait_for(decoder.decode(orjson.dumps({"data": ["a"] * 40})), 60)
         with pytest.raises(RequestError, match="float32 takes numbers, got strings"):
             to_array("x", strings["data"], np.dtype(np.float32))
+        assert spilled() <= before, "the files that carried the bodies are removed"
     finally:
         decoder.close()
 

@@ -6,7 +6,9 @@ Why a process and not a thread: decoding holds the interpreter lock for the whol
 ~0.8 s here, and the event loop needs that lock to answer anyone, even ``/v2/health/live``. The
 helper process (one, started on the first large body, ``forkserver``: never a fork of this
 threaded process) decodes the body and turns every list of numbers into a numpy array, which
-comes back pickled (a copy, a few ms for tens of MB). What stays here (the request's checks)
+comes back pickled (a copy, a few ms for tens of MB). The body goes to it through a private
+file in ``/dev/shm``, written a MiB at a time (the lock is free while the kernel copies),
+removed once decoded. What stays here (the request's checks)
 sees arrays where it saw lists, with the same numpy kinds, so its answers are the same.
 
 Limits: one body at a time in the helper (others wait their turn, and the HTTP server's body
@@ -24,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +80,34 @@ def _decode(body: bytes | bytearray) -> tuple[bool, Any]:
         return False, f"malformed JSON: {exc}"
 
 
+def _decode_file(path: str) -> tuple[bool, Any]:
+    """In the helper: ``_decode`` of the file at ``path`` (written by ``_spill``)."""
+    return _decode(Path(path).read_bytes())
+
+
+#: Where bodies are handed to the helper: memory-backed when the system has it.
+_SPILL_DIR = "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+_SPILL_CHUNK = 1024 * 1024
+
+
+def _spill(body: bytes | bytearray) -> str:
+    """``body`` in a new private file (mode 600), written a MiB at a time: ``os.write`` lets go of the
+    interpreter lock while it copies, where pickling it for the helper would hold the lock for the
+    whole copy (several ms for 25 MB)."""
+    fd, path = tempfile.mkstemp(prefix="edge-agent-json-", dir=_SPILL_DIR)
+    try:
+        with memoryview(body) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:done + _SPILL_CHUNK])
+    except BaseException:
+        os.close(fd)
+        Path(path).unlink()
+        raise
+    os.close(fd)
+    return path
+
+
 class JsonDecoder:
     """Decodes large JSON bodies in one helper process (``decode``); ``close`` stops it."""
 
@@ -107,14 +140,17 @@ class JsonDecoder:
         """
         loop = asyncio.get_running_loop()
         pool = await self._executor()
+        path = await asyncio.to_thread(_spill, body)
         try:
-            ok, value = await asyncio.wait_for(loop.run_in_executor(pool, _decode, body), self.timeout)
+            ok, value = await asyncio.wait_for(loop.run_in_executor(pool, _decode_file, path), self.timeout)
         except asyncio.TimeoutError:
             self._restart(pool, "timeout")
             raise OverloadedError(f"decoding a {len(body)}-byte JSON body took over {self.timeout:g} s") from None
         except concurrent.futures.process.BrokenProcessPool:
             self._restart(pool, "died")
             raise OverloadedError("the JSON decoder process died: retry") from None
+        finally:
+            Path(path).unlink(missing_ok=True)
         if not ok:
             raise RequestError(value)
         return value
