@@ -435,7 +435,7 @@ async def test_inline_steps_aside_while_the_worker_is_busy(
     assert worker.run_inline(vad_feeds(1, seed=712)) is not None  # idle again
 
 
-async def test_slow_or_batched_models_never_run_inline(
+async def test_slow_models_never_run_inline_batching_ones_once_a_turn(
     samples: dict[str, Path], silero: Session, make_worker: MakeWorker
 ) -> None:
     off = make_worker(OnnxBackend().load(samples["silero_vad"], []), None, name="off", inline_max_us=0)
@@ -446,7 +446,11 @@ async def test_slow_or_batched_models_never_run_inline(
 
     assert [w.inline for w in (off, slow)] == [False, False]
     assert off.run_inline(vad_feeds(1, seed=1)) is None
-    assert batched.run_inline(vad_feeds(1, seed=1)) is None  # through ``submit``: requests must be able to coalesce
+    # A quick batching model: only the first request of a turn of the event loop runs inline.
+    assert batched.run_inline(vad_feeds(1, seed=1)) is not None
+    assert batched.run_inline(vad_feeds(1, seed=2)) is None  # same turn: submitted, to be batched
+    await asyncio.sleep(0)
+    assert batched.run_inline(vad_feeds(1, seed=3)) is not None  # a new turn
 
 
 async def test_batching_model_runs_a_lone_request_inline_and_batches_the_others(

@@ -86,6 +86,7 @@ class Worker:
         self._expected = 1  # requests in the last batch: what an adaptive gather waits for
         self._current: list[Job] = []
         self._turn: list[Job] = []  # batching: requests of this turn of the event loop (``submit``)
+        self._turn_busy = False  # batching: a request of this turn ran inline (``run_inline``)
         self._stopped = False
         self.known_good = KnownGood()  # set by the served model (agent.models.probe)
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
@@ -110,6 +111,9 @@ class Worker:
             return future
         self._enqueue(job)
         return future
+
+    def _clear_turn(self) -> None:
+        self._turn_busy = False
 
     def _end_turn(self) -> None:
         """On the event loop, once per turn with requests for a quick batching model: a lone
@@ -164,9 +168,18 @@ class Worker:
     def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
                    timing: Timing | None = None) -> Outputs | None:
         """Run on the caller's thread if the model is quick, the inputs small (``inline_max_bytes``)
-        and nothing is queued or running; None means "submit instead". Raises what the session raises."""
-        if (self.batching is not None or not self.inline or self._held or not self._queue.empty()
-                or payload_bytes(feeds) > self.inline_max_bytes or not self._lock.acquire(blocking=False)):
+        and nothing is queued or running (with batching: and it is the first request of this turn
+        of the event loop); None means "submit instead". Raises what the session raises."""
+        if (not self.inline or self._held or not self._queue.empty() or payload_bytes(feeds) > self.inline_max_bytes):
+            return None
+        if self.batching is not None:
+            # Only the first request of a turn of the event loop: others in the same turn are held
+            # to its end and batched (``submit``); a lone client's request never waits a turn.
+            if self._turn_busy or self._turn:
+                return None
+            self._turn_busy = True
+            asyncio.get_running_loop().call_soon(self._clear_turn)
+        if not self._lock.acquire(blocking=False):
             return None
         try:
             self.busy_since = time.monotonic()
