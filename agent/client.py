@@ -35,6 +35,8 @@ class _Response:
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.done = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -43,6 +45,10 @@ class _Response:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        # Asked here: httptools 0.7+ resets the parser once the message is complete, and then
+        # reports every answer as "close" (the client would reconnect for each request).
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
         self.done = True
 
 
@@ -128,6 +134,7 @@ class AgentClient:
                 self.close()
                 if attempt or fresh:
                     raise ClientError(f"cannot reach the agent at {self.target}: {exc}") from exc
+                continue  # the agent closed a kept-alive connection: once more on a new one
             except (OSError, httptools.HttpParserError) as exc:
                 self.close()
                 raise ClientError(f"request to the agent at {self.target} failed: {exc}") from exc
@@ -143,13 +150,13 @@ class AgentClient:
             if sent < total:
                 sock.sendall(b"".join(message)[sent:])
         response = _Response()
-        parser = httptools.HttpResponseParser(response)
+        parser = response.parser = httptools.HttpResponseParser(response)
         while not response.done:
             data = sock.recv(262144)
             if not data:
                 raise _ClosedError("connection closed by the agent")
             parser.feed_data(data)
-        return parser.get_status_code(), response.headers, b"".join(response.body), parser.should_keep_alive()
+        return parser.get_status_code(), response.headers, b"".join(response.body), response.keep_alive
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         payload = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

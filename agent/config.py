@@ -104,6 +104,9 @@ class ApiSection(_Section):
     # Unsent answer bytes on a connection above which it is neither read nor answered until the
     # client reads (write backpressure).
     max_unsent_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
+    # JSON predict bodies larger than this are decoded on a thread, not on the event loop (a 25 MB
+    # body takes about a second to decode, and every other client would wait for it).
+    json_offload_bytes: int = Field(default=128 * 1024, ge=0)
 
     @field_validator("tcp")
     @classmethod
@@ -164,6 +167,9 @@ class ModelSection(_Section):
     # A CPU model whose calls take at most this long runs on the API's thread when its worker is
     # idle, saving the ~100 µs hop to the worker thread and back; 0 always uses the worker.
     inline_max_us: int = Field(default=2000, ge=0, le=100_000)
+    # ... and only for requests whose input tensors total at most this many bytes: a quick model
+    # given a large batch is not quick, and would hold the event loop (every client) meanwhile.
+    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
     batching: BatchingSection = Field(default_factory=BatchingSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
     instances: InstancesSection = Field(default_factory=InstancesSection)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -206,7 +207,15 @@ async def serve(config: Config) -> int:
     return 0
 
 
+#: How long a thread running Python code keeps the interpreter lock when another wants it
+#: (CPython's default is 5 ms). The event loop answers every client and shares the lock with the
+#: model threads (formatting answers) and the executor threads: at 5 ms, a health check waited up
+#: to 5 ms for a thread that was formatting a large answer.
+SWITCH_INTERVAL_S = 0.001
+
+
 def run(config: Config) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         import uvloop
     except ImportError:

@@ -32,6 +32,14 @@ SAMPLES = {
                              "face_detection_short_range.tflite"),
     "okay_nabu": Sample("pymicro-wakeword", "2.5.0", "pymicro_wakeword/models/okay_nabu.tflite",
                         "okay_nabu.tflite"),
+    # PaddleOCR models as shipped by RapidOCR: the text-direction classifier (~1-2 ms per 48x320 crop
+    # on one x86 core) and the text detector (~7 ms for a 192x192 image): real models of the size
+    # users run, for the request-path benchmarks. Both have a dynamic batch dimension.
+    "ocr_cls": Sample("rapidocr-onnxruntime", "1.4.4",
+                      "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                      "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ocr_det": Sample("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                      "ch_PP-OCRv4_det_infer.onnx"),
     "astronaut": Sample("scikit-image", "0.26.0", "skimage/data/astronaut.png", "astronaut.png"),
     "camera": Sample("scikit-image", "0.26.0", "skimage/data/camera.png", "camera.png"),
     "coffee": Sample("scikit-image", "0.26.0", "skimage/data/coffee.png", "coffee.png"),

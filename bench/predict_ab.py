@@ -4,7 +4,8 @@ Starts one agent from each tree (``--before DIR``, ``--after DIR``, default: thi
 same models and config as ``bench/predict_overhead.py`` (``[runtime] threads = 1``), then, round
 after round, makes ``--per-round`` calls of each mode on one agent and then on the other (the
 order alternating each round), so machine noise hits both alike. Modes: Silero VAD (ONNX, runs
-inline) and face detection (LiteRT) over TF Serving v1 JSON, OIP v2 JSON and OIP v2 binary, plus
+inline) and face detection (LiteRT) over TF Serving v1 JSON, OIP v2 JSON and OIP v2 binary, the
+OCR classifier and detector (the worker path) over OIP v2 binary, plus
 ``GET /v2/health/live``. Prints the median and p99 per mode and agent, and the change of the median
 (also as the median of the per-round changes, each round's two blocks being close in time);
 and the CPU time per call of the agent's event-loop thread (which parses, routes, decodes,
@@ -35,13 +36,15 @@ from agent.client import AgentClient
 from agent.errors import ClientError
 from agent.samples import fetch
 
-CONFIG = "[runtime]\nthreads = 1\n"
+# The OCR models measure the worker path: never inline, even when one call is under 2 ms.
+CONFIG = "[runtime]\nthreads = 1\n[model.ocr_cls]\ninline_max_us = 0\n[model.ocr_det]\ninline_max_us = 0\n"
 
 
 def start(tree: Path, work: Path) -> subprocess.Popen[bytes]:
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
-                               ("face_detection", "face_detection", "model.tflite")):
+                               ("face_detection", "face_detection", "model.tflite"),
+                               ("ocr_cls", "ocr_cls", "model.onnx"), ("ocr_det", "ocr_det", "model.onnx")):
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
     (work / "agent.toml").write_text(CONFIG)
@@ -75,12 +78,17 @@ def modes(client: AgentClient) -> dict[str, Callable[[], object]]:
            "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
     vad_lists = {k: v.tolist() for k, v in vad.items()}
     image = np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    crop = np.random.default_rng(2).uniform(-1, 1, (1, 3, 48, 320)).astype(np.float32)
+    page = np.random.default_rng(2).uniform(-1, 1, (1, 3, 192, 192)).astype(np.float32)
     return {
         "silero v1 JSON": lambda: client.predict("silero_vad", vad_lists),
         "silero v2 JSON": lambda: client.infer("silero_vad", vad, binary=False),
         "silero v2 binary": lambda: client.infer("silero_vad", vad),
         "face v2 JSON": lambda: client.infer("face_detection", {"input": image}, binary=False),
         "face v2 binary": lambda: client.infer("face_detection", {"input": image}),
+        # The worker path (slower than inline_max_us): ~2 ms and ~7 ms per call here.
+        "ocr_cls v2 binary": lambda: client.infer("ocr_cls", {"x": crop}),
+        "ocr_det v2 binary": lambda: client.infer("ocr_det", {"x": page}),
         "health": lambda: client.request("GET", "/v2/health/live"),
     }
 
@@ -91,6 +99,7 @@ def main() -> None:
     parser.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--modes", help="comma-separated substrings: only the modes whose name has one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-ab-") as tmp:
         trees = {"before": args.before.resolve(), "after": args.after.resolve()}
@@ -102,13 +111,14 @@ def main() -> None:
                 procs[label] = start(tree, work)
                 clients[label] = AgentClient(work / "agent.sock")
                 calls[label] = modes(clients[label])
-            names = list(calls["before"])
+            names = [m for m in calls["before"]
+                     if not args.modes or any(part.strip() in m for part in args.modes.split(","))]
             samples: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             cpu: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             rounds: dict[tuple[str, str], list[float]] = {(label, m): [] for label in trees for m in names}
             loops = {label: Path(f"/proc/{proc.pid}/task/{proc.pid}/schedstat") for label, proc in procs.items()}
             for label in trees:  # warm-up
-                for fn in calls[label].values():
+                for fn in (calls[label][m] for m in names):
                     for _ in range(50):
                         fn()
             for r in range(args.rounds):
@@ -126,7 +136,7 @@ def main() -> None:
                         cpu[(label, mode)].append((loop_ns(loops[label]) - before) / args.per_round / 1e9)
                         rounds[(label, mode)].append(float(np.median(block)))
             print(f"\nPredict latency (µs), {args.rounds} rounds x {args.per_round} calls per mode and agent, "
-                  "interleaved; one client, batch 1")
+                  f"interleaved; one client, batch 1; load average {os.getloadavg()[0]:.2f}")
             print(f"  before: {trees['before']}\n  after:  {trees['after']}")
             print(f"{'mode':<18}{'before p50':>11}{'after p50':>11}{'change':>9}{'paired':>9}{'before p99':>12}"
                   f"{'after p99':>11}{'loop CPU before':>16}{'after':>8}{'change':>9}{'paired':>9}")

@@ -28,6 +28,7 @@ Usage: python bench/predict_overhead.py [--rounds 20] [--per-round 100] [--secon
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -60,21 +61,28 @@ def face_image() -> np.ndarray:
     return np.random.default_rng(1).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
 
 
-def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes]:
+def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None) -> subprocess.Popen[bytes]:
+    """The agent of this source tree, or of ``tree`` (another checkout, for a before/after run)."""
     models = work / "models"
     for name, sample, file in (("silero_vad", "silero_vad", "model.onnx"),
                                ("silero_vad_batched", "silero_vad", "model.onnx"),
-                               ("face_detection", "face_detection", "model.tflite")):
+                               ("face_detection", "face_detection", "model.tflite"),
+                               ("ocr_cls", "ocr_cls", "model.onnx"), ("ocr_det", "ocr_det", "model.onnx")):
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
     config = work / "agent.toml"
     config.write_text("[runtime]\nthreads = 1\n"
                       "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
-                      f"max_queue_delay_us = {queue_delay_us}\n")
+                      f"max_queue_delay_us = {queue_delay_us}\n"
+                      # The OCR models measure the worker path: never inline, even when one call is under 2 ms.
+                      "[model.ocr_cls]\ninline_max_us = 0\n[model.ocr_det]\ninline_max_us = 0\n")
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
                              str(models), "--socket", str(work / "agent.sock"), "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"), env=env)
+                            stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"), env=env,
+                            cwd=tree)
     client = AgentClient(work / "agent.sock")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -88,11 +96,26 @@ def start_agent(work: Path, queue_delay_us: int = 500) -> subprocess.Popen[bytes
     raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()}")
 
 
-def raw_silero() -> ort.InferenceSession:
+def raw_session(sample: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = 1  # the agent runs with [runtime] threads = 1 too: same work on both sides
-    return ort.InferenceSession(str(fetch("silero_vad")), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(fetch(sample)), so, providers=["CPUExecutionProvider"])
+
+
+def raw_silero() -> ort.InferenceSession:
+    return raw_session("silero_vad")
+
+
+#: The worker-path models (slower than ``inline_max_us``: every request goes through the model's
+#: thread) and their inputs: RapidOCR's text-direction classifier on a 48x320 crop (~2 ms here)
+#: and its text detector on a 192x192 image (~7 ms).
+WORKER_MODELS = {"ocr_cls": (1, 3, 48, 320), "ocr_det": (1, 3, 192, 192)}
+
+
+def ocr_feeds(model: str, batch: int = 1) -> dict[str, np.ndarray]:
+    shape = (batch, *WORKER_MODELS[model][1:])
+    return {"x": np.random.default_rng(2).uniform(-1, 1, shape).astype(np.float32)}
 
 
 FLOOR_REQUEST, FLOOR_REPLY = 3800, 1400  # bytes: about a Silero v2 binary request and its answer, with HTTP
@@ -283,6 +306,174 @@ def latency_table(sock: Path, rounds: int, per_round: int) -> tuple[list[Row], P
     return rows, inside
 
 
+def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> None:
+    """The worker path, one client: raw runtime against v2 binary through the agent, interleaved
+    round by round (each round's two blocks are close in time, so the per-round ratio is the
+    steadiest figure), then the agent's own overhead per request from its statistics."""
+    client = AgentClient(sock)
+    raw = {m: raw_session(m) for m in WORKER_MODELS}
+    feeds = {m: ocr_feeds(m) for m in WORKER_MODELS}
+    modes: dict[tuple[str, str], Callable[[], object]] = {}
+    def reconnecting(model: str) -> None:
+        """What the client did before it kept its connection (httptools reset keep-alive): one
+        connection per request."""
+        client.infer(model, feeds[model])
+        client.close()
+
+    for m in WORKER_MODELS:
+        modes[(m, "raw runtime")] = functools.partial(raw[m].run, None, feeds[m])
+        modes[(m, "v2 binary")] = functools.partial(client.infer, m, feeds[m])
+        modes[(m, "v2 reconnect")] = functools.partial(reconnecting, m)
+    for fn in modes.values():
+        for _ in range(20):
+            fn()
+    samples: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
+    medians: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
+    for r in range(rounds):
+        for key in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+            block = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                modes[key]()
+                block.append(time.perf_counter() - t0)
+            samples[key].extend(block)
+            medians[key].append(float(np.median(block)))
+    print(f"\nWorker path, one client (µs), {rounds}x{per_round} calls per mode, interleaved; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'model':<10}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'per-round ratio':>17}")
+    for m in WORKER_MODELS:
+        raw_p50 = float(np.median(samples[(m, "raw runtime")])) * 1e6
+        for mode in ("raw runtime", "v2 binary", "v2 reconnect"):
+            arr = np.asarray(samples[(m, mode)]) * 1e6
+            p50 = float(np.median(arr))
+            extra = "" if mode == "raw runtime" else (
+                f"{p50 - raw_p50:>14.0f}{p50 / raw_p50:>8.3f}"
+                f"{np.median(np.divide(medians[(m, mode)], medians[(m, 'raw runtime')])):>17.3f}")
+            print(f"{m:<10}{mode:<13}{p50:>9.0f}{np.percentile(arr, 99):>9.0f}{extra}")
+    print("\nInside the agent, one v2 binary request at a time (statistics read after each call), µs;"
+          " overhead = total - infer")
+    print(f"{'model':<10}{'overhead p50':>14}{'p99':>8}{'input p50':>11}{'queue p50':>11}{'output p50':>12}"
+          f"{'infer p50':>11}")
+    for m in WORKER_MODELS:
+        per: dict[str, list[float]] = {p: [] for p in PHASES}
+        before = phase_totals(client, m)
+        for _ in range(calls):
+            client.infer(m, feeds[m])
+            after = phase_totals(client, m)
+            delta, before = after - before, after
+            if delta[0] == 1:
+                for i, p in enumerate(PHASES):
+                    per[p].append(delta[1 + i] / 1000)
+        over = np.subtract(per["success"], per["compute_infer"])
+        print(f"{m:<10}{np.median(over):>14.0f}{np.percentile(over, 99):>8.0f}"
+              + "".join(f"{np.median(per[p]):>{w}.0f}" for p, w in (("compute_input", 11), ("queue", 11),
+                                                                    ("compute_output", 12), ("compute_infer", 11))))
+    client.close()
+
+
+def _ocr_client(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock)
+    feeds = ocr_feeds(model)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    done = 0
+    while time.time() < stop_at:
+        client.infer(model, feeds)
+        done += 1
+    out.put(done)
+
+
+def worker_path_clients(sock: Path, clients: int, seconds: float) -> None:
+    """The agent's overhead per request with ``clients`` client processes at once (statistics
+    extension, means over the run): input + output, the queue apart (it is the wait for the model)."""
+    print(f"\nInside the agent, {clients} clients for {seconds:.0f} s per model, mean µs per request; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'model':<10}{'requests/s':>11}{'input':>8}{'queue':>8}{'infer':>8}{'output':>8}"
+          f"{'input+output':>14}")
+    client = AgentClient(sock)
+    ctx = mp.get_context("fork")
+    for m in WORKER_MODELS:
+        before = phase_totals(client, m)
+        out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+        start_at = time.time() + 0.5 + clients * 0.02
+        procs = [ctx.Process(target=_ocr_client, args=(str(sock), m, start_at + seconds, start_at, out))
+                 for _ in range(clients)]
+        for p in procs:
+            p.start()
+        total = sum(out.get(timeout=seconds + 60) for _ in procs)
+        for p in procs:
+            p.join()
+        delta = phase_totals(client, m) - before
+        means = delta[1:] / max(delta[0], 1) / 1000
+        phase = dict(zip(PHASES, means, strict=True))
+        print(f"{m:<10}{total / seconds:>11.0f}{phase['compute_input']:>8.0f}{phase['queue']:>8.0f}"
+              f"{phase['compute_infer']:>8.0f}{phase['compute_output']:>8.0f}"
+              f"{phase['compute_input'] + phase['compute_output']:>14.0f}")
+    client.close()
+
+
+def _health_probe(sock: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies = []
+    while time.time() < stop_at:
+        t0 = time.perf_counter()
+        client.request("GET", "/v2/health/live")
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.002)
+    out.put(("health", latencies))
+
+
+#: Silero VAD rows of about 20 MB as v2 binary (3,328 bytes a row) and 25 MB as JSON.
+BIG_BINARY_ROWS, BIG_JSON_ROWS = 6000, 1900
+
+
+def _big_client(sock: str, binary: bool, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    client = AgentClient(sock, timeout=300)
+    feeds = silero_feeds(BIG_BINARY_ROWS if binary else BIG_JSON_ROWS)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    done = 0
+    while time.time() < stop_at:
+        client.infer("silero_vad", feeds, binary=binary)
+        done += 1
+    out.put(("binary" if binary else "json", done))
+
+
+def health_stall(sock: Path, seconds: float) -> None:
+    """``GET /v2/health/live`` every 2 ms from its own process, alone and then while two other
+    clients send Silero VAD (a quick model, inline for small requests) ~20 MB v2 binary and
+    ~25 MB JSON predicts back to back."""
+    import orjson
+
+
+    binary_mb = sum(v.nbytes for v in silero_feeds(BIG_BINARY_ROWS).values()) / 1e6
+    json_mb = len(orjson.dumps({k: v.tolist() for k, v in silero_feeds(BIG_JSON_ROWS).items()})) / 1e6
+    print(f"\nHealth checks while large predicts are served (µs); {seconds:.0f} s per phase; "
+          f"binary body {binary_mb:.1f} MB, JSON body ~{json_mb:.1f} MB")
+    print(f"{'phase':<24}{'checks':>8}{'p50':>9}{'p99':>9}{'max':>9}{'binary':>8}{'JSON':>6}{'load':>7}")
+    with AgentClient(sock) as client:  # a few small calls: Silero is timed as quick (inline)
+        for _ in range(20):
+            client.infer("silero_vad", silero_feeds())
+    ctx = mp.get_context("fork")
+    for phase, big in (("alone", ()), ("20 MB binary", (True,)), ("25 MB JSON", (False,)),
+                       ("20 MB bin + 25 MB JSON", (True, False))):
+        out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+        start_at = time.time() + 1.0
+        stop_at = start_at + seconds
+        procs = [ctx.Process(target=_health_probe, args=(str(sock), stop_at, start_at, out))]
+        procs += [ctx.Process(target=_big_client, args=(str(sock), b, stop_at, start_at, out)) for b in big]
+        for proc in procs:
+            proc.start()
+        results = dict(out.get(timeout=seconds + 300) for _ in procs)
+        for proc in procs:
+            proc.join()
+        lat = np.asarray(results["health"]) * 1e6
+        print(f"{phase:<24}{len(lat):>8}{np.median(lat):>9.0f}{np.percentile(lat, 99):>9.0f}{lat.max():>9.0f}"
+              f"{results.get('binary', 0):>8}{results.get('json', 0):>6}{os.getloadavg()[0]:>7.2f}")
+
+
 def _client_loop(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     client = AgentClient(sock)
     feeds = silero_feeds()
@@ -309,19 +500,61 @@ def throughput(sock: Path, model: str, clients: int, seconds: float) -> float:
     return total / seconds
 
 
+def throughput_ab(sock: Path, clients: int, seconds: float, rounds: int) -> tuple[float, float, float]:
+    """Silero VAD requests/s at ``clients`` clients, unbatched and batched in alternating windows
+    of ``seconds / rounds``: (median unbatched, median batched, median of the per-round ratios)."""
+    plain, batched = [], []
+    window = seconds / rounds
+    for r in range(rounds):
+        order = ("silero_vad", "silero_vad_batched") if r % 2 == 0 else ("silero_vad_batched", "silero_vad")
+        for model in order:
+            (plain if model == "silero_vad" else batched).append(throughput(sock, model, clients, window))
+    return (float(np.median(plain)), float(np.median(batched)),
+            float(np.median(np.divide(batched, plain))))
+
+
+def one_client_ab(sock: Path, rounds: int, per_round: int) -> None:
+    """One client, v2 binary Silero, unbatched against batched, interleaved round by round."""
+    client = AgentClient(sock)
+    feeds = silero_feeds()
+    calls = {m: functools.partial(client.infer, m, feeds) for m in ("silero_vad", "silero_vad_batched")}
+    for fn in calls.values():
+        for _ in range(50):
+            fn()
+    samples: dict[str, list[float]] = {m: [] for m in calls}
+    medians: dict[str, list[float]] = {m: [] for m in calls}
+    for r in range(rounds):
+        for m in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            block = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                calls[m]()
+                block.append(time.perf_counter() - t0)
+            samples[m].extend(block)
+            medians[m].append(float(np.median(block)))
+    client.close()
+    plain, batched = (np.asarray(samples[m]) * 1e6 for m in calls)
+    ratio = float(np.median(np.divide(medians["silero_vad_batched"], medians["silero_vad"])))
+    print(f"\nOne client, Silero v2 binary latency (µs), {rounds}x{per_round} calls each, interleaved; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'':<12}{'p50':>8}{'p99':>8}")
+    print(f"{'unbatched':<12}{np.median(plain):>8.0f}{np.percentile(plain, 99):>8.0f}")
+    print(f"{'batched':<12}{np.median(batched):>8.0f}{np.percentile(batched, 99):>8.0f}"
+          f"   batched/unbatched latency, median of per-round ratios: {ratio:.3f}")
+
+
 def batch_costs(sizes: tuple[int, ...] = (1, 4, 8, 16, 32), calls: int = 200) -> list[tuple[int, float]]:
     """Raw Silero time per row at each batch size: the most dynamic batching can save."""
     session = raw_silero()
-    out = []
-    for size in sizes:
-        feeds = silero_feeds(size)
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        out.append((size, float(np.median(times)) * 1e6 / size))
-    return out
+    feeds = {size: silero_feeds(size) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(calls // 10):  # interleaved: noise hits every size alike
+        for size in sizes:
+            for _ in range(10):
+                t0 = time.perf_counter()
+                session.run(None, feeds[size])
+                times[size].append(time.perf_counter() - t0)
+    return [(size, float(np.median(times[size])) * 1e6 / size) for size in sizes]
 
 
 def worker_throughput(clients: int, batching: bool, seconds: float, queue_delay_us: int) -> float:
@@ -360,14 +593,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
+    parser.add_argument("--section", choices=("all", "worker", "stall", "batching"), default="all",
+                        help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
+                             "stall: only the health checks under large predicts; batching: only Silero's batch "
+                             "costs and the throughput tables")
+    parser.add_argument("--throughput-rounds", type=int, default=4,
+                        help="alternating unbatched/batched windows per client count (of --seconds in all)")
+    parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
-        proc = start_agent(work, args.queue_delay_us)
+        proc = start_agent(work, args.queue_delay_us, args.tree)
         try:
             sock = work / "agent.sock"
             raw = {"silero_vad": 0.0}
-            if not args.throughput_only:
+            if args.section == "stall":
+                health_stall(sock, args.seconds)
+                return
+            if args.section == "worker":
+                worker_path(sock, args.rounds, args.per_round)
+                worker_path_clients(sock, 8, args.seconds)
+                return
+            if not args.throughput_only and args.section == "all":
                 rows, inside = latency_table(sock, args.rounds, args.per_round)
                 raw = {model: p50 for model, mode, p50, _ in rows if mode == "raw runtime"}
                 print(f"\nLatency (µs), {args.rounds}x{args.per_round} calls per mode, interleaved; one client, "
@@ -394,13 +641,15 @@ def main() -> None:
             for size, per_row in costs:
                 print(f"{size:>8}{per_row:>10.0f}{costs[0][1] / per_row:>10.2f}")
             raw_rate = f"raw runtime single-thread: {1e6 / raw['silero_vad']:.0f}/s" if raw["silero_vad"] else ""
-            print(f"\nThroughput, Silero VAD, v2 binary, requests/s over {args.seconds:.0f} s; batching "
+            print(f"\nThroughput, Silero VAD, v2 binary, requests/s, median of {args.throughput_rounds} "
+                  f"alternating windows per mode over {args.seconds:.0f} s; batching "
                   f"max_queue_delay_us={args.queue_delay_us} ({raw_rate})")
-            print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")
+            print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}{'per-round ratio':>17}{'load':>7}")
             for clients in (1, 8, 32):
-                plain = throughput(sock, "silero_vad", clients, args.seconds)
-                batched = throughput(sock, "silero_vad_batched", clients, args.seconds)
-                print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}")
+                plain, batched, ratio = throughput_ab(sock, clients, args.seconds, args.throughput_rounds)
+                print(f"{clients:>8}{plain:>12.0f}{batched:>12.0f}{batched / plain:>8.2f}{ratio:>17.2f}"
+                      f"{os.getloadavg()[0]:>7.2f}")
+            one_client_ab(sock, args.rounds, args.per_round)
             print(f"\nThroughput, Silero VAD, model worker alone (no HTTP, one process), requests/s over "
                   f"{args.seconds:.0f} s")
             print(f"{'clients':>8}{'unbatched':>12}{'batched':>12}{'ratio':>8}")

@@ -66,6 +66,7 @@ def agent(tmp_path_factory, samples) -> Daemon:
     (models / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
     config = work / "agent.toml"
     config.write_text("[api]\nmax_body_bytes = 2000000\n[model.silero_vad]\nversions = \"all\"\n"
+                      "inline_max_us = 100000\n"  # quick even on a loaded machine
                       "[model.silero_vad.batching]\nenabled = true\nmax_queue_delay_us = 2000\n")
     daemon = start_daemon(work, "--config", str(config), "--models-dir", str(models))
     yield daemon
@@ -239,14 +240,15 @@ def test_metrics_and_status(agent):
     assert face["delegate"] == "xnnpack" and face["runtime"] == "tflite" and face["requests"] >= 1
 
 
-def test_quick_cpu_models_run_inline_batched_ones_do_not(agent):
+def test_quick_cpu_models_run_inline_batched_ones_too(agent):
     wake = {"serving_default_input_audio:0": np.zeros((1, 3, 40), np.float32)}
     for _ in range(3):  # timed on the worker thread first, then inline
         agent.client.infer("okay_nabu", wake)
         agent.client.infer("silero_vad", silero_feeds())
     models = {(m["name"], m["version"]): m for m in agent.client.status()["models"]}
     assert models[("okay_nabu", 1)]["inline"] is True
-    assert models[("silero_vad", 2)]["batching"] is True and models[("silero_vad", 2)]["inline"] is False
+    # A quick batching model runs inline only a request that arrives alone (docs/configuration.md).
+    assert models[("silero_vad", 2)]["batching"] is True and models[("silero_vad", 2)]["inline"] is True
 
 
 def test_curl_predict(agent):
@@ -708,3 +710,87 @@ async def test_a_handler_that_times_out_before_its_first_wait_runs_in_a_task(tmp
     answer = await asyncio.wait_for(asyncio.to_thread(get), 10)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"in time"), answer
     await server.stop(1)
+
+
+async def test_answers_written_by_another_thread_stay_whole_and_in_order(tmp_path):
+    """A handler's answer written by the thread that computed it (``DirectAnswer``, as the model
+    workers do for predicts, POST): pipelined requests behind it are answered after it, in order;
+    an answer larger than the socket takes at once is finished by the event loop; a HEAD or a GET
+    never goes that way."""
+    import asyncio
+    import socket as socketlib
+
+    from agent.api.http import HTTPServer, Request, Response, Router
+
+    big = bytes(range(256)) * (8 * 1024 * 1024 // 256)  # far more than a Unix socket buffers
+    used: list[bool] = []
+
+    def compute(request: Request, body: bytes) -> Response:
+        response = Response(200, body)
+        if request.direct is not None:
+            request.direct.send(response)
+        used.append(request.direct is not None and request.direct.data is not None)
+        return response
+
+    async def threaded(request: Request) -> Response:
+        return await asyncio.to_thread(compute, request, big if request.path == "/big" else b"from-thread")
+
+    async def at_once(request: Request) -> Response:
+        return Response(200, b"at-once")
+
+    router = Router(at_once)
+    router.add("POST", "/thread", threaded)
+    router.add("POST", "/big", threaded)
+    router.add("GET", "/thread", threaded)
+    server = HTTPServer(router)
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(str(tmp_path / "http.sock"))
+    await server.listen_unix(sock)
+
+    def exchange(requests: list[bytes], answers: int) -> bytes:
+        with socketlib.socket(socketlib.AF_UNIX) as c:
+            c.settimeout(10)
+            c.connect(str(tmp_path / "http.sock"))
+            c.sendall(b"".join(requests))
+            data = b""
+            while data.count(b"HTTP/1.1 200") < answers or not data.endswith((b"at-once", b"from-thread", big[-64:])):
+                data += c.recv(1 << 20)
+            return data
+
+    def get(path: str, method: str = "GET") -> bytes:
+        return f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+
+    def post(path: str) -> bytes:
+        return get(path, "POST")
+
+    data = await asyncio.wait_for(asyncio.to_thread(
+        exchange, [post("/thread"), get("/other"), post("/thread"), get("/other")], 4), 10)
+    bodies = [part.rsplit(b"\r\n\r\n", 1)[1] for part in data.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"from-thread", b"at-once", b"from-thread", b"at-once"]
+    assert used[0], "the first answer is written by its thread"
+
+    data = await asyncio.wait_for(asyncio.to_thread(exchange, [post("/big"), get("/other")], 2), 20)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(big)}".encode() in head
+    assert rest[: len(big)] == big and rest[len(big):].endswith(b"at-once")
+
+    used.clear()
+    data = await asyncio.wait_for(asyncio.to_thread(exchange, [get("/thread", "HEAD"), get("/other")], 2), 10)
+    assert data.count(b"HTTP/1.1 200") == 2 and b"from-thread" not in data
+    assert used == [False], "a HEAD is answered by the event loop, without the body"
+    used.clear()
+    data = await asyncio.wait_for(asyncio.to_thread(exchange, [get("/thread")], 1), 10)
+    assert data.endswith(b"from-thread") and used == [False], "only predicts (POST) are answered by threads"
+    await server.stop(1)
+
+
+def test_client_keeps_its_connection_between_requests(agent):
+    """httptools resets its parser once a message is complete: asked afterwards, every answer
+    looked like "Connection: close" and the client reconnected for each request."""
+    with AgentClient(agent.socket) as client:
+        client.request("GET", "/v2/health/live")
+        first = client._sock
+        for _ in range(3):
+            client.infer("silero_vad", silero_feeds(), version=1)
+            client.request("GET", "/v2/health/live")
+        assert first is not None and client._sock is first

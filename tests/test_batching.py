@@ -70,10 +70,10 @@ def make_worker() -> Iterator[MakeWorker]:
 
     def make(
         session: Session, batching: BatchingSection | None = None, sizes: list[int] | None = None, name: str = "vad",
-        inline_max_us: int = 0,
+        inline_max_us: int = 0, inline_max_bytes: int = 256 * 1024,
     ) -> Worker:
         worker = Worker(name, session, batching, on_batch=None if sizes is None else sizes.append,
-                        inline_max_us=inline_max_us)
+                        inline_max_us=inline_max_us, inline_max_bytes=inline_max_bytes)
         workers.append(worker)
         return worker
 
@@ -435,7 +435,7 @@ async def test_inline_steps_aside_while_the_worker_is_busy(
     assert worker.run_inline(vad_feeds(1, seed=712)) is not None  # idle again
 
 
-async def test_slow_or_batched_models_never_run_inline(
+async def test_slow_models_never_run_inline_batching_ones_once_a_turn(
     samples: dict[str, Path], silero: Session, make_worker: MakeWorker
 ) -> None:
     off = make_worker(OnnxBackend().load(samples["silero_vad"], []), None, name="off", inline_max_us=0)
@@ -444,9 +444,63 @@ async def test_slow_or_batched_models_never_run_inline(
     await asyncio.wait_for(asyncio.gather(off.submit(vad_feeds(1, seed=0)), batched.submit(vad_feeds(1, seed=0)),
                                           slow.submit({"input": np.zeros((1, 128, 128, 3), np.float32)})), 10)
 
-    assert [w.inline for w in (off, slow, batched)] == [False, False, False]
+    assert [w.inline for w in (off, slow)] == [False, False]
     assert off.run_inline(vad_feeds(1, seed=1)) is None
-    assert batched.run_inline(vad_feeds(1, seed=1)) is None  # queued requests must be able to coalesce
+    # A quick batching model: only the first request of a turn of the event loop runs inline.
+    assert batched.run_inline(vad_feeds(1, seed=1)) is not None
+    assert batched.run_inline(vad_feeds(1, seed=2)) is None  # same turn: submitted, to be batched
+    await asyncio.sleep(0)
+    assert batched.run_inline(vad_feeds(1, seed=3)) is not None  # a new turn
+
+
+async def test_batching_model_runs_a_lone_request_inline_and_batches_the_others(
+    silero: Session, alone: Session, make_worker: MakeWorker
+) -> None:
+    """With batching on, a request that arrives alone in its turn of the event loop runs on the
+    loop's thread (nothing to batch it with); requests that arrive together are batched."""
+    sizes: list[int] = []
+    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=0), sizes, inline_max_us=1_000_000)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)  # times the model
+    assert worker.inline is True
+    threads: list[str] = []
+
+    def where(outputs: Outputs) -> Outputs:
+        threads.append(threading.current_thread().name)
+        return outputs
+
+    feeds = vad_feeds(1, seed=740)
+    assert_same(await asyncio.wait_for(worker.submit(feeds, then=where), 10), alone.run(feeds))
+    assert threads == [threading.current_thread().name]  # inline, on this (the loop's) thread
+
+    threads.clear()
+    sizes.clear()
+    many = [vad_feeds(1, seed=750 + i) for i in range(6)]
+    got = await asyncio.wait_for(asyncio.gather(*(worker.submit(f, then=where) for f in many)), 10)
+    for f, g in zip(many, got, strict=True):
+        assert_same(g, alone.run(f))
+    assert set(threads) == {"infer-vad"} and sum(sizes) == 6 and max(sizes) > 1  # batched on the worker
+
+
+async def test_only_small_requests_run_inline(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
+    """A quick model given a large batch is not quick: a request whose inputs total more than
+    ``inline_max_bytes`` goes to the worker thread, and its time does not make the model slow."""
+    small, large = vad_feeds(1, seed=730), vad_feeds(64, seed=731)  # 3.3 KB and 213 KB of inputs
+    limit = 16 * 1024
+    assert sum(v.nbytes for v in small.values()) <= limit < sum(v.nbytes for v in large.values())
+    worker = make_worker(silero, None, inline_max_us=1_000_000, inline_max_bytes=limit)
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)
+    assert worker.inline is True
+
+    assert worker.run_inline(large) is None  # submit instead
+    assert_same(await asyncio.wait_for(worker.submit(large), 10), alone.run(large))
+    got = worker.run_inline(small)
+    assert got is not None
+    assert_same(got, alone.run(small))
+
+    # A large request (~0.1 s, 6.6 MB) leaves the model's measured speed alone.
+    speed = worker._call_s
+    await asyncio.wait_for(worker.submit(vad_feeds(2000, seed=732)), 20)
+    assert worker._call_s == speed
 
 
 async def test_inline_failure_raises_to_the_caller(silero: Session, make_worker: MakeWorker) -> None:

@@ -7,13 +7,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.api.offload import Unconvertible
 from agent.errors import RequestError
 from agent.runtimes import TensorSpec
 
 JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
-def loads(body: bytes | memoryview) -> Any:
+def loads(body: bytes | bytearray | memoryview) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -42,6 +43,8 @@ def to_array(name: str, value: Any, dtype: np.dtype[Any]) -> np.ndarray:
         RequestError: ragged lists, strings, nulls or objects, floats for an integer tensor,
             integers out of its range, or more than 32 dimensions.
     """
+    if isinstance(value, Unconvertible):  # (decoded in the helper process: agent.api.offload)
+        raise RequestError(f"input '{name}': cannot convert to {dtype.name}: {value.message}")
     try:
         array = np.asarray(value)  # numpy infers the kind: a string or null anywhere shows in it
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:

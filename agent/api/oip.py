@@ -12,6 +12,7 @@ import numpy as np
 
 from agent.api.codec import MAX_DIMS, as_contiguous, dumps, loads, to_array
 from agent.api.datatypes import DATATYPES, datatype
+from agent.api.offload import encoded
 from agent.errors import RequestError
 from agent.models.served import ServedModel
 
@@ -50,15 +51,24 @@ Plans = dict[tuple[str, int, bytes], _Plan]  # by model name, version and header
 _MAX_PLANS = 256
 
 
-def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
-                plans: Plans | None = None) -> InferRequest:
+def json_bytes(body: bytes | bytearray, header_length: str | None) -> int:
+    """How much of an infer request's body is JSON (all of it without the binary extension)."""
+    if header_length is None:
+        return len(body)
+    return int(header_length) if header_length.isascii() and header_length.isdigit() and len(header_length) <= 12 \
+        else 0  # (refused by ``parse_infer``)
+
+
+def parse_infer(body: bytes | bytearray, header_length: str | None, model: ServedModel,
+                plans: Plans | None = None, decoded: Any = None) -> InferRequest:
     """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it.
 
     Every field is type-checked (a wrong type is a 400, never a 500). ``plans`` (owned by the
-    caller) remembers binary headers already decoded, by their bytes.
+    caller) remembers binary headers already decoded, by their bytes. ``decoded``: the JSON part,
+    already decoded (``agent.api.offload.JsonDecoder``).
     """
     if header_length is None:
-        header, binary = loads(body), memoryview(b"")
+        header, binary = loads(body) if decoded is None else decoded, memoryview(b"")
     else:
         if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12):
             raise RequestError(f"{HEADER} must be an integer, got {header_length[:40]!r}")
@@ -71,7 +81,7 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel,
         plan = plans.get(key) if plans is not None else None
         if plan is not None and plan.specs is model.outputs and plan.size == len(binary):
             return plan.request(binary)
-        header = loads(key[2])
+        header = loads(key[2]) if decoded is None else decoded
     if not isinstance(header, dict):
         raise RequestError("request body must be a JSON object")
     inputs = header.get("inputs")
@@ -197,16 +207,17 @@ def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray
 def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     """Returns (body, header length or None when no output is binary)."""
     wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
-    entries, chunks = [], []
+    entries: list[dict[str, Any]] = []
+    chunks: list[Any] = []  # buffers (numpy arrays of bytes): joined once
     for name, binary in wanted.items():
         value = as_contiguous(outputs[name])
         entry: dict[str, Any] = {"name": name, "datatype": datatype(value.dtype), "shape": list(value.shape)}
         if binary:
-            data = value.tobytes()
+            data = value.reshape(-1).view(np.uint8)  # copied once, into the body (no tobytes() first)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = value.reshape(-1)
+            entry["data"] = encoded(value.reshape(-1))
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": entries}
     if request.request_id is not None:

@@ -26,12 +26,14 @@ from agent.api import oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
+from agent.api.offload import JsonDecoder
 from agent.api.shadow import shadow_args
 from agent.config import ApiSection
 from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
 from agent.errors import AgentError, ConfigError, RequestError
 from agent.models.stats import Timing
+from agent.models.worker import Outputs
 from agent.operations import Operations
 
 log = structlog.get_logger(__name__)
@@ -65,11 +67,14 @@ def _guard(handler: Handler) -> Handler:
 
 
 class Routes:
-    def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics) -> None:
+    def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics, *,
+                 json_offload_bytes: int = 128 * 1024) -> None:
         self.ops = ops
         self.models = models
         self.metrics = metrics
         self._plans: oip.Plans = {}  # binary infer headers already decoded
+        self.json_offload_bytes = json_offload_bytes  # larger JSON is decoded in a helper process
+        self.decoder = JsonDecoder()
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -89,10 +94,19 @@ class Routes:
     async def v1_predict(self, request: Request) -> Response:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v1", request) as timing:
-            feeds, fmt, raw = tfserving.parse_predict(request.body, model)
-            outputs = await model.infer(feeds, raw_outputs=raw, timing=timing)
-            body = dumps(tfserving.format_predict(outputs, fmt))
-        return Response(200, body, sent=functools.partial(model.stats.succeeded, timing))
+            body = request.body
+            decoded = await self.decoder.decode(body) if len(body) > self.json_offload_bytes else None
+            feeds, fmt, raw = tfserving.parse_predict(body, model, decoded)
+            sent = functools.partial(model.stats.succeeded, timing)
+            direct = request.direct
+
+            def answer(outputs: Outputs) -> Response:
+                response = Response(200, dumps(tfserving.format_predict(outputs, fmt)), sent=sent)
+                if direct is not None:
+                    direct.send(response)
+                return response
+
+            return await model.infer_then(feeds, answer, raw_outputs=raw, timing=timing)
 
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
@@ -118,14 +132,29 @@ class Routes:
     async def v2_infer(self, request: Request) -> Response:
         model = self.models.get(request.params["name"], _version(request))
         with self._observed(model, "v2", request) as timing:
-            parsed = oip.parse_infer(request.body, request.headers.get("inference-header-content-length"), model,
-                                     self._plans)
-            outputs = await model.infer(parsed.feeds, raw_outputs=parsed.raw_output, timing=timing)
-            body, header_length = oip.format_infer(model, parsed, outputs)
-        sent = functools.partial(model.stats.succeeded, timing)
-        if header_length is None:
-            return Response(200, body, sent=sent)
-        return Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)}, sent=sent)
+            body, header_length = request.body, request.headers.get("inference-header-content-length")
+            size = oip.json_bytes(body, header_length)
+            if size > self.json_offload_bytes:  # decoded in the helper process (agent.api.offload)
+                decoded = await self.decoder.decode(body if header_length is None else body[:size])
+                parsed = oip.parse_infer(body, header_length, model, None, decoded)
+            else:
+                parsed = oip.parse_infer(body, header_length, model, self._plans)
+            sent = functools.partial(model.stats.succeeded, timing)
+            direct = request.direct
+
+            def answer(outputs: Outputs) -> Response:
+                """Formatted, and written when it can be, by the thread that ran the model."""
+                body, header_length = oip.format_infer(model, parsed, outputs)
+                if header_length is None:
+                    response = Response(200, body, sent=sent)
+                else:
+                    response = Response(200, body, "application/octet-stream", {oip.HEADER: str(header_length)},
+                                        sent=sent)
+                if direct is not None:
+                    direct.send(response)
+                return response
+
+            return await model.infer_then(parsed.feeds, answer, raw_outputs=parsed.raw_output, timing=timing)
 
     async def v2_stats(self, request: Request) -> Response:
         """Triton's statistics extension: cumulative counts and nanoseconds per model version."""
@@ -253,7 +282,7 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     Raises:
         ConfigError: ``api.tcp_token_file`` is unreadable, empty, or readable by others.
     """
-    r = Routes(ops, models, metrics)
+    r = Routes(ops, models, metrics, json_offload_bytes=settings.json_offload_bytes)
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
@@ -299,7 +328,7 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     for method, path, handler in control:
         router.add(method, path, _guard(handler), control=True)
     token = read_token(settings.tcp_token_file) if settings.tcp_token_file is not None else None
-    return HTTPServer(router, limits(settings), token=token)
+    return HTTPServer(router, limits(settings), token=token, on_stop=r.decoder.close)
 
 
 def limits(settings: ApiSection) -> Limits:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from agent.api.codec import as_contiguous, json_dtype, loads, to_array
+from agent.api.offload import encoded
 from agent.errors import RequestError
 from agent.models.served import ServedModel
 
@@ -18,9 +19,11 @@ _TF_DTYPES = {
 }
 
 
-def parse_predict(body: bytes, model: ServedModel) -> tuple[dict[str, np.ndarray], str, bool]:
-    """Returns (feeds, "row"|"columnar", raw_output)."""
-    request = loads(body)
+def parse_predict(body: bytes | bytearray, model: ServedModel,
+                  decoded: Any = None) -> tuple[dict[str, np.ndarray], str, bool]:
+    """Returns (feeds, "row"|"columnar", raw_output). ``decoded``: the body, already decoded
+    (``agent.api.offload.JsonDecoder``)."""
+    request = loads(body) if decoded is None else decoded
     if not isinstance(request, dict):
         raise RequestError("request body must be a JSON object")
     has_rows, has_cols = "instances" in request, "inputs" in request
@@ -40,9 +43,11 @@ def parse_predict(body: bytes, model: ServedModel) -> tuple[dict[str, np.ndarray
 
 
 def _rows(instances: Any, specs: dict[str, Any]) -> dict[str, np.ndarray]:
-    if not isinstance(instances, list) or not instances:
+    # (A list of numbers decoded in the helper process is an array already: agent.api.offload.)
+    if not (isinstance(instances, list) or (isinstance(instances, np.ndarray) and instances.ndim)) \
+            or not len(instances):
         raise RequestError("'instances' must be a non-empty list")
-    if all(isinstance(row, dict) for row in instances):
+    if isinstance(instances, list) and all(isinstance(row, dict) for row in instances):
         feeds = {}
         for name in {k for row in instances for k in row}:
             if name not in specs:
@@ -74,9 +79,10 @@ def _columns(inputs: Any, specs: dict[str, Any]) -> dict[str, np.ndarray]:
 def format_predict(outputs: dict[str, np.ndarray], fmt: str) -> dict[str, Any]:
     values = {name: as_contiguous(v) for name, v in outputs.items()}
     if fmt == "columnar":
-        return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+        return {"outputs": encoded(next(iter(values.values()))) if len(values) == 1
+                else {name: encoded(v) for name, v in values.items()}}
     if len(values) == 1:
-        return {"predictions": next(iter(values.values()))}
+        return {"predictions": encoded(next(iter(values.values())))}
     rows = {v.shape[0] if v.ndim else None for v in values.values()}
     if len(rows) != 1 or None in rows:
         raise RequestError("outputs do not share a batch dimension: use the columnar 'inputs' format")

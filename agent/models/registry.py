@@ -263,7 +263,8 @@ class ModelRegistry:
                                         "memory_arena": self.runtime.memory_arena, "cache_dir": self.cache_dir})
         # Only the CPU runs inline: a hung accelerator call must stall one worker thread, never the event loop.
         inline_us = opts.inline_max_us if session.delegate == backend.cpu_delegate else 0
-        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching, inline_max_us=inline_us)
+        worker = Worker(f"{entry.name}@{entry.version}", session, opts.batching, inline_max_us=inline_us,
+                        inline_max_bytes=opts.inline_max_bytes)
         served = ServedModel(entry.name, entry.version, entry.runtime, entry, session, worker)
         if self.elastic:
             served.pool = Instances(worker)

@@ -10,7 +10,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from agent.models.store import ModelVersion
 from agent.models.tensors import check_feeds
 from agent.models.worker import Outputs, Worker
 from agent.runtimes import Session, TensorSpec
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -89,6 +91,12 @@ class ServedModel:
 
         ``timing`` (for the statistics) gets the hand-over and the runtime call's start and end.
         """
+        return await self.infer_then(feeds, _same, raw_outputs=raw_outputs, timing=timing)
+
+    async def infer_then(self, feeds: Mapping[str, np.ndarray], then: Callable[[Outputs], R], *,
+                         raw_outputs: bool = False, timing: Timing | None = None) -> R:
+        """``then(outputs)``, run on the thread that ran the model: the worker's, or the caller's for
+        an inline run. Raises what ``infer`` raises, and what ``then`` raises."""
         started = self._admit(feeds)
         pool = self.pool
         worker = self.worker if pool is None else pool.pick()
@@ -96,20 +104,30 @@ class ServedModel:
             timing = Timing(time.perf_counter_ns())  # its queue wait is what the scaler judges
         if timing is not None:
             timing.submitted = time.perf_counter_ns()
+        answered = False
+
+        def finish(outputs: Outputs) -> R:
+            nonlocal answered
+            answered = True
+            self._account(started, None, outputs)
+            result = then(outputs)  # the answer first: the shadow's sample after it
+            if self.mirror is not None and not raw_outputs:
+                self.mirror(feeds, outputs, None)
+            return result
+
         try:
             outputs = worker.run_inline(feeds, raw_outputs, timing)
-            if outputs is None:
-                outputs = await worker.submit(feeds, raw_outputs, timing)
+            if outputs is not None:
+                return finish(outputs)
+            result: R = await worker.submit(feeds, raw_outputs, timing, then=finish)
         except AgentError as exc:
-            self._account(started, exc)
+            if not answered:  # the model failed (not ``then``)
+                self._account(started, exc)
             raise
         finally:
             if pool is not None:
                 pool.done(worker, _waited(timing))
-        self._account(started, None, outputs)
-        if self.mirror is not None and not raw_outputs:
-            self.mirror(feeds, outputs, None)
-        return outputs
+        return result
 
     def infer_threadsafe(self, feeds: Mapping[str, np.ndarray],
                          meta: Mapping[str, Any] | None = None) -> concurrent.futures.Future[Outputs]:
@@ -174,6 +192,10 @@ def _waited(timing: Timing | None) -> float | None:
     if timing is None or not timing.started or not timing.submitted:
         return None
     return max(0, timing.started - timing.submitted) / 1e9
+
+
+def _same(outputs: Outputs) -> Outputs:
+    return outputs
 
 
 def all_finite(outputs: Mapping[str, np.ndarray], allowed: frozenset[str] = frozenset()) -> bool:

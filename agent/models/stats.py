@@ -3,11 +3,14 @@
 time goes: the agent's own work before the runtime call, the queue, the call, and after it.
 
 Durations are cumulative counts and nanoseconds, as in Triton:
-- ``success``: a request from its first byte parsed to its answer handed to the kernel;
+- ``success``: a request from its first byte parsed to its answer handed to the kernel (stamped
+  as the write begins: on a busy CPU the client it wakes may run before the write returns, and
+  that is the client's time, not the agent's);
 - ``compute_input``: up to the hand-over to the model (HTTP, routing, decoding, checks);
 - ``queue``: waiting for the model's thread (0 for inline runs);
 - ``compute_infer``: the runtime call, quantization included;
-- ``compute_output``: from the call's end to the answer written (hand-back, encoding, write);
+- ``compute_output``: from the call's end to the answer's write (formatting, encoding; for an
+  answer written by the event loop, also the hand-back to it);
 - ``fail``: requests for this model that got an error, to the moment it was raised.
 
 ``ModelStats`` is also the one place a model version's requests are counted: the calls

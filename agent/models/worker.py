@@ -1,13 +1,17 @@
 """One inference thread per loaded model version, with optional dynamic batching.
 
 ONNX Runtime and LiteRT release the GIL while they compute, so a thread per model lets
-the event loop keep parsing requests. Results are handed back with
-``call_soon_threadsafe``; a job whose client went away is skipped, never run.
+the event loop keep parsing requests. A job may carry ``then``, run on the worker thread
+with its outputs: the API formats and writes its answer there (``agent.api.http.DirectAnswer``),
+so a client waits for one thread's wake-up, not two. Results are then handed back with one
+``call_soon_threadsafe`` per batch (the loop's bookkeeping, off the client's path); a job whose
+client went away is skipped, never run.
 
 The hop to the thread and back costs ~100 µs of wake-ups on a small board, as much as a
 small model's whole inference. So a quick model on the CPU, with batching off, runs on the
-caller's thread when its worker is idle (``run_inline``); a lock keeps the session to one
-caller at a time either way.
+caller's thread when its worker is idle and the request's inputs are small (``run_inline``,
+``inline_max_bytes``: a quick model given a large batch is not quick); a lock keeps the session
+to one caller at a time either way.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class Job:
     size: int | None = None
     key: tuple[object, ...] | None = None
     timing: Timing | None = None  # stamped with the runtime call's start and end
+    # Run on the worker thread with the outputs (e.g. to format and write the answer); what it
+    # returns, or raises, is the future's result instead of the outputs.
+    then: Callable[[Outputs], Any] | None = None
 
 
 _STOP = object()
@@ -57,12 +64,13 @@ class Worker:
 
     def __init__(self, name: str, session: Session, batching: BatchingSection | None = None, *,
                  on_batch: Callable[[int], None] | None = None, inline_max_us: int = 0,
-                 stats: ModelStats | None = None) -> None:
+                 inline_max_bytes: int = 256 * 1024, stats: ModelStats | None = None) -> None:
         self.name = name
         self.session = session
         self.stats = stats or ModelStats()
         self._lock = threading.Lock()  # one call in the session at a time: LiteRT interpreters are not thread-safe
         self._inline_max_s = inline_max_us / 1e6
+        self.inline_max_bytes = inline_max_bytes
         self._call_s: float | None = None  # recent single-request call time (moving average)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: collections.deque[Any] = collections.deque()
@@ -77,6 +85,9 @@ class Worker:
         self.busy_since: float | None = None
         self._expected = 1  # requests in the last batch: what an adaptive gather waits for
         self._current: list[Job] = []
+        self._turn: list[Job] = []  # batching: requests of this turn of the event loop (``submit``)
+        self._turn_busy = False  # batching: a request of this turn ran inline (``run_inline``)
+        self._stopped = False
         self.known_good = KnownGood()  # set by the served model (agent.models.probe)
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
@@ -86,11 +97,49 @@ class Worker:
         return self.batching is not None
 
     def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
-               timing: Timing | None = None) -> asyncio.Future[Outputs]:
+               timing: Timing | None = None, then: Callable[[Outputs], Any] | None = None) -> asyncio.Future[Any]:
+        """The outputs, or with ``then`` what ``then(outputs)`` returns, run on the worker thread."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outputs] = loop.create_future()
-        self._enqueue(Job(feeds, raw_outputs, loop, future, timing=timing))
+        future: asyncio.Future[Any] = loop.create_future()
+        job = Job(feeds, raw_outputs, loop, future, timing=timing, then=then)
+        if self.batching is not None and self.inline:
+            # Held to the end of this turn of the event loop: requests that arrived together are
+            # batched on the worker thread; one that came alone runs inline (``_end_turn``).
+            self._turn.append(job)
+            if len(self._turn) == 1:
+                loop.call_soon(self._end_turn)
+            return future
+        self._enqueue(job)
         return future
+
+    def _clear_turn(self) -> None:
+        self._turn_busy = False
+
+    def _end_turn(self) -> None:
+        """On the event loop, once per turn with requests for a quick batching model: a lone
+        request runs inline when the worker is idle (nothing to batch it with, so no hop to the
+        thread and back); requests that came together go to the worker thread to be batched."""
+        jobs, self._turn = self._turn, []
+        if len(jobs) == 1 and not self._stopped:
+            job = jobs[0]
+            if job.future.cancelled():
+                return
+            if (payload_bytes(job.feeds) <= self.inline_max_bytes and not self._held and self._queue.empty()
+                    and self._lock.acquire(blocking=False)):
+                try:
+                    self.busy_since = time.monotonic()
+                    result = self._call(job.feeds, job.raw_outputs, 1, [job.timing])
+                finally:
+                    self.busy_since = None
+                    self._lock.release()
+                self._on_batch(1)
+                _deliver([(job, _then(job, result))])
+                return
+        for job in jobs:
+            if self._stopped:
+                job.future.set_exception(InferenceError(f"model {self.name} was unloaded"))
+            else:
+                self._enqueue(job)
 
     def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
                           raw_outputs: bool = False) -> concurrent.futures.Future[Outputs]:
@@ -112,14 +161,25 @@ class Worker:
 
     @property
     def inline(self) -> bool:
-        """Whether idle-time requests run on the caller's thread (quick CPU model, no batching)."""
-        return self.batching is None and self._call_s is not None and self._call_s <= self._inline_max_s
+        """Whether idle-time requests with small inputs run on the caller's thread (a quick CPU
+        model; with batching, only a request that arrives alone in its turn of the event loop)."""
+        return self._call_s is not None and self._call_s <= self._inline_max_s
 
     def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
                    timing: Timing | None = None) -> Outputs | None:
-        """Run on the caller's thread if the model is quick and nothing is queued or running;
-        None means "submit instead". Raises what the session raises."""
-        if not self.inline or self._held or not self._queue.empty() or not self._lock.acquire(blocking=False):
+        """Run on the caller's thread if the model is quick, the inputs small (``inline_max_bytes``)
+        and nothing is queued or running (with batching: and it is the first request of this turn
+        of the event loop); None means "submit instead". Raises what the session raises."""
+        if (not self.inline or self._held or not self._queue.empty() or payload_bytes(feeds) > self.inline_max_bytes):
+            return None
+        if self.batching is not None:
+            # Only the first request of a turn of the event loop: others in the same turn are held
+            # to its end and batched (``submit``); a lone client's request never waits a turn.
+            if self._turn_busy or self._turn:
+                return None
+            self._turn_busy = True
+            asyncio.get_running_loop().call_soon(self._clear_turn)
+        if not self._lock.acquire(blocking=False):
             return None
         try:
             self.busy_since = time.monotonic()
@@ -133,6 +193,7 @@ class Worker:
         return result
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopped = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -263,7 +324,8 @@ class Worker:
             if timing is not None:
                 timing.started, timing.ended = started, ended
         self.stats.executed(rows, ended - started)
-        if len(timings) == 1:
+        if len(timings) == 1 and payload_bytes(feeds) <= self.inline_max_bytes:
+            # (Large requests never run inline: their time says nothing about the others'.)
             took = (ended - started) / 1e9
             self._call_s = took if self._call_s is None else 0.9 * self._call_s + 0.1 * took
         return result
@@ -293,8 +355,9 @@ class Worker:
     @staticmethod
     def _finish_all(results: list[tuple[Job, Outputs | BaseException]]) -> None:
         """Hand results back: one event-loop wake-up for all of a batch's requests, not one each."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Outputs | BaseException]]] = {}
-        for job, result in results:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, outcome in results:
+            result = _then(job, outcome)
             if job.loop is None:
                 _deliver([(job, result)])
             else:
@@ -303,7 +366,22 @@ class Worker:
             loop.call_soon_threadsafe(_deliver, delivered)
 
 
-def _deliver(results: list[tuple[Job, Outputs | BaseException]]) -> None:
+def _then(job: Job, outcome: Outputs | BaseException) -> Any:
+    """What the job's future gets: ``job.then(outputs)`` when it has one (or what it raised)."""
+    if job.then is None or isinstance(outcome, BaseException) or job.future.done():
+        return outcome
+    try:
+        return job.then(outcome)
+    except Exception as exc:  # noqa: BLE001 - goes to the waiting client, never kills the thread
+        return exc
+
+
+def payload_bytes(feeds: Mapping[str, np.ndarray]) -> int:
+    """What a request's input tensors hold, in bytes."""
+    return sum(value.nbytes for value in feeds.values())
+
+
+def _deliver(results: list[tuple[Job, Any]]) -> None:
     for job, result in results:
         if job.future.done():
             continue
