@@ -8,9 +8,12 @@ cost and little Python per call.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import struct
+import urllib.parse
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,33 @@ _BINARY_HEADER = "Inference-Header-Content-Length"
 
 class _ClosedError(ConnectionError):
     pass
+
+
+@dataclass(frozen=True)
+class ShmInput:
+    """An input tensor the agent reads from a registered shared-memory region (``infer_shm``)."""
+
+    region: str
+    shape: tuple[int, ...]
+    datatype: str  # "FP32", "UINT8", ... (``agent.api.datatypes``)
+    offset: int = 0
+
+    @property
+    def byte_size(self) -> int:
+        return math.prod(self.shape) * DATATYPES[self.datatype].itemsize
+
+
+@dataclass(frozen=True)
+class ShmOutput:
+    """Where the agent writes an output: ``byte_size`` bytes set aside at ``offset`` of ``region``."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def _shm_parameters(region: str, offset: int, byte_size: int) -> dict[str, Any]:
+    return {"shared_memory_region": region, "shared_memory_offset": offset, "shared_memory_byte_size": byte_size}
 
 
 class _Response:
@@ -246,6 +276,64 @@ class AgentClient:
             return _decode_outputs(self._decode(status, data)["outputs"], b"")
         return self._decode_binary(data, int(hlen))
 
+    # -- Triton's system shared-memory extension ----------------------------------------------
+    def register_shm(self, region: str, key: str, byte_size: int, offset: int = 0) -> None:
+        """Register ``byte_size`` bytes at ``offset`` of the POSIX shared-memory object ``key`` (``/name``)."""
+        self._json("POST", f"/v2/systemsharedmemory/region/{_quote(region)}/register",
+                   {"key": key, "offset": offset, "byte_size": byte_size})
+
+    def unregister_shm(self, region: str | None = None) -> None:
+        """Unregister ``region``, or every region."""
+        where = "" if region is None else f"/region/{_quote(region)}"
+        self._json("POST", f"/v2/systemsharedmemory{where}/unregister")
+
+    def shm_status(self, region: str | None = None) -> list[dict[str, Any]]:
+        """The registered regions: ``{"name", "key", "offset", "byte_size"}`` each."""
+        where = "" if region is None else f"/region/{_quote(region)}"
+        return list(self._json("GET", f"/v2/systemsharedmemory{where}/status"))
+
+    def infer_shm(self, name: str, inputs: Mapping[str, ShmInput | np.ndarray],
+                  outputs: Mapping[str, ShmOutput | None] | None = None, *, version: int | None = None,
+                  raw_output: bool = False) -> dict[str, Any]:
+        """Infer with inputs read from shared-memory regions (``ShmInput``) or sent (arrays), and
+        outputs written into regions (``ShmOutput``) or answered (None; every output without ``outputs``).
+
+        Returns each output: an array when answered, or its metadata (``datatype``, ``shape``,
+        ``parameters``) when written into a region.
+        """
+        entries: list[dict[str, Any]] = []
+        arrays: list[np.ndarray] = []
+        for input_name, value in inputs.items():
+            if isinstance(value, ShmInput):
+                entries.append({"name": input_name, "shape": list(value.shape), "datatype": value.datatype,
+                                "parameters": _shm_parameters(value.region, value.offset, value.byte_size)})
+            else:
+                array = np.require(value, requirements="C")
+                arrays.append(array)
+                entries.append({"name": input_name, "shape": list(array.shape), "datatype": datatype(array.dtype),
+                                "parameters": {"binary_data_size": array.nbytes}})
+        header: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": True,
+                                                                    "raw_output": raw_output}}
+        if outputs is not None:
+            header["outputs"] = [{"name": o, "parameters": {"binary_data": True} if where is None
+                                  else _shm_parameters(where.region, where.offset, where.byte_size)}
+                                 for o, where in outputs.items()]
+        head = orjson.dumps(header)
+        size = len(head) + sum(a.nbytes for a in arrays)
+        message: list[bytes | memoryview] = [
+            _head("POST", self._path("/v2", name, version) + "/infer", size,
+                  {**self._auth, "Content-Type": "application/octet-stream", _BINARY_HEADER: str(len(head))}) + head,
+            *(a.data.cast("B") for a in arrays if a.size)]
+        status, resp_headers, data = self._roundtrip(message)
+        hlen = resp_headers.get(_BINARY_HEADER.lower())
+        split = int(hlen) if hlen is not None and status < 400 else len(data)
+        answer = self._decode(status, data[:split])
+        shared = {e["name"]: e for e in answer["outputs"] if "shared_memory_region" in (e.get("parameters") or {})}
+        result: dict[str, Any] = _decode_outputs([e for e in answer["outputs"] if e["name"] not in shared],
+                                                 data[split:])
+        result.update(shared)
+        return result
+
     def _decode_binary(self, data: bytes, hlen: int) -> dict[str, np.ndarray]:
         """Outputs behind a JSON header; a header seen before is not parsed again."""
         header = data[:hlen]
@@ -264,6 +352,10 @@ class AgentClient:
             out[output_name] = np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
             offset += size
         return out
+
+
+def _quote(region: str) -> str:
+    return urllib.parse.quote(region, safe="")
 
 
 def _head(method: str, path: str, length: int, headers: Mapping[str, str] | None) -> bytes:

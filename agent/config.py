@@ -89,6 +89,11 @@ class ApiSection(_Section):
     # Bearer token for the control endpoints over TCP: a file only the service's user can read.
     # Without it, TCP serves health, metadata, predict, statistics and metrics only.
     tcp_token_file: ConfigPath | None = None
+    # Triton's system shared-memory extension over TCP: off, since a TCP client could then map any
+    # shared-memory object of the service's user. The Unix socket always serves it.
+    tcp_shared_memory: bool = False
+    shared_memory_max_regions: int = Field(default=64, ge=0, le=4096)  # registered regions at once
+    shared_memory_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)  # mapped bytes, all regions together
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # one request's body (413 over it)
     # Request bodies held at once, every connection together (503 over it): a few clients sending
     # large bodies at the same time cannot take the device's memory.

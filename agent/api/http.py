@@ -82,6 +82,7 @@ class Request:
     # Set while its handler runs when the answer may be written by the thread that computes it
     # (``DirectAnswer``); None when the event loop must write it (HEAD, unsent bytes queued, ...).
     direct: DirectAnswer | None = None
+    local: bool = True  # came over the Unix socket (not TCP)
 
 
 @dataclass
@@ -520,7 +521,7 @@ class _Connection(asyncio.Protocol):
         parts = self.body
         body = parts if isinstance(parts, bytearray) else parts[0] if len(parts) == 1 else b"".join(parts)
         request = Request(method, (parsed.path or b"/").decode("utf-8", "replace"), self.headers, body,
-                          received=self.received, held=self.held)
+                          received=self.received, held=self.held, local=self.local)
         self.body, self.chunks, self.held = [], 0, 0
         keep_alive = self.keep_alive
         if self.parser.should_upgrade():  # ignored (RFC 9110 allows it): answered, then closed

@@ -13,6 +13,7 @@ import numpy as np
 from agent.api.codec import MAX_DIMS, as_contiguous, dumps, loads, to_array
 from agent.api.datatypes import DATATYPES, datatype
 from agent.api.offload import encoded
+from agent.api.shm import Region, SharedMemory, SharedMemoryError, tensor_span
 from agent.errors import RequestError
 from agent.models.served import ServedModel
 
@@ -27,6 +28,8 @@ class InferRequest:
     outputs: dict[str, bool] = field(default_factory=dict)  # requested output -> binary
     binary_default: bool = False
     raw_output: bool = False
+    # requested outputs written into a shared-memory region: name -> (region, offset, byte size)
+    shm_outputs: dict[str, tuple[Region, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,14 @@ def json_bytes(body: bytes | bytearray, header_length: str | None) -> int:
 
 
 def parse_infer(body: bytes | bytearray, header_length: str | None, model: ServedModel,
-                plans: Plans | None = None, decoded: Any = None) -> InferRequest:
+                plans: Plans | None = None, decoded: Any = None, *,
+                shm: SharedMemory | None = None) -> InferRequest:
     """Decode a JSON or binary-extension infer request; every problem is a RequestError naming it.
 
     Every field is type-checked (a wrong type is a 400, never a 500). ``plans`` (owned by the
     caller) remembers binary headers already decoded, by their bytes. ``decoded``: the JSON part,
-    already decoded (``agent.api.offload.JsonDecoder``).
+    already decoded (``agent.api.offload.JsonDecoder``). ``shm``: the registered shared-memory
+    regions that tensors may name (None: shared memory is refused, as over TCP by default).
     """
     if header_length is None:
         header, binary = loads(body) if decoded is None else decoded, memoryview(b"")
@@ -98,7 +103,7 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
     layout = []  # for the plan: where each binary input lies
     binary_inputs = True
     for entry in inputs:
-        name, array, used, from_binary = _input(entry, binary, offset)
+        name, array, used, from_binary = _input(entry, binary, offset, shm)
         if name in request.feeds:
             raise RequestError(f"input '{name}' given twice")
         request.feeds[name] = array
@@ -125,7 +130,13 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
         if not isinstance(binary_data, bool):
             raise RequestError(f"{where}: parameters.binary_data must be true or false")
         request.outputs[out_name] = binary_data
-    if plans is not None and header_length is not None and request.request_id is None and binary_inputs:
+        if "shared_memory_region" in oparams:
+            region, at, size = tensor_span(oparams, where)
+            chosen = _region(shm, region, where)
+            chosen.check_span(where, at, size)
+            request.shm_outputs[out_name] = (chosen, at, size)
+    if (plans is not None and header_length is not None and request.request_id is None and binary_inputs
+            and not request.shm_outputs):
         # ids differ per request: no plan for them
         if len(plans) >= _MAX_PLANS:
             plans.clear()
@@ -167,7 +178,15 @@ def _shape(name: str, shape: Any) -> list[int]:
     raise RequestError(f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} integers from 0 to {MAX_DIM}")
 
 
-def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int, bool]:
+def _region(shm: SharedMemory | None, name: str, where: str) -> Region:
+    if shm is None:
+        raise SharedMemoryError(f"{where}: shared memory is not served on this listener (over TCP it needs "
+                                "api.tcp_shared_memory = true)")
+    return shm.get(name)
+
+
+def _input(entry: Any, binary: memoryview, offset: int,
+           shm: SharedMemory | None = None) -> tuple[str, np.ndarray, int, bool]:
     """(name, array, binary bytes used, whether it came from the binary part)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise RequestError("each input must be an object with a 'name'")
@@ -187,6 +206,15 @@ def _input(entry: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray
         params = _NO_PARAMETERS
     elif type(params) is not dict:
         raise RequestError(f"input '{name}': 'parameters' must be an object")
+    if "shared_memory_region" in params:
+        where = f"input '{name}'"
+        region_name, at, size = tensor_span(params, where)
+        region = _region(shm, region_name, where)
+        if size != count * dtype.itemsize:
+            raise SharedMemoryError(f"{where}: shared_memory_byte_size {size} does not match shape {shape} of "
+                                    f"{dt_name} ({count * dtype.itemsize} bytes)")
+        region.check_span(where, at, size)
+        return name, region.read(at, dtype, shape), 0, False
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != count * dtype.itemsize:
@@ -212,7 +240,13 @@ def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, n
     for name, binary in wanted.items():
         value = as_contiguous(outputs[name])
         entry: dict[str, Any] = {"name": name, "datatype": datatype(value.dtype), "shape": list(value.shape)}
-        if binary:
+        span = request.shm_outputs.get(name)
+        if span is not None:
+            region, at, size = span
+            region.write(f"output '{name}'", at, size, value)
+            entry["parameters"] = {"shared_memory_region": region.name, "shared_memory_offset": at,
+                                   "shared_memory_byte_size": value.nbytes}
+        elif binary:
             data = value.reshape(-1).view(np.uint8)  # copied once, into the body (no tobytes() first)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)

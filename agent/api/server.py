@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
 from agent.api.offload import JsonDecoder
 from agent.api.shadow import shadow_args
+from agent.api.shm import SharedMemory
 from agent.config import ApiSection
 from agent.core.metrics import Metrics
 from agent.core.ports import ModelCatalog
-from agent.errors import AgentError, ConfigError, RequestError
+from agent.errors import AgentError, ConfigError, ForbiddenError, RequestError
 from agent.models.stats import Timing
 from agent.models.worker import Outputs
 from agent.operations import Operations
@@ -53,6 +55,12 @@ def _version(request: Request) -> int | None:
     return int(raw)
 
 
+def _region(request: Request) -> str | None:
+    """The region named in the path (percent-decoded: clients quote it), or None for all."""
+    raw = request.params.get("region")
+    return None if raw is None else urllib.parse.unquote(raw)
+
+
 def _guard(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
@@ -68,13 +76,31 @@ def _guard(handler: Handler) -> Handler:
 
 class Routes:
     def __init__(self, ops: Operations, models: ModelCatalog, metrics: Metrics, *,
-                 json_offload_bytes: int = 128 * 1024) -> None:
+                 json_offload_bytes: int = 128 * 1024, shm: SharedMemory | None = None,
+                 tcp_shared_memory: bool = False) -> None:
         self.ops = ops
         self.models = models
         self.metrics = metrics
         self._plans: oip.Plans = {}  # binary infer headers already decoded
         self.json_offload_bytes = json_offload_bytes  # larger JSON is decoded in a helper process
         self.decoder = JsonDecoder()
+        self.shm = shm if shm is not None else SharedMemory()
+        self.tcp_shared_memory = tcp_shared_memory  # else TCP clients may not name shared memory
+
+    def _shm(self, request: Request) -> SharedMemory | None:
+        """The regions this request may use: None over TCP unless ``api.tcp_shared_memory``."""
+        return self.shm if request.local or self.tcp_shared_memory else None
+
+    def _shm_endpoint(self, request: Request) -> SharedMemory:
+        shm = self._shm(request)
+        if shm is None:
+            raise ForbiddenError("system shared memory is not served over TCP unless api.tcp_shared_memory = true")
+        return shm
+
+    def close(self) -> None:
+        """The routes' helpers, once every connection is closed: the decoder, the mapped regions."""
+        self.decoder.close()
+        self.shm.close()
 
     # -- TF Serving v1 --------------------------------------------------------------------
     async def v1_status(self, request: Request) -> Response:
@@ -111,7 +137,8 @@ class Routes:
     # -- Open Inference Protocol v2 -------------------------------------------------------
     async def v2_server(self, _request: Request) -> Response:
         return _json({"name": "edge-agent", "version": self.ops.info.version,
-                      "extensions": ["binary_tensor_data", "model_repository", "statistics"]})
+                      "extensions": ["binary_tensor_data", "model_repository", "statistics",
+                                     "system_shared_memory"]})
 
     async def v2_live(self, _request: Request) -> Response:
         return _json({"live": True})
@@ -136,9 +163,9 @@ class Routes:
             size = oip.json_bytes(body, header_length)
             if size > self.json_offload_bytes:  # decoded in the helper process (agent.api.offload)
                 decoded = await self.decoder.decode(body if header_length is None else body[:size])
-                parsed = oip.parse_infer(body, header_length, model, None, decoded)
+                parsed = oip.parse_infer(body, header_length, model, None, decoded, shm=self._shm(request))
             else:
-                parsed = oip.parse_infer(body, header_length, model, self._plans)
+                parsed = oip.parse_infer(body, header_length, model, self._plans, shm=self._shm(request))
             sent = functools.partial(model.stats.succeeded, timing)
             direct = request.direct
 
@@ -167,6 +194,20 @@ class Routes:
             chosen = [model] if version is not None else [m for m in models.served() if m.name == name]
         return _json({"model_stats": [m.stats.to_dict(m.name, m.version)
                                       for m in sorted(chosen, key=lambda m: (m.name, m.version))]})
+
+    # -- Triton's system shared-memory extension ---------------------------------------------
+    async def shm_register(self, request: Request) -> Response:
+        """Map a region of a POSIX shared-memory object: ``{"key", "offset", "byte_size"}``."""
+        shm = self._shm_endpoint(request)
+        shm.register(urllib.parse.unquote(request.params["region"]), loads(request.body) if request.body else None)
+        return Response(200, b"")
+
+    async def shm_unregister(self, request: Request) -> Response:
+        self._shm_endpoint(request).unregister(_region(request))
+        return Response(200, b"")
+
+    async def shm_status(self, request: Request) -> Response:
+        return _json(self._shm_endpoint(request).status(_region(request)))
 
     # -- agent ------------------------------------------------------------------------------
     async def metrics_text(self, _request: Request) -> Response:
@@ -282,10 +323,13 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     Raises:
         ConfigError: ``api.tcp_token_file`` is unreadable, empty, or readable by others.
     """
-    r = Routes(ops, models, metrics, json_offload_bytes=settings.json_offload_bytes)
+    shm = SharedMemory(max_regions=settings.shared_memory_max_regions, max_bytes=settings.shared_memory_max_bytes)
+    r = Routes(ops, models, metrics, json_offload_bytes=settings.json_offload_bytes, shm=shm,
+               tcp_shared_memory=settings.tcp_shared_memory)
     router = Router(_not_found)
     name = "{name:[A-Za-z0-9][A-Za-z0-9_.-]*}"
     ver = "/versions/{version:[^/:]+}"
+    region = "{region:[^/]+}"
     data_plane = [  # the predict paths first: the router tries patterns in order
         ("POST", f"/v2/models/{name}/infer", r.v2_infer),
         ("POST", f"/v2/models/{name}{ver}/infer", r.v2_infer),
@@ -306,6 +350,12 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
         ("GET", f"/v2/models/{name}/ready", r.v2_model_ready),
         ("GET", f"/v2/models/{name}{ver}/ready", r.v2_model_ready),
         ("GET", "/metrics", r.metrics_text),
+        # Triton's system shared memory: over TCP only with api.tcp_shared_memory (``Routes._shm``)
+        ("POST", f"/v2/systemsharedmemory/region/{region}/register", r.shm_register),
+        ("POST", f"/v2/systemsharedmemory/region/{region}/unregister", r.shm_unregister),
+        ("POST", "/v2/systemsharedmemory/unregister", r.shm_unregister),
+        ("GET", f"/v2/systemsharedmemory/region/{region}/status", r.shm_status),
+        ("GET", "/v2/systemsharedmemory/status", r.shm_status),
     ]
     # The agent's own endpoints: over TCP only with the bearer token (docs/api.md, "TCP").
     control = [
@@ -328,7 +378,7 @@ def build_server(ops: Operations, models: ModelCatalog, metrics: Metrics, settin
     for method, path, handler in control:
         router.add(method, path, _guard(handler), control=True)
     token = read_token(settings.tcp_token_file) if settings.tcp_token_file is not None else None
-    return HTTPServer(router, limits(settings), token=token, on_stop=r.decoder.close)
+    return HTTPServer(router, limits(settings), token=token, on_stop=r.close)
 
 
 def limits(settings: ApiSection) -> Limits:
