@@ -218,7 +218,7 @@ def test_infer_errors_name_the_problem(agent):
 
 
 def test_region_unlinked_or_shrunk_while_registered(agent):
-    """The client frees the object while the agent has it mapped: a clear 400, never a SIGBUS."""
+    """The client frees the object while the agent holds it: a clear 400, never a SIGBUS."""
     client = agent.client
     feeds = silero_feeds(batch=1, seed=5)
     x = feeds["input"]
@@ -274,19 +274,26 @@ def test_refused_over_tcp_by_default(agent):
 
 
 # -- the registry's own limits (no daemon) ---------------------------------------------------------
-def test_caps_on_regions_and_mapped_bytes(tmp_path):
+def test_caps_on_regions_and_registered_bytes(tmp_path):
     for i in range(3):
         (tmp_path / f"obj{i}").write_bytes(b"\0" * 100_000)
     regions = SharedMemory(max_regions=2, max_bytes=150_000, directory=tmp_path)
     regions.register("a", {"key": "/obj0", "offset": 0, "byte_size": 60_000})
-    with pytest.raises(SharedMemoryError, match="more than the agent's limit"):
-        regions.register("b", {"key": "/obj1", "offset": 0, "byte_size": 90_000})
-    regions.register("b", {"key": "obj1", "offset": 5000, "byte_size": 1000})  # not page-aligned: mapped from 4096
+    with pytest.raises(SharedMemoryError, match="over its limit"):
+        regions.register("b", {"key": "/obj1", "offset": 0, "byte_size": 90_001})
+    regions.register("b", {"key": "obj1", "offset": 5003, "byte_size": 90_000})  # any offset, no alignment
     with pytest.raises(SharedMemoryError, match="too many shared memory regions"):
         regions.register("c", {"key": "/obj2", "offset": 0, "byte_size": 10})
-    assert regions.get("b").skew == 5000 - 4096
+    b = regions.get("b")
+    (tmp_path / "obj1").write_bytes(bytes(range(256)) * 400)
+    np.testing.assert_array_equal(b.read(1, np.dtype(np.uint8), [3]), [140, 141, 142])  # 5004 = 19 * 256 + 140
+    b.write("output 'x'", 2, 4, np.array([7], np.int32))
+    assert (tmp_path / "obj1").read_bytes()[5005:5009] == np.array([7], np.int32).tobytes()
+    os.truncate(tmp_path / "obj1", 6000)
+    with pytest.raises(SharedMemoryError, match="shrank to 6000 bytes"):
+        b.read(0, np.dtype(np.uint8), [3])
     regions.close()
-    assert regions.status() == [] and regions.mapped == 0
+    assert regions.status() == [] and regions.registered == 0
     (tmp_path / "dir").mkdir()
     with pytest.raises(SharedMemoryError, match=r"not a shared memory object|cannot open"):
         regions.register("d", {"key": "/dir", "offset": 0, "byte_size": 1})

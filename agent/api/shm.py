@@ -1,18 +1,16 @@
 """Triton's system shared-memory extension: regions of POSIX shared-memory objects that infer
 requests read their inputs from and write their outputs into.
 
-This module owns the mapped regions and every check on them; it knows nothing of HTTP. A
-region maps part of ``/dev/shm/<key>`` (``shm_open``'s namespace). The client that made the
-object may unlink or shrink it at any time: touching a mapped page past the object's end
-raises SIGBUS and would kill the agent, so the object's size is checked with ``fstat`` before
-every read and write, inputs are copied out of the map before inference, and output writes
-hold the region's lock so that an unregister cannot unmap it under them.
+This module owns the registered regions and every check on them; it knows nothing of HTTP. A
+region is part of ``/dev/shm/<key>`` (``shm_open``'s namespace), held open from register to
+unregister. The client that made the object may unlink or shrink it at any time: the object is
+checked with ``fstat`` before every use (a clear error instead), inputs are copied out before
+inference, and reads and writes hold the region's lock so that an unregister cannot close the
+descriptor under them (``Region`` says why the copies use ``pread``, not a memory map).
 """
 
 from __future__ import annotations
 
-import math
-import mmap
 import os
 import stat
 import threading
@@ -38,39 +36,42 @@ class SharedMemoryError(RequestError):
 
 
 class Region:
-    """One registered region: ``byte_size`` bytes at ``offset`` of the object named ``key``."""
+    """One registered region: ``byte_size`` bytes at ``offset`` of the object named ``key``.
+
+    Tensors are copied in and out with ``pread``/``pwrite`` on the object's descriptor, not
+    through a memory map: a map turns a read past an object the client shrank into SIGBUS,
+    which kills the agent whatever the checks before it (the client can shrink it between
+    the check and the copy), while ``pread`` just comes back short. The copy costs what the
+    copy out of a map would (the model must never read memory the client can pull away).
+    """
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int) -> None:
         self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
-        self.fd = fd
-        # mmap offsets must be page-aligned: map from the page that holds ``offset``.
-        self.base = offset - offset % mmap.ALLOCATIONGRANULARITY
-        self.skew = offset - self.base
-        self.mapped = self.skew + byte_size
-        self.map: mmap.mmap | None = mmap.mmap(fd, self.mapped, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                                               offset=self.base)
-        self.lock = threading.Lock()  # output writes (a model's thread) against close (the event loop)
+        self.fd: int | None = fd
+        self.lock = threading.Lock()  # reads and writes (a model's thread) against close (the event loop)
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
-    def _live(self) -> mmap.mmap:
-        """The map, once the object is checked to still cover the region (no SIGBUS on access).
+    def _live(self) -> int:
+        """The descriptor, once the object is checked to still cover the region; under ``lock``.
 
         Raises:
             SharedMemoryError: unregistered meanwhile, the object was unlinked or shrunk.
         """
-        if self.map is None:
+        if self.fd is None:
             raise SharedMemoryError(f"shared memory region '{self.name}' was unregistered")
         info = os.fstat(self.fd)
         if info.st_nlink == 0:
             raise SharedMemoryError(f"shared memory region '{self.name}': its object '{self.key}' was removed "
                                     "(unlinked) after it was registered; register it again")
         if info.st_size < self.offset + self.byte_size:
-            raise SharedMemoryError(f"shared memory region '{self.name}': its object '{self.key}' shrank to "
-                                    f"{info.st_size} bytes, under the registered {self.offset + self.byte_size}; "
-                                    "register it again")
-        return self.map
+            raise self._shrunk(info.st_size)
+        return self.fd
+
+    def _shrunk(self, size: int) -> SharedMemoryError:
+        return SharedMemoryError(f"shared memory region '{self.name}': its object '{self.key}' shrank to {size} "
+                                 f"bytes, under the registered {self.offset + self.byte_size}; register it again")
 
     def check_span(self, what: str, offset: int, size: int) -> None:
         """Raises SharedMemoryError when [offset, offset + size) is not inside the region."""
@@ -79,11 +80,18 @@ class Region:
                                     f"out of bounds of region '{self.name}' ({self.byte_size} bytes)")
 
     def read(self, offset: int, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
-        """A copy of the tensor at ``offset``: the model never reads the map (it may go away)."""
-        count = math.prod(shape)
+        """A copy of the tensor at ``offset`` (checked by ``check_span``)."""
+        array = np.empty(shape, dtype)
+        view = array.reshape(-1).view(np.uint8).data
         with self.lock:
-            view = self._live()
-            return np.frombuffer(view, dtype, count, self.skew + offset).reshape(shape).copy()
+            fd = self._live()
+            done, position = 0, self.offset + offset
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], position + done)
+                if got <= 0:  # shrunk since the check
+                    raise self._shrunk(os.fstat(fd).st_size)
+                done += got
+        return array
 
     def write(self, what: str, offset: int, size: int, value: np.ndarray) -> None:
         """Copy ``value`` (C-contiguous) to ``offset``; ``size`` is what the client set aside for it."""
@@ -91,29 +99,25 @@ class Region:
             raise SharedMemoryError(f"{what}: BYTES tensors cannot be written to shared memory")
         if value.nbytes > size:
             raise SharedMemoryError(f"{what}: needs {value.nbytes} bytes but shared_memory_byte_size is {size}")
+        data = value.reshape(-1).view(np.uint8).data
         with self.lock:
-            view = self._live()
-            start = self.skew + offset
-            target = np.frombuffer(view, np.uint8, value.nbytes, start)
-            target[:] = value.reshape(-1).view(np.uint8)
-            del target
+            fd = self._live()
+            done, position = 0, self.offset + offset
+            while done < len(data):  # (an object shrunk meanwhile grows back: never past the region)
+                done += os.pwrite(fd, data[done:], position + done)
 
     def close(self) -> None:
         with self.lock:
-            if self.map is None:
-                return
-            try:
-                self.map.close()
-            except BufferError:  # still exported (cannot happen under the lock): unmapped once released
-                log.warning("shm.close_deferred", region=self.name)
-            self.map = None
-            os.close(self.fd)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 class SharedMemory:
     """The registered regions, by name; every method runs on the event loop.
 
-    ``max_regions`` and ``max_bytes`` bound what clients can make the agent map.
+    ``max_regions`` and ``max_bytes`` bound what clients can register (the open descriptors keep
+    an unlinked object's memory alive until it is unregistered).
     """
 
     def __init__(self, *, max_regions: int = 64, max_bytes: int = 1 << 30, directory: Path = SHM_DIR) -> None:
@@ -121,8 +125,8 @@ class SharedMemory:
         self.regions: dict[str, Region] = {}
 
     @property
-    def mapped(self) -> int:
-        return sum(r.mapped for r in self.regions.values())
+    def registered(self) -> int:
+        return sum(r.byte_size for r in self.regions.values())
 
     def register(self, name: str, body: Any) -> None:
         """Map the region ``body`` describes (``{"key", "offset", "byte_size"}``) as ``name``.
@@ -146,8 +150,8 @@ class SharedMemory:
             raise SharedMemoryError(f"shared memory region '{name}' is already registered")
         if len(self.regions) >= self.max_regions:
             raise SharedMemoryError(f"too many shared memory regions (at most {self.max_regions}); unregister some")
-        if self.mapped + size + mmap.ALLOCATIONGRANULARITY > self.max_bytes:
-            raise SharedMemoryError(f"registering {size} bytes would map more than the agent's limit of "
+        if self.registered + size > self.max_bytes:
+            raise SharedMemoryError(f"registering {size} bytes would take the agent over its limit of "
                                     f"{self.max_bytes} bytes of shared memory; unregister some")
         path = self.directory / _object_name(key)
         try:
