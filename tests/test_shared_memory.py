@@ -297,3 +297,46 @@ def test_caps_on_regions_and_registered_bytes(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(SharedMemoryError, match=r"not a shared memory object|cannot open"):
         regions.register("d", {"key": "/dir", "offset": 0, "byte_size": 1})
+
+
+def test_tritonclient_over_tcp_when_allowed(daemon_factory, samples, tmp_path):
+    """Triton's own client, end to end: register, status, infer in and out of a region, unregister."""
+    import tritonclient.http as httpclient
+
+    models = tmp_path / "models"
+    install(models, samples, "silero_vad")
+    config = tmp_path / "agent.toml"
+    config.write_text("[api]\ntcp_shared_memory = true\n")
+    port = _free_port()
+    daemon_factory("--config", str(config), "--models-dir", str(models), "--tcp", f"127.0.0.1:{port}")
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 30, "the TCP listener")
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    feeds = silero_feeds(batch=1, seed=7)
+    x = feeds["input"]
+    handle, key = region(8192)
+    shm.set_shared_memory_region(handle, [x])
+    client.register_system_shared_memory("vad", key, 8192)
+    assert client.get_system_shared_memory_status() == [{"name": "vad", "key": key, "offset": 0, "byte_size": 8192}]
+    assert client.get_system_shared_memory_status("vad")[0]["name"] == "vad"
+    inputs = [httpclient.InferInput("input", list(x.shape), "FP32"),
+              httpclient.InferInput("state", list(feeds["state"].shape), "FP32"),
+              httpclient.InferInput("sr", [], "INT64")]
+    inputs[0].set_shared_memory("vad", x.nbytes)
+    inputs[1].set_data_from_numpy(feeds["state"], binary_data=True)
+    inputs[2].set_data_from_numpy(feeds["sr"], binary_data=True)
+    outputs = [httpclient.InferRequestedOutput("output"), httpclient.InferRequestedOutput("stateN")]
+    outputs[0].set_shared_memory("vad", 4, offset=4096)
+    result = client.infer("silero_vad", inputs, outputs=outputs)
+    want = AgentClient(tcp=f"127.0.0.1:{port}").infer("silero_vad", feeds)
+    meta = result.get_output("output")
+    assert meta["shape"] == [1, 1] and meta["parameters"]["shared_memory_region"] == "vad"
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.float32, [1, 1], offset=4096), want["output"])
+    np.testing.assert_array_equal(result.as_numpy("stateN"), want["stateN"])
+    client.unregister_system_shared_memory("vad")
+    assert client.get_system_shared_memory_status() == []
+    client.close()
