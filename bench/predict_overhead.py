@@ -45,7 +45,7 @@ import numpy as np
 import onnxruntime as ort
 from ai_edge_litert.interpreter import Interpreter
 
-from agent.client import AgentClient
+from agent.client import AgentClient, ShmInput, ShmOutput
 from agent.errors import ClientError
 from agent.samples import fetch
 
@@ -586,6 +586,95 @@ def worker_throughput(clients: int, batching: bool, seconds: float, queue_delay_
     return total / seconds
 
 
+def shared_memory_table(sock: Path, rounds: int, per_round: int) -> None:
+    """Face detection's input (and outputs) in a shared-memory region against v2 binary, interleaved:
+    end to end per call (the shared-memory modes include copying the image into the region, as
+    a producer would instead of into its own buffer) and inside the agent (statistics extension)."""
+    from multiprocessing import shared_memory
+
+    client = AgentClient(sock)
+    image = face_image()
+    face = Interpreter(model_path=str(fetch("face_detection")), num_threads=1)
+    face.allocate_tensors()
+    face_in = face.get_input_details()[0]["index"]
+    face_outs = [(d["name"], d["index"]) for d in face.get_output_details()]
+    sizes = {}
+    face.set_tensor(face_in, image)
+    face.invoke()
+    for name, index in face_outs:
+        sizes[name] = face.get_tensor(index).nbytes
+    region = shared_memory.SharedMemory(f"edge-bench-{os.getpid()}", create=True,
+                                        size=image.nbytes + sum(sizes.values()))
+    try:
+        client.register_shm("frame", "/" + region.name, region.size)
+        frame = np.ndarray(image.shape, image.dtype, buffer=region.buf)
+        shm_input = {"input": ShmInput("frame", image.shape, "FP32")}
+        at, shm_outputs = image.nbytes, {}
+        for name, size in sizes.items():
+            shm_outputs[name] = ShmOutput("frame", size, at)
+            at += size
+
+        def raw() -> None:
+            face.set_tensor(face_in, image)
+            face.invoke()
+            for _, index in face_outs:
+                face.get_tensor(index)
+
+        def shm_in() -> None:
+            np.copyto(frame, image)
+            client.infer_shm("face_detection", shm_input)
+
+        def shm_both() -> None:
+            np.copyto(frame, image)
+            client.infer_shm("face_detection", shm_input, shm_outputs)
+
+        modes: dict[str, Callable[[], Any]] = {
+            "raw runtime": raw, "v2 binary": lambda: client.infer("face_detection", {"input": image}),
+            "shm input": shm_in, "shm in+out": shm_both}
+        np.copyto(frame, image)
+        got = client.infer_shm("face_detection", shm_input, shm_outputs)
+        for name, meta in got.items():
+            offset = shm_outputs[name].offset
+            written = np.ndarray(meta["shape"], np.float32, buffer=region.buf, offset=offset)
+            np.testing.assert_array_equal(written, client.infer("face_detection", {"input": image})[name])
+        samples: dict[str, list[float]] = {m: [] for m in modes}
+        inside: dict[str, np.ndarray] = {}
+        for fn in modes.values():
+            for _ in range(50):
+                fn()
+        loads = []
+        for _ in range(rounds):
+            for mode, fn in modes.items():
+                before = phase_totals(client, "face_detection") if mode != "raw runtime" else None
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[mode].append(time.perf_counter() - t0)
+                if before is not None:
+                    inside[mode] = inside.get(mode, 0) + phase_totals(client, "face_detection") - before
+            loads.append(os.getloadavg()[0])
+        client.unregister_shm("frame")
+    finally:
+        client.close()
+        region.close()
+        region.unlink()
+    raw_p50 = float(np.median(samples["raw runtime"])) * 1e6
+    print(f"\nFace detection, input {image.nbytes} bytes: v2 binary against shared memory, µs, {rounds}x{per_round} "
+          f"calls per mode, interleaved; load {np.median(loads):.2f} (median over rounds)")
+    print(f"{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'inside: input':>15}{'output':>8}"
+          f"{'overhead':>10}")
+    for mode, values in samples.items():
+        arr = np.asarray(values) * 1e6
+        p50 = float(np.median(arr))
+        line = f"{mode:<13}{p50:>9.0f}{float(np.percentile(arr, 99)):>9.0f}"
+        if mode in inside:
+            means = inside[mode][1:] / max(inside[mode][0], 1) / 1000
+            line += (f"{p50 - raw_p50:>14.0f}{p50 / raw_p50:>8.2f}{means[PHASES.index('compute_input')]:>15.0f}"
+                     f"{means[PHASES.index('compute_output')]:>8.0f}"
+                     f"{means[PHASES.index('success')] - means[PHASES.index('compute_infer')]:>10.0f}")
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
@@ -593,10 +682,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
-    parser.add_argument("--section", choices=("all", "worker", "stall", "batching"), default="all",
+    parser.add_argument("--section", choices=("all", "worker", "stall", "batching", "shm"), default="all",
                         help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
                              "stall: only the health checks under large predicts; batching: only Silero's batch "
-                             "costs and the throughput tables")
+                             "costs and the throughput tables; shm: only face detection through shared memory "
+                             "against v2 binary")
     parser.add_argument("--throughput-rounds", type=int, default=4,
                         help="alternating unbatched/batched windows per client count (of --seconds in all)")
     parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
@@ -609,6 +699,9 @@ def main() -> None:
             raw = {"silero_vad": 0.0}
             if args.section == "stall":
                 health_stall(sock, args.seconds)
+                return
+            if args.section == "shm":
+                shared_memory_table(sock, args.rounds, args.per_round)
                 return
             if args.section == "worker":
                 worker_path(sock, args.rounds, args.per_round)
