@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -246,6 +247,53 @@ def test_region_unlinked_or_shrunk_while_registered(agent):
             path.unlink(missing_ok=True)
     assert agent.proc.poll() is None
     np.testing.assert_array_equal(client.infer("silero_vad", feeds)["output"].shape, (1, 1))
+
+
+def test_region_freed_and_unregistered_while_requests_use_it(agent):
+    """Requests race a client that shrinks, restores, unregisters and registers its object:
+    every answer is a result or a clear 400, and the agent lives on."""
+    feeds = silero_feeds(batch=1, seed=8)
+    x = feeds["input"]
+    key = _key()
+    path = Path("/dev/shm") / key.lstrip("/")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def requests() -> None:
+        inputs = {"input": ShmInput("racy", x.shape, "FP32"), "state": feeds["state"], "sr": feeds["sr"]}
+        with AgentClient(agent.socket) as client:
+            for _ in range(150):
+                try:
+                    client.infer_shm("silero_vad", inputs, {"output": ShmOutput("racy", 4, 4096)})
+                    statuses.append(200)
+                except ClientError as exc:
+                    statuses.append(exc.status or 0)
+        done.set()
+
+    try:
+        os.ftruncate(fd, 8192)
+        os.pwrite(fd, x.tobytes(), 0)
+        agent.client.register_shm("racy", key, 8192)
+        worker = threading.Thread(target=requests)
+        worker.start()
+        turn = 0
+        while not done.is_set():
+            turn += 1
+            if turn % 3 == 0:
+                agent.client.unregister_shm("racy")
+                agent.client.register_shm("racy", key, 8192)
+            else:
+                os.ftruncate(fd, 100)
+                os.ftruncate(fd, 8192)
+                os.pwrite(fd, x.tobytes(), 0)
+        worker.join()
+    finally:
+        agent.client.unregister_shm("racy")
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    assert len(statuses) == 150 and set(statuses) <= {200, 400}, set(statuses)
+    assert agent.proc.poll() is None and agent.client.request("GET", "/v2/health/live")[0] == 200
 
 
 def test_refused_over_tcp_by_default(agent):
