@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.client import AgentClient
 from agent.errors import ClientError
 from agent.samples import fetch
+from bench.agentproc import start_agent as run_agent
 from tests import test_api_fuzz as fuzz
 from tests.conftest import MODEL_FILES
 from tests.test_api_fuzz import API_CONFIG, CASES, FEEDS, Conn, infer, judge, silero_v2
@@ -59,21 +60,7 @@ def start_agent(work: Path, defaults: bool, src: Path | None) -> subprocess.Pope
     (work / "agent.toml").write_text("[api]\nmax_body_bytes = 4194304\n" if defaults else API_CONFIG)
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"),
                EDGE_AGENT_AGENT__RUNTIME_DIR=str(work / "run"))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(work / "agent.toml"),
-                             "--models-dir", str(work / "models"), "--socket", str(work / "agent.sock"),
-                             "--log-format", "json"], cwd=str(src) if src else None,
-                            stdout=(work / "agent.log").open("wb"), stderr=subprocess.STDOUT, env=env)
-    client = AgentClient(work / "agent.sock", timeout=5)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if client.request("GET", "/v2/health/ready")[0] == 200:
-                client.close()
-                return proc
-        except ClientError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()[-3000:]}")
+    return run_agent(work, work / "agent.toml", work / "models", env, cwd=src)
 
 
 @dataclass

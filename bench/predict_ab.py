@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.client import AgentClient
-from agent.errors import ClientError
 from agent.samples import fetch
+from bench.agentproc import start_agent as run_agent
 
 # The OCR models measure the worker path: never inline, even when one call is under 2 ms.
 CONFIG = "[runtime]\nthreads = 1\n[model.ocr_cls]\ninline_max_us = 0\n[model.ocr_det]\ninline_max_us = 0\n"
@@ -50,21 +50,7 @@ def start(tree: Path, work: Path) -> subprocess.Popen[bytes]:
     (work / "agent.toml").write_text(CONFIG)
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"),
                EDGE_AGENT_AGENT__RUNTIME_DIR=str(work / "run"), PYTHONPATH=str(tree))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(work / "agent.toml"),
-                             "--models-dir", str(models), "--socket", str(work / "agent.sock"), "--log-format",
-                             "json"], cwd=tree, env=env, stdout=subprocess.DEVNULL,
-                            stderr=(work / "agent.log").open("wb"))
-    client = AgentClient(work / "agent.sock")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if client.request("GET", "/v2/health/ready")[0] == 200:
-                client.close()
-                return proc
-        except ClientError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"agent from {tree} did not start:\n{(work / 'agent.log').read_text()[-2000:]}")
+    return run_agent(work, work / "agent.toml", models, env, cwd=tree)
 
 
 def loop_ns(schedstat: Path) -> int:

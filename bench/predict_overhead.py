@@ -41,13 +41,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import onnxruntime as ort
 from ai_edge_litert.interpreter import Interpreter
 
 from agent.client import AgentClient, ShmInput, ShmOutput
-from agent.errors import ClientError
 from agent.samples import fetch
+from bench.agentproc import start_agent as run_agent
 
 
 def silero_feeds(batch: int = 1) -> dict[str, np.ndarray]:
@@ -79,21 +81,7 @@ def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None)
     env = dict(os.environ, EDGE_AGENT_AGENT__STATE_DIR=str(work / "state"))
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--models-dir",
-                             str(models), "--socket", str(work / "agent.sock"), "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"), env=env,
-                            cwd=tree)
-    client = AgentClient(work / "agent.sock")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if client.request("GET", "/v2/health/ready")[0] == 200:
-                client.close()
-                return proc
-        except ClientError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"agent did not start:\n{(work / 'agent.log').read_text()}")
+    return run_agent(work, config, models, env, cwd=tree)
 
 
 def raw_session(sample: str) -> ort.InferenceSession:
