@@ -12,12 +12,13 @@ local mosquitto (persistent sessions, so results queued across a restart are cou
 * ``broker``: mosquitto restarted every ``--broker-restart-s``;
 * ``commands``: a burst of ``--burst`` MQTT commands (ping, status, logs) every ``--burst-every-s``.
 
-Every ``--sample-s`` it reads the daemon's RSS and USS (psutil), its threads and open descriptors, and
-prints a table at the end: RSS/USS slope in MB/h after ``--warmup-min`` by least squares, threads and
-descriptors at the start and end of that window, answers ok/failed, results published/delivered, and the
-machine's load. ``--only face,vad`` runs a subset (to find which activity grows), ``--agent-env K=V``
-passes settings to the daemon (``MALLOC_ARENA_MAX=2``, ``EDGE_AGENT_TRACEMALLOC=…``). Samples go to
-``--csv`` as they are taken, so a long run can be read while it runs.
+Every ``--sample-s`` it reads the daemon's RSS, USS (psutil) and anonymous memory (smaps_rollup), its
+threads and open descriptors, and prints a table at the end: the slopes in MB/h after ``--warmup-min`` by
+least squares, threads and descriptors at the start and end of that window, answers ok/failed, results
+published/delivered, and the machine's load. ``--only face,vad`` runs a subset (to find which activity
+grows); ``--agent-env K=V`` passes settings to the daemon (``MALLOC_ARENA_MAX=2``, or the memory tracer
+``tests/plugins/memtrace.py``). Samples go to ``--csv`` as they are taken, so a long run can be read while
+it runs.
 
 Usage: python bench/soak.py --minutes 120 [--warmup-min 10] [--only face,vad,predict,broker,commands]
 """
@@ -232,6 +233,7 @@ class Sample:
     t: float  # seconds since the load started
     rss: float
     uss: float
+    anon: float  # anonymous resident memory (heap, thread stacks): not shared with other processes' files
     threads: int
     fds: int
     cpu_s: float
@@ -241,8 +243,17 @@ class Sample:
 def take(proc: psutil.Process, t0: float) -> Sample:
     full = proc.memory_full_info()
     times = proc.cpu_times()
-    return Sample(time.monotonic() - t0, full.rss / MB, full.uss / MB, proc.num_threads(), proc.num_fds(),
-                  times.user + times.system, os.getloadavg()[0])
+    return Sample(time.monotonic() - t0, full.rss / MB, full.uss / MB, anonymous_mb(proc.pid), proc.num_threads(),
+                  proc.num_fds(), times.user + times.system, os.getloadavg()[0])
+
+
+def anonymous_mb(pid: int) -> float:
+    """``Anonymous`` of smaps_rollup: the heap and stacks, where a leak grows (USS also moves when another
+    process maps or unmaps the same libraries)."""
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        return int(next(line.split()[1] for line in lines if line.startswith("Anonymous:"))) / 1024
+    return float("nan")
 
 
 def slope_mb_h(samples: list[Sample], key: str) -> float:
@@ -318,19 +329,20 @@ def run(args: argparse.Namespace, work: Path) -> int:
         next_report = t0 + 60
         with csv_path.open("w", newline="") as fh:
             out = csv.writer(fh)
-            out.writerow(["t_s", "rss_mb", "uss_mb", "threads", "fds", "cpu_s", "load1"])
+            out.writerow(["t_s", "rss_mb", "uss_mb", "anon_mb", "threads", "fds", "cpu_s", "load1"])
             while time.monotonic() < end:
                 if daemon.proc.poll() is not None:
                     raise SystemExit(f"the agent exited with {daemon.proc.returncode}; log {daemon.log}")
                 s = take(proc, t0)
                 samples.append(s)
-                out.writerow([f"{s.t:.1f}", f"{s.rss:.2f}", f"{s.uss:.2f}", s.threads, s.fds, f"{s.cpu_s:.2f}",
-                              f"{s.load1:.2f}"])
+                out.writerow([f"{s.t:.1f}", f"{s.rss:.2f}", f"{s.uss:.2f}", f"{s.anon:.2f}", s.threads, s.fds,
+                              f"{s.cpu_s:.2f}", f"{s.load1:.2f}"])
                 fh.flush()
                 if time.monotonic() >= next_report:
                     next_report += 60
-                    print(f"{s.t / 60:6.1f} min  RSS {s.rss:7.1f}  USS {s.uss:7.1f} MB  threads {s.threads}  "
-                          f"fds {s.fds}  predicts {counters.predict_ok}/{counters.predict_failed} failed  "
+                    print(f"{s.t / 60:6.1f} min  RSS {s.rss:7.1f}  USS {s.uss:7.1f}  anon {s.anon:7.1f} MB  "
+                          f"threads {s.threads}  fds {s.fds}  predicts {counters.predict_ok}/{counters.predict_failed} "
+                          "failed  "
                           f"commands {counters.commands_ok}/{counters.commands_sent}  "
                           f"load {s.load1:.2f}", file=sys.stderr, flush=True)
                 time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
@@ -377,6 +389,8 @@ def report(args: argparse.Namespace, only: set[str], samples: list[Sample], coun
     print(f"{'metric':<40}{'start':>10}{'end':>10}{'slope MB/h':>12}")
     print(f"{'RSS (MB)':<40}{first.rss:>10.1f}{last.rss:>10.1f}{slope_mb_h(window, 'rss'):>12.2f}")
     print(f"{'USS (MB)':<40}{first.uss:>10.1f}{last.uss:>10.1f}{slope_mb_h(window, 'uss'):>12.2f}")
+    print(f"{'anonymous (MB, heap and stacks)':<40}{first.anon:>10.1f}{last.anon:>10.1f}"
+          f"{slope_mb_h(window, 'anon'):>12.2f}")
     print(f"{'threads':<40}{first.threads:>10}{last.threads:>10}   (min {min(s.threads for s in window)}, "
           f"max {max(s.threads for s in window)})")
     print(f"{'open descriptors':<40}{first.fds:>10}{last.fds:>10}   (min {min(s.fds for s in window)}, "
