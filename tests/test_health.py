@@ -6,9 +6,7 @@ The only fake is ``nvidia-smi``: a shell script standing in for a GPU this machi
 from __future__ import annotations
 
 import json
-import os
 import stat
-import statistics
 import time
 from pathlib import Path
 
@@ -426,16 +424,11 @@ def test_collector_names_clash_is_rejected_at_register(tmp_path: Path) -> None:
         HealthCollector(root=tmp_path, state_dir=tmp_path, nvidia_smi=None).register(registry)
 
 
-def test_scrape_time(tmp_path: Path) -> None:
+def test_repeated_scrapes_on_a_pi_tree(tmp_path: Path) -> None:
+    """Scrapes repeat without state piling up (how long one takes: bench/footprint.py)."""
     root = make_root(tmp_path / "root", PI_TREE)
     registry = CollectorRegistry()
     HealthCollector(root=root, state_dir=tmp_path, nvidia_smi=None).register(registry)
-    times = []
-    for _ in range(50):
-        started = time.perf_counter()
-        text = generate_latest(registry)
-        times.append(time.perf_counter() - started)
-    assert b"edge_agent_temperature_celsius" in text
-    median_ms, worst_ms = statistics.median(times) * 1000, max(times) * 1000
-    print(f"\nhealth scrape: median {median_ms:.2f} ms, max {worst_ms:.2f} ms over 50 (pid {os.getpid()})")
-    assert median_ms < 20
+    texts = [generate_latest(registry) for _ in range(5)]
+    assert all(b"edge_agent_temperature_celsius" in text for text in texts)
+    assert len({len(text.splitlines()) for text in texts}) == 1

@@ -477,7 +477,7 @@ def test_slow_retrieval_fails_in_bounded_time(world: World, fault: str, suffix: 
     with pytest.raises(errors.DownloadError, match=match) as info:
         updater.download("vad", 1, dest_dir=world.dest)
     took = time.monotonic() - started
-    assert took < SLOW["deadline"] + 2, took
+    assert took < SLOW["deadline"] + 12, took  # the mirror drips for 20 s: a stuck download outlasts this
     assert info.value.code == "download_failed" and "slow retrieval" not in str(info.value).lower()
     assert world.dest_files() == []
     deadline = time.monotonic() + 2

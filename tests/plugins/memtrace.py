@@ -16,6 +16,7 @@ import collections
 import ctypes
 import ctypes.util
 import gc
+import linecache
 import os
 import threading
 import time
@@ -68,7 +69,8 @@ def type_counts() -> collections.Counter[str]:
 
 def _run(out: Path, interval: float, warmup: float) -> None:
     time.sleep(warmup)
-    filters = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
+    # not our own allocations (snapshots, the source lines of formatted tracebacks)
+    filters = [tracemalloc.Filter(False, f) for f in (tracemalloc.__file__, __file__, linecache.__file__)]
     base = tracemalloc.take_snapshot().filter_traces(filters)
     base_types = type_counts()
     base_heap = mallinfo()
@@ -91,7 +93,7 @@ def _run(out: Path, interval: float, warmup: float) -> None:
         lines.append("\ntop differences by traceback:")
         for stat in snap.compare_to(base, "traceback")[:10]:
             lines.append(f"  {stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks")
-            lines.extend(f"      {frame}" for frame in stat.traceback.format()[-12:])
+            lines.extend(f"      {frame.filename}:{frame.lineno}" for frame in list(stat.traceback)[-12:])
         lines.append("\nlive objects by type, change since baseline:")
         diff = {k: types[k] - base_types.get(k, 0) for k in types | base_types}
         for name, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25]:
