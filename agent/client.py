@@ -29,12 +29,19 @@ class _ClosedError(ConnectionError):
 
 
 class _Response:
-    """httptools callbacks for one response; ``done`` once the body is complete."""
+    """httptools callbacks for one response; ``done`` once the body is complete.
+
+    ``keep_alive`` is read when the message completes: once ``feed_data`` returns, httptools has
+    reset its state for the next message and ``should_keep_alive()`` says False even for an
+    HTTP/1.1 answer that keeps the connection (the client then reconnected for every request).
+    """
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.done = False
+        self.keep_alive = False
+        self.parser: Any = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -44,6 +51,7 @@ class _Response:
 
     def on_message_complete(self) -> None:
         self.done = True
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
 
 class AgentClient:
@@ -128,6 +136,7 @@ class AgentClient:
                 self.close()
                 if attempt or fresh:
                     raise ClientError(f"cannot reach the agent at {self.target}: {exc}") from exc
+                continue  # the agent closed an idle kept-alive connection: once more on a new one
             except (OSError, httptools.HttpParserError) as exc:
                 self.close()
                 raise ClientError(f"request to the agent at {self.target} failed: {exc}") from exc
@@ -143,13 +152,16 @@ class AgentClient:
             if sent < total:
                 sock.sendall(b"".join(message)[sent:])
         response = _Response()
-        parser = httptools.HttpResponseParser(response)
-        while not response.done:
-            data = sock.recv(262144)
-            if not data:
-                raise _ClosedError("connection closed by the agent")
-            parser.feed_data(data)
-        return parser.get_status_code(), response.headers, b"".join(response.body), parser.should_keep_alive()
+        parser = response.parser = httptools.HttpResponseParser(response)
+        try:
+            while not response.done:
+                data = sock.recv(262144)
+                if not data:
+                    raise _ClosedError("connection closed by the agent")
+                parser.feed_data(data)
+        finally:
+            response.parser = None  # no cycle: the response and its parser are freed at once
+        return parser.get_status_code(), response.headers, b"".join(response.body), response.keep_alive
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         payload = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

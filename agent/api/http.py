@@ -259,6 +259,10 @@ class _Connection(asyncio.Protocol):
         self.since = time.perf_counter_ns()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The parser holds this protocol (its callbacks) and this protocol the parser: a cycle that
+        # only the cyclic GC's rare full collections free. Broken here, a closed connection is freed
+        # at once (a client reconnecting per request piled up thousands of them between collections).
+        self.parser = None
         server = self.server
         server.connections.discard(self)
         server.release(self.held)
