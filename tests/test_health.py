@@ -226,7 +226,7 @@ def test_nvidia_smi_hang_times_out_and_kills_its_children(tmp_path: Path) -> Non
     smi = script(tmp_path / "nvidia-smi", f"sleep 30 &\necho $! > {pidfile}\nwait\n")
     started = time.monotonic()
     assert read_nvidia_smi(smi, timeout_s=0.5) == ()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 20  # the hang (30 s) was cut short: not a speed check
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:

@@ -573,15 +573,12 @@ def test_key_rotation_followed_by_device(world: World, samples: dict[str, Path])
 
 def test_bandwidth_limit_slows_download(world: World) -> None:
     length = world.updater().find("vad").length
-    start = time.monotonic()
     world.updater().download("vad", dest_dir=world.base / "fast")
-    fast = time.monotonic() - start
     rate = 8 * 1024 * 1024
     start = time.monotonic()
     world.updater(bandwidth=rate).download("vad", dest_dir=world.base / "slow")
     slow = time.monotonic() - start
-    assert slow >= 0.9 * length / rate
-    assert slow > fast + 0.1
+    assert slow >= 0.9 * length / rate  # never faster than the limit (an unthrottled download may be slow too)
 
 
 def test_dev_server_ranges(world: World) -> None:
