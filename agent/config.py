@@ -71,9 +71,6 @@ class AgentSection(_Section):
     state_dir: ConfigPath = Field(default_factory=_default_state_dir)
     runtime_dir: ConfigPath = Field(default_factory=_default_runtime_dir)
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    # glibc keeps freed memory in its arenas: give the free pages back this often (0: only after
-    # start-up and deployments). A soak showed the free part creeping up over hours (bench/soak.py).
-    heap_trim_s: float = Field(default=300.0, ge=0, le=86400)
     # Python modules imported at start that add delegates, sources, processors or hooks (agent.plugins).
     plugins: tuple[str, ...] = ()
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -166,13 +166,6 @@ async def _watchdog(ops: Operations, notifier: Notifier, interval: float) -> Non
         await asyncio.sleep(interval)
 
 
-async def _trim_heap(interval: float, trim: Callable[[], None] = release_free_heap) -> None:
-    """Every ``interval`` seconds, give the C heap's free pages back (in a thread: it walks every arena)."""
-    while True:
-        await asyncio.sleep(interval)
-        await asyncio.to_thread(trim)
-
-
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     notifier = Notifier()
@@ -183,7 +176,6 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pinger: asyncio.Task[None] | None = None
-    trimmer: asyncio.Task[None] | None = None
     try:
         await agent.start()
         served = [m.key for m in agent.models.served()]
@@ -191,14 +183,11 @@ async def serve(config: Config) -> int:
             notifier.ready(f"serving {len(served)} model(s) on {', '.join(agent.ops.info.listeners)}")
         if notifier.watchdog_interval:
             pinger = loop.create_task(_watchdog(agent.ops, notifier, notifier.watchdog_interval), name="watchdog")
-        if config.agent.heap_trim_s:
-            trimmer = loop.create_task(_trim_heap(config.agent.heap_trim_s), name="heap-trim")
         await stop.wait()
     finally:
         notifier.stopping()
-        for task in (pinger, trimmer):
-            if task is not None:
-                task.cancel()
+        if pinger is not None:
+            pinger.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(asyncio.CancelledError):

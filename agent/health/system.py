@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import os
 import re
 import shutil
@@ -436,20 +435,11 @@ def _number(cell: str) -> float | None:
 
 
 def release_free_heap() -> None:
-    """Give the C heap's free pages back (after start-up and deployments, which churn memory, and
-    every ``[agent] heap_trim_s``).
+    """Give the C heap's free pages back (after start-up and deployments, which churn memory).
 
     glibc keeps freed memory in its arenas; for a long-running, mostly idle daemon that is
     resident memory nobody uses. A no-op where ``malloc_trim`` does not exist (musl, macOS).
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, looked up once (None where there is none)."""
     import ctypes
     import ctypes.util
 
@@ -457,5 +447,6 @@ def _malloc_trim() -> Any:
     try:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
-        return None
-    return getattr(libc, "malloc_trim", None) if libc is not None else None
+        return
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
