@@ -59,7 +59,12 @@ def _shm_parameters(region: str, offset: int, byte_size: int) -> dict[str, Any]:
 
 
 class _Response:
-    """httptools callbacks for one response; ``done`` once the body is complete."""
+    """httptools callbacks for one response; ``done`` once the body is complete.
+
+    ``keep_alive`` is read when the message completes: once ``feed_data`` returns, httptools has
+    reset its state for the next message and ``should_keep_alive()`` says False even for an
+    HTTP/1.1 answer that keeps the connection (the client then reconnected for every request).
+    """
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -75,8 +80,6 @@ class _Response:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        # Asked here: httptools 0.7+ resets the parser once the message is complete, and then
-        # reports every answer as "close" (the client would reconnect for each request).
         assert self.parser is not None
         self.keep_alive = self.parser.should_keep_alive()
         self.done = True
@@ -181,11 +184,14 @@ class AgentClient:
                 sock.sendall(b"".join(message)[sent:])
         response = _Response()
         parser = response.parser = httptools.HttpResponseParser(response)
-        while not response.done:
-            data = sock.recv(262144)
-            if not data:
-                raise _ClosedError("connection closed by the agent")
-            parser.feed_data(data)
+        try:
+            while not response.done:
+                data = sock.recv(262144)
+                if not data:
+                    raise _ClosedError("connection closed by the agent")
+                parser.feed_data(data)
+        finally:
+            response.parser = None  # no cycle: the response and its parser are freed at once
         return parser.get_status_code(), response.headers, b"".join(response.body), response.keep_alive
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:

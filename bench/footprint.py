@@ -8,6 +8,7 @@ with one small model, Silero VAD (ONNX Runtime), and measures:
     shared pages divided among their users) where the kernel exposes smaps_rollup;
   * CPU at idle over ``--idle`` seconds (the watchdog ping is on, as under systemd);
   * CPU and memory while one client calls ``infer`` in a loop for ``--load`` seconds;
+  * the time to scrape ``GET /metrics`` (system, model and link health), median and worst of 50;
   * where the memory goes: RSS of a fresh interpreter after each major import.
 Start-up and idle figures are the median of ``--runs`` restarts on one state and cache directory,
 as a device restarts; the very first start (which also fills the runtime cache) is shown apart.
@@ -205,6 +206,19 @@ def load(sock: Path, seconds: float) -> int:
     return n
 
 
+def scrape_ms(sock: Path, n: int = 50) -> tuple[float, float]:
+    """Median and worst milliseconds of ``GET /metrics`` over ``n`` scrapes, one client."""
+    client = AgentClient(sock, timeout=30)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if client.request("GET", "/metrics")[0] != 200:
+            raise SystemExit("GET /metrics failed")
+        times.append(time.perf_counter() - t0)
+    client.close()
+    return statistics.median(times) * 1000, max(times) * 1000
+
+
 def import_costs(model: Path) -> list[tuple[str, float, float, float]]:
     out = subprocess.run(
         [sys.executable, "-c", IMPORT_STEPS, str(model)],
@@ -252,7 +266,7 @@ def main() -> None:
         ready, first, idle_cpu, idle_mem = [], [], [], []
         loaded: dict[str, float] = {}
         mapped: list[tuple[str, float]] = []
-        load_cpu = rps = 0.0
+        load_cpu = rps = scrape_med = scrape_max = 0.0
         for i in range(args.runs):
             run = Run(work, models, i + 1)
             ready.append(run.ready_s)
@@ -270,6 +284,7 @@ def main() -> None:
                 rps = n / elapsed
                 loaded = memory(run.proc)
                 mapped = mapped_rss(run.proc.pid)
+                scrape_med, scrape_max = scrape_ms(run.sock)
             code = run.stop()
             if code != 0:
                 raise SystemExit(f"agent exited with {code}; log: {run.dir / 'agent.log'}")
@@ -301,6 +316,8 @@ def main() -> None:
             (f"load: CPU, 1 client, {args.load:g} s (% of a core)", load_cpu, None),
             ("load: requests/s (v2 binary)", rps, None),
             ("load: RSS (MB)", loaded.get("rss", 0.0), None),
+            ("GET /metrics, median of 50 (ms)", scrape_med, None),
+            ("GET /metrics, worst of 50 (ms)", scrape_max, None),
         ]
         for name, value, target in rows:
             t = f"{target:>8g}" if target is not None else " " * 8

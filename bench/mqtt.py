@@ -104,6 +104,23 @@ def replay(broker: Broker, work: Path, n: int) -> float:
     return n / elapsed
 
 
+def outbox_alone(work: Path, n: int) -> dict[str, float]:
+    """The outbox without a broker: put/s, put_many messages/s, and ms for pending(10k) + ack of them."""
+    with Outbox(work / "alone.db", max_messages=1_000_000, max_bytes=1 << 30) as box:
+        start = time.perf_counter()
+        for _ in range(n):
+            box.put("result", "edge/v1/devices/bench/results/cam", PAYLOAD)
+        put_rate = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        box.ack([m.seq for m in box.pending(limit=10_000)])
+        pending_ack_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        box.put_many([("telemetry", "t", PAYLOAD)] * n)
+        many_rate = n / (time.perf_counter() - start)
+    (work / "alone.db").unlink()
+    return {"put": put_rate, "put_many": many_rate, "pending_ack_ms": pending_ack_ms}
+
+
 def main() -> None:
     import logging
 
@@ -129,12 +146,17 @@ def main() -> None:
                 rows["outbox replay after outage"].append(replay(broker, work / f"r{run}", args.messages))
         finally:
             broker.stop()
+        alone = [outbox_alone(work, args.messages) for _ in range(args.runs)]
     raw = statistics.median(rows["raw paho QoS 1 publish"])
     print(f"\nMQTT QoS 1 to local mosquitto, {args.messages} messages, median of {args.runs} runs")
     print(f"{'path':<32}{'msg/s':>10}{'vs raw paho':>13}")
     for name, values in rows.items():
         med = statistics.median(values)
         print(f"{name:<32}{med:>10.0f}{med / raw:>13.2f}")
+    print(f"\noutbox alone (no broker), {args.messages} messages, median of {args.runs} runs: "
+          f"put {statistics.median(a['put'] for a in alone):,.0f}/s, "
+          f"put_many {statistics.median(a['put_many'] for a in alone):,.0f} msgs/s, "
+          f"pending(10k) + ack {statistics.median(a['pending_ack_ms'] for a in alone):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -490,6 +491,81 @@ async def test_a_connection_busy_answering_is_not_timed_out(make):
 
 
 # -- connections ------------------------------------------------------------------------------------------
+def _live_connections() -> int:
+    from agent.api.http import _Connection
+
+    return sum(1 for o in gc.get_objects() if type(o) is _Connection)
+
+
+async def test_closed_connections_are_freed_without_the_cyclic_gc(make):
+    """A soak (issue 12 item 16b) found a client reconnecting per request: each closed connection stayed in
+    memory, in a cycle with its parser, until one of the cyclic GC's rare full collections."""
+    rig = await make()
+    gc.collect()
+    gc.disable()
+    try:
+        before = _live_connections()
+
+        def clients() -> None:
+            for _ in range(30):
+                c = rig.connect()
+                c.send(GET)
+                assert c.response().status == 200  # type: ignore[union-attr]
+                c.close()
+
+        await run(clients)
+        await asyncio.wait_for(_until(lambda: not rig.server.connections), 30)
+        await asyncio.sleep(0)  # connection_lost has run for each; nothing else holds them
+        assert _live_connections() - before <= 1, "closed connections wait for the cyclic GC"
+    finally:
+        gc.enable()
+
+
+async def _until(predicate: Callable[[], object]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+async def test_the_client_keeps_one_connection(make):
+    """AgentClient reads keep-alive when the answer completes (httptools forgets it afterwards):
+    it reconnected for every request, a connection per predict."""
+    rig = await make()
+
+    def client() -> None:
+        with AgentClient(rig.path) as c:
+            assert c.request("GET", "/hello")[0] == 200
+            first = c._sock
+            for _ in range(5):
+                assert c.request("GET", "/hello")[0] == 200
+            assert first is not None and c._sock is first
+
+    await run(client)
+
+
+async def test_the_client_reconnects_once_when_the_agent_closed_an_idle_connection(make):
+    rig = await make(keep_alive=0.05)
+
+    def client() -> None:
+        with AgentClient(rig.path) as c:
+            assert c.request("GET", "/hello")[0] == 200
+            first = c._sock
+            assert first is not None
+            deadline = time.monotonic() + 30
+            while not _peer_closed(first):  # the agent's keep-alive timeout
+                assert time.monotonic() < deadline, "the idle connection was never closed"
+                time.sleep(0.01)
+            assert c.request("GET", "/hello")[0] == 200  # on a new connection, no error
+            assert c._sock is not first
+
+    await run(client)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
 async def test_at_the_connection_cap_the_idlest_connection_makes_room(make):
     """Cap 4: three clients answered and idle, one stalled head. Newcomers are served: the stalled
     head goes first (it never completed a request), then the idle ones, the longest idle first."""

@@ -86,6 +86,36 @@ def batching(**kw: object) -> BatchingSection:
     return BatchingSection(enabled=True, **kw)  # type: ignore[arg-type]
 
 
+#: A queue delay far beyond every deadline in these tests (the config caps it at 1 s, so it is built
+#: without validation): "does not wait" is then shown by answering before the deadline, with no bound
+#: on speed, and "waits" by a lower bound on a short delay. Load can only make a test slower.
+LONG_DELAY_US = 120_000_000
+DEADLINE_S = 60
+
+
+def long_delay(**kw: object) -> BatchingSection:
+    return BatchingSection.model_construct(**{**batching(**kw).model_dump(), "max_queue_delay_us": LONG_DELAY_US})
+
+
+class GatedSession:
+    """A session whose ``run`` waits while the gate is closed: requests queue up behind a running one
+    for certain, however the threads are scheduled."""
+
+    def __init__(self, inner: Session) -> None:
+        self._inner = inner
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def run(self, feeds: dict[str, np.ndarray], *, raw_outputs: bool = False) -> dict[str, np.ndarray]:
+        self.entered.set()
+        assert self.gate.wait(DEADLINE_S), "the gate stayed closed"
+        return self._inner.run(feeds, raw_outputs=raw_outputs)
+
+
 def infer_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("infer-")}
 
@@ -218,16 +248,12 @@ async def test_mixed_sizes_and_sample_rates_in_flight(silero: Session, alone: Se
 async def test_preferred_batch_size_dispatches_early(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
     delay_s = 0.5
     sizes: list[int] = []
-    eager = make_worker(
-        silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6), preferred_batch_sizes=(4,)), sizes
-    )
+    # Not adaptive: without the preferred size the batch would wait the whole (long) delay for eight.
+    eager = make_worker(silero, long_delay(max_batch_size=8, preferred_batch_sizes=(4,), adaptive_delay=False), sizes)
     requests = [vad_feeds(1, seed=200 + i) for i in range(4)]
 
-    start = time.perf_counter()
-    results = await asyncio.wait_for(asyncio.gather(*(eager.submit(f) for f in requests)), 10)
-    elapsed = time.perf_counter() - start
+    results = await asyncio.wait_for(asyncio.gather(*(eager.submit(f) for f in requests)), DEADLINE_S)
 
-    assert elapsed < delay_s / 2
     assert sizes == [4]
     for feeds, got in zip(requests, results, strict=True):
         assert_same(got, alone.run(feeds))
@@ -251,31 +277,43 @@ async def test_adaptive_delay_waits_only_for_as_many_requests_as_last_time(
 ) -> None:
     delay_s = 0.5
     sizes: list[int] = []
-    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)), sizes)
+    gated = GatedSession(silero)
+    worker = make_worker(gated, long_delay(max_batch_size=8), sizes)  # type: ignore[arg-type]
 
     async def timed(*groups: list[dict[str, np.ndarray]], gap: float = 0.0) -> float:
+        """Seconds until every answer; a wait for requests that never come outlasts the deadline."""
         start = time.perf_counter()
         pending = []
         for i, group in enumerate(groups):
             if i:
                 await asyncio.sleep(gap)
             pending += [worker.submit(f) for f in group]
-        results = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        results = await asyncio.wait_for(asyncio.gather(*pending), DEADLINE_S)
         for feeds, got in zip([f for g in groups for f in g], results, strict=True):
             assert_same(got, alone.run(feeds))
         return time.perf_counter() - start
 
-    assert await timed([vad_feeds(1, seed=300)]) < delay_s / 2  # a lone client does not wait
-    assert await timed([vad_feeds(1, seed=301 + i) for i in range(4)]) < delay_s / 2  # all queued: no wait
+    # A lone client does not wait; four requests queued behind it (held at the gate) go as one batch at once.
+    gated.gate.clear()
+    lone = worker.submit(vad_feeds(1, seed=300))
+    assert await asyncio.to_thread(gated.entered.wait, DEADLINE_S)
+    queued = [vad_feeds(1, seed=301 + i) for i in range(4)]
+    pending = [worker.submit(f) for f in queued]
+    gated.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(lone, *pending), DEADLINE_S)
+    for feeds, got in zip([vad_feeds(1, seed=300), *queued], results, strict=True):
+        assert_same(got, alone.run(feeds))
     assert sizes == [1, 4]
     # Two now, two 100 ms later: the batch waits for the other two, as the last one had four.
     elapsed = await timed([vad_feeds(1, seed=310), vad_feeds(1, seed=311)],
                           [vad_feeds(1, seed=312), vad_feeds(1, seed=313)], gap=0.1)
-    assert 0.09 < elapsed < delay_s, elapsed
+    assert elapsed >= 0.09, elapsed
     assert sizes == [1, 4, 4]
-    # Concurrency drops: one request waits out the delay once, then lone requests go at once.
+    # Concurrency drops: one request waits out the delay once (a short one here), then lone requests go at once.
+    worker.batching = batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6))
     assert await timed([vad_feeds(1, seed=320)]) >= delay_s * 0.9
-    assert await timed([vad_feeds(1, seed=321)]) < delay_s / 2
+    worker.batching = long_delay(max_batch_size=8)
+    await timed([vad_feeds(1, seed=321)])
     assert sizes == [1, 4, 4, 1, 1]
 
 
@@ -284,21 +322,18 @@ async def test_outputs_without_a_batch_axis_turn_batching_off(
 ) -> None:
     """A wrong ``output_batch_axes`` leaves an output no usable axis: answers stay right and
     later requests stop waiting out the queue delay for batches that will never be formed."""
-    delay_s = 0.3
     sizes: list[int] = []
-    config = batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6), output_batch_axes={"stateN": 2})
+    config = long_delay(max_batch_size=8, output_batch_axes={"stateN": 2})
     worker = make_worker(silero, config, sizes)
     requests = [vad_feeds(1, seed=600 + i) for i in range(4)]
 
-    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests)), 10)
+    results = await asyncio.wait_for(asyncio.gather(*(worker.submit(f) for f in requests)), DEADLINE_S)
 
     for feeds, got in zip(requests, results, strict=True):
         assert_same(got, alone.run(feeds))
     assert worker.layout is not None and worker.layout.unusable
     assert worker.batching_active is False
-    start = time.perf_counter()
-    lone = await asyncio.wait_for(worker.submit(vad_feeds(1, seed=610)), 10)
-    assert time.perf_counter() - start < delay_s / 2
+    lone = await asyncio.wait_for(worker.submit(vad_feeds(1, seed=610)), DEADLINE_S)  # no batching wait
     assert_same(lone, alone.run(vad_feeds(1, seed=610)))
     assert sizes == [1, 1, 1, 1, 1]  # every run is counted, each alone
 
@@ -355,14 +390,11 @@ async def test_a_failing_request_does_not_fail_the_others(
 
 async def test_cancelled_requests_are_skipped(silero: Session, alone: Session, make_worker: MakeWorker) -> None:
     sizes: list[int] = []
-    worker = make_worker(silero, batching(max_batch_size=8, max_queue_delay_us=0), sizes)
-    busy = worker.submit(vad_feeds(2000, seed=400))  # ~0.1 s of real work keeps the thread busy
-
-    async def running() -> None:
-        while worker.busy_since is None:
-            await asyncio.sleep(0.001)
-
-    await asyncio.wait_for(running(), 10)
+    gated = GatedSession(silero)
+    worker = make_worker(gated, batching(max_batch_size=8, max_queue_delay_us=0), sizes)  # type: ignore[arg-type]
+    gated.gate.clear()
+    busy = worker.submit(vad_feeds(2000, seed=400))  # held at the gate: the thread stays busy
+    assert await asyncio.to_thread(gated.entered.wait, DEADLINE_S)
     assert not busy.done()
     # Queued while the thread is busy: one cancelled job comes off the queue first, the other
     # while the worker gathers a batch behind ``first``.
@@ -372,8 +404,9 @@ async def test_cancelled_requests_are_skipped(silero: Session, alone: Session, m
     second = worker.submit(vad_feeds(2, seed=403))
     gone.cancel()
     gone_too.cancel()
+    gated.gate.set()
 
-    await asyncio.wait_for(asyncio.gather(busy, first, second), 20)
+    await asyncio.wait_for(asyncio.gather(busy, first, second), DEADLINE_S)
 
     assert gone.cancelled() and gone_too.cancelled()
     assert sizes == [2000, 4]  # the 3-row requests never reached the runtime
@@ -382,17 +415,14 @@ async def test_cancelled_requests_are_skipped(silero: Session, alone: Session, m
 
 
 async def test_stop_answers_queued_requests_and_ends_the_thread(silero: Session, alone: Session) -> None:
-    delay_s = 1.0
-    worker = Worker("vad-stop", silero, batching(max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6)))
+    worker = Worker("vad-stop", silero, long_delay(max_batch_size=8))
     assert "infer-vad-stop" in infer_threads()
     requests = [vad_feeds(1, seed=500 + i) for i in range(3)]
     futures = [worker.submit(f) for f in requests]
 
-    start = time.perf_counter()
-    worker.stop(timeout=10)
+    worker.stop(timeout=DEADLINE_S)
 
-    assert time.perf_counter() - start < delay_s / 2  # stop cuts the batching wait short
-    assert "infer-vad-stop" not in infer_threads()
+    assert "infer-vad-stop" not in infer_threads()  # stop cut the (two-minute) batching wait short
     results = await asyncio.wait_for(asyncio.gather(*futures), 5)
     for feeds, got in zip(requests, results, strict=True):
         assert_same(got, alone.run(feeds))
@@ -421,16 +451,19 @@ async def test_quick_idle_model_runs_inline(silero: Session, alone: Session, mak
 async def test_inline_steps_aside_while_the_worker_is_busy(
     silero: Session, alone: Session, make_worker: MakeWorker
 ) -> None:
-    worker = make_worker(silero, None, inline_max_us=1_000_000)
-    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), 10)
-    busy = worker.submit(vad_feeds(2000, seed=710))  # ~0.1 s on the worker thread
+    gated = GatedSession(silero)
+    worker = make_worker(gated, None, inline_max_us=1_000_000)  # type: ignore[arg-type]
+    await asyncio.wait_for(worker.submit(vad_feeds(1, seed=0)), DEADLINE_S)
+    gated.entered.clear()
+    gated.gate.clear()
+    busy = worker.submit(vad_feeds(1, seed=710))  # held at the gate on the worker thread
     queued = worker.submit(vad_feeds(1, seed=711))
 
-    while worker.busy_since is None:
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(gated.entered.wait, DEADLINE_S)
     assert worker.run_inline(vad_feeds(1, seed=712)) is None  # the session is in use: never two callers at once
+    gated.gate.set()
 
-    await asyncio.wait_for(asyncio.gather(busy, queued), 20)
+    await asyncio.wait_for(asyncio.gather(busy, queued), DEADLINE_S)
     assert_same(queued.result(), alone.run(vad_feeds(1, seed=711)))
     assert worker.run_inline(vad_feeds(1, seed=712)) is not None  # idle again
 

@@ -121,29 +121,18 @@ def test_frame_decoded_smaller_maps_boxes_to_the_captured_frame(face: Session, s
     assert next(iter(pre(frame(small, full_size=(640, 480))))).meta["source_size"] == (640, 480)
 
 
-def test_keypoints_and_timings(face: Session, samples: dict[str, Path]) -> None:
-    """Keypoints land inside the face box; pre/post stay cheap next to the model (printed for the report)."""
+def test_keypoints_inside_the_face_box(face: Session, samples: dict[str, Path]) -> None:
+    """Keypoints land inside the face box (what pre/post cost per frame: bench/streams.py)."""
     image = photo(samples["astronaut"])
     pre = make_preprocessor({**FACE_PRE, "resize": "letterbox"}, face.inputs)
     post = make_postprocessor({**FACE_POST, "keypoints": True}, face.outputs)
-    t_pre, t_post = [], []
-    for i in range(30):
-        t0 = time.perf_counter()
-        prepared = next(iter(pre(frame(image, i))))
-        t1 = time.perf_counter()
-        outputs = face.run(prepared.feeds)
-        t2 = time.perf_counter()
-        result = post(outputs, prepared.meta)
-        t_pre.append(t1 - t0)
-        t_post.append(time.perf_counter() - t2)
+    prepared = next(iter(pre(frame(image, 0))))
+    result = post(face.run(prepared.feeds), prepared.meta)
     assert result is not None
     det = result["detections"][0]
     assert len(det["keypoints"]) == 6
     x1, y1, x2, y2 = det["box"]
     assert all(x1 - 10 <= x <= x2 + 10 and y1 - 10 <= y <= y2 + 10 for x, y in det["keypoints"])
-    pre_ms, post_ms = np.median(t_pre) * 1000, np.median(t_post) * 1000
-    print(f"face detection 512x512: pre {pre_ms:.2f} ms, post {post_ms:.2f} ms per frame")
-    assert pre_ms < 20 and post_ms < 20
 
 
 def test_mediapipe_anchors() -> None:

@@ -4,14 +4,12 @@ system-call filter, and the install script's dry run."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +22,8 @@ import pytest
 from agent.client import AgentClient
 from agent.config import load_config
 from agent.errors import ClientError
-from tests.conftest import install, start_daemon
+from agent.systemd import Notifier
+from tests.conftest import install, start_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -197,6 +196,18 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
+@pytest.mark.parametrize(("environ", "interval"), [
+    ({"WATCHDOG_USEC": "400000"}, 0.2),
+    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # the watchdog is another process's
+    ({"WATCHDOG_USEC": "0"}, None),
+    ({"WATCHDOG_USEC": "soon"}, None),
+    ({}, None),
+])
+def test_watchdog_interval_is_half_the_timeout(environ: dict[str, str], interval: float | None) -> None:
+    assert Notifier(environ).watchdog_interval == interval
+
+
 @pytest.mark.parametrize("kind", ["path", "abstract"])
 def test_notify_protocol(tmp_path: Path, vad_models: Path, clean_env: None, kind: str) -> None:
     address = str(tmp_path / "notify.sock") if kind == "path" else f"@edge-agent-test-{uuid.uuid4().hex}"
@@ -227,16 +238,14 @@ def test_notify_protocol(tmp_path: Path, vad_models: Path, clean_env: None, kind
         assert fields["MAINPID"] == str(daemon.proc.pid)
         assert fields["STATUS"].startswith("serving 1 model(s) on unix:")
 
-        # WATCHDOG_USEC=400000: a ping every 0.2 s (half the timeout) while the agent is healthy.
-        pings: list[float] = []
-        deadline = time.monotonic() + 2.0
-        while (got := receive(notify, deadline)) is not None:
+        # WATCHDOG_USEC=400000: pings keep coming while the agent is healthy (their interval, half the
+        # timeout, is checked in test_watchdog_interval_is_half_the_timeout; timing belongs in bench/).
+        pings = 0
+        deadline = time.monotonic() + 60
+        while pings < 6 and (got := receive(notify, deadline)) is not None:
             assert got[1] == {"WATCHDOG": "1"}, got
-            pings.append(got[0])
-        assert len(pings) >= 6, pings
-        gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
-        assert max(gaps) < 0.4, f"a gap reached the watchdog timeout: {gaps}"
+            pings += 1
+        assert pings == 6, f"only {pings} watchdog pings within 60 s"
 
         daemon.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -266,11 +275,10 @@ def test_notify_socket_missing(tmp_path: Path, vad_models: Path, clean_env: None
         str(vad_models),
         env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock"), "WATCHDOG_USEC": "400000"},
     )
-    time.sleep(0.5)  # a few watchdog pings into the void
+    wait_for(lambda: "systemd.notify_failed" in daemon.log_text(), 30, "the failed notification to be logged")
     assert daemon.client.request("GET", "/v2/health/live")[0] == 200
     assert daemon.stop() == 0
     log = daemon.log_text()
-    assert "systemd.notify_failed" in log
     assert "Traceback" not in log
 
 

@@ -347,6 +347,10 @@ class _Connection(asyncio.Protocol):
             with self.direct_lock:  # after a send in progress, if any
                 self.direct_sock.close()
             self.direct_sock = None
+        # The parser holds this protocol (its callbacks) and this protocol the parser: a cycle that
+        # only the cyclic GC's rare full collections free. Broken here, a closed connection is freed
+        # at once (a client reconnecting per request piled up thousands of them between collections).
+        self.parser = None  # type: ignore[assignment]  # never read after connection_lost
         server = self.server
         server.connections.discard(self)
         server.release(self.held)

@@ -143,13 +143,16 @@ class SampleClock:
     After a stall longer than ``max_lag`` the clock re-anchors instead of bursting to catch up.
     """
 
-    def __init__(self, sample_rate: int, max_lag: float = 0.25) -> None:
+    def __init__(self, sample_rate: int, max_lag: float = 0.25, clock: Any = time.monotonic,
+                 sleep: Any = time.sleep) -> None:
         self.rate = sample_rate
         self.max_lag = max_lag
-        self._anchor: float | None = None  # monotonic time of sample 0
+        self._clock = clock
+        self._sleep = sleep
+        self._anchor: float | None = None  # clock time of sample 0
 
     def wait(self, start: int, end: int, timeout: float) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         if self._anchor is None:
             self._anchor = now - start / self.rate
         due = self._anchor + end / self.rate
@@ -158,10 +161,10 @@ class SampleClock:
             due = now
         delay = due - now
         if delay > timeout:
-            time.sleep(max(timeout, 0.0))
+            self._sleep(max(timeout, 0.0))
             return False
         if delay > 0:
-            time.sleep(delay)
+            self._sleep(delay)
         return True
 
     def reset(self) -> None:
