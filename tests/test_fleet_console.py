@@ -442,12 +442,12 @@ def test_the_server_stops_promptly_with_live_views_open(tmp_path: Path, broker: 
         reader = threading.Thread(target=watch, daemon=True)
         reader.start()
         assert opened.wait(10)
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        assert time.monotonic() - started < 10  # the stream ended with the service, not at uvicorn's patience
-        reader.join(5)
-        assert ended and ended[0].startswith("retry:")
+        # uvicorn waits for open responses without a limit: without the service ending its live
+        # streams, the process would still be there at this deadline
+        assert proc.wait(60) == 0
+        reader.join(10)
+        assert not reader.is_alive() and ended and ended[0].startswith("retry:")
     finally:
         if proc.poll() is None:
             proc.kill()
