@@ -37,9 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,6 +83,30 @@ def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None)
         env["PYTHONPATH"] = str(tree)
     return run_agent(work, config, models, env, cwd=tree)
 
+
+
+K = TypeVar("K")
+
+
+def interleaved(calls: Mapping[K, Callable[[], object]], rounds: int, per_round: int,
+                warm_up: int) -> tuple[dict[K, list[float]], dict[K, list[float]]]:
+    """Each call ``warm_up`` times, then ``rounds`` rounds of ``per_round`` calls each, the order
+    reversed every other round: every call's times (s) and each round's median."""
+    for fn in calls.values():
+        for _ in range(warm_up):
+            fn()
+    samples: dict[K, list[float]] = {k: [] for k in calls}
+    medians: dict[K, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        for key in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            block = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                calls[key]()
+                block.append(time.perf_counter() - t0)
+            samples[key].extend(block)
+            medians[key].append(float(np.median(block)))
+    return samples, medians
 
 def raw_session(sample: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
@@ -312,20 +336,7 @@ def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> No
         modes[(m, "raw runtime")] = functools.partial(raw[m].run, None, feeds[m])
         modes[(m, "v2 binary")] = functools.partial(client.infer, m, feeds[m])
         modes[(m, "v2 reconnect")] = functools.partial(reconnecting, m)
-    for fn in modes.values():
-        for _ in range(20):
-            fn()
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
-    medians: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
-    for r in range(rounds):
-        for key in (list(modes) if r % 2 == 0 else list(reversed(modes))):
-            block = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                modes[key]()
-                block.append(time.perf_counter() - t0)
-            samples[key].extend(block)
-            medians[key].append(float(np.median(block)))
+    samples, medians = interleaved(modes, rounds, per_round, warm_up=20)
     print(f"\nWorker path, one client (µs), {rounds}x{per_round} calls per mode, interleaved; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'model':<10}{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'per-round ratio':>17}")
@@ -506,20 +517,7 @@ def one_client_ab(sock: Path, rounds: int, per_round: int) -> None:
     client = AgentClient(sock)
     feeds = silero_feeds()
     calls = {m: functools.partial(client.infer, m, feeds) for m in ("silero_vad", "silero_vad_batched")}
-    for fn in calls.values():
-        for _ in range(50):
-            fn()
-    samples: dict[str, list[float]] = {m: [] for m in calls}
-    medians: dict[str, list[float]] = {m: [] for m in calls}
-    for r in range(rounds):
-        for m in (list(calls) if r % 2 == 0 else list(reversed(calls))):
-            block = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                calls[m]()
-                block.append(time.perf_counter() - t0)
-            samples[m].extend(block)
-            medians[m].append(float(np.median(block)))
+    samples, medians = interleaved(calls, rounds, per_round, warm_up=50)
     client.close()
     plain, batched = (np.asarray(samples[m]) * 1e6 for m in calls)
     ratio = float(np.median(np.divide(medians["silero_vad_batched"], medians["silero_vad"])))
