@@ -114,7 +114,9 @@ class FleetClient:
             self._subacks.add(mid)
             self._subacked.notify_all()
 
-    def subscribe(self, topics: Sequence[str], timeout: float = 5.0) -> None:
+    def subscribe(self, topics: Sequence[str], timeout: float = 15.0) -> None:
+        """Raises FleetError if the broker refuses or has not acknowledged within ``timeout`` s (a busy
+        broker or machine can take seconds: a SUBACK after 5 s was seen on a loaded 2-core machine)."""
         result, mid = self._client.subscribe([(t, 1) for t in topics])
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise FleetError(f"subscribe failed: {result}")
