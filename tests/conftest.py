@@ -71,6 +71,23 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
+_started: list[Daemon] = []  # every daemon start_daemon started (see _no_daemon_left)
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left() -> Iterator[None]:
+    """A test that fails before stopping the daemons it started leaves none running (daemons of
+    module fixtures, started before the test, are theirs to stop)."""
+    first = len(_started)
+    yield
+    for daemon in _started[first:]:
+        if daemon.proc.poll() is None:
+            daemon.client.close()
+            daemon.proc.kill()
+            daemon.proc.wait(30)
+    del _started[first:]
+
+
 def start_daemon(workdir: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
                  timeout: float = 60) -> Daemon:
     """Start ``edge-agent run`` as a real process; wait until its socket answers /v2/health/live."""
@@ -83,6 +100,7 @@ def start_daemon(workdir: Path, *args: str, env: dict[str, str] | None = None, w
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     daemon = Daemon(proc, sock, log, AgentClient(sock, timeout=30))
+    _started.append(daemon)
     if wait:
         deadline = time.monotonic() + timeout
         while True:

@@ -250,11 +250,13 @@ def test_group_commands_and_foreign_topics(tmp_path, small_models, broker):
 
 def test_mqtt_311_answers_on_responses_topic(tmp_path, small_models, broker):
     agent = start_agent(tmp_path, small_models, broker, "dev-1", EDGE_AGENT_MQTT__PROTOCOL='"3.1.1"')
-    with console(broker, protocol="3.1.1") as fleet:
-        wait_for(lambda: device_state(fleet, "dev-1").get("online"), what="birth")
-        response = fleet.command("dev-1", "ping")
-        assert response["ok"] and response["result"]["pong"]
-    assert agent.stop() == 0
+    try:
+        with console(broker, protocol="3.1.1") as fleet:
+            wait_for(lambda: device_state(fleet, "dev-1").get("online"), what="birth")
+            response = fleet.command("dev-1", "ping")
+            assert response["ok"] and response["result"]["pong"]
+    finally:
+        assert agent.stop() == 0
 
 
 def test_broker_unreachable_at_start_then_connects(tmp_path, small_models):
