@@ -84,7 +84,6 @@ def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None)
     return run_agent(work, config, models, env, cwd=tree)
 
 
-
 K = TypeVar("K")
 
 
@@ -370,18 +369,6 @@ def worker_path(sock: Path, rounds: int, per_round: int, calls: int = 300) -> No
     client.close()
 
 
-def _ocr_client(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    client = AgentClient(sock)
-    feeds = ocr_feeds(model)
-    while time.time() < start_at:
-        time.sleep(0.001)
-    done = 0
-    while time.time() < stop_at:
-        client.infer(model, feeds)
-        done += 1
-    out.put(done)
-
-
 def worker_path_clients(sock: Path, clients: int, seconds: float) -> None:
     """The agent's overhead per request with ``clients`` client processes at once (statistics
     extension, means over the run): input + output, the queue apart (it is the wait for the model)."""
@@ -395,7 +382,7 @@ def worker_path_clients(sock: Path, clients: int, seconds: float) -> None:
         before = phase_totals(client, m)
         out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
         start_at = time.time() + 0.5 + clients * 0.02
-        procs = [ctx.Process(target=_ocr_client, args=(str(sock), m, start_at + seconds, start_at, out))
+        procs = [ctx.Process(target=_client_loop, args=(str(sock), m, start_at + seconds, start_at, out))
                  for _ in range(clients)]
         for p in procs:
             p.start()
@@ -474,8 +461,9 @@ def health_stall(sock: Path, seconds: float) -> None:
 
 
 def _client_loop(sock: str, model: str, stop_at: float, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One load process: ``model`` called back to back from ``start_at`` to ``stop_at``; puts the count."""
     client = AgentClient(sock)
-    feeds = silero_feeds()
+    feeds = ocr_feeds(model) if model.startswith("ocr_") else silero_feeds()
     while time.time() < start_at:
         time.sleep(0.001)
     done = 0
