@@ -347,6 +347,41 @@ class AgentClient:
         result.update(shared)
         return result
 
+    def infer_frame(self, name: str, frame: np.ndarray | ShmInput, *, color: str = "bgr",
+                    version: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Infer on a camera frame (uint8 HxWx3, or a region holding one) through the pre-processing
+        the model's manifest declares (docs/api.md, "Frames").
+
+        Returns the outputs and where the frame went in the model's input: ``scale`` and ``pad``
+        (model pixels), ``input_size`` and ``source_size`` (width, height), to map boxes back.
+        """
+        if isinstance(frame, ShmInput):
+            entry = {"name": "frame", "shape": list(frame.shape), "datatype": frame.datatype,
+                     "parameters": _shm_parameters(frame.region, frame.offset, frame.byte_size)}
+            arrays: list[np.ndarray] = []
+        else:
+            array = np.require(frame, requirements="C")
+            entry = {"name": "frame", "shape": list(array.shape), "datatype": datatype(array.dtype),
+                     "parameters": {"binary_data_size": array.nbytes}}
+            arrays = [array]
+        key = ("frame", name, version, color, frame if isinstance(frame, ShmInput) else (frame.shape, frame.dtype.str))
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            head = orjson.dumps({"inputs": [entry], "parameters": {"binary_data_output": True, "preprocess": True,
+                                                                   "frame_color": color}})
+            prefix = _head("POST", self._path("/v2", name, version) + "/infer",
+                           len(head) + sum(a.nbytes for a in arrays),
+                           {"Content-Type": "application/octet-stream", _BINARY_HEADER: str(len(head))}) + head
+            if len(self._prefixes) >= 64:
+                self._prefixes.clear()
+            self._prefixes[key] = prefix
+        status, resp_headers, data = self._roundtrip([prefix, *(a.data.cast("B") for a in arrays if a.size)])
+        hlen = resp_headers.get(_BINARY_HEADER.lower())
+        split = int(hlen) if hlen is not None and status < 400 else len(data)
+        answer = self._decode(status, data[:split])
+        where = dict((answer.get("parameters") or {}).get("preprocess") or {})
+        return _decode_outputs(answer["outputs"], data[split:]), where
+
     def _decode_binary(self, data: bytes, hlen: int) -> dict[str, np.ndarray]:
         """Outputs behind a JSON header; a header seen before is not parsed again."""
         header = data[:hlen]

@@ -105,6 +105,12 @@ class InvalidInputError(RequestError):
     code = "invalid_input"
 
 
+class NoPreprocessingError(RequestError):
+    """A predict asked for the manifest's pre-processing of a frame, and the model has none usable."""
+
+    code = "no_preprocessing"
+
+
 class PayloadTooLargeError(RequestError):
     code = "too_large"
 

@@ -77,7 +77,7 @@ class Request:
     headers: dict[str, str]  # names lower-cased
     body: bytes | bytearray
     params: dict[str, str] = field(default_factory=dict)  # from the route pattern
-    received: int = 0  # time.perf_counter_ns() when its first byte was parsed
+    received: int = 0  # time.perf_counter_ns() when it was parsed whole (body included), as Triton starts its clock
     held: int = 0  # bytes of the server's body budget this request holds until it is answered
     # Set while its handler runs when the answer may be written by the thread that computes it
     # (``DirectAnswer``); None when the event loop must write it (HEAD, unsent bytes queued, ...).
@@ -274,7 +274,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("answered", "body", "body_size", "chunked", "chunks", "counting", "deferred", "direct", "direct_lock",
                  "direct_sock", "drained", "eager", "fresh",
                  "head_size", "header_count", "headers", "held", "keep_alive", "limits", "local", "parser",
-                 "paused_since", "pending", "read_paused", "reading", "received", "refused", "server", "since",
+                 "paused_since", "pending", "read_paused", "reading", "refused", "server", "since",
                  "streaming", "task", "too_large", "transport", "upgrade_answered", "url", "wire", "write_paused")
 
     def __init__(self, server: HTTPServer, local: bool) -> None:
@@ -304,7 +304,6 @@ class _Connection(asyncio.Protocol):
         self.refused = False
         self.upgrade_answered = False
         self.deferred: AgentError | None = None  # a refusal to write once the requests before it are answered
-        self.received = 0
         self.pending: collections.deque[tuple[Request, bool]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
         self.streaming = False  # answering with a long-lived body: cancelled at stop, not waited for
@@ -418,7 +417,7 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.received = self.since = time.perf_counter_ns()
+        self.since = time.perf_counter_ns()
         self.reading, self.wire = _HEAD, 0
         self.counting, self.fresh = not self.fresh, False
         self.url, self.headers, self.header_count, self.head_size = b"", {}, 0, 0
@@ -525,7 +524,7 @@ class _Connection(asyncio.Protocol):
         parts = self.body
         body = parts if isinstance(parts, bytearray) else parts[0] if len(parts) == 1 else b"".join(parts)
         request = Request(method, (parsed.path or b"/").decode("utf-8", "replace"), self.headers, body,
-                          received=self.received, held=self.held, local=self.local)
+                          received=time.perf_counter_ns(), held=self.held, local=self.local)
         self.body, self.chunks, self.held = [], 0, 0
         keep_alive = self.keep_alive
         if self.parser.should_upgrade():  # ignored (RFC 9110 allows it): answered, then closed

@@ -30,6 +30,7 @@ class InferRequest:
     raw_output: bool = False
     # requested outputs written into a shared-memory region: name -> (region, offset, byte size)
     shm_outputs: dict[str, tuple[Region, int, int]] = field(default_factory=dict)
+    preprocess: str | None = None  # the frame's colour order when the manifest's pre-processing is asked for
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ class _Plan:
     outputs: dict[str, bool]
     binary_default: bool
     raw_output: bool
+    preprocess: str | None
 
     def request(self, binary: memoryview) -> InferRequest:
         feeds = {name: np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
                  for name, dtype, shape, offset, count in self.inputs}
-        return InferRequest(feeds, None, dict(self.outputs), self.binary_default, self.raw_output)
+        return InferRequest(feeds, None, dict(self.outputs), self.binary_default, self.raw_output,
+                            preprocess=self.preprocess)
 
 
 Plans = dict[tuple[str, int, bytes], _Plan]  # by model name, version and header bytes
@@ -98,7 +101,8 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
     params = _parameters(header, "request")
     request = InferRequest({}, request_id=request_id,
                            binary_default=_flag(params, "binary_data_output", "request"),
-                           raw_output=_flag(params, "raw_output", "request"))
+                           raw_output=_flag(params, "raw_output", "request"),
+                           preprocess=_preprocess(params))
     offset = 0
     layout = []  # for the plan: where each binary input lies
     binary_inputs = True
@@ -141,8 +145,21 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
         if len(plans) >= _MAX_PLANS:
             plans.clear()
         plans[key] = _Plan(model.outputs, tuple(layout), len(binary), dict(request.outputs),
-                           request.binary_default, request.raw_output)
+                           request.binary_default, request.raw_output, request.preprocess)
     return request
+
+
+def _preprocess(params: dict[str, Any]) -> str | None:
+    """The frame's colour order if the request asks for the manifest's pre-processing (agent.api.frames)."""
+    if not _flag(params, "preprocess", "request"):
+        if "frame_color" in params:
+            raise RequestError("request: parameters.frame_color applies only with parameters.preprocess = true")
+        return None
+    color = params.get("frame_color", "bgr")
+    if color not in ("bgr", "rgb"):
+        shown = color[:20] if isinstance(color, str) else type(color).__name__
+        raise RequestError(f"request: parameters.frame_color must be 'bgr' or 'rgb', got {shown!r}")
+    return str(color)
 
 
 def _parameters(entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -232,8 +249,9 @@ def _input(entry: Any, binary: memoryview, offset: int,
     return name, array.reshape(shape), 0, False
 
 
-def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
-    """Returns (body, header length or None when no output is binary)."""
+def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, np.ndarray],
+                 parameters: dict[str, Any] | None = None) -> tuple[bytes, int | None]:
+    """Returns (body, header length or None when no output is binary); ``parameters``: the response's."""
     wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
     entries: list[dict[str, Any]] = []
     chunks: list[Any] = []  # buffers (numpy arrays of bytes): joined once
@@ -256,6 +274,8 @@ def format_infer(model: ServedModel, request: InferRequest, outputs: dict[str, n
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": entries}
     if request.request_id is not None:
         response["id"] = request.request_id
+    if parameters:
+        response["parameters"] = parameters
     header = dumps(response)
     if not chunks:
         return header, None

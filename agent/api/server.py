@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from agent.api import oip, tfserving
+from agent.api import frames, oip, tfserving
 from agent.api.codec import dumps, loads
 from agent.api.errors import error_body, http_status
 from agent.api.http import Handler, HTTPServer, Limits, Request, Response, Router
@@ -168,10 +168,15 @@ class Routes:
                 parsed = oip.parse_infer(body, header_length, model, self._plans, shm=self._shm(request))
             sent = functools.partial(model.stats.succeeded, timing)
             direct = request.direct
+            prepare, frame = None, None
+            if parsed.preprocess is not None:  # a frame, through the manifest's pre-processing
+                preprocessor = await frames.frame_preprocessor(model, parsed.preprocess)
+                prepare, frame = frames.frame_prepare(preprocessor, parsed.feeds)
 
             def answer(outputs: Outputs) -> Response:
                 """Formatted, and written when it can be, by the thread that ran the model."""
-                body, header_length = oip.format_infer(model, parsed, outputs)
+                body, header_length = oip.format_infer(model, parsed, outputs,
+                                                       None if frame is None else {"preprocess": frame})
                 if header_length is None:
                     response = Response(200, body, sent=sent)
                 else:
@@ -181,7 +186,8 @@ class Routes:
                     direct.send(response)
                 return response
 
-            return await model.infer_then(parsed.feeds, answer, raw_outputs=parsed.raw_output, timing=timing)
+            return await model.infer_then(parsed.feeds, answer, raw_outputs=parsed.raw_output, timing=timing,
+                                          prepare=prepare)
 
     async def v2_stats(self, request: Request) -> Response:
         """Triton's statistics extension: cumulative counts and nanoseconds per model version."""

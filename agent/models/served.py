@@ -20,7 +20,7 @@ from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
 from agent.models.store import ModelVersion
 from agent.models.tensors import check_feeds
-from agent.models.worker import Outputs, Worker
+from agent.models.worker import Outputs, Prepare, Worker
 from agent.runtimes import Session, TensorSpec
 
 R = TypeVar("R")
@@ -44,6 +44,8 @@ class ServedModel:
     mirror: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, Any] | None], None] | None = None
     # With elastic instances on ([scaling] enabled): this version's workers, its own first (agent.models.instances).
     pool: Instances | None = None
+    # What a transport builds for this version on demand (the API's frame pre-processors): gone with it.
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Looked up where the version is when first needed: a deployment moves it after loading.
@@ -94,10 +96,20 @@ class ServedModel:
         return await self.infer_then(feeds, _same, raw_outputs=raw_outputs, timing=timing)
 
     async def infer_then(self, feeds: Mapping[str, np.ndarray], then: Callable[[Outputs], R], *,
-                         raw_outputs: bool = False, timing: Timing | None = None) -> R:
+                         raw_outputs: bool = False, timing: Timing | None = None,
+                         prepare: Prepare | None = None) -> R:
         """``then(outputs)``, run on the thread that ran the model: the worker's, or the caller's for
-        an inline run. Raises what ``infer`` raises, and what ``then`` raises."""
-        started = self._admit(feeds)
+        an inline run. Raises what ``infer`` raises, and what ``then`` raises.
+
+        ``prepare`` turns ``feeds`` into the model's on that thread first (a frame through the
+        manifest's pre-processing): its output is what the model checks, runs and mirrors."""
+        prepared: dict[str, np.ndarray] = {}
+        if prepare is None:
+            started = self._admit(feeds)
+        else:
+            self.stats.admitted()  # the pre-processor was checked against the inputs when it was made
+            started = time.perf_counter()
+            prepare = _keeping(prepare, prepared)
         pool = self.pool
         worker = self.worker if pool is None else pool.pick()
         if pool is not None and timing is None:
@@ -112,14 +124,14 @@ class ServedModel:
             self._account(started, None, outputs)
             result = then(outputs)  # the answer first: the shadow's sample after it
             if self.mirror is not None and not raw_outputs:
-                self.mirror(feeds, outputs, None)
+                self.mirror(feeds if prepare is None else prepared, outputs, None)
             return result
 
         try:
-            outputs = worker.run_inline(feeds, raw_outputs, timing)
+            outputs = worker.run_inline(feeds, raw_outputs, timing, prepare)
             if outputs is not None:
                 return finish(outputs)
-            result: R = await worker.submit(feeds, raw_outputs, timing, then=finish)
+            result: R = await worker.submit(feeds, raw_outputs, timing, then=finish, prepare=prepare)
         except AgentError as exc:
             if not answered:  # the model failed (not ``then``)
                 self._account(started, exc)
@@ -192,6 +204,15 @@ def _waited(timing: Timing | None) -> float | None:
     if timing is None or not timing.started or not timing.submitted:
         return None
     return max(0, timing.started - timing.submitted) / 1e9
+
+
+def _keeping(prepare: Prepare, into: dict[str, np.ndarray]) -> Prepare:
+    """``prepare`` that also keeps what it made in ``into`` (for the shadow's sample)."""
+    def run(feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        made = prepare(feeds)
+        into.update(made)
+        return made
+    return run
 
 
 def _same(outputs: Outputs) -> Outputs:

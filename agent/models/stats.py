@@ -3,7 +3,8 @@
 time goes: the agent's own work before the runtime call, the queue, the call, and after it.
 
 Durations are cumulative counts and nanoseconds, as in Triton:
-- ``success``: a request from its first byte parsed to its answer handed to the kernel (stamped
+- ``success``: a request from its last byte parsed (as Triton: the upload is the client's and
+  the socket's time) to its answer handed to the kernel (stamped
   as the write begins: on a busy CPU the client it wakes may run before the write returns, and
   that is the client's time, not the agent's);
 - ``compute_input``: up to the hand-over to the model (HTTP, routing, decoding, checks);

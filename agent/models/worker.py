@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 
 from agent.config import BatchingSection
-from agent.errors import InferenceError, InvalidInputError
+from agent.errors import AgentError, InferenceError, InvalidInputError
 from agent.models.batching import BatchLayout
 from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
@@ -39,6 +39,8 @@ from agent.runtimes import Session
 log = structlog.get_logger(__name__)
 
 Outputs = dict[str, np.ndarray]
+Feeds = Mapping[str, np.ndarray]
+Prepare = Callable[[Feeds], Feeds]  # the request's feeds -> the model's, on the thread that runs it
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Job:
     # Run on the worker thread with the outputs (e.g. to format and write the answer); what it
     # returns, or raises, is the future's result instead of the outputs.
     then: Callable[[Outputs], Any] | None = None
+    # Run on the worker thread before the model: the request's feeds -> the model's (the manifest's
+    # pre-processing of a frame sent to predict). Such a job is never batched.
+    prepare: Prepare | None = None
 
 
 _STOP = object()
@@ -97,12 +102,15 @@ class Worker:
         return self.batching is not None
 
     def submit(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
-               timing: Timing | None = None, then: Callable[[Outputs], Any] | None = None) -> asyncio.Future[Any]:
-        """The outputs, or with ``then`` what ``then(outputs)`` returns, run on the worker thread."""
+               timing: Timing | None = None, then: Callable[[Outputs], Any] | None = None,
+               prepare: Prepare | None = None,
+               ) -> asyncio.Future[Any]:
+        """The outputs, or with ``then`` what ``then(outputs)`` returns, run on the worker thread
+        (``prepare``, if given, turns ``feeds`` into the model's there first)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        job = Job(feeds, raw_outputs, loop, future, timing=timing, then=then)
-        if self.batching is not None and self.inline:
+        job = Job(feeds, raw_outputs, loop, future, timing=timing, then=then, prepare=prepare)
+        if self.batching is not None and self.inline and prepare is None:
             # Held to the end of this turn of the event loop: requests that arrived together are
             # batched on the worker thread; one that came alone runs inline (``_end_turn``).
             self._turn.append(job)
@@ -149,7 +157,7 @@ class Worker:
         return future
 
     def _enqueue(self, job: Job) -> None:
-        if self.layout is not None:
+        if self.layout is not None and job.prepare is None:
             job.size = self.layout.request_size(job.feeds)
             job.key = self.layout.key(job.feeds) if job.size is not None else None
         self._queue.put(job)
@@ -166,13 +174,15 @@ class Worker:
         return self._call_s is not None and self._call_s <= self._inline_max_s
 
     def run_inline(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
-                   timing: Timing | None = None) -> Outputs | None:
+                   timing: Timing | None = None,
+                   prepare: Prepare | None = None,
+                   ) -> Outputs | None:
         """Run on the caller's thread if the model is quick, the inputs small (``inline_max_bytes``)
         and nothing is queued or running (with batching: and it is the first request of this turn
         of the event loop); None means "submit instead". Raises what the session raises."""
         if (not self.inline or self._held or not self._queue.empty() or payload_bytes(feeds) > self.inline_max_bytes):
             return None
-        if self.batching is not None:
+        if self.batching is not None and prepare is None:
             # Only the first request of a turn of the event loop: others in the same turn are held
             # to its end and batched (``submit``); a lone client's request never waits a turn.
             if self._turn_busy or self._turn:
@@ -183,7 +193,7 @@ class Worker:
             return None
         try:
             self.busy_since = time.monotonic()
-            result = self._call(feeds, raw_outputs, 1, [timing])
+            result = self._call(feeds, raw_outputs, 1, [timing], prepare)
         finally:
             self.busy_since = None
             self._lock.release()
@@ -281,7 +291,7 @@ class Worker:
         if len(jobs) == 1:
             job = jobs[0]
             self._on_batch(job.size or 1)
-            return [(job, self._call(job.feeds, job.raw_outputs, job.size or 1, [job.timing]))]
+            return [(job, self._call(job.feeds, job.raw_outputs, job.size or 1, [job.timing], job.prepare))]
         layout = self.layout
         assert layout is not None
         if any(j.raw_outputs != jobs[0].raw_outputs for j in jobs) or layout.unusable:
@@ -308,11 +318,21 @@ class Worker:
             self._on_batch(job.size or 1)
             self._finish(job, self._call(job.feeds, job.raw_outputs, job.size or 1, [job.timing]))
 
-    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool, rows: int,
-              timings: list[Timing | None]) -> Outputs | BaseException:
+    def _call(self, feeds: Mapping[str, np.ndarray], raw: bool, rows: int, timings: list[Timing | None],
+              prepare: Prepare | None = None,
+              ) -> Outputs | BaseException:
         """One runtime call for ``timings``' requests; a lone request's call is what ``inline``
-        judges the model's speed by."""
-        started = time.perf_counter_ns()
+        judges the model's speed by. ``prepare``'s time counts in the request's ``compute_infer``,
+        never in the model's own speed."""
+        begun = started = time.perf_counter_ns()
+        if prepare is not None:
+            try:
+                feeds = prepare(feeds)
+            except AgentError as exc:
+                return exc
+            except Exception as exc:  # noqa: BLE001 - the request's input, never the model: a 400
+                return InvalidInputError(f"pre-processing failed: {type(exc).__name__}: {str(exc)[:300]}")
+            started = time.perf_counter_ns()
         try:
             result: Outputs | BaseException = self.session.run(feeds, raw_outputs=raw)
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
@@ -322,7 +342,7 @@ class Worker:
             self.known_good.answered(feeds)
         for timing in timings:
             if timing is not None:
-                timing.started, timing.ended = started, ended
+                timing.started, timing.ended = begun, ended
         self.stats.executed(rows, ended - started)
         if len(timings) == 1 and payload_bytes(feeds) <= self.inline_max_bytes:
             # (Large requests never run inline: their time says nothing about the others'.)
