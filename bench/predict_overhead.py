@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -72,6 +73,11 @@ def start_agent(work: Path, queue_delay_us: int = 500, tree: Path | None = None)
                                ("ocr_cls", "ocr_cls", "model.onnx"), ("ocr_det", "ocr_det", "model.onnx")):
         (models / name / "1").mkdir(parents=True)
         shutil.copyfile(fetch(sample), models / name / "1" / file)
+    for name, (sample, file, runtime, pre_spec) in FRAME_MODELS.items():  # the same files, with manifests
+        (models / name / "1").mkdir(parents=True)
+        shutil.copyfile(fetch(sample), models / name / "1" / file)
+        (models / name / "1" / "manifest.json").write_text(
+            json.dumps({"model": file, "runtime": runtime, "preprocess": pre_spec}))
     config = work / "agent.toml"
     config.write_text("[runtime]\nthreads = 1\n"
                       "[model.silero_vad_batched.batching]\nenabled = true\nmax_batch_size = 32\n"
@@ -611,30 +617,47 @@ def shared_memory_table(sock: Path, rounds: int, per_round: int) -> None:
             offset = shm_outputs[name].offset
             written = np.ndarray(meta["shape"], np.float32, buffer=region.buf, offset=offset)
             np.testing.assert_array_equal(written, client.infer("face_detection", {"input": image})[name])
-        samples: dict[str, list[float]] = {m: [] for m in modes}
-        inside: dict[str, np.ndarray] = {}
-        for fn in modes.values():
-            for _ in range(50):
-                fn()
-        loads = []
-        for _ in range(rounds):
-            for mode, fn in modes.items():
-                before = phase_totals(client, "face_detection") if mode != "raw runtime" else None
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[mode].append(time.perf_counter() - t0)
-                if before is not None:
-                    inside[mode] = inside.get(mode, 0) + phase_totals(client, "face_detection") - before
-            loads.append(os.getloadavg()[0])
+        samples, inside, loads = rounds_inside(client, "face_detection", modes, rounds, per_round)
         client.unregister_shm("frame")
     finally:
         client.close()
         region.close()
         region.unlink()
-    raw_p50 = float(np.median(samples["raw runtime"])) * 1e6
     print(f"\nFace detection, input {image.nbytes} bytes: v2 binary against shared memory, µs, {rounds}x{per_round} "
           f"calls per mode, interleaved; load {np.median(loads):.2f} (median over rounds)")
+    print_inside_table(samples, inside)
+
+
+Inside = dict[str, np.ndarray]  # agent mode -> statistics totals over its calls (``phase_totals``)
+
+
+def rounds_inside(client: AgentClient, model: str, modes: Mapping[str, Callable[[], Any]], rounds: int,
+                  per_round: int, warm_up: int = 50) -> tuple[dict[str, list[float]], Inside, list[float]]:
+    """``modes`` in interleaved rounds (the first, "raw runtime", in this process): every call's time
+    (s), each agent mode's statistics totals over its calls (``phase_totals``), and the load per round."""
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    inside: Inside = {}
+    for fn in modes.values():
+        for _ in range(warm_up):
+            fn()
+    loads = []
+    for r in range(rounds):
+        for mode in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+            fn = modes[mode]
+            before = phase_totals(client, model) if mode != "raw runtime" else None
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                samples[mode].append(time.perf_counter() - t0)
+            if before is not None:
+                inside[mode] = inside.get(mode, 0) + phase_totals(client, model) - before
+        loads.append(os.getloadavg()[0])
+    return samples, inside, loads
+
+
+def print_inside_table(samples: Mapping[str, list[float]], inside: Inside) -> None:
+    """p50/p99 end to end, against "raw runtime", and the agent's own phases (µs per request)."""
+    raw_p50 = float(np.median(samples["raw runtime"])) * 1e6
     print(f"{'mode':<13}{'p50':>9}{'p99':>9}{'overhead p50':>14}{'ratio':>8}{'inside: input':>15}{'output':>8}"
           f"{'overhead':>10}")
     for mode, values in samples.items():
@@ -649,6 +672,81 @@ def shared_memory_table(sock: Path, rounds: int, per_round: int) -> None:
         print(line)
 
 
+#: Detection models given camera frames, with the image pre-processing their manifests declare:
+#: MediaPipe face detection (128x128, letterboxed, [-1, 1]) and RapidOCR's text detector (192x192,
+#: stretched, ImageNet mean/std, NCHW).
+FRAME_MODELS = {
+    "face_frame": ("face_detection", "model.tflite", "tflite",
+                   {"type": "image", "resize": "letterbox", "scale": 1 / 127.5, "offset": -1.0}),
+    "ocr_det_frame": ("ocr_det", "model.onnx", "onnx",
+                      {"type": "image", "size": [192, 192], "layout": "nchw", "mean": [123.675, 116.28, 103.53],
+                       "std": [58.395, 57.12, 57.375]}),
+}
+
+
+def frame_table(sock: Path, rounds: int, per_round: int) -> None:
+    """A 640x480x3 uint8 camera frame through each FRAME_MODELS model: the manifest's pre-processing
+    and the model call here (the same pre-processing code, the raw runtime) against the agent given
+    the frame (``parameters.preprocess``) in the request body and in a shared-memory region (the
+    shared-memory mode includes copying the frame into the region, as a camera producer would)."""
+    from multiprocessing import shared_memory
+
+    from agent.pipelines.base import Frame
+    from agent.pipelines.preprocess import make_preprocessor
+    from agent.runtimes.base import TensorSpec
+
+    frame = np.random.default_rng(3).integers(0, 256, (480, 640, 3), np.uint8)
+    client = AgentClient(sock)
+    region = shared_memory.SharedMemory(f"edge-bench-frame-{os.getpid()}", create=True, size=frame.nbytes)
+    try:
+        client.register_shm("camera", "/" + region.name, frame.nbytes)
+        in_region = np.ndarray(frame.shape, frame.dtype, buffer=region.buf)
+        for model, (sample, _, runtime, pre_spec) in FRAME_MODELS.items():
+            if runtime == "tflite":
+                interp = Interpreter(model_path=str(fetch(sample)), num_threads=1)
+                interp.allocate_tensors()
+                detail = interp.get_input_details()[0]
+                spec = TensorSpec(detail["name"], np.dtype(detail["dtype"]), tuple(int(d) for d in detail["shape"]))
+                outs = [d["index"] for d in interp.get_output_details()]
+
+                def run(feeds: Mapping[str, np.ndarray], interp: Any = interp, index: int = detail["index"],
+                        outs: list[int] = outs) -> None:
+                    interp.set_tensor(index, next(iter(feeds.values())))
+                    interp.invoke()
+                    for o in outs:
+                        interp.get_tensor(o)
+            else:
+                session = raw_session(sample)
+                spec = TensorSpec("x", np.dtype(np.float32), (None, 3, None, None))
+                run = functools.partial(lambda feeds, session: session.run(None, dict(feeds)), session=session)
+            pre = make_preprocessor(pre_spec, [spec])
+
+            def raw(pre: Any = pre, run: Callable[[Mapping[str, np.ndarray]], None] = run) -> None:
+                run(next(iter(pre(Frame(frame, 0.0, 0, "bench")))).feeds)
+
+            def shm_frame(model: str = model) -> None:
+                np.copyto(in_region, frame)
+                client.infer_frame(model, ShmInput("camera", frame.shape, "UINT8"))
+
+            want, _ = client.infer_frame(model, frame)
+            np.copyto(in_region, frame)
+            got, _ = client.infer_frame(model, ShmInput("camera", frame.shape, "UINT8"))
+            for name, value in want.items():
+                np.testing.assert_array_equal(got[name], value)
+            modes: dict[str, Callable[[], Any]] = {
+                "raw runtime": raw, "v2 binary": functools.partial(client.infer_frame, model, frame),
+                "shm frame": shm_frame}
+            samples, inside, loads = rounds_inside(client, model, modes, rounds, per_round, warm_up=20)
+            print(f"\n{model} ({sample}): a 640x480x3 uint8 frame through the manifest's pre-processing, µs, "
+                  f"{rounds}x{per_round} calls per mode, interleaved; load {np.median(loads):.2f} (median over rounds)")
+            print_inside_table(samples, inside)
+        client.unregister_shm("camera")
+    finally:
+        client.close()
+        region.close()
+        region.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
@@ -656,11 +754,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batching max_queue_delay_us")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency table")
-    parser.add_argument("--section", choices=("all", "worker", "stall", "batching", "shm"), default="all",
+    parser.add_argument("--section", choices=("all", "worker", "stall", "batching", "shm", "frame"), default="all",
                         help="worker: only the worker-path tables (OCR models, 1 and 8 clients); "
                              "stall: only the health checks under large predicts; batching: only Silero's batch "
                              "costs and the throughput tables; shm: only face detection through shared memory "
-                             "against v2 binary")
+                             "against v2 binary; frame: a 640x480 camera frame through the manifests' pre-processing "
+                             "(face detection, OCR text detection), raw against v2 binary and shared memory")
     parser.add_argument("--throughput-rounds", type=int, default=4,
                         help="alternating unbatched/batched windows per client count (of --seconds in all)")
     parser.add_argument("--tree", type=Path, help="run the agent of this source tree (default: this one)")
@@ -676,6 +775,9 @@ def main() -> None:
                 return
             if args.section == "shm":
                 shared_memory_table(sock, args.rounds, args.per_round)
+                return
+            if args.section == "frame":
+                frame_table(sock, args.rounds, args.per_round)
                 return
             if args.section == "worker":
                 worker_path(sock, args.rounds, args.per_round)

@@ -14,6 +14,7 @@ the resize's ``scale`` and ``pad`` (model pixels) and both sizes, to map boxes b
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.api.shm import Region
 from agent.errors import NoPreprocessingError, PipelineError, RequestError
 from agent.models.served import ServedModel
 from agent.models.worker import Feeds, Prepare
@@ -31,6 +33,8 @@ FRAME_COLORS = ("bgr", "rgb")
 MAX_SIDE = 16384
 _MANIFEST_MAX_BYTES = 1 << 20
 _CACHE_KEY = "api.frame_preprocessors"
+#: Largest frame buffer a model thread keeps between requests (a 4K RGB frame is ~25 MB).
+_KEEP_BYTES = 32 << 20
 
 
 async def frame_preprocessor(model: ServedModel, color: str) -> Preprocessor:
@@ -80,9 +84,14 @@ def _build(model: ServedModel) -> dict[str, Preprocessor] | str:
         return (f"{where}: its manifest's pre-processing does not fit the model: {exc}")
 
 
-def frame_prepare(preprocessor: Preprocessor, feeds: Mapping[str, np.ndarray]) -> tuple[Prepare, dict[str, Any]]:
+def frame_prepare(preprocessor: Preprocessor, feeds: Mapping[str, np.ndarray],
+                  in_region: Mapping[str, tuple[Region, int]] | None = None) -> tuple[Prepare, dict[str, Any]]:
     """Check the request's one input is a frame; returns what turns it into the model's feeds (run
     on the model's thread) and the dict that then holds where the frame went (``scale``, ``pad``).
+
+    A frame still in its shared-memory region (``in_region``: input name -> region, offset) is read
+    there, into the thread's own buffer: a camera client sends the same size again and again, and a
+    fresh ~1 MB array per request costs its page faults (~150 µs for 640x480x3 here), not its copy.
 
     Raises:
         RequestError: not exactly one input, or not a uint8 frame of a usable shape.
@@ -99,12 +108,32 @@ def frame_prepare(preprocessor: Preprocessor, feeds: Mapping[str, np.ndarray]) -
         raise RequestError(f"parameters.preprocess: frame {image.shape[1]}x{image.shape[0]} is outside "
                            f"1..{MAX_SIDE} pixels a side")
     where: dict[str, Any] = {}
+    source = (in_region or {}).get(name)
 
     def prepare(_feeds: Feeds) -> Feeds:
-        prepared = next(iter(preprocessor(Frame(image, time.time(), 0, "predict"))))
+        pixels = image
+        if source is not None:
+            region, offset = source
+            pixels = _buffer(image.shape)
+            region.read_into(offset, pixels)
+        prepared = next(iter(preprocessor(Frame(pixels, time.time(), 0, "predict"))))
         meta = prepared.meta
         where.update(scale=list(meta["scale"]), pad=list(meta["pad"]), input_size=list(meta["input_size"]),
                      source_size=list(meta["source_size"]))
         return prepared.feeds
 
     return prepare, where
+
+
+_local = threading.local()
+
+
+def _buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """This thread's frame buffer of ``shape`` (kept up to ``_KEEP_BYTES``; larger ones are not kept)."""
+    kept: np.ndarray | None = getattr(_local, "frame", None)
+    if kept is not None and kept.shape == shape:
+        return kept
+    array = np.empty(shape, np.uint8)
+    if array.nbytes <= _KEEP_BYTES:
+        _local.frame = array
+    return array

@@ -31,6 +31,9 @@ class InferRequest:
     # requested outputs written into a shared-memory region: name -> (region, offset, byte size)
     shm_outputs: dict[str, tuple[Region, int, int]] = field(default_factory=dict)
     preprocess: str | None = None  # the frame's colour order when the manifest's pre-processing is asked for
+    # With ``preprocess``: inputs left in their shared-memory region (region, offset), their feed a
+    # placeholder of the right shape and dtype; the model's thread reads them (agent.api.frames).
+    shm_inputs: dict[str, tuple[Region, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def parse_infer(body: bytes | bytearray, header_length: str | None, model: Serve
     layout = []  # for the plan: where each binary input lies
     binary_inputs = True
     for entry in inputs:
-        name, array, used, from_binary = _input(entry, binary, offset, shm)
+        name, array, used, from_binary = _input(entry, binary, offset, shm, request)
         if name in request.feeds:
             raise RequestError(f"input '{name}' given twice")
         request.feeds[name] = array
@@ -202,9 +205,10 @@ def _region(shm: SharedMemory | None, name: str, where: str) -> Region:
     return shm.get(name)
 
 
-def _input(entry: Any, binary: memoryview, offset: int,
-           shm: SharedMemory | None = None) -> tuple[str, np.ndarray, int, bool]:
-    """(name, array, binary bytes used, whether it came from the binary part)."""
+def _input(entry: Any, binary: memoryview, offset: int, shm: SharedMemory | None = None,
+           request: InferRequest | None = None) -> tuple[str, np.ndarray, int, bool]:
+    """(name, array, binary bytes used, whether it came from the binary part). A shared-memory input
+    of a ``request`` with ``preprocess`` is left in its region (``InferRequest.shm_inputs``)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise RequestError("each input must be an object with a 'name'")
     name = entry["name"][:200]
@@ -231,6 +235,9 @@ def _input(entry: Any, binary: memoryview, offset: int,
             raise SharedMemoryError(f"{where}: shared_memory_byte_size {size} does not match shape {shape} of "
                                     f"{dt_name} ({count * dtype.itemsize} bytes)")
         region.check_span(where, at, size)
+        if request is not None and request.preprocess is not None:
+            request.shm_inputs[name] = (region, at)
+            return name, np.broadcast_to(np.zeros((), dtype), shape), 0, False  # no memory: read later
         return name, region.read(at, dtype, shape), 0, False
     if "binary_data_size" in params:
         size = params["binary_data_size"]

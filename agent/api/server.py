@@ -171,7 +171,7 @@ class Routes:
             prepare, frame = None, None
             if parsed.preprocess is not None:  # a frame, through the manifest's pre-processing
                 preprocessor = await frames.frame_preprocessor(model, parsed.preprocess)
-                prepare, frame = frames.frame_prepare(preprocessor, parsed.feeds)
+                prepare, frame = frames.frame_prepare(preprocessor, parsed.feeds, parsed.shm_inputs)
 
             def answer(outputs: Outputs) -> Response:
                 """Formatted, and written when it can be, by the thread that ran the model."""

@@ -79,9 +79,14 @@ class Region:
             raise SharedMemoryError(f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {size} is "
                                     f"out of bounds of region '{self.name}' ({self.byte_size} bytes)")
 
-    def read(self, offset: int, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
+    def read(self, offset: int, dtype: np.dtype[Any], shape: list[int] | tuple[int, ...]) -> np.ndarray:
         """A copy of the tensor at ``offset`` (checked by ``check_span``)."""
         array = np.empty(shape, dtype)
+        self.read_into(offset, array)
+        return array
+
+    def read_into(self, offset: int, array: np.ndarray) -> None:
+        """Fill ``array`` (C-contiguous) from ``offset`` (checked by ``check_span``); any thread."""
         view = array.reshape(-1).view(np.uint8).data
         with self.lock:
             fd = self._live()
@@ -91,7 +96,6 @@ class Region:
                 if got <= 0:  # shrunk since the check
                     raise self._shrunk(os.fstat(fd).st_size)
                 done += got
-        return array
 
     def write(self, what: str, offset: int, size: int, value: np.ndarray) -> None:
         """Copy ``value`` (C-contiguous) to ``offset``; ``size`` is what the client set aside for it."""
