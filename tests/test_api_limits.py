@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.api.http import _BODY as http_body_state
 from agent.api.http import HTTPServer, Limits, Request, Response, Router
 from agent.client import AgentClient
 from agent.errors import ClientError
@@ -667,6 +668,31 @@ async def test_a_chunked_body_counts_against_the_budget_and_the_limit(make):
 
     await run(client)
     assert rig.server.buffered == 0
+
+
+async def test_big_chunks_arriving_in_one_read_are_data_not_framing(make):
+    """A fast client's chunks land in the agent's read buffer many at a time: before they are
+    parsed they must not be counted as framing (a 400 "out of proportion" under load, once)."""
+    rig = await make(max_body=4 << 20, max_buffered=4 << 20)
+    body = b"".join(b"10000\r\n" + bytes([65 + i]) * 65536 + b"\r\n" for i in range(16))
+
+    def client() -> None:
+        c = rig.connect()
+        c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        # The head read alone, the body then arrives in reads of many chunks each.
+        def reading_body() -> bool:
+            try:
+                return any(conn.reading == http_body_state for conn in list(rig.server.connections))
+            except RuntimeError:  # the loop changed the set meanwhile: look again
+                return False
+
+        wait_for(reading_body, what="the head parsed")
+        c.send(body + b"0\r\n\r\n")
+        answer = c.response()
+        assert answer is not None and answer.status == 200, answer
+        assert answer.body == str(16 * 65536).encode()
+
+    await run(client)
 
 
 async def test_tiny_chunks_are_refused(make):

@@ -380,8 +380,10 @@ class _Connection(asyncio.Protocol):
                 if wire > self.limits.max_head:  # a head that never ends: refused before httptools buffers it
                     self._refuse(HeadTooLargeError(f"request head exceeds {self.limits.max_head} bytes"))
                     return
-            elif self.chunked and wire - self.body_size > self.limits.max_head + self.body_size // 8:
-                # Tiny chunks (a Python callback each) or endless extensions and trailers.
+            elif self.chunked and wire - len(data) - self.body_size > self.limits.max_head + self.body_size // 8:
+                # Tiny chunks (a Python callback each) or endless extensions and trailers, in what the
+                # parser has seen (this read's data is not parsed yet: a fast client's large read of
+                # big chunks is all data, not framing).
                 self._refuse(ProtocolError("chunked body: framing out of proportion to its data"))
                 return
         else:
