@@ -140,9 +140,12 @@ class ServedModel:
         started = self._admit(feeds)
         pool = self.pool
         worker = self.worker if pool is None else pool.pick()
-        future = worker.submit_threadsafe(feeds)
-        if pool is not None:
-            future.add_done_callback(lambda _done: pool.done(worker, None))
+        if pool is None:
+            future = worker.submit_threadsafe(feeds)
+        else:  # the item's queue wait is judged by the scaler, like an API request's
+            timing = Timing(0, time.perf_counter_ns())
+            future = worker.submit_threadsafe(feeds, timing=timing)
+            future.add_done_callback(lambda _done: pool.done(worker, _waited(timing)))
         future.add_done_callback(lambda done: None if done.cancelled() else self._done(started, feeds, done, meta))
         return future
 
