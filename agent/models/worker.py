@@ -93,6 +93,11 @@ class Worker:
         self._thread.start()
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, held back, gathered for this turn of the event loop, or running."""
+        return self.busy_since is None and self._queue.empty() and not self._held and not self._turn
+
+    @property
     def batching_active(self) -> bool:
         return self.batching is not None
 
