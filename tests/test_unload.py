@@ -228,3 +228,69 @@ post = {{ type = "vad", threshold = 0.5 }}
         await asyncio.wait_for(streams.stop_all(), 30)
         await r.residency.stop()
         await r.registry.close()
+
+
+def test_end_to_end_in_the_daemon(tmp_path: Path, samples: dict[str, Path], broker: Any) -> None:
+    """A real daemon: an idle model shows UNLOADED in status, `edge-agent models` and /metrics, still
+    answers metadata, and the next predict loads it again (the cold start in status, /metrics and an
+    MQTT event); the model without ``unload_after_s`` stays loaded."""
+    import subprocess
+    import sys
+
+    from cloud_sync.fleet.console import FleetClient
+    from cloud_sync.mqtt.settings import BrokerSettings
+    from tests.conftest import start_daemon, wait_for
+
+    install(tmp_path / "models", samples, FACE)
+    install(tmp_path / "models", samples, VAD)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "idle-1"
+[mqtt]
+url = "{broker.url}"
+[models]
+idle_check_s = 0.1
+[model.{FACE}]
+unload_after_s = 0.5
+""")
+    daemon = start_daemon(tmp_path / "agent", "--config", str(config), "--models-dir", str(tmp_path / "models"))
+
+    def state(name: str) -> dict[str, Any]:
+        return next(m for m in daemon.client.status()["models"] if m["name"] == name)
+
+    try:
+        with FleetClient(BrokerSettings(url=broker.url)) as fleet:
+            fleet.subscribe(["edge/v1/devices/idle-1/events"])
+            before = daemon.client.infer(FACE, face_feeds())
+            wait_for(lambda: state(FACE)["state"] == "UNLOADED", 30, "the idle model unloaded")
+            assert state(FACE)["instances"] == 0 and state(VAD)["state"] == "AVAILABLE"
+            out = subprocess.run([sys.executable, "-m", "agent.cli", "models", "--socket", str(daemon.socket)],
+                                 capture_output=True, text=True, timeout=60, check=False)
+            assert out.returncode == 0 and "UNLOADED" in out.stdout, out
+            assert f'edge_agent_model_unloaded{{model="{FACE}",version="1"}} 1.0' in daemon.client.metrics()
+            meta = daemon.client.model_metadata(FACE)
+            assert [i["name"] for i in meta["inputs"]] == ["input"], meta
+
+            after = daemon.client.infer(FACE, face_feeds())  # loads it again
+            for name in before:
+                np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-5)
+            loaded = state(FACE)
+            assert loaded["cold_start_ms"] is not None and loaded["cold_start_ms"] > 0, loaded
+            metrics = daemon.client.metrics()
+            assert f'edge_agent_model_cold_start_seconds{{model="{FACE}",version="1"}}' in metrics
+            assert f'edge_agent_model_reloads_total{{model="{FACE}",outcome="ok"}} 1.0' in metrics
+
+            def events() -> list[dict[str, Any]]:
+                seen = [m.json() for m in fleet.messages(5, quiet=0.5)]
+                return [e for e in seen if isinstance(e, dict) and str(e.get("type", "")).startswith("model.")]
+
+            got: list[dict[str, Any]] = []
+            wait_for(lambda: got.extend(events()) or any(e["type"] == "model.reloaded" for e in got), 30,
+                     "the reload event over MQTT")
+            reloaded = next(e for e in got if e["type"] == "model.reloaded")
+            assert reloaded["model"] == FACE and reloaded["cold_start_ms"] > 0, reloaded
+            assert any(e["type"] == "model.unloaded" and e["model"] == FACE for e in got), got
+            assert not any(e.get("model") == VAD for e in got), got
+    finally:
+        assert daemon.stop() == 0
