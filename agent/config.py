@@ -178,11 +178,15 @@ class ModelSection(_Section):
     batching: BatchingSection = Field(default_factory=BatchingSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
     instances: InstancesSection = Field(default_factory=InstancesSection)
+    # A version unused (no request, stream item or shadow mirror) this long is unloaded, and loaded
+    # again by the next request or stream item; None: never.
+    unload_after_s: float | None = Field(default=None, gt=0)
 
 
 class ModelsSection(_Section):
     dir: ConfigPath | None = None  # default: <state_dir>/models
     versions: Literal["latest", "all"] = "latest"
+    idle_check_s: float = Field(default=5.0, gt=0, le=3600)  # how often idle versions are looked for
 
 
 class RuntimeSection(_Section):

@@ -31,6 +31,7 @@ from agent.health.watchdog import Watchdog, WatchdogPolicy
 from agent.logs import configure_logging
 from agent.models.instances import Scaler
 from agent.models.registry import ModelRegistry
+from agent.models.residency import Residency
 from agent.operations import AgentInfo, Operations
 from agent.pipelines.manager import StreamManager
 from agent.plugins import load_plugins
@@ -79,6 +80,11 @@ class Agent:
                              options=lambda n: config.model_options(n).instances,
                              hardware_root=config.agent.hardware_root, cpu_budget=choice.profile.threads)
         self.streams = StreamManager(config.stream, self.models, self.uplink)
+        deployer, streams = self.deployer, self.streams
+        self.residency = Residency(
+            self.models, self.uplink, self.metrics, unload_after=lambda n: config.model_options(n).unload_after_s,
+            pinned=lambda m: deployer.pinning(m.name) or ("stream" if streams.uses(m.name, m.version) else None),
+            interval_s=config.models.idle_check_s)
         info = AgentInfo(__version__, config.agent.device_id, config.models_dir, config.source, choice.profile.name,
                          choice.reason, threads, hardware.to_dict())
         nvidia_smi = resolve_nvidia_smi(AUTO)  # once: a driver installed later needs a restart anyway
@@ -93,6 +99,7 @@ class Agent:
         self.link: CloudLink | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._scaler_task: asyncio.Task[None] | None = None
+        self._residency_task: asyncio.Task[None] | None = None
         self._bound = False
 
     async def start(self) -> None:
@@ -126,6 +133,9 @@ class Agent:
             self._watchdog_task = asyncio.get_running_loop().create_task(self.watchdog.run(), name="model-watchdog")
         if config.scaling.enabled:
             self._scaler_task = asyncio.get_running_loop().create_task(self.scaler.run(), name="instance-scaler")
+        if any(m.unload_after_s is not None for m in config.model.values()):
+            self._residency_task = asyncio.get_running_loop().create_task(self.residency.run(),
+                                                                          name="model-residency")
         sock = bind_unix_socket(config.socket_path, config.api.socket_mode)
         self._bound = True
         await self.server.listen_unix(sock)
@@ -154,6 +164,9 @@ class Agent:
             self._watchdog_task.cancel()
         if self._scaler_task is not None:
             self._scaler_task.cancel()
+        if self._residency_task is not None:
+            self._residency_task.cancel()
+        await self.residency.stop()  # loads under way end: their waiters are answered
         await self.deployer.stop()
         await self.server.stop(self.config.agent.shutdown_timeout_s)
         if self.link is not None:

@@ -68,6 +68,12 @@ class ModelNotReadyError(ModelError):
     code = "unavailable"
 
 
+class ModelReloadError(ModelNotReadyError):
+    """A version unloaded while idle could not be loaded again; it stays unloaded and the next request retries."""
+
+    code = "reload_failed"
+
+
 class InferenceError(ModelError):
     """The runtime failed while running a request."""
 

@@ -161,6 +161,45 @@ async def test_the_memory_budget_blocks_a_scale_up(registry: ModelRegistry, tmp_
     assert not load.failures
 
 
+async def test_a_stream_alone_drives_a_scale_up(registry: ModelRegistry, tmp_path: Path,
+                                               samples: dict[str, Path]) -> None:
+    """Stream items' queue waits are judged too: a video stream (no pacing, frames overlapping in the
+    model) is the only load, and it adds an instance."""
+    from agent.config import StreamSection
+    from agent.pipelines.manager import StreamManager
+    from tests.media import make_video, photo_frames
+    from tests.test_streams import FACE_POST, FACE_PRE
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    frames, _ = photo_frames(samples["astronaut"], n=20, size=(320, 240), scales=(0.9, 0.9))
+    video = make_video(tmp_path / "faces.avi", frames, fps=10)
+    section = StreamSection(**tomllib.loads(f"""
+model = "{NAME}"
+source = {{ type = "video", path = "{video}", loop = true, realtime = false }}
+pre = {FACE_PRE}
+post = {FACE_POST}
+"""))
+    served = registry.get(NAME)
+    sink = RecordingSink()
+    streams = StreamManager({"cam": section}, registry, sink)
+    async with running(scaler(registry, tmp_path / "hw", sink, idle_s=3600)):
+        streams.start("cam")
+        try:
+            await until(lambda: len(served.pool or ()) == 2, 60, "a second instance for the stream's load")
+            inferred = streams.status()[0]["inferred"]
+            await until(lambda: streams.status()[0]["inferred"] > inferred + 20, 30, "frames with two instances")
+        finally:
+            await asyncio.wait_for(streams.stop_all(), 30)
+    up = scaled(sink)[0]
+    assert (up["from"], up["to"]) == (1, 2) and "p95 queue wait" in up["reason"], up
+    assert served.stats.errors == 0 and served.stats.successes > 0
+    assert streams.status()[0]["errors"] == 0
+
+
 def test_throttling_flags_and_active_trip_points(tmp_path: Path) -> None:
     root = tmp_path / "hw"
     zone(root, 70, 60, kind="active")  # a fan trip point is not a limit

@@ -58,10 +58,14 @@ class Metrics:
                                           ("model", "runtime"))
         self.watchdog_recoveries = Counter("edge_agent_watchdog_recoveries", "Models healed by the watchdog",
                                            ("model", "action"))
+        self.model_unloads = Counter("edge_agent_model_unloads", "Model versions unloaded while idle", ("model",))
+        self.model_reloads = Counter("edge_agent_model_reloads", "Loads of versions unloaded while idle",
+                                     ("model", "outcome"))
         self.sources: list[FamilySource] = []  # system health, models, streams, link: added by the daemon
 
     def counters(self) -> list[Counter]:
-        return [self.model_load_failures, self.delegate_fallbacks, self.watchdog_recoveries]
+        return [self.model_load_failures, self.delegate_fallbacks, self.watchdog_recoveries, self.model_unloads,
+                self.model_reloads]
 
     def value(self, name: str, **labels: str) -> float:
         """One counter's current value (for tests and status)."""

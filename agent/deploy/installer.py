@@ -326,6 +326,19 @@ class Deployer:
         release_free_heap()  # the old version's memory and the staging churn
         return record
 
+    def pinning(self, name: str) -> str | None:
+        """Why ``name``'s versions must stay loaded now (``agent.models.residency``): a deployment or
+        rollback under way, or a shadow beside it; None otherwise."""
+        lock = self._locks.get(name)
+        if lock is not None and lock.locked():
+            return "deployment"
+        task = self.tasks.get(name)
+        if task is not None and not task.done():
+            return "deployment"
+        if self.shadows.get(name) is not None or name in self._shadowed:
+            return "shadow"
+        return None
+
     # -- shadows ----------------------------------------------------------------------------------------
     def _refuse_if_shadowed(self, name: str) -> None:
         shadow = self.shadows.get(name)

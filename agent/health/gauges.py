@@ -69,8 +69,16 @@ class ModelFamilies:
         loaded = GaugeMetricFamily("edge_agent_models_loaded", "Model versions loaded", value=len(served))
         instances = GaugeMetricFamily("edge_agent_model_instances", "Workers (runtime sessions) of a model version",
                                       labels=["model", "version"])
+        unloaded = GaugeMetricFamily("edge_agent_model_unloaded", "1 while a version is unloaded for idleness",
+                                     labels=["model", "version"])
+        cold = GaugeMetricFamily("edge_agent_model_cold_start_seconds",
+                                 "Last load of a version unloaded while idle, to serving again",
+                                 labels=["model", "version"])
         for m in served:
             version = str(m.version)
+            unloaded.add_metric([m.name, version], 0 if m.state == "AVAILABLE" else 1)
+            if m.cold_start_ms is not None:
+                cold.add_metric([m.name, version], m.cold_start_ms / 1e3)
             for (protocol, code), count in sorted(m.stats.answers().items()):
                 requests.add_metric([m.name, version, protocol, code], count)
             buckets, total = m.stats.latency_histogram()
@@ -78,8 +86,8 @@ class ModelFamilies:
             buckets, total = m.stats.batch_histogram()
             batch.add_metric([m.name, version], buckets, total)
             info.add_metric([m.name, version, m.runtime, m.session.delegate], 1)
-            instances.add_metric([m.name, version], len(m.pool) if m.pool is not None else 1)
-        return [requests, latency, batch, info, loaded, instances]
+            instances.add_metric([m.name, version], 0 if m.state != "AVAILABLE" else len(m.pool) if m.pool else 1)
+        return [requests, latency, batch, info, loaded, instances, unloaded, cold]
 
 
 class AgentFamilies:

@@ -76,6 +76,8 @@ class Watchdog:
     async def check(self) -> None:
         now = time.monotonic()
         for served in self.models.served():
+            if served.state != "AVAILABLE":
+                continue  # unloaded while idle: nothing runs (agent.models.residency)
             found = self.diagnose(served, now)
             if found is None:
                 continue

@@ -192,7 +192,7 @@ class Scaler:
 
     def threads_in_use(self) -> int:
         return sum((len(m.pool) if m.pool is not None else 1) * max(1, self.host.instance_threads(m))
-                   for m in self.host.served())
+                   for m in self.host.served() if m.state == "AVAILABLE")
 
     async def run(self) -> None:
         while True:
@@ -228,6 +228,8 @@ class Scaler:
 
     async def _size(self, served: ServedModel, hot: str | None, rss: int | None,
                     budget: int | None) -> dict[str, Any] | None:
+        if served.state != "AVAILABLE":
+            return None  # unloaded while idle: it starts again from one instance (agent.models.residency)
         low, high = self.limits(served)
         now = len(served.pool) if served.pool is not None else 1
         if now > high or (hot and now > low):

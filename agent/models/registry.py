@@ -28,7 +28,7 @@ from agent.core.metrics import Metrics
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.hardware import DelegateSpec
 from agent.models.instances import Instances
-from agent.models.served import LoadFailure, ServedModel
+from agent.models.served import AVAILABLE, LoadFailure, ServedModel
 from agent.models.store import ModelVersion, active_version, scan
 from agent.models.worker import Worker
 from agent.runtimes import get_backend
@@ -54,7 +54,8 @@ def _frozen(models: Mapping[str, Mapping[int, ServedModel]], failures: Mapping[t
     return _Snapshot(models, MappingProxyType(dict(failures)), MappingProxyType(dict(active)), served)
 
 
-def _stop_workers(workers: Sequence[Worker]) -> None:
+def stop_workers(workers: Sequence[Worker]) -> None:
+    """Blocking: stop each worker (queued requests finish first), then close its session."""
     for worker in workers:
         worker.stop()
         worker.session.close()
@@ -199,7 +200,7 @@ class ModelRegistry:
             old.worker.abandon(f"model {old.name}@{old.version} was restarted by the watchdog")
             extras = old.pool.workers[1:] if old.pool is not None else ()
             if extras:  # the restarted version starts again from one instance; the scaler grows it again
-                threading.Thread(target=_stop_workers, args=(extras,), name=f"close-{old.key}-instances",
+                threading.Thread(target=stop_workers, args=(extras,), name=f"close-{old.key}-instances",
                                  daemon=True).start()
         else:
             threading.Thread(target=old.close, name=f"close-{old.key}", daemon=True).start()
@@ -349,6 +350,18 @@ class ModelRegistry:
         log.info("models.reloaded", added=added, removed=removed, failed=failed)
         return {"added": added, "removed": removed, "failed": failed}
 
+    def load_again(self, served: ServedModel) -> ServedModel:
+        """Blocking: a fresh session and worker of a version that was unloaded while idle, on the
+        delegate it ran on, warmed up (``agent.models.residency`` adopts them into ``served``).
+
+        Raises:
+            AgentError: the model no longer loads (e.g. its file changed on disk).
+        """
+        same = [d for d in self.delegates_for(served.runtime) if d.name == served.session.delegate]
+        fresh = self._load_session(served.source, same or None)
+        self.warm_up(fresh)
+        return fresh
+
     # -- instances (the scaler; event loop only) --------------------------------------------
     def instance_threads(self, served: ServedModel) -> int:
         return self.options(served.name).threads or self.threads or 1
@@ -359,37 +372,36 @@ class ModelRegistry:
         Raises:
             AgentError: the session could not be loaded.
         """
-        pool = served.pool
-        if pool is None:
-            raise AgentError(f"{served.key} has no instance pool ([scaling] enabled is off)")
-        same = [d for d in self.delegates_for(served.runtime) if d.name == served.session.delegate]
-        extra = await asyncio.to_thread(self._load_session, served.source, same or None)
-        worker = extra.worker
-        worker.stats = served.stats
-        worker.known_good = served.worker.known_good
-        worker.name = f"{served.key}#{len(pool) + 1}"
-        if self.find(served.name, served.version) is not served:  # unloaded meanwhile
-            await asyncio.to_thread(extra.close)
-            return
-        pool.add(worker)
+        async with served.changing:  # not while it is unloaded or loaded again when idle
+            pool = served.pool
+            if pool is None:
+                raise AgentError(f"{served.key} has no instance pool ([scaling] enabled is off)")
+            if served.state != AVAILABLE:
+                return
+            same = [d for d in self.delegates_for(served.runtime) if d.name == served.session.delegate]
+            extra = await asyncio.to_thread(self._load_session, served.source, same or None)
+            worker = extra.worker
+            worker.stats = served.stats
+            worker.known_good = served.worker.known_good
+            worker.name = f"{served.key}#{len(pool) + 1}"
+            if self.find(served.name, served.version) is not served or served.closed:  # unloaded meanwhile
+                await asyncio.to_thread(extra.close)
+                return
+            pool.add(worker)
 
     async def remove_instance(self, served: ServedModel) -> bool:
         """Take the newest extra instance out of rotation and stop it once nothing holds it."""
-        pool = served.pool
-        worker = pool.pop() if pool is not None else None
-        if pool is None or worker is None:
-            return False
-        deadline = time.monotonic() + 30
-        while pool.holding(worker) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        pool.forget(worker)
-
-        def stop() -> None:
-            worker.stop()
-            worker.session.close()
-
-        await asyncio.to_thread(stop)
-        return True
+        async with served.changing:
+            pool = served.pool
+            worker = pool.pop() if pool is not None and served.state == AVAILABLE else None
+            if pool is None or worker is None:
+                return False
+            deadline = time.monotonic() + 30
+            while pool.holding(worker) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            pool.forget(worker)
+            await asyncio.to_thread(stop_workers, [worker])
+            return True
 
     async def close(self) -> None:
         """Stop every worker and release every session (in threads); nothing is served afterwards."""

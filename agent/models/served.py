@@ -2,11 +2,17 @@
 
 A ``ServedModel`` is what the API and the streams call; its worker thread runs the session.
 Its counters live in its ``ModelStats`` (per version, kept across watchdog restarts).
+
+A version idle past its ``unload_after_s`` is unloaded in place (``release``, by
+``agent.models.residency``): it stays listed with its specs and statistics, and the next request
+or stream item waits for the one load all waiters share (``wake``), then runs as usual.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from agent.errors import AgentError, InferenceError, RequestError
+from agent.errors import AgentError, InferenceError, ModelReloadError, RequestError
 from agent.models.instances import Instances
 from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
@@ -24,6 +30,9 @@ from agent.models.worker import Outputs, Prepare, Worker
 from agent.runtimes import Session, TensorSpec
 
 R = TypeVar("R")
+AVAILABLE, UNLOADED = "AVAILABLE", "UNLOADED"
+#: How long a stream thread waits for an unloaded version to load again.
+RELOAD_WAIT_S = 120.0
 
 
 @dataclass
@@ -46,6 +55,18 @@ class ServedModel:
     pool: Instances | None = None
     # What a transport builds for this version on demand (the API's frame pre-processors): gone with it.
     cache: dict[str, Any] = field(default_factory=dict)
+    # UNLOADED: idle past ``unload_after_s``, sessions and threads released (agent.models.residency).
+    state: str = AVAILABLE
+    last_used: float = field(default_factory=time.monotonic)  # a request admitted or answered
+    cold_start_ms: float | None = None  # the last load after an unload
+    # While unloaded: starts (or joins) the load again, from any thread; the future ends when it is done.
+    wake: Callable[[ServedModel], concurrent.futures.Future[None]] | None = None
+    closed: bool = False
+    # ``state`` changes and stream threads' hand-overs, so none lands on a stopped worker.
+    _gate: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # Held by whatever changes this version's workers: unload, load again, instance scaling (event loop).
+    changing: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _reload: concurrent.futures.Future[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Looked up where the version is when first needed: a deployment moves it after loading.
@@ -75,9 +96,11 @@ class ServedModel:
             self.stats.refused()  # the installer's health window counts these: a new version may reject old clients
             raise
         self.stats.admitted()
+        self.last_used = time.monotonic()
         return time.perf_counter()
 
     def _account(self, started: float, error: BaseException | None, outputs: Outputs | None = None) -> None:
+        self.last_used = time.monotonic()
         if error is None:
             self.stats.call_ended(time.perf_counter() - started)
             allowed = self.nonfinite_check
@@ -99,15 +122,19 @@ class ServedModel:
                          raw_outputs: bool = False, timing: Timing | None = None,
                          prepare: Prepare | None = None) -> R:
         """``then(outputs)``, run on the thread that ran the model: the worker's, or the caller's for
-        an inline run. Raises what ``infer`` raises, and what ``then`` raises.
+        an inline run. Raises what ``infer`` raises, and what ``then`` raises (and ModelReloadError:
+        the version was unloaded while idle and could not be loaded again).
 
         ``prepare`` turns ``feeds`` into the model's on that thread first (a frame through the
         manifest's pre-processing): its output is what the model checks, runs and mirrors."""
+        if self.state != AVAILABLE:
+            await self.loaded()
         prepared: dict[str, np.ndarray] = {}
         if prepare is None:
             started = self._admit(feeds)
         else:
             self.stats.admitted()  # the pre-processor was checked against the inputs when it was made
+            self.last_used = time.monotonic()
             started = time.perf_counter()
             prepare = _keeping(prepare, prepared)
         pool = self.pool
@@ -145,16 +172,29 @@ class ServedModel:
                          meta: Mapping[str, Any] | None = None) -> concurrent.futures.Future[Outputs]:
         """``infer`` for a caller on its own thread (a stream): the result comes straight from the worker.
 
+        Blocks while an unloaded version loads again.
+
         Raises:
             RequestError: the feeds do not fit (counted as rejected, like ``infer``); the future
                 fails with InvalidInputError when the runtime refuses them, InferenceError when it fails.
+            ModelReloadError: the version was unloaded while idle and could not be loaded again.
         """
-        started = self._admit(feeds)
-        pool = self.pool
-        worker = self.worker if pool is None else pool.pick()
-        future = worker.submit_threadsafe(feeds)
-        if pool is not None:
-            future.add_done_callback(lambda _done: pool.done(worker, None))
+        while True:
+            with self._gate:  # never hand over to a worker that an unload is stopping
+                if self.state == AVAILABLE:
+                    started = self._admit(feeds)
+                    pool = self.pool
+                    worker = self.worker if pool is None else pool.pick()
+                    timing = None if pool is None else Timing(0, time.perf_counter_ns())
+                    future = worker.submit_threadsafe(feeds, timing=timing)
+                    break
+            try:
+                self._wake().result(timeout=RELOAD_WAIT_S)
+            except concurrent.futures.TimeoutError as exc:
+                raise ModelReloadError(f"model {self.name} version {self.version} did not load again within "
+                                       f"{RELOAD_WAIT_S:g} s") from exc
+        if pool is not None:  # the item's queue wait is judged by the scaler, like an API request's
+            future.add_done_callback(lambda _done: pool.done(worker, _waited(timing)))
         future.add_done_callback(lambda done: None if done.cancelled() else self._done(started, feeds, done, meta))
         return future
 
@@ -165,6 +205,58 @@ class ServedModel:
         self._account(started, error, outputs)
         if outputs is not None and self.mirror is not None:
             self.mirror(feeds, outputs, meta)
+
+    # -- unloading while idle (agent.models.residency) -------------------------------------------
+    async def loaded(self) -> None:
+        """Wait until an unloaded version is loaded again (one load for every waiter).
+
+        Raises:
+            ModelReloadError: the load failed (the version stays unloaded; the next request retries).
+        """
+        while self.state != AVAILABLE:
+            await asyncio.wrap_future(self._wake())
+
+    def _wake(self) -> concurrent.futures.Future[None]:
+        wake = self.wake
+        if wake is None or self.closed:
+            raise ModelReloadError(f"model {self.name} version {self.version} was unloaded")
+        return wake(self)
+
+    def reloading(self) -> tuple[concurrent.futures.Future[None], bool]:
+        """The load every waiter shares, and whether the caller is the first (then it starts it)."""
+        with self._gate:
+            if self.state == AVAILABLE:
+                done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                done.set_result(None)
+                return done, False
+            if self._reload is None or self._reload.done():
+                self._reload = concurrent.futures.Future()
+                return self._reload, True
+            return self._reload, False
+
+    def release(self) -> list[Worker] | None:
+        """Unload if every worker is idle (on the event loop, holding ``changing``): the version
+        stays listed, requests from now on wait for ``wake``. Returns the workers to stop and
+        close (blocking: in a thread), None when busy, closed or already unloaded."""
+        with self._gate:
+            workers = list(self.pool.workers) if self.pool is not None else [self.worker]
+            if self.state != AVAILABLE or self.closed or not all(w.idle for w in workers):
+                return None
+            self.state = UNLOADED
+            return workers
+
+    def adopt(self, fresh: ServedModel, cold_start_ms: float) -> None:
+        """Serve again with ``fresh``'s session and worker (a load of this version, on the event loop):
+        statistics and the known-good input carry over; instances start again from one."""
+        fresh.worker.stats = self.worker.stats
+        fresh.worker.known_good = self.worker.known_good
+        with self._gate:
+            self.session, self.worker = fresh.session, fresh.worker
+            if self.pool is not None:
+                self.pool = Instances(fresh.worker)
+            self.cold_start_ms = cold_start_ms
+            self.last_used = time.monotonic()
+            self.state = AVAILABLE
 
     def answers_known_good(self) -> bool | None:
         """Run the version's known-good input (blocking: it waits for the session): True if the model
@@ -180,6 +272,10 @@ class ServedModel:
 
     def close(self) -> None:
         """Stop the workers (queued requests finish first) and release the sessions. Blocks."""
+        with self._gate:
+            self.closed = True  # a load again that ends now is discarded
+            if self.state != AVAILABLE:
+                return  # unloaded: stopped by the unload
         for extra in (self.pool.workers[1:] if self.pool is not None else ()):
             extra.stop()
             extra.session.close()
@@ -188,14 +284,15 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "version": self.version, "state": "AVAILABLE", "runtime": self.runtime,
+            "name": self.name, "version": self.version, "state": self.state, "runtime": self.runtime,
             "delegate": self.session.delegate, "fallbacks": list(self.session.report.fallbacks),
             "path": str(self.source.file), "batching": self.worker.batching_active,
             "inline": self.worker.inline, "known_good": self.worker.known_good.source,
             "inputs": [s.to_dict() for s in self.session.inputs],
             "outputs": [s.to_dict() for s in self.session.outputs],
             "requests": self.stats.requests, "errors": self.stats.errors,
-            "instances": len(self.pool) if self.pool is not None else 1,
+            "instances": 0 if self.state != AVAILABLE else len(self.pool) if self.pool is not None else 1,
+            "cold_start_ms": self.cold_start_ms,
         }
 
 

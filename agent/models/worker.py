@@ -98,6 +98,11 @@ class Worker:
         self._thread.start()
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, held back, gathered for this turn of the event loop, or running."""
+        return self.busy_since is None and self._queue.empty() and not self._held and not self._turn
+
+    @property
     def batching_active(self) -> bool:
         return self.batching is not None
 
@@ -149,11 +154,11 @@ class Worker:
             else:
                 self._enqueue(job)
 
-    def submit_threadsafe(self, feeds: Mapping[str, np.ndarray],
-                          raw_outputs: bool = False) -> concurrent.futures.Future[Outputs]:
+    def submit_threadsafe(self, feeds: Mapping[str, np.ndarray], raw_outputs: bool = False,
+                          timing: Timing | None = None) -> concurrent.futures.Future[Outputs]:
         """For callers on their own thread (stream pipelines): no hop through the event loop."""
         future: concurrent.futures.Future[Outputs] = concurrent.futures.Future()
-        self._enqueue(Job(feeds, raw_outputs, None, future))
+        self._enqueue(Job(feeds, raw_outputs, None, future, timing=timing))
         return future
 
     def _enqueue(self, job: Job) -> None:

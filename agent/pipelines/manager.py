@@ -85,6 +85,23 @@ class StreamManager:
         if self._snapshots is not None:
             self._snapshots.shutdown(wait=False)
 
+    def uses(self, name: str, version: int) -> bool:
+        """Whether a running stream infers with that model version (it must stay loaded)."""
+        for stream in self.streams.values():
+            spec = stream.spec
+            finished = stream.state in ("ended", "stopped", "failed") and not stream.metrics.processing
+            if finished or spec.model != name:
+                continue
+            if spec.version == version:
+                return True
+            if spec.version is None:
+                try:
+                    if self.models.default_version(name) == version:
+                        return True
+                except KeyError:
+                    continue
+        return False
+
     def status(self) -> list[dict[str, Any]]:
         """Every configured stream, running or not (safe from any thread)."""
         streams = self.streams
