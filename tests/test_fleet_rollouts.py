@@ -225,3 +225,115 @@ def test_the_deployments_api(fleet_factory) -> None:
         assert call("POST", f"/api/deployments/{dep['id']}/abort").status_code == 409
         assert call("POST", f"/api/deployments/{dep['id']}/resume").json()["status"] == "running"
         assert call("GET", "/api/deployments/nope", "viewer").status_code == 404
+
+
+# -- shadow rollouts (issue 16) ---------------------------------------------------------------------------------
+def _deploy_args(fleet: Fleet, dep_id: str) -> list[dict]:
+    with fleet.db.read() as conn:
+        return [r.args for r in conn.execute(sa.select(s.commands.c.args).where(
+            s.commands.c.name == "deploy", s.commands.c.sent_by == f"deployment:{dep_id}"))]
+
+
+def _states(fleet: Fleet) -> list[dict]:
+    with fleet.db.read() as conn:
+        return [r.state for r in conn.execute(sa.select(s.devices.c.state))]
+
+
+def _settled(fleet: Fleet, dep_id: str, n: int) -> dict:
+    def done():
+        dep = fleet.rollouts.get(dep_id)
+        return dep if dep["action_counts"]["succeeded"] + dep["action_counts"]["failed"] >= n else None
+    return wait_for(done, timeout=30, what="every action answered")
+
+
+def test_a_shadow_rollout_stops_in_shadowing_and_promote_swaps_it_in(fleet_factory) -> None:
+    fleet = fleet_factory()
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="1", wave_size="50%",
+                                mode="shadow", shadow={"sample": 0.5, "min_samples": 10}, created_by="ops")
+    assert (dep["mode"], dep["shadow"], dep["action"]) == ("shadow", {"sample": 0.5, "min_samples": 10}, None)
+    with pytest.raises(ConflictError, match="still running"):
+        fleet.rollouts.act(dep["id"], "promote", commands=fleet.ctx.commands)
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 8, done
+    assert (fleet.sim.counters.shadows_started, fleet.sim.counters.deploys_committed) == (8, 0)
+    assert _deploy_args(fleet, dep["id"]) == [{"model": "silero-vad", "version": 2, "mode": "shadow",
+                                               "shadow": {"sample": 0.5, "min_samples": 10}}] * 8
+    # the devices still serve version 1 and report their shadow (birth: short form; telemetry: the figures)
+    wait_for(lambda: count(fleet.db, s.device_models, name="silero-vad", version=1) == 8
+             and count(fleet.db, s.device_models, name="silero-vad", version=2) == 0, what="births")
+    states = _states(fleet)
+    assert all([x["version"] for x in st["shadows"]] == [2] for st in states), states
+    swap = fleet.rollouts.create(model="silero-vad", version=3, devices=["sim-0000"])
+    fleet.rollouts.abort(swap["id"])
+    with pytest.raises(ConflictError, match="swap rollout"):  # a swap rollout has no shadow
+        fleet.rollouts.act(swap["id"], "promote", commands=fleet.ctx.commands)
+    with pytest.raises(RequestError, match="action"):
+        fleet.rollouts.act(dep["id"], "swap", commands=fleet.ctx.commands)
+
+    sent = fleet.rollouts.act(dep["id"], "promote", commands=fleet.ctx.commands, by="ops")
+    assert (sent["action"], sent["action_by"]) == ("promote", "ops")
+    assert {d["action"] for d in sent["devices"]} == {"promote"}
+    promoted = _settled(fleet, dep["id"], 8)
+    assert promoted["action_counts"] == {"sent": 0, "accepted": 0, "succeeded": 8, "failed": 0}
+    assert {d["action_status"] for d in promoted["devices"]} == {"succeeded"}
+    assert fleet.sim.counters.shadows_promoted == 8
+    wait_for(lambda: count(fleet.db, s.device_models, name="silero-vad", version=2) == 8, what="promoted births")
+    # asking again sends nothing new (every device answered); the other action is refused
+    fleet.rollouts.act(dep["id"], "promote", commands=fleet.ctx.commands)
+    assert count(fleet.db, s.commands, name="promote") == 8
+    with pytest.raises(ConflictError, match="already"):
+        fleet.rollouts.act(dep["id"], "discard", commands=fleet.ctx.commands)
+
+
+def test_discard_reaches_only_the_devices_that_reached_shadowing(fleet_factory) -> None:
+    fleet = fleet_factory(devices=3)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="3", abort_threshold="50%",
+                                mode="shadow")
+    assert dep["shadow"] == {}  # the agent's defaults
+    with fleet.db.write() as conn:  # one device never got there (as if it had failed)
+        conn.execute(sa.update(s.deployment_devices).where(s.deployment_devices.c.device_id == "sim-0002")
+                     .values(status="failed"))
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert (done["status"], done["counts"]["succeeded"]) == ("failed", 2)
+    assert _deploy_args(fleet, dep["id"]) == [{"model": "silero-vad", "version": 2, "mode": "shadow"}] * 2
+    fleet.rollouts.act(dep["id"], "discard", commands=fleet.ctx.commands, by="ops")
+    discarded = _settled(fleet, dep["id"], 2)
+    assert discarded["action_counts"]["succeeded"] == 2
+    assert [d["action"] for d in discarded["devices"]] == ["discard", "discard", None]
+    assert fleet.sim.counters.shadows_discarded == 2 and fleet.sim.counters.shadows_promoted == 0
+    wait_for(lambda: not any(st.get("shadows") for st in _states(fleet)), what="births without shadows")
+    wait_for(lambda: count(fleet.db, s.events, type="deploy.discarded") == 2, what="the discarded events")
+
+
+def test_a_shadow_deploy_answered_committed_is_a_failure(fleet_factory) -> None:
+    # An agent that swapped instead of shadowing (e.g. one that ignored the mode) must not count as a success.
+    fleet = fleet_factory(devices=1, install_time_s=30.0)
+    dep = fleet.rollouts.create(model="silero-vad", version=2, devices=["sim-0000"], mode="shadow")
+    wait_for(lambda: (fleet.runner.tick(), fleet.rollouts.get(dep["id"])["counts"]["accepted"])[1] == 1,
+             what="the device accepted")
+    with fleet.db.write() as conn:
+        conn.execute(sa.update(s.commands).where(s.commands.c.id == command_id(dep["id"], "sim-0000")).values(
+            status="done", ok=True, response={"ok": True, "status": "done", "result": {"state": "committed"}}))
+    done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+    assert done["status"] == "aborted"
+    assert done["devices"][0]["error"]["code"] == "not_shadowing"
+    with pytest.raises(ConflictError, match="no device reached shadowing"):
+        fleet.rollouts.act(dep["id"], "promote", commands=fleet.ctx.commands)
+
+
+@pytest.mark.parametrize("mode, shadow, field", [
+    ("blue", None, "mode"), ("swap", {"sample": 0.5}, "shadow"), ("shadow", {"sample": 0}, "shadow.sample"),
+    ("shadow", {"sample": 1.5}, "shadow.sample"), ("shadow", {"min_samples": -1}, "shadow.min_samples"),
+    ("shadow", {"min_agreement": 2}, "shadow.min_agreement"), ("shadow", {"min_samples": "lots"}, "shadow.min_samples"),
+    ("shadow", {"max_latency_ratio": 0}, "shadow.max_latency_ratio"), ("shadow", {"colour": 1}, "shadow.colour"),
+])
+def test_bad_shadow_arguments_are_refused_and_store_nothing(db_url: str, mode: str, shadow: dict | None,
+                                                            field: str) -> None:
+    db = Database(db_url)
+    db.migrate()
+    try:
+        with pytest.raises(RequestError, match=rf"^{field}: "):
+            Rollouts(db).create(model="m", version=1, devices=["d"], mode=mode, shadow=shadow)
+        assert count(db, s.deployments) == 0
+    finally:
+        db.dispose()
