@@ -337,3 +337,55 @@ def test_bad_shadow_arguments_are_refused_and_store_nothing(db_url: str, mode: s
         assert count(db, s.deployments) == 0
     finally:
         db.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_the_shadow_deployments_api_refuses_hostile_input_and_promotes(fleet_factory) -> None:
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.fleet.server.api import create_app
+
+    fleet = fleet_factory(devices=2)
+    tokens = {role: fleet.ctx.tokens.create(role, role)[0] for role in ("viewer", "operator")}
+    with TestClient(create_app(fleet.ctx)) as api:
+        def call(method: str, path: str, role: str = "operator", **kw: object):
+            return api.request(method, path, headers={"Authorization": f"Bearer {tokens[role]}"}, **kw)
+
+        body = {"model": "silero-vad", "version": 2, "group": "lab", "canary": "2", "mode": "shadow",
+                "shadow": {"sample": 0.25, "min_samples": 50, "min_agreement": 0.9, "max_latency_ratio": 2}}
+        hostile = [{"mode": "blue"}, {"mode": 1}, {"mode": None}, {"mode": "swap"},  # shadow args without shadow mode
+                   {"shadow": {"sample": 0}}, {"shadow": {"sample": 1.01}}, {"shadow": {"sample": -0.5}},
+                   {"shadow": {"sample": "half"}}, {"shadow": {"min_samples": -1}}, {"shadow": {"min_samples": 0}},
+                   {"shadow": {"min_samples": 2.5}}, {"shadow": {"min_agreement": 1.5}},
+                   {"shadow": {"max_latency_ratio": -1}}, {"shadow": {"extra": True}}, {"shadow": [0.1]},
+                   {"shadow": "0.1"}]
+        for change in hostile:
+            r = call("POST", "/api/deployments", json={**body, **change})
+            assert r.status_code == 422, (change, r.text)
+            assert r.json()["error"]["code"] == "invalid_request"
+        assert "shadow.sample" in call("POST", "/api/deployments", json={**body, "shadow": {"sample": 2}}).text
+        assert call("POST", "/api/deployments", "viewer", json=body).status_code == 403
+        assert call("GET", "/api/deployments", "viewer").json()["items"] == []  # nothing was stored
+        assert count(fleet.db, s.deployments) == 0
+
+        r = call("POST", "/api/deployments", json=body)
+        assert r.status_code == 201, r.text
+        dep = r.json()
+        assert (dep["mode"], dep["shadow"], dep["action"], dep["action_counts"]) == ("shadow", body["shadow"], None,
+                                                                                     None)
+        assert call("POST", f"/api/deployments/{dep['id']}/promote").json()["error"]["code"] == "conflict"  # running
+        done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
+        assert done["status"] == "succeeded", done
+        assert call("POST", f"/api/deployments/{dep['id']}/promote", "viewer").status_code == 403
+        assert call("POST", "/api/deployments/nope/promote").status_code == 404
+        assert count(fleet.db, s.commands, name="promote") == 0
+        r = call("POST", f"/api/deployments/{dep['id']}/promote")
+        assert r.status_code == 202, r.text
+        assert r.json()["action"] == "promote" and r.json()["action_by"] == "operator"
+        _settled(fleet, dep["id"], 2)
+        detail = call("GET", f"/api/deployments/{dep['id']}", "viewer").json()
+        assert [d["action_status"] for d in detail["devices"]] == ["succeeded", "succeeded"]
+        assert detail["action_counts"]["succeeded"] == 2
+        assert call("POST", f"/api/deployments/{dep['id']}/discard").status_code == 409
+        swap = call("POST", "/api/deployments", json={k: v for k, v in body.items() if k not in ("mode", "shadow")})
+        assert swap.json()["mode"] == "swap" and swap.json()["shadow"] is None
