@@ -326,6 +326,8 @@ def test_a_shadow_deploy_answered_committed_is_a_failure(fleet_factory) -> None:
     ("shadow", {"sample": 1.5}, "shadow.sample"), ("shadow", {"min_samples": -1}, "shadow.min_samples"),
     ("shadow", {"min_agreement": 2}, "shadow.min_agreement"), ("shadow", {"min_samples": "lots"}, "shadow.min_samples"),
     ("shadow", {"max_latency_ratio": 0}, "shadow.max_latency_ratio"), ("shadow", {"colour": 1}, "shadow.colour"),
+    ("shadow", {"max_latency_ratio": float("inf")}, "shadow.max_latency_ratio"), ("shadow", [0.5], "shadow"),
+    ("shadow", {"sample": float("nan")}, "shadow.sample"), ("shadow", {"min_samples": True}, "shadow.min_samples"),
 ])
 def test_bad_shadow_arguments_are_refused_and_store_nothing(db_url: str, mode: str, shadow: dict | None,
                                                             field: str) -> None:
@@ -358,7 +360,8 @@ def test_the_shadow_deployments_api_refuses_hostile_input_and_promotes(fleet_fac
                    {"shadow": {"sample": "half"}}, {"shadow": {"min_samples": -1}}, {"shadow": {"min_samples": 0}},
                    {"shadow": {"min_samples": 2.5}}, {"shadow": {"min_agreement": 1.5}},
                    {"shadow": {"max_latency_ratio": -1}}, {"shadow": {"extra": True}}, {"shadow": [0.1]},
-                   {"shadow": "0.1"}]
+                   {"shadow": "0.1"}, {"shadow": {"min_samples": True}}, {"shadow": {"sample": "0.5"}},
+                   {"shadow": {"min_samples": 10.0}}, {"shadow": {"sample": None, "x": 1}}]
         for change in hostile:
             r = call("POST", "/api/deployments", json={**body, **change})
             assert r.status_code == 422, (change, r.text)

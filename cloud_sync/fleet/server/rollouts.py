@@ -70,8 +70,9 @@ def action_id(deployment_id: str, device_id: str, action: str) -> str:
 
 
 def shadow_args(mode: str, shadow: Mapping[str, Any] | ShadowArgs | None) -> dict[str, Any] | None:
-    """The shadow arguments to store and send (the contract's :class:`ShadowArgs`, unset keys left out so the
-    agent's ``[shadow]`` defaults apply); None for a swap rollout. Raises: RequestError naming the field."""
+    """The shadow arguments to store and send (the contract's :class:`ShadowArgs`, strictly: ``true`` is not a
+    count nor ``"0.5"`` a share; unset keys left out so the agent's ``[shadow]`` defaults apply); None for a swap
+    rollout. Raises: RequestError naming the field."""
     if mode not in DEPLOY_MODES:
         raise RequestError(f"mode: expected one of {', '.join(DEPLOY_MODES)}")
     if mode != "shadow":
@@ -79,12 +80,17 @@ def shadow_args(mode: str, shadow: Mapping[str, Any] | ShadowArgs | None) -> dic
             raise RequestError("shadow: only with mode 'shadow'")
         return None
     try:
-        args = shadow if isinstance(shadow, ShadowArgs) else ShadowArgs.model_validate(dict(shadow or {}))
+        args = shadow if isinstance(shadow, ShadowArgs) else ShadowArgs.model_validate(
+            shadow if shadow is not None else {}, strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise RequestError(f"shadow{'.' + where if where else ''}: {err['msg']}") from None
-    return args.model_dump(exclude_none=True)
+    values = args.model_dump(exclude_none=True)
+    for key, value in values.items():  # JSON has no infinity: it would reach the device as null
+        if not math.isfinite(value):
+            raise RequestError(f"shadow.{key}: a finite number")
+    return values
 
 
 def shadowing(response: Any) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloud_sync.fleet.server.api.devices import Cursor, Limit
 from cloud_sync.fleet.server.api.schemas import ERRORS, ErrorOut, Page, _Out
@@ -36,6 +36,12 @@ class DeploymentRequest(BaseModel):
         default="swap", description="shadow: run beside the serving version until promoted or discarded")
     shadow: ShadowArgs | None = Field(default=None, description="with mode shadow: sample and policy (unset: the "
                                                                 "agent's [shadow] defaults)")
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _strict_shadow(cls, value: Any) -> Any:
+        """Strictly typed, as ``Rollouts.create`` takes them: ``true`` is not a count nor ``"0.5"`` a share."""
+        return ShadowArgs.model_validate(value, strict=True) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _shadow_needs_its_mode(self) -> DeploymentRequest:
