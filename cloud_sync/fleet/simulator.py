@@ -386,7 +386,7 @@ class SimDevice:
         name = RollbackArgs.model_validate(command.args).model
         shadow, record = self.shadows.get(name), self.deployments.get(name)
         if shadow is None or record is None:
-            raise CommandError("shadow_not_found", f"no shadow of '{name}' is running")
+            raise CommandError("no_shadow", f"no shadow of '{name}' is running")
         if shadow["state"] != "mirroring":
             raise CommandError("busy", f"the shadow of '{name}' is being promoted")
         return name, shadow, record
