@@ -285,7 +285,7 @@ def test_a_shadow_rollout_stops_in_shadowing_and_promote_swaps_it_in(fleet_facto
         fleet.rollouts.act(dep["id"], "discard", commands=fleet.ctx.commands)
 
 
-def test_discard_reaches_only_the_devices_that_reached_shadowing(fleet_factory) -> None:
+def test_discard_reaches_the_devices_that_reached_shadowing_and_records_each_answer(fleet_factory) -> None:
     fleet = fleet_factory(devices=3)
     dep = fleet.rollouts.create(model="silero-vad", version=2, group="lab", canary="3", abort_threshold="50%",
                                 mode="shadow")
@@ -296,10 +296,17 @@ def test_discard_reaches_only_the_devices_that_reached_shadowing(fleet_factory) 
     done = fleet.run_until(dep["id"], "succeeded", "failed", "aborted")
     assert (done["status"], done["counts"]["succeeded"]) == ("failed", 2)
     assert _deploy_args(fleet, dep["id"]) == [{"model": "silero-vad", "version": 2, "mode": "shadow"}] * 2
+    with fleet.db.write() as conn:  # a device the service believes shadowing, which runs no shadow: it says so
+        conn.execute(sa.update(s.deployment_devices).where(s.deployment_devices.c.device_id == "sim-0002")
+                     .values(status="succeeded"))
     fleet.rollouts.act(dep["id"], "discard", commands=fleet.ctx.commands, by="ops")
-    discarded = _settled(fleet, dep["id"], 2)
-    assert discarded["action_counts"]["succeeded"] == 2
-    assert [d["action"] for d in discarded["devices"]] == ["discard", "discard", None]
+    discarded = _settled(fleet, dep["id"], 3)
+    assert discarded["action_counts"] == {"sent": 0, "accepted": 0, "succeeded": 2, "failed": 1}
+    assert [d["action"] for d in discarded["devices"]] == ["discard", "discard", "discard"]
+    failed = next(d for d in discarded["devices"] if d["action_status"] == "failed")
+    assert failed["device_id"] == "sim-0002" and failed["action_error"]["code"] == "no_shadow"
+    fleet.rollouts.act(dep["id"], "discard", commands=fleet.ctx.commands)  # answered: nothing is sent again
+    assert count(fleet.db, s.commands, name="discard") == 3
     assert fleet.sim.counters.shadows_discarded == 2 and fleet.sim.counters.shadows_promoted == 0
     wait_for(lambda: not any(st.get("shadows") for st in _states(fleet)), what="births without shadows")
     wait_for(lambda: count(fleet.db, s.events, type="deploy.discarded") == 2, what="the discarded events")
