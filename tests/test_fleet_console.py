@@ -213,6 +213,17 @@ def test_a_shadow_rollout_page_shows_its_mode_and_offers_promote_and_discard(con
     r = c.post(f"/deployments/{dep['id']}/promote", data={"csrf": console.csrf()})
     assert r.status_code == 503 and "no MQTT connection" in r.text  # shown with the page, nothing recorded
     assert Rollouts(console.db).get(dep["id"])["action"] is None
+    with console.db.write() as conn:  # as an operator's promote leaves it: one answered, one not yet
+        conn.execute(sa.update(s.deployments).values(action="promote", action_by="operator-1", action_at=time.time()))
+        for dev, status, ok in (("dev-000", "done", True), ("dev-001", "sent", None)):
+            conn.execute(sa.update(s.deployment_devices).where(s.deployment_devices.c.device_id == dev)
+                         .values(action="promote", action_id=f"a-{dev}"))
+            conn.execute(sa.insert(s.commands), [{"id": f"a-{dev}", "device_id": dev, "name": "promote",
+                                                  "args": {"model": "vad"}, "sent_at": time.time(), "status": status,
+                                                  "ok": ok}])
+    page = c.get(f"/deployments/{dep['id']}").text
+    assert 'id="promote-button"' not in page and "promote</strong> sent by operator-1" in page
+    assert "succeeded 1" in page and "sent 1" in page and "Promote again (1 unanswered)" in page
     c = console.login("viewer")
     assert 'id="promote-button"' not in c.get(f"/deployments/{dep['id']}").text
     assert c.post(f"/deployments/{dep['id']}/discard", data={"csrf": console.csrf()}).status_code == 403

@@ -182,7 +182,8 @@ def test_deploy_via_server_runs_the_rollout_in_the_service(tmp_path: Path, broke
 
 
 def test_a_shadow_rollout_via_server_then_promote_with_the_cli(tmp_path: Path, broker: Broker,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from cloud_sync.fleet.simulator import FleetSimulator, SimulatorSettings
 
     db = f"sqlite:///{tmp_path / 'state' / 'fleet.db'}"
@@ -193,6 +194,9 @@ def test_a_shadow_rollout_via_server_then_promote_with_the_cli(tmp_path: Path, b
     assert "--sample needs --shadow" in capsys.readouterr().err
     assert cli.main([*deploy, "--shadow", "--min-samples", "0"]) == 2
     assert "--min-samples: Input should be greater than or equal to 1" in capsys.readouterr().err
+    monkeypatch.delenv("EDGE_FLEET_SERVER", raising=False)
+    assert cli.main(["rollout", "promote", "some-id", "--token", token]) == 2
+    assert "rollout needs --server URL" in capsys.readouterr().err
     proc, base = _start(tmp_path, broker, "--db", db)
     sim = FleetSimulator(SimulatorSettings(devices=2, groups=("lab",), install_time_s=0.1, seed=1),
                          BrokerSettings(url=broker.url, backoff_min_s=0.1, backoff_max_s=1.0))

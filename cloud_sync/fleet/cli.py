@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--group", help="send to every member of this group instead of one DEVICE")
     com.add_argument("words", nargs="+", metavar="[DEVICE] NAME [KEY=VALUE ...]",
                      help="device id (unless --group), command name (ping, status, deploy, rollback, reload, "
-                          "set-config, stream-start, stream-stop, logs) and its arguments (JSON values allowed)")
+                          "shadows, promote, discard, set-config, stream-start, stream-stop, logs) and its "
+                          "arguments (JSON values allowed)")
     com.add_argument("--timeout", type=float, default=30.0)
 
     dep = sub.add_parser("deploy", help="staged rollout of MODEL@VERSION to a device or group")
@@ -213,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=EPILOG)
     rol.add_argument("action", choices=("promote", "discard"))
     rol.add_argument("deployment", metavar="DEPLOYMENT", help="the deployment id (printed by deploy --via-server)")
-    rol.add_argument("--server", required=True, metavar="URL", help="the fleet service, e.g. http://127.0.0.1:8080")
+    rol.add_argument("--server", metavar="URL", help="the fleet service, e.g. http://127.0.0.1:8080 "
+                                                     "(env EDGE_FLEET_SERVER)")
     rol.add_argument("--token", help="API token of an operator (env EDGE_FLEET_TOKEN)")
     rol.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to follow the devices' answers (default 600; 0: do not wait)")
@@ -249,8 +251,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _rollout_action(args: argparse.Namespace) -> int:
+    import os
+
     from cloud_sync.fleet import server_deploy
 
+    args.server = args.server or os.environ.get("EDGE_FLEET_SERVER")
+    if not args.server:
+        print("edge-fleet: error: rollout needs --server URL (or $EDGE_FLEET_SERVER)", file=sys.stderr)
+        return 2
     try:
         return server_deploy.act(args)
     except FleetError as exc:

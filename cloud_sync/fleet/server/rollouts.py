@@ -285,8 +285,6 @@ class Rollouts:
         if action not in ACTIONS:
             raise RequestError(f"action: expected one of {', '.join(ACTIONS)}")
         t, dd, c = s.deployments, s.deployment_devices, s.commands
-        if not commands.ingestor.connected:
-            raise BrokerUnavailableError("not connected to the MQTT broker; try again shortly")
         now = self.clock()
         with self.db.write() as conn:
             status = self._status(conn, dep_id)
@@ -304,6 +302,8 @@ class Rollouts:
                 raise ConflictError(f"deployment {dep_id}: no device reached shadowing")
             targets = sorted(r.device_id for r in rows if r.action is None or r.status != "done")
             args = {"model": dep.model}
+            if targets and not commands.ingestor.connected:  # raised inside: nothing is recorded
+                raise BrokerUnavailableError("not connected to the MQTT broker; try again shortly")
             if targets:
                 conn.execute(sa.update(t).where(t.c.id == dep_id).values(action=action, action_by=by, action_at=now,
                                                                          updated_at=now))
