@@ -399,3 +399,29 @@ def test_the_shadow_deployments_api_refuses_hostile_input_and_promotes(fleet_fac
         assert call("POST", f"/api/deployments/{dep['id']}/discard").status_code == 409
         swap = call("POST", "/api/deployments", json={k: v for k, v in body.items() if k not in ("mode", "shadow")})
         assert swap.json()["mode"] == "swap" and swap.json()["shadow"] is None
+
+
+def test_rollouts_made_before_migration_0004_are_swap_rollouts(db_url: str) -> None:
+    from alembic import command
+
+    from cloud_sync.fleet.server.db import _alembic_config
+
+    db = Database(db_url)
+    try:
+        cfg = _alembic_config()
+        with db.write() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+            conn.execute(sa.text("INSERT INTO devices (id, online, first_seen, last_seen) VALUES ('d1', true, 1, 1)"))
+            conn.execute(sa.text(
+                "INSERT INTO deployments (id, model, version, target, canary, abort_threshold, wave_timeout_s, status,"
+                " waves, created_at, updated_at) VALUES ('old', 'm', 2, '{\"devices\": [\"d1\"]}', '1', '1', 60,"
+                " 'succeeded', 1, 1, 1)"))
+            conn.execute(sa.text("INSERT INTO deployment_devices (deployment_id, device_id, wave, command_id, status)"
+                                 " VALUES ('old', 'd1', 0, 'c1', 'succeeded')"))
+        assert db.migrate() == "0004"
+        old = Rollouts(db).get("old")
+        assert (old["mode"], old["shadow"], old["action"], old["action_counts"]) == ("swap", None, None, None)
+        assert old["devices"][0]["action_status"] is None
+    finally:
+        db.dispose()
