@@ -169,6 +169,86 @@ def test_roles_hide_controls_and_the_console_refuses_them(console: Console) -> N
     assert "Uploads are off" not in c.get("/models").text  # only admins are told about uploads
 
 
+def test_the_wizard_offers_the_shadow_mode_and_names_a_bad_field(console: Console) -> None:
+    c = console.login("operator")
+    page = c.get("/deployments/new").text
+    assert 'id="dep-mode-shadow"' in page and 'name="min_agreement"' in page and 'id="dep-mode-swap" checked' in page
+    csrf = console.csrf()
+    form = {"csrf": csrf, "model": "m@1", "target": "group", "group": "lab", "canary": "1", "abort_threshold": "1",
+            "wave_timeout_s": "60", "online_only": "on", "mode": "shadow"}
+    for change, field, text in (({"sample": "2"}, "sample", "less than or equal to 1"),
+                                ({"sample": "half"}, "sample", "a number"),
+                                ({"min_samples": "-3"}, "min_samples", "greater than or equal to 1"),
+                                ({"min_samples": "2.5"}, "min_samples", "a whole number"),
+                                ({"min_agreement": "1.2"}, "min_agreement", "less than or equal to 1"),
+                                ({"max_latency_ratio": "inf"}, "max_latency_ratio", "a finite number"),
+                                ({"mode": "swap", "sample": "0.5"}, "sample", "only for a shadow deployment")):
+        r = c.post("/deployments/new", data={**form, **change})
+        assert r.status_code == 400, (change, r.text[:300])
+        assert f'data-error-for="{field}"' in r.text and text in r.text, (change, field)
+        assert f'value="{change.get("sample", change.get(field))}"' in r.text  # the values are kept
+    r = c.post("/deployments/new", data={**form, "sample": "0.2"})  # valid: then there is no broker here
+    assert r.status_code == 503
+    with console.db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.deployments)).scalar_one() == 0
+
+
+def test_a_shadow_rollout_page_shows_its_mode_and_offers_promote_and_discard(console: Console) -> None:
+    from cloud_sync.fleet.server.rollouts import Rollouts
+
+    _fleet(console.db, 2)
+    dep = Rollouts(console.db).create(model="vad", version=2, devices=["dev-000", "dev-001"], mode="shadow",
+                                      shadow={"sample": 0.25, "min_agreement": 0.9}, canary="2")
+    c = console.login("operator")
+    page = c.get(f"/deployments/{dep['id']}").text
+    assert 'id="rollout-mode"' in page and "sample 0.25" in page and "agreement ≥ 0.9" in page
+    assert 'id="promote-button"' not in page  # still running
+    assert 'state-shadow">shadow</span>' in c.get("/deployments").text
+    with console.db.write() as conn:  # as the runner leaves it: both devices answered in shadowing
+        conn.execute(sa.update(s.deployment_devices).values(status="succeeded"))
+        conn.execute(sa.update(s.deployments).values(status="succeeded"))
+    page = c.get(f"/deployments/{dep['id']}").text
+    assert 'id="promote-button"' in page and 'id="discard-button"' in page and "wait for a promote or discard" in page
+    assert page.count('data-state="shadowing"') == 2
+    r = c.post(f"/deployments/{dep['id']}/promote", data={"csrf": console.csrf()})
+    assert r.status_code == 503 and "no MQTT connection" in r.text  # shown with the page, nothing recorded
+    assert Rollouts(console.db).get(dep["id"])["action"] is None
+    with console.db.write() as conn:  # as an operator's promote leaves it: one answered, one not yet
+        conn.execute(sa.update(s.deployments).values(action="promote", action_by="operator-1", action_at=time.time()))
+        for dev, status, ok in (("dev-000", "done", True), ("dev-001", "sent", None)):
+            conn.execute(sa.update(s.deployment_devices).where(s.deployment_devices.c.device_id == dev)
+                         .values(action="promote", action_id=f"a-{dev}"))
+            conn.execute(sa.insert(s.commands), [{"id": f"a-{dev}", "device_id": dev, "name": "promote",
+                                                  "args": {"model": "vad"}, "sent_at": time.time(), "status": status,
+                                                  "ok": ok}])
+    page = c.get(f"/deployments/{dep['id']}").text
+    assert 'id="promote-button"' not in page and "promote</strong> sent by operator-1" in page
+    assert "succeeded 1" in page and "sent 1" in page and "Promote again (1 unanswered)" in page
+    c = console.login("viewer")
+    assert 'id="promote-button"' not in c.get(f"/deployments/{dep['id']}").text
+    assert c.post(f"/deployments/{dep['id']}/discard", data={"csrf": console.csrf()}).status_code == 403
+
+
+def test_the_device_page_shows_the_shadows_it_reports(console: Console) -> None:
+    _fleet(console.db, 1)
+    figures = {"model": "vad", "version": 2, "serving_version": 1, "state": "mirroring", "compared": 310,
+               "agreement": 0.9871, "dropped": 4, "errors": 0, "latency_ratio": 1.234}
+    with console.db.write() as conn:
+        conn.execute(sa.update(s.devices).values(state={"online": True, "shadows": [
+            {k: figures[k] for k in ("model", "version", "serving_version", "state", "compared", "agreement")}]}))
+    c = console.login("viewer")
+    page = c.get("/devices/dev-000").text
+    assert 'data-shadow="vad@2"' in page and "0.987" in page and "last state" in page
+    with console.db.write() as conn:  # telemetry carries the full figures, and wins
+        conn.execute(sa.update(s.devices).values(telemetry={"shadows": [figures]}, telemetry_ts=time.time()))
+    page = c.get("/devices/dev-000").text
+    row = page[page.index('data-shadow="vad@2"'):]
+    assert "310" in row and ">4<" in row and "1.23" in row and "From the device's telemetry" in page
+    with console.db.write() as conn:
+        conn.execute(sa.update(s.devices).values(telemetry={"shadows": []}, state={"shadows": []}))
+    assert 'id="shadows"' not in c.get("/devices/dev-000").text
+
+
 def test_links_for_the_demo() -> None:
     assert console_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080/"
     assert login_link("http://127.0.0.1:8080/", "eft_a/b") == "http://127.0.0.1:8080/login#token=eft_a%2Fb"
@@ -297,6 +377,14 @@ def test_rollout_states_come_from_install_events(db: Database) -> None:
     assert views.shown_state("timeout", "downloading") == "timeout"  # the rollout gave up on it
     assert views.shown_state("succeeded", "health") == "committed"  # the final answer came before the event
     assert views.shown_state("sent", None) == "sent" and views.shown_state("sent", "verified") == "verified"
+    # a shadow rollout: a device succeeds in shadowing; a promote then goes on to committed, a discard ends it
+    assert views.shown_state("succeeded", "tested", "shadow") == "shadowing"
+    assert views.shown_state("succeeded", None, "shadow") == "shadowing"
+    assert views.shown_state("succeeded", "shadowing", "shadow") == "shadowing"
+    assert views.shown_state("succeeded", "health", "shadow") == "health"
+    assert views.shown_state("succeeded", "committed", "shadow") == "committed"
+    assert views.shown_state("succeeded", "discarded", "shadow") == "discarded"
+    assert views.shown_state("failed", "loaded", "shadow") == "failed"
 
 
 def test_series_reads_thinned_samples(db: Database) -> None:

@@ -340,8 +340,13 @@ def test_upload_an_onnx_model_and_a_non_model_shows_the_error(world: World, logi
 
 
 def _wizard(page: Page, model: str, *, group: str | None = None, devices: str | None = None, canary: str = "1",
-            wave_size: str = "", abort: str = "1", timeout: str = "60") -> str:
+            wave_size: str = "", abort: str = "1", timeout: str = "60", shadow: dict[str, str] | None = None,
+            fill_only: bool = False) -> str:
     page.goto(f"/deployments/new?model={model}")
+    if shadow is not None:
+        page.check("#dep-mode-shadow")
+        for key, value in shadow.items():
+            page.fill(f'input[name="{key}"]', value)
     if group is not None:
         page.check('input[name="target"][value="group"]')
         page.select_option("#dep-group", group)
@@ -353,6 +358,8 @@ def _wizard(page: Page, model: str, *, group: str | None = None, devices: str | 
     page.fill("#dep-abort", abort)
     page.fill("#dep-timeout", timeout)
     page.click("#deploy-button")
+    if fill_only:
+        return ""
     expect(page).to_have_url(re.compile(r"/deployments/[0-9a-f]{32}$"))
     return page.url.rsplit("/", 1)[1]
 
@@ -401,6 +408,42 @@ def test_deploy_in_waves_then_a_failing_rollout_stops_at_the_threshold(world: Wo
     expect(page.locator("#rollout-reason")).to_contain_text("wave 2: 1 of 1 devices failed", timeout=30 * SECONDS)
     expect(page.locator("#rollout-status")).to_have_text("aborted")
     expect(page.locator('tr[data-state="failed"]')).to_have_count(2)
+
+
+def test_a_shadow_rollout_from_the_wizard_then_promote(world: World, login: Callable[..., Page],
+                                                       artifacts: Path) -> None:
+    page = login("operator")
+    _wizard(page, "silero-vad@2", group="lab", canary="2", shadow={"sample": "2"}, fill_only=True)
+    expect(page.locator('[data-error-for="sample"]')).to_contain_text("less than or equal to 1")
+    expect(page.locator("#dep-mode-shadow")).to_be_checked()  # the form comes back as it was sent
+    expect(page.locator("#dep-sample")).to_have_value("2")
+    dep_id = _wizard(page, "silero-vad@2", group="lab", canary="2", shadow={"sample": "0.5", "min_samples": "100"})
+    expect(page.locator("#rollout-mode")).to_contain_text("sample 0.5, policy after 100 samples")
+    expect(page.locator("#rollout-status")).to_have_text("succeeded", timeout=60 * SECONDS)
+    rows = page.locator('tr[data-device^="lab-"]')
+    expect(rows).to_have_count(LAB)
+    for i in range(LAB):  # installed and tested, not swapped in: each runs beside version 1
+        expect(rows.nth(i)).to_have_attribute("data-state", "shadowing")
+    expect(page.locator("#rollout-mode")).to_contain_text("wait for a promote or discard")
+    page.screenshot(path=str(artifacts / "rollout-shadowing.png"), full_page=True)
+    assert world.api("GET", f"/api/deployments/{dep_id}").json()["mode"] == "shadow"
+
+    device = login("viewer")  # the device page shows the shadow it reports, with its figures
+    device.goto("/devices/lab-0000")
+    expect(device.locator('#shadows tr[data-shadow="silero-vad@2"]')).to_be_visible(timeout=20 * SECONDS)
+    expect(device.locator("#shadows")).to_contain_text("From the device's telemetry", timeout=20 * SECONDS)
+
+    page.click("#promote-button")
+    expect(page).to_have_url(re.compile(rf"/deployments/{dep_id}$"))
+    expect(page.locator("#rollout-action")).to_contain_text("promote sent by operator-1")
+    expect(page.locator("#promote-button, #discard-button")).to_have_count(0)
+    for i in range(LAB):  # the devices' own steps: swapped, health, committed
+        expect(rows.nth(i)).to_have_attribute("data-state", "committed", timeout=30 * SECONDS)
+    expect(page.locator("#rollout-action")).to_contain_text(f"succeeded {LAB}", timeout=30 * SECONDS)
+    page.screenshot(path=str(artifacts / "rollout-promoted.png"), full_page=True)
+    device.reload()
+    expect(device.locator("#inventory")).to_contain_text("silero-vad")
+    expect(device.locator("#shadows")).to_have_count(0, timeout=20 * SECONDS)
 
 
 def test_an_operator_aborts_a_running_rollout(world: World, login: Callable[..., Page]) -> None:

@@ -181,6 +181,54 @@ def test_deploy_via_server_runs_the_rollout_in_the_service(tmp_path: Path, broke
         proc.wait(20)
 
 
+def test_a_shadow_rollout_via_server_then_promote_with_the_cli(tmp_path: Path, broker: Broker,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_sync.fleet.simulator import FleetSimulator, SimulatorSettings
+
+    db = f"sqlite:///{tmp_path / 'state' / 'fleet.db'}"
+    assert cli.main(["server", "--db", db, "token", "create", "--role", "operator"]) == 0
+    token = capsys.readouterr().out.strip()
+    deploy = ["deploy", "silero-vad@2", "--group", "lab", "--via-server", "http://127.0.0.1:9", "--token", token]
+    assert cli.main([*deploy, "--sample", "0.5"]) == 2  # policy options need --shadow: refused before any request
+    assert "--sample needs --shadow" in capsys.readouterr().err
+    assert cli.main([*deploy, "--shadow", "--min-samples", "0"]) == 2
+    assert "--min-samples: Input should be greater than or equal to 1" in capsys.readouterr().err
+    monkeypatch.delenv("EDGE_FLEET_SERVER", raising=False)
+    assert cli.main(["rollout", "promote", "some-id", "--token", token]) == 2
+    assert "rollout needs --server URL" in capsys.readouterr().err
+    proc, base = _start(tmp_path, broker, "--db", db)
+    sim = FleetSimulator(SimulatorSettings(devices=2, groups=("lab",), install_time_s=0.1, seed=1),
+                         BrokerSettings(url=broker.url, backoff_min_s=0.1, backoff_max_s=1.0))
+    sim.start()
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = time.monotonic() + 30
+        while len(httpx.get(f"{base}/api/devices", params={"online": "true"}, headers=headers).json()["items"]) < 2:
+            assert time.monotonic() < deadline, "devices did not come online"
+            time.sleep(0.1)
+        code = cli.main(["deploy", "silero-vad@2", "--group", "lab", "--via-server", base, "--token", token,
+                         "--canary", "2", "--timeout", "30", "--shadow", "--sample", "0.5", "--min-agreement", "0.9"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "as a shadow" in out and "sim-0000: shadowing" in out and "succeeded 2" in out
+        dep_id = out.split()[1].rstrip(":")
+        dep = httpx.get(f"{base}/api/deployments/{dep_id}", headers=headers).json()
+        assert (dep["mode"], dep["shadow"]) == ("shadow", {"sample": 0.5, "min_agreement": 0.9})
+        assert (sim.counters.shadows_started, sim.counters.deploys_committed) == (2, 0)
+        assert cli.main(["rollout", "promote", dep_id, "--server", base, "--token", token, "--timeout", "30"]) == 0
+        out = capsys.readouterr().out
+        assert "promote sent to 2 devices" in out and out.rstrip().endswith("promote: succeeded 2, failed 0, "
+                                                                             "unanswered 0"), out
+        assert sim.counters.shadows_promoted == 2
+        assert cli.main(["rollout", "discard", dep_id, "--server", base, "--token", token]) == 1
+        assert "fleet service: conflict" in capsys.readouterr().err
+    finally:
+        sim.stop()
+        proc.terminate()
+        proc.wait(20)
+
+
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_uploads_are_mounted_for_admins_when_publishing_is_configured(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -226,6 +226,63 @@ def test_shadow_quantized_then_wrong_candidate(world: Any) -> None:
     assert traffic.ok > 500 and not traffic.failures, traffic.failures[:5]
 
 
+def test_a_fleet_service_shadow_rollout_reaches_the_real_agent_then_promotes_it(world: Any, broker: Broker) -> None:
+    """The fleet service's rollout engine (ingestion, commands, runner; SQLite) against the real agent: the
+    device succeeds in ``shadowing``, the service stores its reported shadow, and the operator's promote
+    swaps it in on the device."""
+    import sqlalchemy as sa
+
+    from cloud_sync.fleet.server import schema as s
+    from cloud_sync.fleet.server.db import Database
+    from cloud_sync.fleet.server.rollouts import RolloutRunner, Rollouts
+    from cloud_sync.fleet.server.service import build
+    from tests.fleet_env import settings
+
+    env, daemon, _fleet, float_model, tmp = world
+    client = daemon.client
+    int8 = quantized(float_model, tmp / "src" / "int8.onnx")
+    bundle(env, int8, 2)
+    cfg = settings(f"sqlite:///{tmp / 'fleet.db'}", broker.url, tmp, client_id="fleet-shadow")
+    db = Database(cfg.db_url)
+    db.migrate()
+    ctx = build(cfg, db)
+    assert ctx.ingestor is not None and ctx.commands is not None
+    ctx.ingestor.start()
+    try:
+        assert ctx.ingestor.wait_ready(10)
+        runner, rollouts = RolloutRunner(db, ctx.commands, "fleet-shadow", resend_s=5.0), Rollouts(db)
+
+        def device() -> Any:
+            with db.read() as conn:
+                return conn.execute(sa.select(s.devices).where(s.devices.c.id == "dev1")).first()
+
+        wait_for(lambda: (row := device()) is not None and row.online, 30, "dev1 online in the fleet database")
+        with Traffic(daemon.socket, {1: float_model, 2: int8}) as traffic:
+            dep = rollouts.create(model=NAME, version=2, devices=["dev1"], mode="shadow",
+                                  shadow={"sample": 1.0, "min_samples": 1000}, wave_timeout_s=120)
+            done = wait_for(lambda: (runner.tick(), rollouts.get(dep["id"]))[1]["status"] != "running"
+                            and rollouts.get(dep["id"]), 120, "the rollout to finish")
+            assert done["status"] == "succeeded", done
+            assert record(client)["state"] == "shadowing" and default_version(client) == 1
+            with db.read() as conn:
+                args = conn.execute(sa.select(s.commands.c.args).where(s.commands.c.name == "deploy")).scalar_one()
+            assert args == {"model": NAME, "version": 2, "mode": "shadow",
+                            "shadow": {"sample": 1.0, "min_samples": 1000}}
+            reported = wait_for(lambda: next((x for x in ((device().telemetry or {}).get("shadows") or [])
+                                              if x.get("compared", 0) > 0), None), 30, "the shadow in telemetry")
+            assert reported["version"] == 2 and reported["serving_version"] == 1 and reported["sample"] == 1.0
+            assert [x["version"] for x in (device().state or {}).get("shadows", [])] == [2]  # the birth's too
+            rollouts.act(dep["id"], "promote", commands=ctx.commands, by="test")
+            acted = wait_for(lambda: (d := rollouts.get(dep["id"]))["action_counts"]["sent"] == 0
+                             and d["action_counts"]["accepted"] == 0 and d, 60, "the promote's answer")
+            assert acted["action_counts"]["succeeded"] == 1, acted["devices"]
+            assert record(client)["state"] == "committed" and default_version(client) == 2
+        assert traffic.ok > 0 and not traffic.failures, traffic.failures[:5]
+    finally:
+        ctx.ingestor.stop()
+        db.dispose()
+
+
 def test_shadow_arguments_are_checked(world: Any) -> None:
     _env, daemon, _fleet, _float_model, _tmp = world
     client = daemon.client

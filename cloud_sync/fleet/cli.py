@@ -21,6 +21,8 @@ from cloud_sync.fleet.console import FleetClient, FleetError, rollout
 from cloud_sync.fleet.options import FLEET_EXTRA, UsageError, add_broker_args, broker_settings
 
 EPILOG = "Docs: docs/fleet.md. Exit codes: 0 ok, 1 operation failed, 2 usage/config error."
+SHADOW_OPTIONS = ("sample", "min_samples", "min_agreement", "max_latency_ratio")
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -99,10 +101,30 @@ def cmd_command(client: FleetClient, args: argparse.Namespace) -> int:
     return 0 if response.get("ok") else 1
 
 
+def shadow_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--shadow`` and its policy options as the deploy command's ``shadow`` object (None without
+    ``--shadow``), checked by the contract's model. Raises UsageError."""
+    from pydantic import ValidationError
+
+    from cloud_sync.mqtt.contract import ShadowArgs
+
+    given = {k: getattr(args, k) for k in SHADOW_OPTIONS if getattr(args, k) is not None}
+    if not args.shadow:
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} needs --shadow")
+        return None
+    try:
+        return ShadowArgs.model_validate(given).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+
+
 def cmd_deploy(client: FleetClient, args: argparse.Namespace) -> int:
     model, sep, version = args.target.partition("@")
     if not sep or not version.isdigit():
         raise UsageError(f"{args.target!r}: expected MODEL@VERSION")
+    shadow = args.shadow_args
     if args.to:
         targets = [args.to]
     else:
@@ -114,13 +136,18 @@ def cmd_deploy(client: FleetClient, args: argparse.Namespace) -> int:
         if kind == "wave":
             print(f"wave {info['index'] + 1}: deploying {model}@{version} to {', '.join(info['devices'])}", flush=True)
         elif kind == "response":
-            state = info.get("status") if info.get("ok") else f"failed ({(info.get('error') or {}).get('message')})"
+            result: dict[str, Any] = info["result"] if isinstance(info.get("result"), dict) else {}
+            state = (result.get("state") or info.get("status") if info.get("ok")
+                     else f"failed ({(info.get('error') or {}).get('message')})")
             print(f"  {info['device']}: {state}", flush=True)
         elif kind == "aborted":
             print(f"rollout aborted: {len(info['failed'])} failed; not contacted: {', '.join(info['skipped'])}",
                   flush=True)
 
-    report = rollout(client, targets, "deploy", {"model": model, "version": int(version)}, canary=args.canary,
+    deploy_args: dict[str, Any] = {"model": model, "version": int(version)}
+    if shadow is not None:
+        deploy_args.update({"mode": "shadow", "shadow": shadow} if shadow else {"mode": "shadow"})
+    report = rollout(client, targets, "deploy", deploy_args, canary=args.canary,
                      wave_size=args.wave_size, abort_after=args.abort_after, timeout=args.timeout, progress=progress)
     print(f"succeeded: {len(report.succeeded)}, failed: {len(report.failed)}, skipped: {len(report.skipped)}")
     return 0 if report.ok else 1
@@ -158,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--group", help="send to every member of this group instead of one DEVICE")
     com.add_argument("words", nargs="+", metavar="[DEVICE] NAME [KEY=VALUE ...]",
                      help="device id (unless --group), command name (ping, status, deploy, rollback, reload, "
-                          "set-config, stream-start, stream-stop, logs) and its arguments (JSON values allowed)")
+                          "shadows, promote, discard, set-config, stream-start, stream-stop, logs) and its "
+                          "arguments (JSON values allowed)")
     com.add_argument("--timeout", type=float, default=30.0)
 
     dep = sub.add_parser("deploy", help="staged rollout of MODEL@VERSION to a device or group")
@@ -174,6 +202,24 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--via-server", metavar="URL", help="let the fleet service run the rollout (persisted, "
                                                          "resumable; see docs/fleet-server.md) and follow it")
     dep.add_argument("--token", help="API token of an operator for --via-server (env EDGE_FLEET_TOKEN)")
+    sha = dep.add_argument_group("shadow deployment (docs/shadow.md)")
+    sha.add_argument("--shadow", action="store_true", help="run beside the serving version until promoted or "
+                                                           "discarded, instead of swapping it in")
+    sha.add_argument("--sample", type=float, help="share of the live traffic mirrored (0 < F <= 1)")
+    sha.add_argument("--min-samples", type=int, help="samples compared before the policy decides")
+    sha.add_argument("--min-agreement", type=float, help="policy: discard below this agreement (0..1)")
+    sha.add_argument("--max-latency-ratio", type=float, help="policy: discard when shadow p50 / serving p50 is over")
+
+    rol = sub.add_parser("rollout", help="promote or discard the shadows of a fleet-service shadow rollout",
+                         epilog=EPILOG)
+    rol.add_argument("action", choices=("promote", "discard"))
+    rol.add_argument("deployment", metavar="DEPLOYMENT", help="the deployment id (printed by deploy --via-server)")
+    rol.add_argument("--server", metavar="URL", help="the fleet service, e.g. http://127.0.0.1:8080 "
+                                                     "(env EDGE_FLEET_SERVER)")
+    rol.add_argument("--token", help="API token of an operator (env EDGE_FLEET_TOKEN)")
+    rol.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds to follow the devices' answers (default 600; 0: do not wait)")
+    rol.set_defaults(fleet_handler=_rollout_action)
 
     wat = sub.add_parser("watch", help="print a device's results, telemetry and events as they arrive")
     broker_args(wat)
@@ -204,6 +250,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rollout_action(args: argparse.Namespace) -> int:
+    import os
+
+    from cloud_sync.fleet import server_deploy
+
+    args.server = args.server or os.environ.get("EDGE_FLEET_SERVER")
+    if not args.server:
+        print("edge-fleet: error: rollout needs --server URL (or $EDGE_FLEET_SERVER)", file=sys.stderr)
+        return 2
+    try:
+        return server_deploy.act(args)
+    except FleetError as exc:
+        print(f"edge-fleet: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 MQTT_COMMANDS = {"devices": cmd_devices, "command": cmd_command, "deploy": cmd_deploy, "watch": cmd_watch}
 
 
@@ -227,13 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return server_cli.run(args)
     try:
+        if args.command == "deploy":  # checked before connecting anywhere
+            args.shadow_args = shadow_options(args)
         if args.command == "deploy" and args.via_server:
             from cloud_sync.fleet import server_deploy
 
             model, sep, version = args.target.partition("@")
             if not sep or not version.isdigit():
                 raise UsageError(f"{args.target!r}: expected MODEL@VERSION")
-            return server_deploy.deploy(args, model, int(version))
+            return server_deploy.deploy(args, model, int(version), args.shadow_args)
         if args.command not in MQTT_COMMANDS:
             bundles_cli = importlib.import_module("cloud_sync.fleet.bundles_cli")
             return int(bundles_cli.run(args))

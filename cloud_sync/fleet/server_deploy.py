@@ -51,19 +51,27 @@ class ServerApi:
             raise FleetError(f"cannot reach the fleet service at {self.base}: {exc}") from None
 
 
-def deploy(args: Any, model: str, version: int) -> int:
-    """Create the deployment, print waves and device outcomes as they happen; 0 if it succeeded."""
-    token = args.token or os.environ.get(TOKEN_ENV)
+def _api(url: str, token: str | None, flag: str) -> ServerApi:
+    token = token or os.environ.get(TOKEN_ENV)
     if not token:
-        raise FleetError(f"--via-server needs an operator token: --token or ${TOKEN_ENV}")
-    api = ServerApi(args.via_server, token)
+        raise FleetError(f"{flag} needs an operator token: --token or ${TOKEN_ENV}")
+    return ServerApi(url, token)
+
+
+def deploy(args: Any, model: str, version: int, shadow: dict[str, Any] | None = None) -> int:
+    """Create the deployment (a shadow one when ``shadow`` is not None), print waves and device outcomes as
+    they happen; 0 if it succeeded."""
+    api = _api(args.via_server, args.token, "--via-server")
     body: dict[str, Any] = {"model": model, "version": version, "canary": str(args.canary),
                             "abort_threshold": str(args.abort_after), "wave_timeout_s": args.timeout}
+    if shadow is not None:
+        body.update({"mode": "shadow", "shadow": shadow})
     body.update({"devices": [args.to]} if args.to else {"group": args.group})
     if args.wave_size:
         body["wave_size"] = str(args.wave_size)
     dep = api.request("POST", "/api/deployments", body)
-    print(f"deployment {dep['id']}: {model}@{version} to {len(dep['devices'])} devices in {dep['waves']} waves",
+    mode = " as a shadow" if dep.get("mode") == "shadow" else ""
+    print(f"deployment {dep['id']}: {model}@{version}{mode} to {len(dep['devices'])} devices in {dep['waves']} waves",
           flush=True)
     shown: dict[str, str] = {}
     wave = -1
@@ -77,7 +85,8 @@ def deploy(args: Any, model: str, version: int) -> int:
                 if d["status"] in ("succeeded", "failed", "timeout") and shown.get(d["device_id"]) != d["status"]:
                     shown[d["device_id"]] = d["status"]
                     error = f" ({(d.get('error') or {}).get('message')})" if d["status"] != "succeeded" else ""
-                    print(f"  {d['device_id']}: {d['status']}{error}", flush=True)
+                    state = "shadowing" if d["status"] == "succeeded" and mode else d["status"]
+                    print(f"  {d['device_id']}: {state}{error}", flush=True)
             if dep["status"] != "running":
                 break
             time.sleep(1.0)
@@ -89,4 +98,33 @@ def deploy(args: Any, model: str, version: int) -> int:
     counts = dep["counts"]
     print(f"{dep['status']}: succeeded {counts['succeeded']}, failed {counts['failed'] + counts['timeout']}, "
           f"skipped {counts['skipped']}" + (f" ({dep['reason']})" if dep.get("reason") else ""))
+    if mode and counts["succeeded"]:
+        print(f"then: edge-fleet rollout promote|discard {dep['id']} --server {api.base}")
     return 0 if dep["status"] == "succeeded" else 1
+
+
+def act(args: Any) -> int:
+    """``edge-fleet rollout promote|discard ID``: send the action, then print each device's answer as it comes
+    (until ``--timeout``); 0 if every device it went to succeeded."""
+    api = _api(args.server, args.token, "rollout")
+    dep = api.request("POST", f"/api/deployments/{args.deployment}/{args.action}")
+    sent = [d for d in dep["devices"] if d.get("action") == args.action]
+    print(f"deployment {dep['id']}: {args.action} sent to {len(sent)} devices", flush=True)
+    deadline = time.monotonic() + args.timeout
+    shown: set[str] = set()
+    while True:
+        for d in sent:
+            if d["action_status"] in ("succeeded", "failed") and d["device_id"] not in shown:
+                shown.add(d["device_id"])
+                error = d.get("action_error") or {}
+                why = f" ({error.get('code')}: {error.get('message')})" if d["action_status"] == "failed" else ""
+                print(f"  {d['device_id']}: {d['action_status']}{why}", flush=True)
+        if len(shown) == len(sent) or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+        dep = api.request("GET", f"/api/deployments/{dep['id']}")
+        sent = [d for d in dep["devices"] if d.get("action") == args.action]
+    counts = dep["action_counts"] or {}
+    print(f"{args.action}: succeeded {counts.get('succeeded', 0)}, failed {counts.get('failed', 0)}, "
+          f"unanswered {counts.get('sent', 0) + counts.get('accepted', 0)}")
+    return 0 if sent and counts.get("succeeded", 0) == len(sent) else 1

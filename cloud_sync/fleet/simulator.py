@@ -6,7 +6,9 @@ Each simulated device is made of the device side of the link in ``cloud_sync``: 
 :class:`Dispatcher` with its :class:`CommandLog` (idempotent command ids, ``accepted`` then
 final responses). What the agent does with models is replaced by a stand-in registry: a
 ``deploy`` walks the event sequence of docs/deploy.md with a configurable install time and
-failure rate, then the birth lists the new model. Nothing here imports ``agent``.
+failure rate, then the birth lists the new model; with ``"mode": "shadow"`` it stops in
+``shadowing`` (docs/shadow.md) with made-up agreement figures in the birth and telemetry, until a
+``promote`` (swap, health, committed) or ``discard``. Nothing here imports ``agent``.
 
 Threads: one :class:`SessionHub` drives every session's sockets and outbox sender (or, with
 ``driver="threads"``, each session has the two threads a real device has); one asyncio loop
@@ -36,7 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_sync.errors import CommandError
 from cloud_sync.mqtt.commands import Command, CommandLog, Dispatcher, Spec
-from cloud_sync.mqtt.contract import CPU_DELEGATES, DEPLOY_STEPS, LogsArgs, ModelArgs, RollbackArgs, deploy_event
+from cloud_sync.mqtt.contract import (
+    CPU_DELEGATES,
+    DEPLOY_STEPS,
+    LogsArgs,
+    ModelArgs,
+    RollbackArgs,
+    ShadowArgs,
+    deploy_event,
+)
 from cloud_sync.mqtt.hub import SessionHub
 from cloud_sync.mqtt.session import DeviceSession, IncomingMessage
 from cloud_sync.mqtt.settings import BrokerSettings, LinkSettings
@@ -122,6 +132,9 @@ class Counters:
     commands: int = 0
     deploys_committed: int = 0
     deploys_failed: int = 0
+    shadows_started: int = 0
+    shadows_promoted: int = 0
+    shadows_discarded: int = 0
     telemetry: int = 0
     results: int = 0
 
@@ -147,6 +160,7 @@ class SimDevice:
         self.disk: dict[str, dict[int, str]] = {m.name: {m.version: m.runtime} for m in cfg.models}
         self.active: dict[str, int] = {m.name: m.version for m in cfg.models}
         self.deployments: dict[str, dict[str, Any]] = {}
+        self.shadows: dict[str, dict[str, Any]] = {}  # model -> the running shadow's figures
         self.requests: collections.Counter[str] = collections.Counter()
         self.logs: collections.deque[str] = collections.deque(maxlen=1000)
         self.started_at = time.time()
@@ -176,7 +190,9 @@ class SimDevice:
         cfg = self.sim.settings
         return {"agent_version": cfg.agent_version, "profile": cfg.profile, "health": self.health,
                 "started_at": self.started_at, "groups": list(self.session.settings.groups),
-                "models": self.models(), "simulated": True}
+                "models": self.models(), "simulated": True, "shadows": [
+                    {k: x[k] for k in ("model", "version", "serving_version", "state", "kind", "compared",
+                                       "agreement")} for x in self.shadow_figures()]}
 
     def models(self) -> list[dict[str, Any]]:
         return [{"name": name, "version": v, "runtime": self.disk[name][v],
@@ -184,6 +200,17 @@ class SimDevice:
 
     def inventory_changed(self) -> None:
         self.session.set_birth(self.birth())
+
+    def shadow_figures(self) -> list[dict[str, Any]]:
+        """The running shadows in the shape of the agent's ``shadows`` (a few of its keys), figures made up."""
+        out = []
+        for shadow in self.shadows.values():
+            shadow["offered"] += self.rng.randint(20, 60)
+            shadow["compared"] = int(shadow["offered"] * shadow["sample"])
+            shadow["dropped"] += self.rng.randint(0, 1)
+            out.append({**shadow, "agreement": round(min(1.0, self.rng.gauss(0.97, 0.01)), 4)
+                        if shadow["compared"] else None})
+        return out
 
     # -- periodic messages ----------------------------------------------------------------------
     def _walk(self, value: float, low: float, high: float, step: float) -> float:
@@ -208,7 +235,8 @@ class SimDevice:
         self.session.enqueue("telemetry", self.session.topics.telemetry, {
             "ts": time.time(), "uptime_s": round(time.time() - self.started_at, 3), "system": system,
             "models": [{**m, "requests": self.requests[m["name"]], "errors": 0} for m in self.models()],
-            "link": self.session.stats(), "outbox": self.outbox.stats().to_dict(), "streams": {}})
+            "link": self.session.stats(), "outbox": self.outbox.stats().to_dict(), "streams": {},
+            "shadows": self.shadow_figures()})
         # The retained state carries the latest health summary, as the agent's does.
         self.health = {"cpu_percent": system["cpu_percent"], "memory_percent": system["memory"]["percent"],
                        "max_temperature_c": system["temperatures"]["cpu"], "throttled": False,
@@ -237,6 +265,8 @@ class SimDevice:
             "reload": Spec(self._reload, long_running=True),
             "deploy": Spec(self._deploy, ModelArgs, long_running=True),
             "rollback": Spec(self._rollback, RollbackArgs, long_running=True),
+            "promote": Spec(self._promote, RollbackArgs, long_running=True),
+            "discard": Spec(self._discard, RollbackArgs),
             "logs": Spec(self._logs, LogsArgs),
         }
 
@@ -286,13 +316,15 @@ class SimDevice:
         args = ModelArgs.model_validate(command.args)
         name = args.model
         running = self.deployments.get(name)
-        if running is not None and running["state"] not in ("committed", "rolled_back", "failed"):
-            raise CommandError("busy", f"a deployment of '{name}' is already running")
+        if running is not None and running["state"] not in ("committed", "rolled_back", "failed", "discarded"):
+            raise CommandError("busy", f"a deployment or shadow of '{name}' is already running")
+        if args.mode == "shadow" and name not in self.active:
+            raise CommandError("not_serving", f"no version of '{name}' serves: a shadow needs one to run beside")
         previous = self.active.get(name)
         now = time.time()
         record: dict[str, Any] = {"model": name, "version": args.version, "previous": previous, "state": "started",
                                   "error": None, "started_at": now, "updated_at": now, "history": [],
-                                  "id": uuid.uuid4().hex}
+                                  "id": uuid.uuid4().hex, "mode": args.mode}
         self.deployments[name] = record
         self._step(record, "started")
         target = args.version or max(self.disk.get(name, {0: "onnx"})) + 1
@@ -307,6 +339,9 @@ class SimDevice:
             if target == previous:
                 raise CommandError("already_active", f"'{name}' version {target} is already serving")
             for state in DEPLOY_STEPS[1:]:
+                if state == "swapped" and args.mode == "shadow":
+                    self._shadowing(record, runtime, args.shadow or ShadowArgs())
+                    return dict(record)
                 if state == "swapped":
                     self.disk.setdefault(name, {})[target] = runtime
                     self.active[name] = target
@@ -335,6 +370,57 @@ class SimDevice:
         self._emit(record)
         self.sim.counters.deploys_committed += 1
         return dict(record)
+
+    def _shadowing(self, record: dict[str, Any], runtime: str, args: ShadowArgs) -> None:
+        name = record["model"]
+        sample = args.sample if args.sample is not None else 0.1
+        self.disk.setdefault(name, {})[record["version"]] = runtime  # staged, not serving
+        self.shadows[name] = {"model": name, "version": record["version"], "serving_version": record["previous"],
+                              "state": "mirroring", "kind": "raw", "sample": sample, "offered": 0, "compared": 0,
+                              "dropped": 0, "errors": 0}
+        self._step(record, "shadowing", serving_version=record["previous"], kind="raw", sample=sample)
+        self.sim.counters.shadows_started += 1
+        self.inventory_changed()
+
+    def _shadow(self, command: Command) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        name = RollbackArgs.model_validate(command.args).model
+        shadow, record = self.shadows.get(name), self.deployments.get(name)
+        if shadow is None or record is None:
+            raise CommandError("no_shadow", f"no shadow of '{name}' is running")
+        if shadow["state"] != "mirroring":
+            raise CommandError("busy", f"the shadow of '{name}' is being promoted")
+        return name, shadow, record
+
+    async def _promote(self, command: Command, _args: Any = None) -> dict[str, Any]:
+        """The shadow swaps in: ``swapped``, ``health``, ``committed`` as for any deployment."""
+        self._count(command)
+        name, shadow, record = self._shadow(command)
+        shadow["state"] = "promoting"
+        self.event({"type": "shadow.promoted", "model": name, "version": record["version"],
+                    "decision": {"action": "promote", "reason": "promote requested", "by": "command"}})
+        self.active[name] = record["version"]
+        self._step(record, "swapped")
+        del self.shadows[name]
+        self.inventory_changed()
+        install = self.sim.settings.install_time_s
+        self._step(record, "health", window_s=round(install * STEP_SHARES["health"], 3))
+        await asyncio.sleep(install * STEP_SHARES["health"])
+        self._step(record, "committed")
+        self.sim.counters.shadows_promoted += 1
+        self.sim.counters.deploys_committed += 1
+        return dict(record)
+
+    async def _discard(self, command: Command, _args: Any = None) -> dict[str, Any]:
+        self._count(command)
+        name, shadow, record = self._shadow(command)
+        del self.shadows[name]
+        self.disk[name].pop(record["version"], None)
+        record["error"] = {"code": "manual", "message": "discard requested"}
+        self._step(record, "discarded")
+        self.sim.counters.shadows_discarded += 1
+        self.inventory_changed()
+        return {"model": name, "version": record["version"], "discarded": True, "reason": "discard requested",
+                "by": "command", "figures": shadow}
 
     async def _rollback(self, command: Command, _args: Any = None) -> dict[str, Any]:
         self._count(command)

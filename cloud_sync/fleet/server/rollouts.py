@@ -10,6 +10,12 @@ nothing: the next step (after a restart, or on another instance once the lease e
 from the table. A device is never sent a second deploy: a command is re-published only when the
 service cannot know whether it went out (it died between recording and the broker's PUBACK), and
 then with the same id, which the device's dispatcher answers without running it again.
+
+A ``shadow`` rollout (docs/shadow.md) sends ``deploy`` with ``"mode": "shadow"``: a device has succeeded when
+it answers in state ``shadowing`` (the candidate runs beside the serving version), not ``committed``. Once the
+rollout is over, an operator's :meth:`Rollouts.act` sends ``promote`` or ``discard`` to the devices that got
+there, each with a stable id too; those outcomes are the commands' own (ingestion stores them), read with the
+deployment.
 """
 
 from __future__ import annotations
@@ -19,19 +25,23 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
 from paho.mqtt.enums import MQTTErrorCode
+from pydantic import ValidationError
 
 from cloud_sync.fleet.console import plan_waves
 from cloud_sync.fleet.server import schema as s
-from cloud_sync.fleet.server.commands import CommandService
 from cloud_sync.fleet.server.db import Database
-from cloud_sync.fleet.server.errors import ConflictError, NotFoundError, RequestError
+from cloud_sync.fleet.server.errors import BrokerUnavailableError, ConflictError, NotFoundError, RequestError
 from cloud_sync.fleet.server.messages import NAME_RE
+from cloud_sync.mqtt.contract import DEPLOY_MODES, SHADOW_STEPS, ShadowArgs
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet.server.commands import CommandService
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +53,57 @@ RESEND_S = 30.0
 #: Deploy commands sent per deployment per tick: a tick renews the lease, and sending a 25,000-device wave at
 #: once took longer than the lease (45 s on a busy 2-vCPU machine), which would let another instance take over.
 SEND_MAX = 2000
+#: What an operator may do with the devices of a shadow rollout that reached ``shadowing`` (agent commands).
+ACTIONS = ("promote", "discard")
+#: How a device's action went: from its command's status and answer.
+ACTION_STATES = ("sent", "accepted", "succeeded", "failed")
 
 
 def command_id(deployment_id: str, device_id: str) -> str:
     """Stable across restarts and instances: the device deduplicates on it."""
     return hashlib.sha256(f"{deployment_id}/{device_id}".encode()).hexdigest()[:32]
+
+
+def action_id(deployment_id: str, device_id: str, action: str) -> str:
+    """Stable too: asking for the same action again re-sends what is unanswered under the same id."""
+    return hashlib.sha256(f"{deployment_id}/{device_id}/{action}".encode()).hexdigest()[:32]
+
+
+def shadow_args(mode: str, shadow: Mapping[str, Any] | ShadowArgs | None) -> dict[str, Any] | None:
+    """The shadow arguments to store and send (the contract's :class:`ShadowArgs`, strictly: ``true`` is not a
+    count nor ``"0.5"`` a share; unset keys left out so the agent's ``[shadow]`` defaults apply); None for a swap
+    rollout. Raises: RequestError naming the field."""
+    if mode not in DEPLOY_MODES:
+        raise RequestError(f"mode: expected one of {', '.join(DEPLOY_MODES)}")
+    if mode != "shadow":
+        if shadow:
+            raise RequestError("shadow: only with mode 'shadow'")
+        return None
+    try:
+        args = shadow if isinstance(shadow, ShadowArgs) else ShadowArgs.model_validate(
+            shadow if shadow is not None else {}, strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise RequestError(f"shadow{'.' + where if where else ''}: {err['msg']}") from None
+    values = args.model_dump(exclude_none=True)
+    for key, value in values.items():  # JSON has no infinity: it would reach the device as null
+        if not math.isfinite(value):
+            raise RequestError(f"shadow.{key}: a finite number")
+    return values
+
+
+def shadowing(response: Any) -> bool:
+    """Whether a successful deploy answer says the candidate runs as a shadow (not swapped in)."""
+    result = response.get("result") if isinstance(response, dict) else None
+    return isinstance(result, dict) and result.get("state") in SHADOW_STEPS
+
+
+def action_state(status: str | None, ok: bool | None) -> str:
+    """A device's action, from its command's status (``sent``, ``accepted``, ``done``) and ``ok``."""
+    if status == "done":
+        return "succeeded" if ok else "failed"
+    return status if status in ACTION_STATES else "sent"
 
 
 def amount(text: str, total: int, *, field: str, minimum: int = 0) -> int:
@@ -86,14 +142,16 @@ class Rollouts:
     def create(self, *, model: str, version: int, devices: Sequence[str] | None = None, group: str | None = None,
                online_only: bool = True, canary: str = "1", wave_size: str | None = None,
                abort_threshold: str = "1", wave_timeout_s: float = 600.0, created_by: str | None = None,
-               ) -> dict[str, Any]:
-        """Plan and store a deployment (status ``running``); the runner picks it up.
+               mode: str = "swap", shadow: Mapping[str, Any] | ShadowArgs | None = None) -> dict[str, Any]:
+        """Plan and store a deployment (status ``running``); the runner picks it up. ``mode`` ``shadow``
+        deploys as a shadow (``shadow``: its sample and policy, see :class:`ShadowArgs`).
 
         Raises:
             RequestError: bad parameters, unknown devices, or nothing to deploy to.
         """
         if not NAME_RE.match(model):
             raise RequestError("model: letters, digits, '_', '.', '-' (at most 128)")
+        shadow_values = shadow_args(mode, shadow)
         if (devices is None) == (group is None):
             raise RequestError("give either devices or group")
         amount(abort_threshold, 1, field="abort_threshold")
@@ -124,32 +182,41 @@ class Rollouts:
                 "id": dep_id, "model": model, "version": version, "target": target, "canary": canary,
                 "wave_size": wave_size, "abort_threshold": abort_threshold, "wave_timeout_s": wave_timeout_s,
                 "status": "running", "waves": len(waves), "current_wave": 0, "created_at": now,
-                "created_by": created_by, "updated_at": now}])
+                "created_by": created_by, "updated_at": now, "mode": mode, "shadow": shadow_values}])
             conn.execute(sa.insert(s.deployment_devices), [
                 {"deployment_id": dep_id, "device_id": dev, "wave": i, "command_id": command_id(dep_id, dev),
                  "status": "pending"} for i, wave in enumerate(waves) for dev in wave])
         log.info("fleet.rollout.created", deployment=dep_id, model=model, version=version, devices=len(targets),
-                 waves=len(waves), by=created_by)
+                 waves=len(waves), by=created_by, mode=mode)
         return self.get(dep_id)
 
     def get(self, dep_id: str, *, with_devices: bool = True) -> dict[str, Any]:
         """Raises: NotFoundError."""
-        dd = s.deployment_devices
+        dd, c = s.deployment_devices, s.commands
         with self.db.read() as conn:
             row = conn.execute(sa.select(s.deployments).where(s.deployments.c.id == dep_id)).first()
             if row is None:
                 raise NotFoundError(f"no deployment {dep_id!r}")
             counts = {r[0]: int(r[1]) for r in conn.execute(
                 sa.select(dd.c.status, sa.func.count()).where(dd.c.deployment_id == dep_id).group_by(dd.c.status))}
-            devices = [dict(r._mapping) for r in conn.execute(
+            acted = dd.outerjoin(c, c.c.id == dd.c.action_id)
+            action_counts: dict[str, int] = dict.fromkeys(ACTION_STATES, 0)
+            if row.action is not None:
+                for status, ok, n in conn.execute(sa.select(c.c.status, c.c.ok, sa.func.count()).select_from(acted)
+                                                  .where(dd.c.deployment_id == dep_id, dd.c.action.is_not(None))
+                                                  .group_by(c.c.status, c.c.ok)):
+                    action_counts[action_state(status, ok)] += int(n)
+            devices = list(conn.execute(
                 sa.select(dd.c.device_id, dd.c.wave, dd.c.status, dd.c.command_id, dd.c.sent_at, dd.c.finished_at,
-                          dd.c.error).where(dd.c.deployment_id == dep_id).order_by(dd.c.wave, dd.c.device_id))
-            ] if with_devices else None
+                          dd.c.error, dd.c.action, dd.c.action_at, c.c.status.label("a_status"), c.c.ok.label("a_ok"),
+                          c.c.response.label("a_response")).select_from(acted)
+                .where(dd.c.deployment_id == dep_id).order_by(dd.c.wave, dd.c.device_id))) if with_devices else None
         out = {str(k): v for k, v in row._mapping.items() if k not in ("lease_until", "accepted_failures")}
         out["counts"] = {status: int(counts.get(status, 0)) for status in
                          ("pending", *IN_FLIGHT, *FINAL)}
+        out["action_counts"] = action_counts if row.action is not None else None
         if devices is not None:
-            out["devices"] = [{str(k): v for k, v in dev.items()} for dev in devices]
+            out["devices"] = [_device_out(dev) for dev in devices]
         return out
 
     def list(self, *, status: str | None, cursor: str | None, limit: int) -> dict[str, Any]:
@@ -205,6 +272,58 @@ class Rollouts:
         log.info("fleet.rollout.resumed", deployment=dep_id)
         return self.get(dep_id)
 
+    def act(self, dep_id: str, action: str, *, commands: CommandService, by: str | None = None) -> dict[str, Any]:
+        """Send ``promote`` or ``discard`` to the devices of a finished shadow rollout that reached ``shadowing``
+        (again, with the same ids, to those that have not answered yet). Returns at once: each device's outcome
+        arrives with its answer (``devices[].action_status``).
+
+        Raises:
+            NotFoundError: no such deployment. RequestError: not an action.
+            ConflictError: not a shadow rollout, still running, the other action was chosen, no device to act on.
+            BrokerUnavailableError: not connected to the broker.
+        """
+        if action not in ACTIONS:
+            raise RequestError(f"action: expected one of {', '.join(ACTIONS)}")
+        t, dd, c = s.deployments, s.deployment_devices, s.commands
+        now = self.clock()
+        with self.db.write() as conn:
+            status = self._status(conn, dep_id)
+            dep = conn.execute(sa.select(t.c.model, t.c.mode, t.c.action).where(t.c.id == dep_id)).one()
+            if dep.mode != "shadow":
+                raise ConflictError(f"deployment {dep_id} is a {dep.mode} rollout: there is no shadow to {action}")
+            if status == "running":
+                raise ConflictError(f"deployment {dep_id} is still running: let it finish, or abort it, first")
+            if dep.action not in (None, action):
+                raise ConflictError(f"deployment {dep_id}: its shadows were already sent '{dep.action}'")
+            rows = list(conn.execute(sa.select(dd.c.device_id, dd.c.action, c.c.status)
+                                     .select_from(dd.outerjoin(c, c.c.id == dd.c.action_id))
+                                     .where(dd.c.deployment_id == dep_id, dd.c.status == "succeeded")))
+            if not rows:
+                raise ConflictError(f"deployment {dep_id}: no device reached shadowing")
+            targets = sorted(r.device_id for r in rows if r.action is None or r.status != "done")
+            args = {"model": dep.model}
+            if targets and not commands.ingestor.connected:  # raised inside: nothing is recorded
+                raise BrokerUnavailableError("not connected to the MQTT broker; try again shortly")
+            if targets:
+                conn.execute(sa.update(t).where(t.c.id == dep_id).values(action=action, action_by=by, action_at=now,
+                                                                         updated_at=now))
+                conn.execute(sa.update(dd).where(dd.c.deployment_id == dep_id, dd.c.device_id == sa.bindparam("b_dev"))
+                             .values(action=action, action_at=now, action_id=sa.bindparam("b_id")),
+                             [{"b_dev": dev, "b_id": action_id(dep_id, dev, action)} for dev in targets])
+                for dev in targets:  # recorded before publishing, so that the answers find their device
+                    commands.record(conn, action_id(dep_id, dev, action), dev, action, args,
+                                    sent_by=f"deployment:{dep_id}")
+        infos = [commands.publish(dev, action_id(dep_id, dev, action), action, args) for dev in targets]
+        published = 0
+        for info in infos:
+            try:
+                info.wait_for_publish(10)
+            except (RuntimeError, ValueError):
+                continue
+            published += info.is_published()
+        log.info(f"fleet.rollout.{action}", deployment=dep_id, devices=len(targets), published=published, by=by)
+        return self.get(dep_id)
+
     @staticmethod
     def _status(conn: sa.Connection, dep_id: str) -> str:
         t = s.deployments
@@ -212,6 +331,16 @@ class Rollouts:
         if status is None:
             raise NotFoundError(f"no deployment {dep_id!r}")
         return str(status)
+
+
+def _device_out(row: Any) -> dict[str, Any]:
+    """A device of a deployment as the API shows it: its rollout status and, once sent, its action's outcome."""
+    dev = {k: row._mapping[k] for k in ("device_id", "wave", "status", "command_id", "sent_at", "finished_at",
+                                        "error", "action", "action_at")}
+    done = row.action is not None and row.a_status == "done"
+    dev["action_status"] = action_state(row.a_status, row.a_ok) if row.action is not None else None
+    dev["action_error"] = ((row.a_response or {}).get("error") if done and not row.a_ok else None)
+    return dev
 
 
 def _abort(conn: sa.Connection, dep_id: str, reason: str, now: float) -> None:
@@ -273,8 +402,12 @@ class RolloutRunner:
         updates: list[dict[str, Any]] = []
         for dev, done in outcomes.items():
             if done.status == "done":
-                error = (done.response or {}).get("error") if not done.ok else None
-                updates.append({"b_dev": dev, "b_status": "succeeded" if done.ok else "failed", "b_error": error,
+                ok, error = bool(done.ok), (done.response or {}).get("error") if not done.ok else None
+                if ok and dep.mode == "shadow" and not shadowing(done.response):
+                    state = ((done.response or {}).get("result") or {}).get("state")
+                    ok, error = False, {"code": "not_shadowing", "message": f"the device answered in state {state!r}, "
+                                                                            "not 'shadowing'"}
+                updates.append({"b_dev": dev, "b_status": "succeeded" if ok else "failed", "b_error": error,
                                 "b_at": now})
             elif done.status == "accepted" and wave[dev] != "accepted":
                 updates.append({"b_dev": dev, "b_status": "accepted", "b_error": None, "b_at": None})
@@ -322,7 +455,11 @@ class RolloutRunner:
     def _send(self, dep: Any, devices: list[str]) -> list[str]:
         """Record, publish, and mark ``sent`` what the broker acknowledged; returns those."""
         dd = s.deployment_devices
-        args = {"model": dep.model, "version": int(dep.version)}
+        args: dict[str, Any] = {"model": dep.model, "version": int(dep.version)}
+        if dep.mode == "shadow":  # a swap's arguments stay as they were: agents without shadow mode take them
+            args["mode"] = "shadow"
+            if dep.shadow:
+                args["shadow"] = dict(dep.shadow)
         with self.db.write() as conn:  # recorded before publishing: a crash from here on is a 'sending'
             conn.execute(sa.update(dd).where(dd.c.deployment_id == dep.id, dd.c.device_id.in_(devices),
                                              dd.c.status == "pending").values(status="sending"))

@@ -177,6 +177,13 @@ deployments = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("lease_owner", sa.String(NAME)),  # the instance driving it (MQTT client id)
     sa.Column("lease_until", Time),
+    # shadow rollouts (migration 0004): "swap" | "shadow", the deploy command's shadow arguments, and the
+    # operator's later "promote" | "discard" of the devices that reached shadowing
+    sa.Column("mode", sa.String(16), nullable=False, server_default="swap"),
+    sa.Column("shadow", Json),
+    sa.Column("action", sa.String(16)),
+    sa.Column("action_by", sa.String(NAME)),
+    sa.Column("action_at", Time),
     sa.Index(None, "status"),
     sa.Index(None, "created_at"),
 )
@@ -192,6 +199,9 @@ deployment_devices = sa.Table(
     sa.Column("sent_at", Time),
     sa.Column("finished_at", Time),
     sa.Column("error", Json),
+    sa.Column("action", sa.String(16)),  # promote | discard (migration 0004): sent to this device
+    sa.Column("action_id", sa.String(64)),  # that command's id (its outcome is the command's)
+    sa.Column("action_at", Time),
     sa.Index(None, "deployment_id", "wave"),
 )
 

@@ -1,8 +1,9 @@
-"""Deployments: the list, the deploy wizard, a rollout's live page, abort and resume.
+"""Deployments: the list, the deploy wizard, a rollout's live page, abort and resume, and a shadow rollout's
+promote and discard.
 
 The wizard and the buttons call the same :class:`~cloud_sync.fleet.server.rollouts.Rollouts` methods as
-``POST /api/deployments`` and its ``abort``/``resume``, with the logged-in token's name as the author,
-so a rollout started here is the one the API and ``edge-fleet deploy --via-server`` see. A refused
+``POST /api/deployments`` and its ``abort``/``resume``/``promote``/``discard``, with the logged-in token's
+name as the author, so a rollout started here is the one the API and ``edge-fleet deploy --via-server`` see. A refused
 wizard (unknown devices, a bad canary...) comes back with the values kept and the message next to the
 field it names.
 """
@@ -30,13 +31,16 @@ from cloud_sync.fleet.server.console.web import (
     json_response,
 )
 from cloud_sync.fleet.server.errors import BrokerUnavailableError, ConflictError, NotFoundError, RequestError
+from cloud_sync.fleet.server.rollouts import shadow_args
 
 router = APIRouter(include_in_schema=False)
 
+SHADOW_FIELDS = ("sample", "min_samples", "min_agreement", "max_latency_ratio")
 FIELDS = ("model", "target", "group", "devices", "online_only", "canary", "wave_size", "abort_threshold",
-          "wave_timeout_s")
+          "wave_timeout_s", "mode", *SHADOW_FIELDS)
 DEFAULTS = {"model": "", "target": "group", "group": "", "devices": "", "online_only": "on", "canary": "1",
-            "wave_size": "", "abort_threshold": "1", "wave_timeout_s": "600"}
+            "wave_size": "", "abort_threshold": "1", "wave_timeout_s": "600", "mode": "swap",
+            **dict.fromkeys(SHADOW_FIELDS, "")}
 _SPLIT = re.compile(r"[\s,;]+")
 
 
@@ -91,13 +95,26 @@ def _create(console: Console, values: dict[str, str], author: str) -> dict[str, 
     group = values["group"].strip() or None if values["target"] == "group" else None
     if values["target"] == "group" and group is None:
         raise RequestError("group: choose a group")
+    mode, shadow, fields = values["mode"], None, {}
+    given = [key for key in SHADOW_FIELDS if values[key].strip()]
+    if mode != "shadow" and given:
+        raise RequestError(f"{given[0]}: only for a shadow deployment (choose 'as a shadow', or leave it empty)")
+    if mode == "shadow":
+        for key in SHADOW_FIELDS:  # left empty: the agent's [shadow] default
+            text = values[key].strip()
+            if text:
+                try:
+                    fields[key] = int(text) if key == "min_samples" else float(text)
+                except ValueError:
+                    raise RequestError(f"{key}: {'a whole number' if key == 'min_samples' else 'a number'}") from None
+        shadow = shadow_args(mode, fields)  # its ranges, before the broker is asked for
     if console.ctx.ingestor is None:
         raise BrokerUnavailableError("this server has no MQTT connection")
     return console.ctx.rollouts.create(model=name, version=int(version), devices=devices, group=group,
                                        online_only=values["online_only"] == "on", canary=values["canary"].strip(),
                                        wave_size=values["wave_size"].strip() or None,
                                        abort_threshold=values["abort_threshold"].strip(), wave_timeout_s=timeout,
-                                       created_by=author)
+                                       created_by=author, mode=mode, shadow=shadow)
 
 
 @router.post("/deployments/new")
@@ -105,10 +122,12 @@ async def start(console: Con, request: Request, user: PostingOperator) -> Respon
     form = await request.form()
     values = {key: str(form.get(key) or "")[:100_000] for key in FIELDS}
     values["target"] = "devices" if values["target"] == "devices" else "group"
+    values["mode"] = "shadow" if values["mode"] == "shadow" else "swap"
     try:
         dep = await asyncio.to_thread(_create, console, values, user.name)
     except RequestError as exc:
         field, sep, reason = exc.message.partition(": ")
+        field = field.removeprefix("shadow.")
         field = field if sep and field in FIELDS else "form"
         return await asyncio.to_thread(_wizard, console, request, values, {field: reason if sep else exc.message}, 400)
     return RedirectResponse(f"/deployments/{dep['id']}", status_code=303, headers=SECURITY_HEADERS)
@@ -139,17 +158,22 @@ def rollout_update(console: Con, request: Request, _user: User, dep_id: str) -> 
 
 
 async def _act(console: Console, request: Request, dep_id: str, action: str, author: str) -> Response:
+    rollouts = console.ctx.rollouts
     try:
         if action == "abort":
-            await asyncio.to_thread(console.ctx.rollouts.abort, dep_id, f"aborted by {author} in the console")
-        else:
-            await asyncio.to_thread(console.ctx.rollouts.resume, dep_id)
+            await asyncio.to_thread(rollouts.abort, dep_id, f"aborted by {author} in the console")
+        elif action == "resume":
+            await asyncio.to_thread(rollouts.resume, dep_id)
+        elif console.ctx.commands is None:
+            raise BrokerUnavailableError("this server has no MQTT connection")
+        else:  # promote, discard
+            await asyncio.to_thread(rollouts.act, dep_id, action, commands=console.ctx.commands, by=author)
     except NotFoundError:
         raise
-    except ConflictError as exc:  # someone else (or the runner) got there first: show why, with the page
-        url = await asyncio.to_thread(live_url, console, "rollout", dep_id)
+    except (ConflictError, BrokerUnavailableError) as exc:  # someone else (or the runner) got there first, or
+        url = await asyncio.to_thread(live_url, console, "rollout", dep_id)  # no broker: show why, with the page
         dep = await asyncio.to_thread(_rollout, console, dep_id)
-        return console.render(request, "rollout.html", status=409, live=url, dep=dep, message=exc.message)
+        return console.render(request, "rollout.html", status=exc.status, live=url, dep=dep, message=exc.message)
     return RedirectResponse(f"/deployments/{dep_id}", status_code=303, headers=SECURITY_HEADERS)
 
 
@@ -161,3 +185,13 @@ async def abort(console: Con, request: Request, user: PostingOperator, dep_id: s
 @router.post("/deployments/{dep_id}/resume")
 async def resume(console: Con, request: Request, user: PostingOperator, dep_id: str) -> Response:
     return await _act(console, request, dep_id, "resume", user.name)
+
+
+@router.post("/deployments/{dep_id}/promote")
+async def promote(console: Con, request: Request, user: PostingOperator, dep_id: str) -> Response:
+    return await _act(console, request, dep_id, "promote", user.name)
+
+
+@router.post("/deployments/{dep_id}/discard")
+async def discard(console: Con, request: Request, user: PostingOperator, dep_id: str) -> Response:
+    return await _act(console, request, dep_id, "discard", user.name)

@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from cloud_sync.fleet.server import queries
 from cloud_sync.fleet.server import schema as s
 from cloud_sync.fleet.server.rollouts import FINAL
-from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_STEPS, deploy_event
+from cloud_sync.mqtt.contract import DEPLOY_FINAL, DEPLOY_STEPS, SHADOW_FINAL, SHADOW_STEPS, deploy_event
 
-DEPLOY_TYPES = tuple(deploy_event(x) for x in (*DEPLOY_STEPS, *DEPLOY_FINAL))
+DEPLOY_TYPES = tuple(deploy_event(x) for x in (*DEPLOY_STEPS, *SHADOW_STEPS, *DEPLOY_FINAL, *SHADOW_FINAL))
 FAILURE_TYPES = (deploy_event("failed"), deploy_event("rolled_back"))
 PER_PAGE = (25, 50, 100, 200)
 
@@ -256,6 +256,10 @@ def last_status(conn: sa.Connection, device_id: str) -> dict[str, Any] | None:
 
 # -- rollouts ---------------------------------------------------------------------------------------------------
 _SHOWN = {"succeeded": "committed", "failed": "failed", "timeout": "timeout", "skipped": "skipped"}
+#: A shadow rollout's device has succeeded in ``shadowing``; a promote then ends it ``committed``, a discard
+#: ``discarded``: those steps are the device's own, shown as they arrive.
+_SHOWN_SHADOW = {**_SHOWN, "succeeded": "shadowing"}
+_SHADOW_AFTER = (*SHADOW_STEPS, "swapped", "health", *DEPLOY_FINAL, *SHADOW_FINAL)
 
 
 @dataclass(frozen=True)
@@ -273,11 +277,12 @@ class DeviceState:
         return [self.device_id, self.state, self.code, self.message, self.ts]
 
 
-def shown_state(status: str, step: str | None) -> str:
-    """The newest install step (``downloading`` ... ``committed``); the rollout's verdict when the device said
-    nothing (pending, sent, timeout, skipped) or the verdict is final and the device's last step is not."""
-    if status in FINAL and step not in DEPLOY_FINAL:
-        return _SHOWN[status]
+def shown_state(status: str, step: str | None, mode: str = "swap") -> str:
+    """The newest install step (``downloading`` ... ``committed``, or ``shadowing``); the rollout's verdict when
+    the device said nothing (pending, sent, timeout, skipped) or the verdict is final and the device's last step
+    is not."""
+    if status in FINAL and step not in (_SHADOW_AFTER if mode == "shadow" else DEPLOY_FINAL):
+        return (_SHOWN_SHADOW if mode == "shadow" else _SHOWN)[status]
     return step or status
 
 
@@ -309,7 +314,7 @@ def rollout_states(conn: sa.Connection, dep: Mapping[str, Any], newest: Mapping[
     for device_id, wave, status, dd_error, sent_at, finished_at in rows:
         install = newest.get(device_id)
         step = install.step if install else None
-        state = shown_state(status, step)
+        state = shown_state(status, step, dep.get("mode", "swap"))
         code, message = _error(install.error) if install and install.error else _error(dd_error)
         when = install.ts if install and state == step else (finished_at or sent_at)
         out.append(DeviceState(device_id, int(wave), state, code, message, when))
