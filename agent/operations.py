@@ -166,30 +166,33 @@ class Operations:
         """The birth message's short form."""
         return self.deployer.shadows.summary()
 
-    def promote(self, name: str) -> Deployment:
-        """Swap the shadow in (the normal swap and health window), in the background.
+    def promote(self, name: str, version: int | None = None) -> Deployment:
+        """Swap the shadow in (the normal swap and health window), in the background; ``version``:
+        only if the shadow is that version.
 
         Raises:
-            ShadowNotFoundError: no shadow of ``name``; DeployError (``busy``): already being promoted.
+            ShadowNotFoundError: no shadow of ``name`` (of ``version``); DeployError (``busy``): already
+                being promoted.
         """
-        return self.deployer.promote_start(name)
+        return self.deployer.promote_start(name, version=version)
 
-    async def promote_and_wait(self, name: str) -> Deployment:
+    async def promote_and_wait(self, name: str, version: int | None = None) -> Deployment:
         """Promote the shadow and return the committed record.
 
         Raises:
-            ShadowNotFoundError: no shadow of ``name``; DeployError: it was rolled back (``code`` says why).
+            ShadowNotFoundError: no shadow of ``name`` (of ``version``); DeployError: it was rolled back
+                (``code`` says why).
         """
-        self.deployer.promote_start(name)
+        self.deployer.promote_start(name, version=version)
         return await self.deployer.wait(name)
 
-    async def discard(self, name: str) -> dict[str, Any]:
+    async def discard(self, name: str, version: int | None = None) -> dict[str, Any]:
         """Stop the shadow and remove its files; returns its last figures.
 
         Raises:
-            ShadowNotFoundError: no shadow of ``name``; DeployError (``busy``): being promoted.
+            ShadowNotFoundError: no shadow of ``name`` (of ``version``); DeployError (``busy``): being promoted.
         """
-        return await self.deployer.discard(name)
+        return await self.deployer.discard(name, version=version)
 
     async def deployment(self, name: str) -> dict[str, Any]:
         """The latest deployment record of ``name`` and whether it is still running.

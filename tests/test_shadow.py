@@ -217,7 +217,14 @@ def test_shadow_quantized_then_wrong_candidate(world: Any) -> None:
         assert reply["ok"] and reply["result"]["state"] == "shadowing", reply
         status, body = api(client, "POST", f"/v1/agent/models/{NAME}:deploy", {"version": 5})
         assert status == 409 and body["code"] == "busy", body  # one shadow at a time, and no swap beside it
-        reply = fleet.command("dev1", "promote", {"model": NAME}, timeout=60)
+        # A promote meant for version 4 (discarded above) must not reach version 5's shadow.
+        reply = fleet.command("dev1", "promote", {"model": NAME, "version": 4}, timeout=30)
+        assert not reply["ok"] and reply["error"]["code"] == "no_shadow", reply
+        assert "version 4" in reply["error"]["message"] and "is version 5" in reply["error"]["message"], reply
+        status, body = api(client, "POST", f"/v1/agent/models/{NAME}:discard", {"version": 4})
+        assert status == 404 and body["code"] == "no_shadow", body
+        assert record(client)["state"] == "shadowing"
+        reply = fleet.command("dev1", "promote", {"model": NAME, "version": 5}, timeout=60)
         assert reply["ok"] and reply["result"]["state"] == "committed", reply
         assert default_version(client) == 5
         reply = fleet.command("dev1", "discard", {"model": NAME}, timeout=30)
@@ -297,6 +304,9 @@ def test_shadow_arguments_are_checked(world: Any) -> None:
     for verb in ("promote", "discard"):
         status, answer = api(client, "POST", f"/v1/agent/models/{NAME}:{verb}")
         assert status == 404 and answer["code"] == "no_shadow", answer
+        for body in ({"version": 0}, {"version": "2"}, {"version": True}, {"model": "x"}, [2]):
+            status, answer = api(client, "POST", f"/v1/agent/models/{NAME}:{verb}", body)
+            assert status == 400 and answer["code"] == "bad_request", (body, answer)
     out = cli(daemon, "deploy", NAME, "--sample", "0.5")
     assert out.returncode == 2 and "--sample applies to --shadow only" in out.stderr, out
 

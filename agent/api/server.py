@@ -55,6 +55,17 @@ def _version(request: Request) -> int | None:
     return int(raw)
 
 
+def _shadow_version(request: Request) -> int | None:
+    """Promote and discard: the shadow's version from an optional ``{"version": N}`` body."""
+    body = loads(request.body) if request.body else {}
+    if not isinstance(body, dict) or set(body) - {"version"}:
+        raise RequestError("request body must be empty or {\"version\": N}")
+    version = body.get("version")
+    if version is not None and (type(version) is not int or not 1 <= version <= 2**31 - 1):
+        raise RequestError("'version' must be a positive integer or null")
+    return version
+
+
 def _region(request: Request) -> str | None:
     """The region named in the path (percent-decoded: clients quote it), or None for all."""
     raw = request.params.get("region")
@@ -240,10 +251,10 @@ class Routes:
 
     async def promote(self, request: Request) -> Response:
         """Swap the shadow in; poll ``GET /v1/agent/deployments/{name}`` for the health window's outcome."""
-        return _json(self.ops.promote(request.params["name"]).to_dict(), 202)
+        return _json(self.ops.promote(request.params["name"], _shadow_version(request)).to_dict(), 202)
 
     async def discard(self, request: Request) -> Response:
-        return _json(await self.ops.discard(request.params["name"]))
+        return _json(await self.ops.discard(request.params["name"], _shadow_version(request)))
 
     async def deployment(self, request: Request) -> Response:
         return _json(await self.ops.deployment(request.params["name"]))

@@ -414,18 +414,32 @@ class Deployer:
 
         loop.call_soon_threadsafe(act)
 
-    def promote_start(self, name: str, by: str = "command") -> Deployment:
-        """Swap a shadow in (the normal swap with its health window), in the background.
+    def _mirroring(self, name: str, version: int | None) -> tuple[Shadow, _Attempt]:
+        """The shadow of ``name`` (of ``version``, when given) still mirroring.
 
         Raises:
-            ShadowNotFoundError: no shadow of ``name`` is running.
+            ShadowNotFoundError: none, or one of another version (the one asked for ended meanwhile).
             DeployError: it is already being promoted (``busy``).
         """
         shadow, attempt = self.shadows.get(name), self._shadowed.get(name)
         if shadow is None or attempt is None:
             raise ShadowNotFoundError(f"no shadow of '{name}' is running")
+        if version is not None and attempt.record.version != version:
+            raise ShadowNotFoundError(f"no shadow of '{name}' version {version} is running (the shadow running is "
+                                      f"version {attempt.record.version})")
         if shadow.state != "mirroring":
             raise DeployError("busy", f"the shadow of '{name}' is already {shadow.state}")
+        return shadow, attempt
+
+    def promote_start(self, name: str, by: str = "command", version: int | None = None) -> Deployment:
+        """Swap a shadow in (the normal swap with its health window), in the background. ``version``:
+        only if the shadow is that version (a fleet's promote must not reach a later shadow).
+
+        Raises:
+            ShadowNotFoundError: no shadow of ``name`` (of ``version``) is running.
+            DeployError: it is already being promoted (``busy``).
+        """
+        shadow, attempt = self._mirroring(name, version)
         shadow.state = "promoting"
         shadow.decision = shadow.decision or {"action": "promote", "reason": "promote requested", "by": by}
         self._loop = asyncio.get_running_loop()
@@ -449,18 +463,16 @@ class Deployer:
                              "previous": record.previous, "decision": shadow.decision, "shadow": _brief(figures)})
             return await self._guarded(attempt, lambda: self._swap(attempt, reload=True))
 
-    async def discard(self, name: str, reason: str = "discard requested", by: str = "command") -> dict[str, Any]:
-        """Stop a shadow and remove its files; the serving version is untouched.
+    async def discard(self, name: str, reason: str = "discard requested", by: str = "command",
+                      version: int | None = None) -> dict[str, Any]:
+        """Stop a shadow and remove its files; the serving version is untouched. ``version``: only if
+        the shadow is that version.
 
         Raises:
-            ShadowNotFoundError: no shadow of ``name`` is running.
+            ShadowNotFoundError: no shadow of ``name`` (of ``version``) is running.
             DeployError: it is being promoted (``busy``).
         """
-        shadow, attempt = self.shadows.get(name), self._shadowed.get(name)
-        if shadow is None or attempt is None:
-            raise ShadowNotFoundError(f"no shadow of '{name}' is running")
-        if shadow.state != "mirroring":
-            raise DeployError("busy", f"the shadow of '{name}' is already {shadow.state}")
+        shadow, attempt = self._mirroring(name, version)
         shadow.state = "discarded"
         shadow.decision = shadow.decision if by == "policy" else {"action": "discard", "reason": reason, "by": by}
         self.shadows.pop(name)

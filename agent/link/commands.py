@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cloud_sync.mqtt.commands import Command, Spec
-from cloud_sync.mqtt.contract import LogsArgs, ModelArgs, RollbackArgs, SetConfigArgs, StreamArgs
+from cloud_sync.mqtt.contract import LogsArgs, ModelArgs, RollbackArgs, SetConfigArgs, ShadowActionArgs, StreamArgs
 
 if TYPE_CHECKING:
     from agent.operations import Operations
@@ -29,11 +29,11 @@ def command_specs(ops: Operations) -> dict[str, Spec]:
         shadow = a.shadow.model_dump() if a.shadow is not None else None
         return (await ops.deploy_and_wait(a.model, a.version, a.mode, shadow)).to_dict()
 
-    async def promote(_c: Command, a: RollbackArgs) -> dict[str, Any]:
-        return (await ops.promote_and_wait(a.model)).to_dict()
+    async def promote(_c: Command, a: ShadowActionArgs) -> dict[str, Any]:
+        return (await ops.promote_and_wait(a.model, a.version)).to_dict()
 
-    async def discard(_c: Command, a: RollbackArgs) -> dict[str, Any]:
-        return await ops.discard(a.model)
+    async def discard(_c: Command, a: ShadowActionArgs) -> dict[str, Any]:
+        return await ops.discard(a.model, a.version)
 
     async def shadows(_c: Command, _a: None) -> dict[str, Any]:
         return {"shadows": ops.shadows()}
@@ -56,8 +56,8 @@ def command_specs(ops: Operations) -> dict[str, Spec]:
         "reload": Spec(reload, long_running=True),
         "deploy": Spec(deploy, ModelArgs, long_running=True),
         "rollback": Spec(rollback, RollbackArgs, long_running=True),
-        "promote": Spec(promote, RollbackArgs, long_running=True),
-        "discard": Spec(discard, RollbackArgs),
+        "promote": Spec(promote, ShadowActionArgs, long_running=True),
+        "discard": Spec(discard, ShadowActionArgs),
         "shadows": Spec(shadows),
         "set-config": Spec(set_config, SetConfigArgs),
         "stream-start": Spec(stream, StreamArgs),

@@ -44,6 +44,7 @@ from cloud_sync.mqtt.contract import (
     LogsArgs,
     ModelArgs,
     RollbackArgs,
+    ShadowActionArgs,
     ShadowArgs,
     deploy_event,
 )
@@ -265,8 +266,8 @@ class SimDevice:
             "reload": Spec(self._reload, long_running=True),
             "deploy": Spec(self._deploy, ModelArgs, long_running=True),
             "rollback": Spec(self._rollback, RollbackArgs, long_running=True),
-            "promote": Spec(self._promote, RollbackArgs, long_running=True),
-            "discard": Spec(self._discard, RollbackArgs),
+            "promote": Spec(self._promote, ShadowActionArgs, long_running=True),
+            "discard": Spec(self._discard, ShadowActionArgs),
             "logs": Spec(self._logs, LogsArgs),
         }
 
@@ -383,10 +384,13 @@ class SimDevice:
         self.inventory_changed()
 
     def _shadow(self, command: Command) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        name = RollbackArgs.model_validate(command.args).model
+        args = ShadowActionArgs.model_validate(command.args)
+        name = args.model
         shadow, record = self.shadows.get(name), self.deployments.get(name)
         if shadow is None or record is None:
             raise CommandError("no_shadow", f"no shadow of '{name}' is running")
+        if args.version is not None and record["version"] != args.version:
+            raise CommandError("no_shadow", f"no shadow of '{name}' version {args.version} is running")
         if shadow["state"] != "mirroring":
             raise CommandError("busy", f"the shadow of '{name}' is being promoted")
         return name, shadow, record

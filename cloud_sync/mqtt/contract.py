@@ -65,6 +65,14 @@ class RollbackArgs(_Args):
     model: str = Field(min_length=1, max_length=128)
 
 
+class ShadowActionArgs(_Args):
+    """``promote`` and ``discard``: the model, and the shadow's version when the sender knows it (a
+    fleet's rollout: its promote must not reach a later shadow of the same model)."""
+
+    model: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
+
+
 class LogsArgs(_Args):
     lines: int = Field(default=100, ge=1, le=1000)
 

@@ -288,7 +288,7 @@ class Rollouts:
         now = self.clock()
         with self.db.write() as conn:
             status = self._status(conn, dep_id)
-            dep = conn.execute(sa.select(t.c.model, t.c.mode, t.c.action).where(t.c.id == dep_id)).one()
+            dep = conn.execute(sa.select(t.c.model, t.c.version, t.c.mode, t.c.action).where(t.c.id == dep_id)).one()
             if dep.mode != "shadow":
                 raise ConflictError(f"deployment {dep_id} is a {dep.mode} rollout: there is no shadow to {action}")
             if status == "running":
@@ -301,7 +301,7 @@ class Rollouts:
             if not rows:
                 raise ConflictError(f"deployment {dep_id}: no device reached shadowing")
             targets = sorted(r.device_id for r in rows if r.action is None or r.status != "done")
-            args = {"model": dep.model}
+            args = {"model": dep.model, "version": dep.version}  # never a later shadow of the same model
             if targets and not commands.ingestor.connected:  # raised inside: nothing is recorded
                 raise BrokerUnavailableError("not connected to the MQTT broker; try again shortly")
             if targets:
