@@ -277,6 +277,43 @@ def _binary_cases() -> Iterator[tuple[str, bytes]]:
     yield "bin.nan-header", infer(b'{"inputs": NaN}', "face_detection", (("Inference-Header-Content-Length", "15"),))
 
 
+def _frame_cases() -> Iterator[tuple[str, bytes]]:
+    """Frames through the manifest's pre-processing (agent.api.frames): every field wrong in turn."""
+    def frame(shape: list[int], datatype: str = "UINT8", size: int | None = None, model: str = "face_frame",
+              params: Any = None, name: str = "frame", extra: list[dict[str, Any]] | None = None) -> bytes:
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = size if size is not None else count * (4 if datatype == "FP32" else 1)
+        header = {"inputs": [{"name": name, "shape": shape, "datatype": datatype,
+                              "parameters": {"binary_data_size": nbytes}}, *(extra or [])],
+                  "parameters": {"preprocess": True} if params is None else params}
+        head = json.dumps(header).encode()
+        return infer(head + b"\x80" * nbytes, model, (("Inference-Header-Content-Length", str(len(head))),))
+
+    ok = [48, 64, 3]
+    for value in (5, "yes", None, [], {}, 1):
+        yield f"frame.preprocess={json.dumps(value)}", frame(ok, params={"preprocess": value})
+    for value in (5, "RGB", "", None, [], "bgra", True):
+        yield f"frame.frame_color={json.dumps(value)}", frame(ok, params={"preprocess": True, "frame_color": value})
+    yield "frame.color-without-preprocess", frame(ok, params={"frame_color": "rgb"})
+    for shape in ([48, 64, 5], [48, 64, 2], [2, 48, 64, 3], [1, 1, 48, 64, 3], [48], [], [0, 64, 3], [48, 0, 3],
+                  [16385, 1, 3], [1, 16385], [1, 1, 1, 7]):
+        yield f"frame.shape={shape}", frame(shape)
+    for datatype in ("FP32", "INT8", "UINT16", "BOOL"):
+        yield f"frame.datatype={datatype}", frame(ok, datatype)
+    yield "frame.truncated", frame(ok, size=48 * 64 * 3 - 1)
+    yield "frame.two-inputs", frame(ok, extra=[{"name": "other", "shape": [1], "datatype": "UINT8", "data": [1]}])
+    yield "frame.no-manifest", frame(ok, model="face_detection")
+    yield "frame.audio-model", frame(ok, model="silero_vad")
+    yield "frame.json-nested-wrong", infer({"inputs": [{"name": "f", "shape": [2, 2, 3], "datatype": "UINT8",
+                                                        "data": [[[1, 2, 3]] * 2, [[1, 2]] * 2]}],
+                                            "parameters": {"preprocess": True}}, "face_frame")
+    yield "frame.json-out-of-range", infer({"inputs": [{"name": "f", "shape": [1, 1, 3], "datatype": "UINT8",
+                                                        "data": [256, -1, 3]}],
+                                            "parameters": {"preprocess": True}}, "face_frame")
+
+
 def _json_cases() -> Iterator[tuple[str, bytes]]:
     for name, body in [
         ("json.invalid", b"{not json"), ("json.empty", b""), ("json.null", b"null"), ("json.list", b"[1, 2]"),
@@ -467,6 +504,7 @@ CASES: list[Case] = _unique([
     *(_raw_case(n, d) for n, d in _chunk_cases()),
     *(_raw_case(n, d) for n, d in _json_cases()),
     *(_raw_case(n, d) for n, d in _binary_cases()),
+    *(_raw_case(n, d) for n, d in _frame_cases()),
     *(_raw_case(n, d) for n, d in _v2_field_cases()),
     *(_raw_case(n, d) for n, d in _v1_field_cases()),
     *(_raw_case(n, d) for n, d in _method_cases()),
@@ -491,6 +529,11 @@ def start_fuzz_agent(work: Path, samples: dict[str, Path]) -> Any:
 
     for name in MODELS:
         install(work / "models", samples, name)
+    # Face detection again, with a manifest declaring its image pre-processing (frames are sent to it).
+    path = install(work / "models", samples, "face_detection", as_name="face_frame")
+    (path.parent / "manifest.json").write_text(json.dumps({
+        "model": path.name, "runtime": "tflite",
+        "preprocess": {"type": "image", "resize": "letterbox", "scale": 1 / 127.5, "offset": -1.0}}))
     (work / "agent.toml").write_text(API_CONFIG)
     return start_daemon(work, "--config", str(work / "agent.toml"), "--models-dir", str(work / "models"))
 
