@@ -294,6 +294,9 @@ class ShadowSection(_Section):
     # Run the candidate (and the comparison) in a child process: it then shares no GIL with serving.
     process: bool = True
     nice: int = Field(default=10, ge=0, le=19)  # added to the shadow thread's nice value (Linux)
+    # The child process in Linux's SCHED_IDLE class: it runs only on CPU time nothing else wants, so
+    # serving never waits behind it (under full load its samples are dropped, and counted). Else: ``nice``.
+    idle_class: bool = True
     min_samples: int = Field(default=200, ge=1)  # the policy judges after this many compared samples
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # under it: discarded (None: no policy)
     max_latency_ratio: float | None = Field(default=None, gt=0)  # shadow p50 / serving p50 over it: discarded

@@ -4,6 +4,7 @@ the policy's verdicts, and the serving path never waiting for the shadow."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -218,11 +219,14 @@ def test_the_shadow_process_runs_and_compares_in_its_own_process(pair: Any) -> N
     shadow.start()
     try:
         assert proc.proc.pid != 0 and proc.delegate == "CPUExecutionProvider"
+        # Linux's idle class: the child runs only on CPU time serving does not want.
+        assert os.sched_getscheduler(proc.proc.pid) == os.SCHED_IDLE and proc.scheduling == "idle"
         for row in inputs(50):
             shadow.offer({"input": row}, serving.worker.run_sync({"input": row}))
         wait_for(lambda: decisions, 20, "a decision from the child's figures")
         d = shadow.describe()
         assert d["process"] == proc.proc.pid and d["kind"] == "classification" and d["compared"] >= 40
+        assert d["scheduling"] == "idle"
         assert d["agreement"] >= 0.9 and d["metrics"]["top1_agreement"] == d["agreement"]
         with pytest.raises(AgentError, match="input"):  # a failed sample is reported, the child lives on
             proc.compare({"wrong": np.zeros((1, 64), np.float32)}, {"probabilities": np.zeros((1, 10))}, None)

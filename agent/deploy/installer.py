@@ -384,7 +384,8 @@ class Deployer:
                     "threads": self.shadow_cfg.threads, "post": post, "labels": labels,
                     "serving_outputs": list(serving.outputs),
                     "options": {"allow_spinning": False, "memory_arena": False, "inter_op_threads": 1}}
-            process = await asyncio.to_thread(ShadowProcess, init, nice=self.shadow_cfg.nice)
+            process = await asyncio.to_thread(ShadowProcess, init, nice=self.shadow_cfg.nice,
+                                                idle_class=self.shadow_cfg.idle_class)
         shadow = Shadow(serving, candidate, comparator, policy, decide=self._decide,
                         queue_size=self.shadow_cfg.queue_size, nice=0 if process else self.shadow_cfg.nice,
                         deployment=record.id, process=process)

@@ -227,6 +227,7 @@ class Shadow:
             "latency_ratio": None if ratio is None else round(ratio, 4),
             "delegate": self.process.delegate if self.process is not None else self.candidate.session.delegate,
             "process": self.process.proc.pid if self.process is not None else None, "decision": self.decision,
+            "scheduling": self.process.scheduling if self.process is not None else f"thread, nice +{self.nice}",
         }
 
     def summary(self) -> dict[str, Any]:

@@ -71,8 +71,10 @@ def receive(fd: int) -> tuple[Any, list[np.ndarray]]:
 class ShadowProcess:
     """The child running one candidate. ``compare`` is called from the shadow's thread only."""
 
-    def __init__(self, init: Mapping[str, Any], *, nice: int = 10, timeout: float = 120.0) -> None:
-        """Start the child and load the candidate in it.
+    def __init__(self, init: Mapping[str, Any], *, nice: int = 10, idle_class: bool = True,
+                 timeout: float = 120.0) -> None:
+        """Start the child and load the candidate in it: in the SCHED_IDLE class (``idle_class``,
+        Linux) or else ``nice`` steps below the agent.
 
         Raises:
             AgentError: the child could not start or load the model.
@@ -82,9 +84,15 @@ class ShadowProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in: IO[bytes] = self.proc.stdin
         self._out: IO[bytes] = self.proc.stdout
-        if nice:
+        self.scheduling = "normal"
+        if idle_class and hasattr(os, "SCHED_IDLE"):
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+                self.scheduling = "idle"
+        if nice and self.scheduling == "normal":
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+                self.scheduling = f"nice +{nice}"
         try:
             send(self._in.fileno(), dict(init))
             reply, _ = receive(self._out.fileno())
