@@ -297,6 +297,9 @@ class ShadowSection(_Section):
     # The child process in Linux's SCHED_IDLE class: it runs only on CPU time nothing else wants, so
     # serving never waits behind it (under full load its samples are dropped, and counted). Else: ``nice``.
     idle_class: bool = True
+    # The child process is paused (SIGSTOP) while any serving runtime call runs: it only uses the
+    # time serving leaves, never slowing a serving call by sharing the CPU's caches with it.
+    yield_to_serving: bool = True
     min_samples: int = Field(default=200, ge=1)  # the policy judges after this many compared samples
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # under it: discarded (None: no policy)
     max_latency_ratio: float | None = Field(default=None, gt=0)  # shadow p50 / serving p50 over it: discarded

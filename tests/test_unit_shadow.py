@@ -204,6 +204,130 @@ def test_a_busy_shadow_drops_and_never_holds_the_caller(pair: Any) -> None:
         shadow.stop()
 
 
+def _child(pair: Any) -> Any:
+    from agent.models.shadow_process import ShadowProcess
+
+    serving, candidate = pair
+    return ShadowProcess({"file": str(candidate.source.file), "runtime": "onnx", "delegates": [], "threads": 1,
+                          "post": {"type": "classification"}, "labels": None,
+                          "serving_outputs": list(serving.outputs), "options": {}})
+
+
+def _state(pid: int) -> str:
+    """The process's scheduler state from /proc: "T" while stopped."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_the_shadow_process_is_paused_while_a_serving_call_runs(pair: Any) -> None:
+    from agent.models.activity import SERVING
+    from agent.models.worker import Worker
+    from tests.fakes import FakeSession
+
+    serving, candidate = pair
+    proc = _child(pair)
+    pid = proc.proc.pid
+    seen: list[str] = []
+
+    expect_stop = False
+
+    class Probe(FakeSession):
+        def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            if expect_stop:
+                seen.append(wait_for(lambda: _state(pid) == "T" and "T", 10, "the child stopped"))
+            else:
+                seen.append(_state(pid))
+            return super()._run(feeds)
+
+    shadow = Shadow(serving, candidate, ClassificationComparator("probabilities"), ShadowPolicy(sample=1.0),
+                    decide=lambda *d: None, nice=0, process=proc)
+    worker = Worker("probe", Probe())
+    worker._call({"x": np.zeros((1, 4), np.float32)}, False, 1, [None])  # no shadow started: nothing paused
+    assert seen and seen[0] != "T", seen
+    seen.clear()
+    expect_stop = True
+    shadow.start()
+    try:
+        result = worker._call({"x": np.zeros((1, 4), np.float32)}, False, 1, [None])
+        assert not isinstance(result, BaseException), result
+        assert seen == ["T"]  # stopped for the whole serving call
+        wait_for(lambda: _state(pid) != "T", 10, "the child to continue after the call")
+        took, _figures = proc.compare({"input": inputs(1)[0]}, serving.worker.run_sync({"input": inputs(1)[0]}), None)
+        assert took > 0  # and it works between serving calls
+    finally:
+        shadow.stop()
+        worker.stop()
+    assert not SERVING._pausers and proc.proc.poll() is not None
+
+
+def test_on_an_event_loop_samples_go_through_the_loop_with_no_thread(pair: Any) -> None:
+    """With a process, the loop writes samples to the child without blocking and reads its figures:
+    the agent runs no shadow thread (one competing for the GIL slowed serving's tail)."""
+    import asyncio
+
+    serving, candidate = pair
+    proc = _child(pair)
+    decisions: list[tuple[str, str, str]] = []
+    shadow = Shadow(serving, candidate, ClassificationComparator("probabilities"),
+                    ShadowPolicy(sample=1.0, min_samples=60, min_agreement=0.9), decide=lambda *d: decisions.append(d),
+                    queue_size=1000, nice=0, process=proc)
+    rows = inputs(80)
+    answers = [serving.worker.run_sync({"input": row}) for row in rows]
+
+    async def run() -> None:
+        shadow.start()
+        assert not shadow._thread.is_alive()
+        for row, answer in zip(rows[:40], answers[:40], strict=True):  # from the loop's own thread
+            shadow.offer({"input": row}, answer)
+        await asyncio.to_thread(lambda: [shadow.offer({"input": r}, a)  # and from another one
+                                         for r, a in zip(rows[40:], answers[40:], strict=True)])
+        deadline = asyncio.get_running_loop().time() + 30
+        while not decisions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(shadow.stop)
+
+    try:
+        asyncio.run(run())
+    finally:
+        shadow.stop()
+    assert decisions and decisions[0][1] == "promote", decisions  # int8 copy vs float: they agree
+    d = shadow.describe()
+    assert d["compared"] >= 60 and d["errors"] == 0 and d["offered"] == 80 and d["dropped"] == 0
+    assert d["latency_ms"]["shadow"]["p50"] is not None
+    assert proc.proc.poll() is not None  # stopped with the shadow
+
+
+def test_on_an_event_loop_a_dead_child_makes_every_later_sample_an_error(pair: Any) -> None:
+    import asyncio
+
+    serving, candidate = pair
+    proc = _child(pair)
+    shadow = Shadow(serving, candidate, ClassificationComparator("probabilities"), ShadowPolicy(sample=1.0),
+                    decide=lambda *d: None, queue_size=1000, nice=0, process=proc)
+    row = inputs(1)[0]
+    answer = serving.worker.run_sync({"input": row})
+
+    async def run() -> None:
+        shadow.start()
+        shadow.offer({"input": row}, answer)
+        deadline = asyncio.get_running_loop().time() + 20
+        while shadow.describe()["compared"] < 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        proc.proc.kill()
+        await asyncio.to_thread(proc.proc.wait)
+        for _ in range(5):
+            shadow.offer({"input": row}, answer)
+            await asyncio.sleep(0.05)
+        while shadow.errors < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(shadow.stop)
+
+    asyncio.run(run())
+    d = shadow.describe()
+    assert d["compared"] == 1 and d["errors"] == 5, d
+    assert "gone" in d["last_error"], d
+
+
 def test_the_shadow_process_runs_and_compares_in_its_own_process(pair: Any) -> None:
     from agent.errors import AgentError
     from agent.models.shadow_process import ShadowProcess
@@ -226,7 +350,7 @@ def test_the_shadow_process_runs_and_compares_in_its_own_process(pair: Any) -> N
         wait_for(lambda: decisions, 20, "a decision from the child's figures")
         d = shadow.describe()
         assert d["process"] == proc.proc.pid and d["kind"] == "classification" and d["compared"] >= 40
-        assert d["scheduling"] == "idle"
+        assert d["scheduling"] == "idle, paused while serving"
         assert d["agreement"] >= 0.9 and d["metrics"]["top1_agreement"] == d["agreement"]
         with pytest.raises(AgentError, match="input"):  # a failed sample is reported, the child lives on
             proc.compare({"wrong": np.zeros((1, 64), np.float32)}, {"probabilities": np.zeros((1, 10))}, None)

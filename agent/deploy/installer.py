@@ -388,7 +388,7 @@ class Deployer:
                                                 idle_class=self.shadow_cfg.idle_class)
         shadow = Shadow(serving, candidate, comparator, policy, decide=self._decide,
                         queue_size=self.shadow_cfg.queue_size, nice=0 if process else self.shadow_cfg.nice,
-                        deployment=record.id, process=process)
+                        deployment=record.id, process=process, yield_to_serving=self.shadow_cfg.yield_to_serving)
         self._shadowed[name] = attempt
         self.shadows.add(shadow)
         await self._step(record, "shadowing", serving_version=serving.version, kind=comparator.kind,

@@ -4,9 +4,13 @@ never in its place, so its agreement and speed are known before it serves.
 The serving version's ``mirror`` hook hands a sampled request's feeds and answer to ``offer``,
 which only draws a random number and, for a sampled one, copies the feeds into a bounded
 queue: a full queue drops the sample (counted), so the serving answer never waits for the
-shadow. The shadow's own thread (at a lower CPU priority) runs the candidate, compares the two
-answers (``agent.models.agreement``) and judges the optional policy; a decision is handed to
-``decide`` (the deployer promotes or discards on the event loop).
+shadow. With the candidate in its own process (the default), the event loop writes each sample
+to the child's pipe without blocking and reads the figures back when they come: no thread of
+the agent competes for the GIL with the serving threads (one that did, preempted while holding
+it on a busy CPU, added ~2 ms to serving p99: ``bench/shadow.py``). Without a process, the
+shadow's own thread (at a lower CPU priority) runs the candidate. Either way the two answers
+are compared (``agent.models.agreement``) and the optional policy judged; a decision is handed
+to ``decide`` (the deployer promotes or discards on the event loop).
 
 This module owns no lifecycle beyond its thread: installing, promoting and discarding are the
 deployer's (``agent.deploy.installer``).
@@ -14,6 +18,7 @@ deployer's (``agent.deploy.installer``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import os
@@ -27,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from agent.models.activity import SERVING
 from agent.models.agreement import Comparator
-from agent.models.shadow_process import ShadowProcess
+from agent.models.shadow_process import Replies, ShadowProcess
 
 if TYPE_CHECKING:
     from agent.models.served import ServedModel
@@ -69,7 +75,7 @@ class Shadow:
 
     def __init__(self, serving: ServedModel, candidate: ServedModel, comparator: Comparator, policy: ShadowPolicy,
                  *, decide: Decide, queue_size: int = 8, nice: int = 10, deployment: str | None = None,
-                 process: ShadowProcess | None = None) -> None:
+                 process: ShadowProcess | None = None, yield_to_serving: bool = True) -> None:
         self.name = candidate.name
         self.serving, self.candidate = serving, candidate
         self.comparator = comparator
@@ -79,6 +85,8 @@ class Shadow:
         self.deployment = deployment
         # The candidate runs in this child process (and compares there) when given; else on this thread.
         self.process = process
+        # The process is paused while any serving call runs (agent.models.activity).
+        self.yield_to_serving = yield_to_serving and process is not None
         self.started_at = time.time()
         self.state = "mirroring"  # then "promoting" or "discarded"
         self.decision: dict[str, str] | None = None
@@ -96,22 +104,59 @@ class Shadow:
         self._random = random.Random().random  # noqa: S311 - sampling, not security
         self._active = True
         self._thread = threading.Thread(target=self._run, name=f"shadow-{candidate.key}", daemon=True)
+        # With a process and an event loop: samples go through the loop (``_pump``), no thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._pump_due = False
+        self._sending: list[bytes | memoryview] | None = None  # parts of the sample being written
+        self._writing = False  # a writer callback waits for room in the pipe
+        self._in_flight = False  # a sample is with the child
+        self._gone: str | None = None  # why the child cannot take samples any more
+        self._replies = Replies()
 
     # -- lifecycle (event loop) ------------------------------------------------------------------
     def start(self) -> None:
         """Begin mirroring: the serving version's answers are offered from now on."""
-        self._thread.start()
+        loop = None
+        if self.process is not None:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+        if self.process is not None and loop is not None:
+            self._loop, self._loop_thread = loop, threading.get_ident()
+            os.set_blocking(self.process.to_child, False)
+            os.set_blocking(self.process.from_child, False)
+            loop.add_reader(self.process.from_child, self._on_readable)
+        else:
+            self._thread.start()
+        if self.yield_to_serving and self.process is not None:
+            SERVING.register(id(self), self.process.pause)
         self.serving.mirror = self.offer
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop mirroring and the thread (blocking: call from a thread). Idempotent."""
+        """Stop mirroring and the thread (blocking: call from a thread, or the loop). Idempotent."""
         self._active = False
         if self.serving.mirror == self.offer:
             self.serving.mirror = None
+        loop = self._loop
+        if loop is not None:
+            self._loop = None
+            if threading.get_ident() == self._loop_thread:
+                self._detach(loop)
+            elif not loop.is_closed():
+                done = threading.Event()
+
+                def detach() -> None:
+                    self._detach(loop)
+                    done.set()
+
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to detach
+                    loop.call_soon_threadsafe(detach)
+                    done.wait(timeout)
         if self._thread.is_alive():
             self._items.appendleft(_STOP)
             self._wake()
             self._thread.join(timeout)
+        SERVING.unregister(id(self))
         if self.process is not None:
             self.process.close()
         if not self._thread.is_alive() and self._wake_w >= 0:
@@ -120,8 +165,98 @@ class Shadow:
             self._wake_r = self._wake_w = -1
 
     def _wake(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            if not self._pump_due:
+                self._pump_due = True
+                with contextlib.suppress(RuntimeError):  # the loop closed: the shadow is stopping
+                    loop.call_soon_threadsafe(self._pump)
+            return
         with contextlib.suppress(BlockingIOError, OSError):  # a full pipe already wakes the thread
             os.write(self._wake_w, b"\0")
+
+    # -- the child's pipe, on the event loop (with a process) ------------------------------------
+    def _detach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.process is not None:
+            loop.remove_reader(self.process.from_child)
+            loop.remove_writer(self.process.to_child)
+        self._writing = False
+
+    def _pump(self) -> None:
+        """Send the next queued sample when the child has none (it runs one at a time)."""
+        self._pump_due = False
+        while self._items and self._sending is None and not self._in_flight and self._loop is not None:
+            item = self._items.popleft()
+            if item is _STOP or not self._active:
+                return
+            if self._gone is not None:
+                self._failed(self._gone)
+                continue
+            assert self.process is not None
+            self._sending, self._in_flight = self.process.message(*item), True
+            self._write_more()
+
+    def _write_more(self) -> None:
+        parts, loop, process = self._sending, self._loop, self.process
+        if parts is None or loop is None or process is None:
+            return
+        try:
+            while parts:
+                written = os.write(process.to_child, parts[0])
+                if written < len(parts[0]):
+                    parts[0] = memoryview(parts[0])[written:]
+                else:
+                    parts.pop(0)
+        except BlockingIOError:  # the pipe is full: the rest when the child has read
+            if not self._writing:
+                loop.add_writer(process.to_child, self._write_more)
+                self._writing = True
+            return
+        except OSError as exc:
+            self._lost(f"the shadow process is gone: {exc}")
+            return
+        if self._writing:
+            loop.remove_writer(process.to_child)
+            self._writing = False
+        self._sending = None
+
+    def _on_readable(self) -> None:
+        process = self.process
+        assert process is not None
+        try:
+            data = os.read(process.from_child, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"the shadow process is gone: {exc}")
+            return
+        if not data:
+            self._lost("the shadow process is gone: it closed its pipe")
+            return
+        try:
+            replies = self._replies.feed(data)
+        except Exception as exc:  # noqa: BLE001 - a broken child is a figure, never the serving path's
+            self._lost(f"the shadow process is broken: {exc}")
+            return
+        for reply in replies:
+            self._in_flight = False
+            if "error" in reply:
+                self._failed(str(reply["error"]))
+            else:
+                self._record(reply["took"], reply["figures"])
+        self._pump()
+
+    def _lost(self, reason: str) -> None:
+        """The child cannot take samples: this one and every later one is an error."""
+        if self._gone is None:
+            self._gone = reason
+            loop = self._loop
+            if loop is not None:
+                self._detach(loop)
+        if self._in_flight:
+            self._failed(reason)
+        self._in_flight, self._sending = False, None
+        self._pump()
 
     # -- hot path (any thread) --------------------------------------------------------------------
     def offer(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
@@ -166,14 +301,19 @@ class Shadow:
                 took = time.perf_counter() - started
                 self.comparator.add(served_outputs, outputs, meta)
                 figures = (self.comparator.metrics(), self.comparator.agreement, self.comparator.samples)
-            self._latencies.append(took)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure is a figure, never the serving path's
-            self.errors += 1
-            if self.last_error is None or self.errors % 100 == 1:
-                log.warning("shadow.sample_failed", model=self.name, version=self.candidate.version,
-                            reason=str(exc)[:300])
-            self.last_error = str(exc)[:300]
+            self._failed(str(exc))
             return
+        self._record(took, figures)
+
+    def _failed(self, reason: str) -> None:
+        self.errors += 1
+        if self.last_error is None or self.errors % 100 == 1:
+            log.warning("shadow.sample_failed", model=self.name, version=self.candidate.version, reason=reason[:300])
+        self.last_error = reason[:300]
+
+    def _record(self, took: float, figures: tuple[dict[str, float | None], float | None, int]) -> None:
+        self._latencies.append(took)
         # Readers (status, /metrics) take this snapshot: they never wait for this thread.
         self._figures = figures
         self._judge()
@@ -227,7 +367,8 @@ class Shadow:
             "latency_ratio": None if ratio is None else round(ratio, 4),
             "delegate": self.process.delegate if self.process is not None else self.candidate.session.delegate,
             "process": self.process.proc.pid if self.process is not None else None, "decision": self.decision,
-            "scheduling": self.process.scheduling if self.process is not None else f"thread, nice +{self.nice}",
+            "scheduling": (f"{self.process.scheduling}{', paused while serving' if self.yield_to_serving else ''}"
+                           if self.process is not None else f"thread, nice +{self.nice}"),
         }
 
     def summary(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -48,13 +49,46 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def send(fd: int, obj: Any, arrays: Sequence[np.ndarray] = ()) -> None:
+def frame(obj: Any, arrays: Sequence[np.ndarray] = ()) -> list[bytes | memoryview]:
+    """One message's parts: the length-prefixed header, then each array's bytes (not copied)."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     header = pickle.dumps((obj, [(a.dtype.str, a.shape) for a in arrays]), protocol=pickle.HIGHEST_PROTOCOL)
-    _write_all(fd, _LEN.pack(len(header)) + header)
-    for a in arrays:
-        if a.nbytes:
-            _write_all(fd, a.data.cast("B"))
+    return [_LEN.pack(len(header)) + header, *(a.data.cast("B") for a in arrays if a.nbytes)]
+
+
+def send(fd: int, obj: Any, arrays: Sequence[np.ndarray] = ()) -> None:
+    for part in frame(obj, arrays):
+        _write_all(fd, part)
+
+
+class Replies:
+    """The child's replies (headers without arrays) parsed from a non-blocking pipe's reads."""
+
+    MAX_HEADER = 16 << 20  # a reply is a few figures: anything larger means the stream is broken
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """The replies completed by ``data``.
+
+        Raises:
+            AgentError: the stream is not one of replies (the child is broken).
+        """
+        self._buf += data
+        replies = []
+        while len(self._buf) >= _LEN.size:
+            (length,) = _LEN.unpack_from(self._buf)
+            if length > self.MAX_HEADER:
+                raise AgentError(f"the shadow process sent a {length}-byte reply")
+            if len(self._buf) < _LEN.size + length:
+                break
+            obj, layout = pickle.loads(bytes(self._buf[_LEN.size:_LEN.size + length]))  # noqa: S301 - our child
+            if layout:
+                raise AgentError("the shadow process sent arrays in a reply")
+            del self._buf[:_LEN.size + length]
+            replies.append(obj)
+        return replies
 
 
 def receive(fd: int) -> tuple[Any, list[np.ndarray]]:
@@ -84,6 +118,9 @@ class ShadowProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in: IO[bytes] = self.proc.stdin
         self._out: IO[bytes] = self.proc.stdout
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+
+            self._pidfd = os.pidfd_open(self.proc.pid)
         self.scheduling = "normal"
         if idle_class and hasattr(os, "SCHED_IDLE"):
             with contextlib.suppress(OSError):
@@ -104,6 +141,32 @@ class ShadowProcess:
             raise AgentError(f"the shadow process could not load the model: {reply['error']}")
         self.delegate: str = reply["delegate"]
 
+    def pause(self, paused: bool) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) the child: it yields the CPU to serving calls.
+
+        Through a pidfd where the kernel has them: a signal can never reach another process that
+        was given the child's pid after it ended.
+        """
+        sig = signal.SIGSTOP if paused else signal.SIGCONT
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            elif self.proc.returncode is None:
+                os.kill(self.proc.pid, sig)
+
+    def message(self, feeds: Mapping[str, np.ndarray], served: Mapping[str, np.ndarray],
+                meta: Mapping[str, Any] | None) -> list[bytes | memoryview]:
+        """A sample's parts, for a caller that writes them itself (the event loop, non-blocking)."""
+        return frame((list(feeds), list(served), dict(meta) if meta else None), [*feeds.values(), *served.values()])
+
+    @property
+    def to_child(self) -> int:
+        return self._in.fileno()
+
+    @property
+    def from_child(self) -> int:
+        return self._out.fileno()
+
     def compare(self, feeds: Mapping[str, np.ndarray], served: Mapping[str, np.ndarray],
                 meta: Mapping[str, Any] | None) -> tuple[float, tuple[dict[str, float | None], float | None, int]]:
         """Run the candidate on ``feeds`` and compare with ``served``: (seconds, figures).
@@ -111,10 +174,9 @@ class ShadowProcess:
         Raises:
             AgentError: the candidate failed on this input, or the child is gone.
         """
-        names_in, names_out = list(feeds), list(served)
         try:
-            send(self._in.fileno(), (names_in, names_out, dict(meta) if meta else None),
-                 [*feeds.values(), *served.values()])
+            for part in self.message(feeds, served, meta):
+                _write_all(self._in.fileno(), part)
             reply, _ = receive(self._out.fileno())
         except (OSError, EOFError) as exc:
             raise AgentError(f"the shadow process is gone: {exc}") from exc
@@ -124,6 +186,7 @@ class ShadowProcess:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the child (blocking)."""
+        self.pause(False)  # a paused child could not read its end of the pipe
         for stream in (self._in, self._out):
             with contextlib.suppress(OSError):
                 stream.close()
@@ -132,6 +195,10 @@ class ShadowProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout)
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
 
 
 def _serve(fd_in: int, fd_out: int) -> None:

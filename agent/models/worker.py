@@ -31,6 +31,7 @@ import structlog
 
 from agent.config import BatchingSection
 from agent.errors import AgentError, InferenceError, InvalidInputError
+from agent.models.activity import SERVING
 from agent.models.batching import BatchLayout
 from agent.models.probe import KnownGood
 from agent.models.stats import ModelStats, Timing
@@ -338,10 +339,13 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - the request's input, never the model: a 400
                 return InvalidInputError(f"pre-processing failed: {type(exc).__name__}: {str(exc)[:300]}")
             started = time.perf_counter_ns()
+        counted = SERVING.begin()  # (a shadow's process pauses while serving calls run: agent.models.activity)
         try:
             result: Outputs | BaseException = self.session.run(feeds, raw_outputs=raw)
         except Exception as exc:  # noqa: BLE001 - any failure goes to the waiting client, never kills the thread
             return self._blame(exc, feeds)
+        finally:
+            SERVING.end(counted)
         ended = time.perf_counter_ns()
         if not self.known_good.settled:
             self.known_good.answered(feeds)
