@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +44,30 @@ def models_dir(tmp_path: Path, samples: dict[str, Path]) -> Path:
     for name in MODEL_FILES:
         install(root, samples, name)
     return root
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``wait_for`` on an event loop: polls ``predicate`` between the loop's other work."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(component: Any) -> AsyncIterator[None]:
+    """``component.run()`` (a supervised loop: the scaler, the residency) as a task for the block."""
+    task = asyncio.get_running_loop().create_task(component.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):

@@ -6,9 +6,8 @@ succeeds throughout. Waits are for conditions, with deadlines."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from agent.core.metrics import Metrics
 from agent.models.instances import Scaler, device_hot
 from agent.models.registry import ModelRegistry
 from agent.models.served import ServedModel
+from tests.conftest import running, until
 from tests.fakes import RecordingSink
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,26 +74,8 @@ class Load:
         await asyncio.wait_for(asyncio.gather(*self.tasks), 30)
 
 
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
-@contextlib.asynccontextmanager
-async def running(s: Scaler) -> AsyncIterator[None]:
-    task = asyncio.get_running_loop().create_task(s.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def scaled(sink: RecordingSink) -> list[dict[str, Any]]:

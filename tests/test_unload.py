@@ -9,7 +9,6 @@ stream started on an unloaded model loads it. Waits are for conditions, with dea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from agent.errors import ModelReloadError
 from agent.models.registry import ModelRegistry
 from agent.models.residency import Residency
 from agent.models.served import ServedModel
-from tests.conftest import install
+from tests.conftest import install, running, until
 from tests.fakes import RecordingSink
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,26 +68,8 @@ async def rig(tmp_path: Path, samples: dict[str, Path]) -> AsyncIterator[Rig]:
     await r.registry.close()
 
 
-@contextlib.asynccontextmanager
-async def running(residency: Residency) -> AsyncIterator[None]:
-    task = asyncio.get_running_loop().create_task(residency.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def face_feeds() -> dict[str, np.ndarray]:
