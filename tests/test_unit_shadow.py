@@ -260,6 +260,33 @@ def test_the_shadow_process_is_paused_while_a_serving_call_runs(pair: Any) -> No
     assert not SERVING._pausers and proc.proc.poll() is not None
 
 
+def test_a_paused_child_dies_with_the_agent() -> None:
+    """The child is stopped (SIGSTOP) during serving calls: if the agent dies then, the kernel kills it."""
+    import subprocess
+    import sys
+
+    child = ("from agent.models.shadow_process import _die_with_parent; _die_with_parent(); "
+             "import os, signal; os.kill(os.getpid(), signal.SIGSTOP); import time; time.sleep(600)")
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); print(p.pid, flush=True); "
+                              "time.sleep(600)"], stdout=subprocess.PIPE)
+    try:
+        assert agent.stdout is not None
+        pid = int(agent.stdout.readline())
+        wait_for(lambda: _state(pid) == "T", 20, "the child stopped")
+    finally:
+        agent.kill()
+        agent.wait()
+
+    def gone() -> bool:
+        try:
+            return _state(pid) in ("Z", "X")  # reaped, or a zombie of an init that does not reap
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone, 10, "the paused child to die with its parent")
+
+
 def test_on_an_event_loop_samples_go_through_the_loop_with_no_thread(pair: Any) -> None:
     """With a process, the loop writes samples to the child without blocking and reads its figures:
     the agent runs no shadow thread (one competing for the GIL slowed serving's tail)."""

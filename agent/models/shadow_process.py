@@ -239,7 +239,18 @@ def _serve(fd_in: int, fd_out: int) -> None:
         send(fd_out, {"took": took, "figures": (comparator.metrics(), comparator.agreement, comparator.samples)})
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when the agent dies, even while it is paused (SIGSTOP)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the agent died before the line above
+        os._exit(1)
+
+
 if __name__ == "__main__":
+    _die_with_parent()
     # Frames go to the original stdout only: whatever a library prints goes to stderr instead.
     frames = os.dup(1)
     os.dup2(2, 1)
