@@ -624,3 +624,17 @@ def test_state_is_carried_between_windows() -> None:
         pre.update({"y": np.zeros((1, 1)), "hN": np.full((2, 1, 3), i + 1.0)})
     assert [float(h[0, 0, 0]) for h in seen] == [0.0, 1.0, 2.0]
     assert seen[0].shape == (2, 1, 3)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (192, 192), (224, 224), (300, 300), (320, 240), (160, 100)])
+def test_shrinking_stays_within_a_grey_level_of_area_averaging(samples: dict[str, Path], size: tuple[int, int]) -> None:
+    """The fast two-step reduction (bilinear to twice the size, then area 2:1) against OpenCV's
+    area averaging, the reference without aliasing, on photographs at a camera's 640x480."""
+    from agent.pipelines.preprocess import _shrink
+
+    for name in ("astronaut", "coffee"):
+        photo = cv2.resize(cv2.imread(str(samples[name]), cv2.IMREAD_COLOR), (640, 480), interpolation=cv2.INTER_AREA)
+        got = _shrink(photo, *size).astype(np.float32)
+        want = cv2.resize(photo, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).mean()) < 1.0, (name, size)

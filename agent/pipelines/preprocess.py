@@ -216,19 +216,23 @@ class ImagePreprocessor(Preprocessor):
 
 
 def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize; big reductions go bilinear to twice the size, then area 2:1.
+    """Resize: bilinear below 2:1 (it already uses every source pixel); area averaging above,
+    which avoids aliasing; between 2:1 and 4:1, bilinear to twice the size then area 2:1.
 
-    Area averaging alone avoids aliasing but costs ~300 µs for 640x480 → 128x128; the two-step
-    version measured ~130 µs and differs from it by 0.3 grey levels on average. Below 2:1
-    bilinear already uses every source pixel, and OpenCV's area resize at a non-integer ratio is
-    5x slower (160x120 → 128x96: ~120 µs against ~25 µs).
+    OpenCV's area resize is slow at a non-integer ratio: 640x480 → 192x192 ~690 µs, → 224x224
+    ~950 µs here, against ~160 and ~250 µs in two steps, which differ from it by 0.2-0.4 grey
+    levels on average on photographs (p99 2-3; ``tests/test_processing.py``). The bilinear step
+    then shrinks by less than 2:1, so it aliases no more than plain bilinear; at whole ratios
+    (640x480 → 320x240) the area resize is the fast one. Past 4:1 in both directions (a 1080p
+    camera for a 128x128 model) two steps are kept for speed, at some aliasing.
     """
     import cv2
 
     src_h, src_w = image.shape[:2]
     if src_w < 2 * width and src_h < 2 * height:
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    if src_w > 4 * width and src_h > 4 * height:
+    within_4 = src_w <= 4 * width and src_h <= 4 * height
+    if (src_w > 4 * width and src_h > 4 * height) or ((src_w % width or src_h % height) and within_4):
         image = cv2.resize(image, (2 * width, 2 * height), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
