@@ -12,7 +12,7 @@ import math
 import socket
 import struct
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,15 @@ class ShmOutput:
 
 def _shm_parameters(region: str, offset: int, byte_size: int) -> dict[str, Any]:
     return {"shared_memory_region": region, "shared_memory_offset": offset, "shared_memory_byte_size": byte_size}
+
+
+def _input_entry(name: str, value: ShmInput | np.ndarray) -> dict[str, Any]:
+    """An input's JSON in a binary infer request: in a region, or sent after the header."""
+    if isinstance(value, ShmInput):
+        return {"name": name, "shape": list(value.shape), "datatype": value.datatype,
+                "parameters": _shm_parameters(value.region, value.offset, value.byte_size)}
+    return {"name": name, "shape": list(value.shape), "datatype": datatype(value.dtype),
+            "parameters": {"binary_data_size": value.nbytes}}
 
 
 class _Response:
@@ -264,17 +273,8 @@ class AgentClient:
                       outputs: list[str] | None, raw_output: bool) -> dict[str, np.ndarray]:
         arrays = [(input_name, np.require(value, requirements="C")) for input_name, value in inputs.items()]
         key = (name, version, tuple((n, a.shape, a.dtype.str) for n, a in arrays), tuple(outputs or ()), raw_output)
-        prefix = self._prefixes.get(key)
-        if prefix is None:
-            entries = [{"name": n, "shape": list(a.shape), "datatype": datatype(a.dtype),
-                        "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays]
-            header = orjson.dumps(_infer_header(entries, outputs, True, raw_output))
-            size = len(header) + sum(a.nbytes for _, a in arrays)
-            prefix = _head("POST", self._path("/v2", name, version) + "/infer", size,
-                           {"Content-Type": "application/octet-stream", _BINARY_HEADER: str(len(header))}) + header
-            if len(self._prefixes) >= 64:
-                self._prefixes.clear()
-            self._prefixes[key] = prefix
+        prefix = self._prefix(key, name, version, lambda: (_infer_header(
+            [_input_entry(n, a) for n, a in arrays], outputs, True, raw_output), sum(a.nbytes for _, a in arrays)))
         parts = [prefix, *(a.data.cast("B") if a.size else b"" for _, a in arrays)]  # bytes views, no copies
         status, resp_headers, data = self._roundtrip(parts)
         hlen = resp_headers.get(_BINARY_HEADER.lower())
@@ -312,38 +312,22 @@ class AgentClient:
         key = ("shm", name, version, tuple(v if isinstance(v, ShmInput) else (n, v.shape, v.dtype.str)
                                            for n, v in inputs.items()),
                None if outputs is None else tuple(outputs.items()), raw_output)
-        prefix = self._prefixes.get(key)
-        if prefix is None:
-            entries: list[dict[str, Any]] = []
-            for input_name, value in inputs.items():
-                if isinstance(value, ShmInput):
-                    entries.append({"name": input_name, "shape": list(value.shape), "datatype": value.datatype,
-                                    "parameters": _shm_parameters(value.region, value.offset, value.byte_size)})
-                else:
-                    array = dict(arrays)[input_name]
-                    entries.append({"name": input_name, "shape": list(array.shape), "datatype": datatype(array.dtype),
-                                    "parameters": {"binary_data_size": array.nbytes}})
-            header: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": True,
-                                                                        "raw_output": raw_output}}
+        sent = dict(arrays)
+
+        def header() -> tuple[dict[str, Any], int]:
+            made: dict[str, Any] = {"inputs": [_input_entry(n, sent.get(n, v)) for n, v in inputs.items()],
+                                    "parameters": {"binary_data_output": True, "raw_output": raw_output}}
             if outputs is not None:
-                header["outputs"] = [{"name": o, "parameters": {"binary_data": True} if where is None
-                                      else _shm_parameters(where.region, where.offset, where.byte_size)}
-                                     for o, where in outputs.items()]
-            head = orjson.dumps(header)
-            size = len(head) + sum(a.nbytes for _, a in arrays)
-            prefix = _head("POST", self._path("/v2", name, version) + "/infer", size,
-                           {"Content-Type": "application/octet-stream", _BINARY_HEADER: str(len(head))}) + head
-            if len(self._prefixes) >= 64:
-                self._prefixes.clear()
-            self._prefixes[key] = prefix
+                made["outputs"] = [{"name": o, "parameters": {"binary_data": True} if where is None
+                                    else _shm_parameters(where.region, where.offset, where.byte_size)}
+                                   for o, where in outputs.items()]
+            return made, sum(a.nbytes for _, a in arrays)
+
+        prefix = self._prefix(key, name, version, header)
         message: list[bytes | memoryview] = [prefix, *(a.data.cast("B") for _, a in arrays if a.size)]
-        status, resp_headers, data = self._roundtrip(message)
-        hlen = resp_headers.get(_BINARY_HEADER.lower())
-        split = int(hlen) if hlen is not None and status < 400 else len(data)
-        answer = self._decode(status, data[:split])
+        answer, blob = self._answer(*self._roundtrip(message))
         shared = {e["name"]: e for e in answer["outputs"] if "shared_memory_region" in (e.get("parameters") or {})}
-        result: dict[str, Any] = _decode_outputs([e for e in answer["outputs"] if e["name"] not in shared],
-                                                 data[split:])
+        result: dict[str, Any] = _decode_outputs([e for e in answer["outputs"] if e["name"] not in shared], blob)
         result.update(shared)
         return result
 
@@ -355,32 +339,36 @@ class AgentClient:
         Returns the outputs and where the frame went in the model's input: ``scale`` and ``pad``
         (model pixels), ``input_size`` and ``source_size`` (width, height), to map boxes back.
         """
-        if isinstance(frame, ShmInput):
-            entry = {"name": "frame", "shape": list(frame.shape), "datatype": frame.datatype,
-                     "parameters": _shm_parameters(frame.region, frame.offset, frame.byte_size)}
-            arrays: list[np.ndarray] = []
-        else:
-            array = np.require(frame, requirements="C")
-            entry = {"name": "frame", "shape": list(array.shape), "datatype": datatype(array.dtype),
-                     "parameters": {"binary_data_size": array.nbytes}}
-            arrays = [array]
+        arrays = [] if isinstance(frame, ShmInput) else [np.require(frame, requirements="C")]
         key = ("frame", name, version, color, frame if isinstance(frame, ShmInput) else (frame.shape, frame.dtype.str))
+        prefix = self._prefix(key, name, version, lambda: ({
+            "inputs": [_input_entry("frame", arrays[0] if arrays else frame)],
+            "parameters": {"binary_data_output": True, "preprocess": True, "frame_color": color}},
+            sum(a.nbytes for a in arrays)))
+        answer, blob = self._answer(*self._roundtrip([prefix, *(a.data.cast("B") for a in arrays if a.size)]))
+        where = dict((answer.get("parameters") or {}).get("preprocess") or {})
+        return _decode_outputs(answer["outputs"], blob), where
+
+    def _prefix(self, key: tuple[Any, ...], name: str, version: int | None,
+                header: Callable[[], tuple[dict[str, Any], int]]) -> bytes:
+        """The HTTP head and JSON header of a binary infer request, built once per signature ``key``
+        (``header`` makes the JSON, and the bytes of the tensors sent after it, the first time)."""
         prefix = self._prefixes.get(key)
         if prefix is None:
-            head = orjson.dumps({"inputs": [entry], "parameters": {"binary_data_output": True, "preprocess": True,
-                                                                   "frame_color": color}})
-            prefix = _head("POST", self._path("/v2", name, version) + "/infer",
-                           len(head) + sum(a.nbytes for a in arrays),
+            made, body_bytes = header()
+            head = orjson.dumps(made)
+            prefix = _head("POST", self._path("/v2", name, version) + "/infer", len(head) + body_bytes,
                            {"Content-Type": "application/octet-stream", _BINARY_HEADER: str(len(head))}) + head
             if len(self._prefixes) >= 64:
                 self._prefixes.clear()
             self._prefixes[key] = prefix
-        status, resp_headers, data = self._roundtrip([prefix, *(a.data.cast("B") for a in arrays if a.size)])
-        hlen = resp_headers.get(_BINARY_HEADER.lower())
+        return prefix
+
+    def _answer(self, status: int, headers: dict[str, str], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """A binary infer answer's JSON (an error status raises ClientError) and the data after it."""
+        hlen = headers.get(_BINARY_HEADER.lower())
         split = int(hlen) if hlen is not None and status < 400 else len(data)
-        answer = self._decode(status, data[:split])
-        where = dict((answer.get("parameters") or {}).get("preprocess") or {})
-        return _decode_outputs(answer["outputs"], data[split:]), where
+        return self._decode(status, data[:split]), data[split:]
 
     def _decode_binary(self, data: bytes, hlen: int) -> dict[str, np.ndarray]:
         """Outputs behind a JSON header; a header seen before is not parsed again."""
