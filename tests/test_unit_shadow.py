@@ -204,13 +204,14 @@ def test_a_busy_shadow_drops_and_never_holds_the_caller(pair: Any) -> None:
         shadow.stop()
 
 
-def _child(pair: Any) -> Any:
+def _child(pair: Any, **options: Any) -> Any:
+    """The candidate of ``pair`` in a shadow process (``options``: ShadowProcess's, e.g. ``nice``)."""
     from agent.models.shadow_process import ShadowProcess
 
     serving, candidate = pair
     return ShadowProcess({"file": str(candidate.source.file), "runtime": "onnx", "delegates": [], "threads": 1,
                           "post": {"type": "classification"}, "labels": None,
-                          "serving_outputs": list(serving.outputs), "options": {}})
+                          "serving_outputs": list(serving.outputs), "options": {}}, **options)
 
 
 def _state(pid: int) -> str:
@@ -357,12 +358,9 @@ def test_on_an_event_loop_a_dead_child_makes_every_later_sample_an_error(pair: A
 
 def test_the_shadow_process_runs_and_compares_in_its_own_process(pair: Any) -> None:
     from agent.errors import AgentError
-    from agent.models.shadow_process import ShadowProcess
 
     serving, candidate = pair
-    proc = ShadowProcess({"file": str(candidate.source.file), "runtime": "onnx", "delegates": [], "threads": 1,
-                          "post": {"type": "classification"}, "labels": None,
-                          "serving_outputs": list(serving.outputs), "options": {}}, nice=5)
+    proc = _child(pair, nice=5)
     decisions: list[tuple[str, str, str]] = []
     shadow = Shadow(serving, candidate, ClassificationComparator("probabilities"),
                     ShadowPolicy(sample=1.0, min_samples=40, min_agreement=0.9), decide=lambda *d: decisions.append(d),
